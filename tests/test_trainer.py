@@ -1,0 +1,488 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from helpers import batches, classification, mlp, quiet
+from trainer import Callback, Trainer, TrainerConfig
+
+
+class Vector(nn.Module):
+    """The seed notebook's parameter x = [1., 2., 3.]."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor(values))
+
+
+class GradRecorder(Callback):
+    def __init__(self, param):
+        self.param = param
+        self.seen = []
+
+    def on_after_backward(self, trainer):
+        self.seen.append(self.param.grad.clone())
+
+
+# ------------------------------------------------------------------ the seed notebook's numbers
+
+
+def test_mean_loss_gradient_matches_the_notebook():
+    class Seed(Trainer):
+        def training_step(self, batch):
+            x = self.model.x
+            return (2 * (x + 2) ** 2).mean()
+
+    model = Vector([1.0, 2.0, 3.0])
+    rec = GradRecorder(model.x)
+    Seed(model, torch.optim.SGD(model.parameters(), lr=0.0), [None], callbacks=[rec], config=quiet()).fit()
+    torch.testing.assert_close(rec.seen[0], torch.tensor([4.0, 16 / 3, 20 / 3]))
+
+
+def test_backward_override_with_a_vector_matches_the_notebook():
+    class VectorBackward(Trainer):
+        def training_step(self, batch):
+            x = self.model.x
+            return 2 * (x + 2) ** 2
+
+        def backward(self, loss):
+            loss.backward(torch.tensor([1.0, 1.5, 1.5]))
+
+    model = Vector([1.0, 2.0, 3.0])
+    rec = GradRecorder(model.x)
+    t = VectorBackward(model, torch.optim.SGD(model.parameters(), lr=0.0), [None], callbacks=[rec], config=quiet())
+    t.fit()
+    torch.testing.assert_close(rec.seen[0], torch.tensor([12.0, 24.0, 30.0]))
+    # a non-scalar loss is logged as its mean: 2*(3^2 + 4^2 + 5^2)/3
+    assert t.history[0]["train/loss"] == pytest.approx(2 * (9 + 16 + 25) / 3)
+
+
+def test_zero_grad_between_steps_so_gradients_do_not_accumulate():
+    class Sum(Trainer):
+        def training_step(self, batch):
+            return (self.model.x * 3).sum()
+
+    model = Vector([1.0, 1.0, 1.0, 1.0])
+    rec = GradRecorder(model.x)
+    Sum(model, torch.optim.SGD(model.parameters(), lr=0.1), [None] * 3, callbacks=[rec], config=quiet()).fit()
+    assert len(rec.seen) == 3
+    for grad in rec.seen:
+        assert torch.equal(grad, torch.full((4,), 3.0))
+    assert model.x.grad is None  # zero_grad(set_to_none=True) after the last step
+
+
+def test_frozen_parameters_get_no_gradient_and_stay_identical():
+    model = mlp()
+    model[0].requires_grad_(False)
+    before = copy.deepcopy(model[0].state_dict())
+    seen = []
+
+    class Check(Callback):
+        def on_after_backward(self, trainer):
+            seen.append((model[0].weight.grad, model[2].weight.grad is not None))
+
+    t = Trainer(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5),
+                batches(5, 16), loss_fn=F.cross_entropy, callbacks=[Check()], config=quiet())
+    t.fit()
+    assert seen and all(g is None and trained for g, trained in seen)
+    for k, v in model[0].state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+# ------------------------------------------------------------------ parity with a hand-written loop
+
+
+def hand_loop(model, optimizer, data, steps):
+    for x, y in data[:steps]:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+], ids=["sgd", "adamw"])
+def test_weights_bit_identical_to_a_hand_written_loop(make_opt):
+    data = batches(12, 16)
+    raw = mlp(seed=3)
+    hand_loop(raw, make_opt(raw.parameters()), data, 12)
+
+    model = mlp(seed=3)
+    Trainer(model, make_opt(model.parameters()), data, loss_fn=F.cross_entropy,
+            config=quiet(grad_logging={"every_n_steps": 1, "per_layer": True})).fit()
+    for (name, a), b in zip(model.state_dict().items(), raw.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_grad_accumulation_matches_the_full_batch():
+    full = batches(6, 32)
+    micro = [(x[i : i + 8], y[i : i + 8]) for x, y in full for i in range(0, 32, 8)]
+
+    a = mlp(seed=4)
+    Trainer(a, torch.optim.SGD(a.parameters(), lr=0.2), full, loss_fn=F.cross_entropy, config=quiet()).fit()
+    b = mlp(seed=4)
+    t = Trainer(b, torch.optim.SGD(b.parameters(), lr=0.2), micro, loss_fn=F.cross_entropy,
+                config=quiet(grad_accum_steps=4))
+    t.fit()
+    assert t.global_step == 6
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_partial_accumulation_window_steps_at_epoch_end():
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(5, 4), loss_fn=F.cross_entropy,
+                config=quiet(grad_accum_steps=2, max_epochs=2))
+    t.fit()
+    assert t.global_step == 6  # 3 per epoch: 2 full windows and a partial one
+
+
+def test_dataset_and_tensor_paths_see_the_same_batches():
+    x, y = classification(50)
+    seen = {}
+
+    class Record(Callback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_train_batch_start(self, trainer, batch):
+            seen.setdefault(self.key, []).append(batch[0].clone())
+
+    class Indexed(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return x[i], y[i]
+
+    for key, data in [("dataset", Indexed()), ("tensors", torch.utils.data.TensorDataset(x, y)), ("tuple", (x, y))]:
+        model = mlp()
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, loss_fn=F.cross_entropy,
+                callbacks=[Record(key)], config=quiet(batch_size=16, max_epochs=2, seed=7)).fit()
+    assert len(seen["dataset"]) == 8  # 4 batches an epoch, the last one of 2 samples
+    for a, b, c in zip(seen["dataset"], seen["tensors"], seen["tuple"]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(seen["dataset"][0], seen["dataset"][4])  # each epoch has its own order
+    assert not torch.equal(torch.cat(seen["dataset"][:4]), x)  # shuffled
+
+
+def test_batches_inside_dicts_and_dataclasses_reach_training_step():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Pair:
+        inputs: torch.Tensor
+        labels: torch.Tensor
+
+    class DictTrainer(Trainer):
+        def training_step(self, batch):
+            assert isinstance(batch["pair"], Pair)
+            return F.cross_entropy(self.model(batch["pair"].inputs), batch["pair"].labels)
+
+    data = [{"pair": Pair(x, y)} for x, y in batches(3, 8)]
+    model = mlp()
+    t = DictTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, config=quiet())
+    t.fit()
+    assert t.global_step == 3
+
+
+# ------------------------------------------------------------------ hooks
+
+DOCUMENTED_STEP = [
+    "on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+    "on_before_zero_grad", "on_train_batch_end",
+]
+
+
+def recorder():
+    """A callback that implements every hook by appending the hook's name to ``calls``."""
+    from trainer import HOOKS
+
+    calls = []
+    methods = {name: (lambda name: lambda self, trainer, *args: calls.append(name))(name) for name in HOOKS}
+    return type("Recorder", (Callback,), methods)(), calls
+
+
+def test_hook_order_is_the_documented_order():
+    rec, calls = recorder()
+    model = mlp()
+    x, y = classification(32)
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(4, 8), val_data=[(x, y)],
+            loss_fn=F.cross_entropy, callbacks=[rec],
+            config=quiet(grad_accum_steps=2, log_every_n_steps=2)).fit()
+    micro = ["on_train_batch_start", "on_before_backward", "on_train_batch_end"]
+    step = DOCUMENTED_STEP
+    expected = (
+        ["on_fit_start", "on_train_epoch_start"]
+        + micro + step
+        + micro + step + ["on_log"]
+        + ["on_train_epoch_end", "on_validation_start", "on_validation_end", "on_log", "on_fit_end"]
+    )
+    assert calls == expected
+
+
+def test_trainer_subclass_hooks_run_before_callbacks():
+    order = []
+
+    class Mine(Trainer):
+        def on_after_backward(self):
+            order.append("trainer")
+
+    class Cb(Callback):
+        def on_after_backward(self, trainer):
+            order.append("callback")
+
+    model = mlp()
+    Mine(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4), loss_fn=F.cross_entropy,
+         callbacks=[Cb()], config=quiet()).fit()
+    assert order == ["trainer", "callback"]
+
+
+def test_misspelt_hook_on_a_callback_is_rejected():
+    class Typo(Callback):
+        def on_after_backwards(self, trainer):
+            pass
+
+    model = mlp()
+    with pytest.raises(TypeError, match="on_after_backwards.*did you mean 'on_after_backward'"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), callbacks=[Typo()])
+
+
+def test_misspelt_hook_on_a_trainer_subclass_is_rejected():
+    class Typo(Trainer):
+        def on_train_epoch_ends(self):
+            pass
+
+    model = mlp()
+    with pytest.raises(TypeError, match="on_train_epoch_ends.*did you mean 'on_train_epoch_end'"):
+        Typo(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_on_exception_sees_the_error_and_it_propagates():
+    seen = []
+
+    class Boom(Trainer):
+        def training_step(self, batch):
+            raise RuntimeError("boom")
+
+        def on_exception(self, exc):
+            seen.append(exc)
+
+    model = mlp()
+    with pytest.raises(RuntimeError, match="boom"):
+        Boom(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4), config=quiet()).fit()
+    assert len(seen) == 1 and str(seen[0]) == "boom"
+
+
+# ------------------------------------------------------------------ metrics, stopping, evaluation
+
+
+def test_history_has_loss_lr_throughput_and_dict_metrics():
+    class WithExtra(Trainer):
+        def training_step(self, batch):
+            x, y = batch
+            out = self.model(x)
+            return {"loss": F.cross_entropy(out, y), "acc": (out.argmax(1) == y).float().mean()}
+
+    model = mlp()
+    t = WithExtra(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(6, 8),
+                  config=quiet(log_every_n_steps=3))
+    history = t.fit()
+    assert [r["step"] for r in history] == [3, 6]
+    for record in history:
+        assert {"train/loss", "train/acc", "lr", "samples_per_sec", "epoch"} <= set(record)
+        assert record["lr"] == 0.1
+
+
+def test_logged_loss_is_the_mean_over_the_interval():
+    losses = []
+
+    class Keep(Callback):
+        def on_before_backward(self, trainer, loss):
+            losses.append(loss.item())
+
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(4, 8), loss_fn=F.cross_entropy,
+                callbacks=[Keep()], config=quiet(log_every_n_steps=4))
+    t.fit()
+    assert t.history[0]["train/loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
+
+
+def test_max_steps_counts_optimizer_steps_across_epochs():
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4), loss_fn=F.cross_entropy,
+                config=quiet(max_steps=7, grad_accum_steps=1))
+    t.fit()
+    assert t.global_step == 7 and t.epoch == 2
+
+
+def test_scheduler_steps_once_per_optimizer_step():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    t = Trainer(model, opt, batches(8, 4), loss_fn=F.cross_entropy, scheduler=sched,
+                config=quiet(grad_accum_steps=2))
+    t.fit()
+    assert t.global_step == 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 5)
+    assert [r["lr"] for r in t.history] == pytest.approx([1 / 2, 1 / 3, 1 / 4, 1 / 5])
+
+
+def test_clip_grad_norm_limits_the_update():
+    model = nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    data = [(torch.full((2, 4), 100.0), torch.zeros(2, 1))]
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), data, loss_fn=lambda o, y: -(o.sum()),
+                config=quiet(clip_grad_norm=1.0))
+    t.fit()
+    assert model.weight.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_evaluate_averages_over_samples_not_batches():
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    # batch 1: 3 samples all right; batch 2: 1 sample wrong -> acc 3/4, not (1 + 0) / 2
+    data = [
+        (torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0, 1])),
+        (torch.tensor([[1.0, 0.0]]), torch.tensor([1])),
+    ]
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=F.cross_entropy, config=quiet())
+    metrics = t.evaluate(data)
+    assert metrics["val/acc"] == pytest.approx(0.75)
+    assert model.training
+
+
+def test_run_dir_gets_metric_files(tmp_path):
+    import csv
+    import json
+
+    model = mlp()
+    x, y = classification(32)
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(4, 8), val_data=(x, y),
+            loss_fn=F.cross_entropy, run_dir=tmp_path, config=quiet(log_every_n_steps=2)).fit()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 4]
+    assert "val/acc" in lines[-1]
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert len(rows) == 3 and float(rows[0]["train/loss"]) == pytest.approx(lines[0]["train/loss"])
+    assert rows[2]["val/acc"] != "" and rows[0]["val/acc"] == ""
+
+
+# ------------------------------------------------------------------ precision on CPU
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16():
+    dtypes = []
+
+    class Peek(Trainer):
+        def training_step(self, batch):
+            x, y = batch
+            out = self.model(x)
+            dtypes.append(out.dtype)
+            return F.cross_entropy(out.float(), y)
+
+    model = mlp()
+    Peek(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 8), config=quiet(precision="bf16")).fit()
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert model[0].weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_fp16_goes_through_the_grad_scaler_and_gradients_are_unscaled_at_the_logging_point():
+    grads = {}
+
+    class Peek(Callback):
+        def on_after_backward(self, trainer):
+            grads["fp16"] = model[0].weight.grad.clone()
+
+    model = mlp(seed=5)
+    data = batches(1, 8)
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), data, loss_fn=F.cross_entropy,
+                callbacks=[Peek()], config=quiet(precision="fp16"))
+    assert t.precision.scaler.is_enabled()
+    t.fit()
+    assert t.precision.scaler.get_scale() > 1.0
+
+    ref = mlp(seed=5)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(ref(data[0][0]), data[0][1])
+    loss.backward()
+    torch.testing.assert_close(grads["fp16"], ref[0].weight.grad, rtol=1e-2, atol=1e-3)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_no_optimizer_is_a_clear_error():
+    with pytest.raises(TypeError, match="no optimizer.*configure_optimizers"):
+        Trainer(mlp())
+
+
+def test_configure_optimizers_supplies_the_optimizer_with_trainable_parameters_only():
+    class Mine(Trainer):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)
+
+    model = mlp()
+    model[0].requires_grad_(False)
+    t = Mine(model)
+    params = t.optimizer.param_groups[0]["params"]
+    assert len(params) == 2 and all(p.requires_grad for p in params)
+
+
+def test_non_scalar_loss_without_backward_override_is_a_clear_error():
+    class Vec(Trainer):
+        def training_step(self, batch):
+            return self.model.x * 2
+
+    model = Vector([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"non-scalar loss of shape \(2,\).*override backward"):
+        Vec(model, torch.optim.SGD(model.parameters(), lr=0.1), [None], config=quiet()).fit()
+
+
+def test_batch_the_default_step_cannot_unpack_is_a_clear_error():
+    model = mlp()
+    data = [torch.randn(2, 8)]  # a bare tensor would silently unpack into two rows
+    with pytest.raises(TypeError, match=r"\(inputs, targets\), got a Tensor of shape \(2, 8\).*override training_step"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, loss_fn=F.cross_entropy,
+                config=quiet()).fit()
+
+
+def test_missing_loss_fn_is_a_clear_error():
+    model = mlp()
+    with pytest.raises(TypeError, match="no loss_fn"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4), config=quiet()).fit()
+
+
+def test_training_step_returning_a_float_is_a_clear_error():
+    class Bad(Trainer):
+        def training_step(self, batch):
+            return 1.0
+
+    model = mlp()
+    with pytest.raises(TypeError, match="must return a loss Tensor"):
+        Bad(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4), config=quiet()).fit()
+
+
+def test_wrong_config_value_names_the_field():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_steps"):
+        TrainerConfig(max_steps="ten")
+    with pytest.raises(ValidationError, match="expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        TrainerConfig(device="gpu")
+    with pytest.raises(ValidationError, match="max_step"):
+        TrainerConfig(max_step=3)
+
+
+def test_every_config_field_has_a_description():
+    from trainer.config import CheckpointConfig, GradLoggingConfig
+
+    for model in (TrainerConfig, GradLoggingConfig, CheckpointConfig):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name}"

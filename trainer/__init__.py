@@ -1,0 +1,63 @@
+"""trainer: a training loop for PyTorch that reads like a hand-written one.
+
+The public names are imported on first use, so ``trainer --help`` and ``trainer schema``
+start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Trainer": "trainer.trainer",
+    "HOOKS": "trainer.hooks",
+    "Callback": "trainer.hooks",
+    "TrainerConfig": "trainer.config",
+    "GradLoggingConfig": "trainer.config",
+    "CheckpointConfig": "trainer.config",
+    "GradNormLogger": "trainer.callbacks",
+    "ProgressBar": "trainer.progress",
+    "eval_mode": "trainer.modes",
+    "detach": "trainer.modes",
+    "freeze": "trainer.modes",
+    "unfreeze": "trainer.modes",
+    "freeze_matching": "trainer.modes",
+    "frozen_copy": "trainer.modes",
+    "ema_update": "trainer.modes",
+    "resolve_device": "trainer.device",
+    "seed_everything": "trainer.device",
+    "Precision": "trainer.device",
+    "to_device": "trainer.data",
+    "Logger": "trainer.metrics",
+    "JsonlLogger": "trainer.metrics",
+    "CsvLogger": "trainer.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:
+    from trainer.callbacks import GradNormLogger
+    from trainer.config import CheckpointConfig, GradLoggingConfig, TrainerConfig
+    from trainer.data import to_device
+    from trainer.device import Precision, resolve_device, seed_everything
+    from trainer.hooks import HOOKS, Callback
+    from trainer.metrics import CsvLogger, JsonlLogger, Logger
+    from trainer.modes import detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
+    from trainer.progress import ProgressBar
+    from trainer.trainer import Trainer

@@ -1,0 +1,115 @@
+"""Typed loop settings.
+
+This module imports pydantic only (no torch), so the command line can validate a
+config file and print its schema without paying for ``import torch``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GradLoggingConfig(StrictModel):
+    every_n_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Log gradient norms every N optimizer steps (null turns gradient logging off).",
+    )
+    per_layer: bool = Field(
+        False,
+        description="Also log one norm per named parameter as grad_norm/<name>, beside grad_norm/total.",
+    )
+
+
+class CheckpointConfig(StrictModel):
+    every_n_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Write a checkpoint every N optimizer steps (null: only the final one).",
+    )
+    keep_last: int | None = Field(
+        3,
+        ge=1,
+        description="Keep the newest K periodic checkpoints (null keeps all); the final one is never rotated away.",
+    )
+    save_final: bool = Field(True, description="Write a checkpoint when training ends.")
+
+
+class TrainerConfig(StrictModel):
+    """Every setting of the training loop. The same names are the top-level keys of a YAML config."""
+
+    seed: int = Field(0, description="Seed for python, numpy, torch (CPU and CUDA) and the data order.")
+    device: str = Field(
+        "auto",
+        description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32; bf16 autocast; or fp16 autocast with a gradient scaler.",
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (null: no step limit)."
+    )
+    max_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many passes over the training data (null: 1 unless max_steps is set).",
+    )
+    batch_size: int = Field(
+        32, ge=1, description="Samples per micro-batch when the Trainer builds the DataLoader."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Micro-batches whose gradients are summed into one optimizer step."
+    )
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the total gradient norm to this value before each step (null: off)."
+    )
+    log_every_n_steps: int = Field(
+        50, ge=1, description="Turn logged values into numbers and write them every N optimizer steps."
+    )
+    eval_every_n_steps: int | None = Field(
+        None, ge=1, description="Run validation every N optimizer steps (null: off)."
+    )
+    eval_every_n_epochs: int | None = Field(
+        1, ge=1, description="Run validation at the end of every N epochs (null: off)."
+    )
+    grad_logging: GradLoggingConfig = Field(
+        default_factory=GradLoggingConfig, description="Gradient-norm logging."
+    )
+    progress_bar: bool = Field(
+        True, description="Show a progress bar over optimizer steps (only when stderr is a terminal)."
+    )
+    deterministic: bool = Field(
+        False, description="Use torch's deterministic algorithms (slower; errors on ops without one)."
+    )
+    compile: bool = Field(False, description="Wrap the model with torch.compile.")
+    on_nonfinite: Literal["error", "skip"] = Field(
+        "error",
+        description="On a NaN/Inf loss or gradient: 'error' stops before the optimizer step; "
+        "'skip' skips that step.",
+    )
+    max_consecutive_skips: int = Field(
+        10, ge=1, description="With on_nonfinite: skip, this many skipped steps in a row become an error."
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="When checkpoints are written and how many are kept."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value

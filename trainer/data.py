@@ -1,0 +1,232 @@
+"""Batches: moving them to the device, and iterating training data in a seeded, resumable order.
+
+Every training source is turned into one of three ``EpochSource`` objects, each of which can
+start an epoch at a given micro-batch:
+
+* ``LoaderSource`` for a ``Dataset``: the Trainer's own DataLoader over a ``ResumableSampler``
+  whose order depends only on ``(seed, epoch)`` and which skips consumed indices without
+  reading them;
+* ``TensorSource`` for a ``TensorDataset`` or a tuple/dict of equal-length tensors: the
+  tensors go to the device once and batches are index slices, in the same order the
+  DataLoader path would produce;
+* ``IterableSource`` for a user's DataLoader, a list of batches or any other iterable: a
+  sequence is indexed, anything else is fast-forwarded (and says so once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, TensorDataset
+
+from trainer.device import seed_worker
+
+
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Move every tensor inside tuples, lists, dicts and dataclasses to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, tuple):
+        moved = [to_device(v, device, non_blocking) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
+    if isinstance(obj, list):
+        return [to_device(v, device, non_blocking) for v in obj]
+    if isinstance(obj, dict):
+        return type(obj)((k, to_device(v, device, non_blocking)) for k, v in obj.items())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(
+            obj,
+            **{f.name: to_device(getattr(obj, f.name), device, non_blocking) for f in dataclasses.fields(obj) if f.init},
+        )
+    return obj
+
+
+def batch_size_of(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor (1 when it holds none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    if isinstance(batch, (tuple, list)):
+        for v in batch:
+            return batch_size_of(v)
+    if isinstance(batch, dict):
+        for v in batch.values():
+            return batch_size_of(v)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for f in dataclasses.fields(batch):
+            return batch_size_of(getattr(batch, f.name))
+    return 1
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The sample order of one epoch: a function of ``(seed, epoch)`` alone."""
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded per-epoch order, split across ranks, able to start part-way into an epoch.
+
+    Like ``DistributedSampler`` (order from ``seed + epoch``, ``set_epoch`` every epoch, the
+    order padded to a multiple of ``world_size`` so every rank takes equal steps) plus
+    ``start``: the number of this rank's indices already consumed, skipped without being read.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's remaining indices of the current epoch, as a tensor."""
+        order = epoch_permutation(self.n, self.seed, self.epoch, self.shuffle)
+        if self.world_size > 1:
+            total = len(self) * self.world_size
+            if total > self.n:
+                order = torch.cat([order, order[: total - self.n]])
+            order = order[self.rank :: self.world_size]
+        return order[self.start :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+
+class EpochSource:
+    """Training batches for one epoch at a time, starting after ``skip`` micro-batches."""
+
+    exact_resume = True
+    sampler: ResumableSampler | None = None
+
+    def __len__(self) -> int:  # micro-batches per epoch; may raise TypeError when unknown
+        raise TypeError
+
+    def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
+        raise NotImplementedError
+
+
+class LoaderSource(EpochSource):
+    def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, seed: int,
+                 shuffle: bool, pin_memory: bool, rank: int = 0, world_size: int = 1):
+        self.batch_size = batch_size
+        self.sampler = ResumableSampler(len(dataset), seed, shuffle, rank, world_size)
+        self.seed = seed
+        self.generator = torch.Generator()
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=BatchSampler(self.sampler, batch_size, drop_last=False),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            worker_init_fn=seed_worker if num_workers else None,
+            generator=self.generator,
+            persistent_workers=num_workers > 0,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
+        self.sampler.set_epoch(epoch, skip * self.batch_size)
+        # Worker seeds are drawn from this generator when the iterator starts: seeding it
+        # from (seed, epoch) makes them repeat on resume.
+        self.generator.manual_seed(self.seed + epoch)
+        return self.loader
+
+
+class TensorSource(EpochSource):
+    """Batches by index slicing of tensors that live on the device: no per-sample indexing,
+    no collate. Produces the same batches, in the same order, as ``LoaderSource``."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...] | dict[str, torch.Tensor], *, batch_size: int,
+                 seed: int, shuffle: bool, device: torch.device, rank: int = 0, world_size: int = 1):
+        values = list(tensors.values()) if isinstance(tensors, dict) else list(tensors)
+        lengths = {t.shape[0] for t in values}
+        if len(lengths) != 1:
+            raise ValueError(f"tensors given as training data have different lengths {sorted(lengths)}")
+        self.keys = list(tensors) if isinstance(tensors, dict) else None
+        self.tensors = [t.to(device) for t in values]
+        self.device = device
+        self.batch_size = batch_size
+        self.sampler = ResumableSampler(lengths.pop(), seed, shuffle, rank, world_size)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[Any]:
+        self.sampler.set_epoch(epoch, skip * self.batch_size)
+        order = self.sampler.indices().to(self.device)
+        for index in order.split(self.batch_size):
+            batch = [t[index] for t in self.tensors]
+            yield dict(zip(self.keys, batch)) if self.keys is not None else batch
+
+
+class IterableSource(EpochSource):
+    def __init__(self, data: Iterable[Any]):
+        self.data = data
+        self.exact_resume = isinstance(data, Sequence)
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
+        sampler = getattr(getattr(self.data, "batch_sampler", None), "sampler", None) or getattr(self.data, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a DistributedSampler in a user's DataLoader
+        if skip == 0:
+            return self.data
+        if isinstance(self.data, Sequence):
+            return itertools.islice(self.data, skip, None)
+        if not self._warned:
+            warnings.warn(
+                f"resuming inside an epoch of a {type(self.data).__name__} whose position cannot be restored: "
+                f"reading and discarding {skip} batches to get back to it. Pass a Dataset instead "
+                "and the Trainer skips them without reading.",
+                stacklevel=2,
+            )
+            self._warned = True
+        return itertools.islice(iter(self.data), skip, None)
+
+
+def is_tensor_data(data: Any) -> bool:
+    if isinstance(data, TensorDataset):
+        return True
+    if isinstance(data, dict) and data:
+        return all(isinstance(v, torch.Tensor) for v in data.values())
+    if isinstance(data, tuple) and data:
+        return all(isinstance(v, torch.Tensor) for v in data)
+    return False
+
+
+def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuffle: bool,
+                device: torch.device, rank: int = 0, world_size: int = 1) -> EpochSource:
+    """Pick the fastest source that keeps the seeded order and exact resume."""
+    if is_tensor_data(data) and num_workers == 0:
+        tensors = data.tensors if isinstance(data, TensorDataset) else data
+        return TensorSource(tensors, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                            device=device, rank=rank, world_size=world_size)
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset) and hasattr(data, "__len__"):
+        return LoaderSource(data, batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
+                            pin_memory=device.type == "cuda", rank=rank, world_size=world_size)
+    if isinstance(data, torch.utils.data.IterableDataset):
+        return IterableSource(DataLoader(data, batch_size=batch_size, num_workers=num_workers))
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
+        return IterableSource(data)
+    raise TypeError(
+        f"training/validation data must be a torch Dataset, a DataLoader or an iterable of batches; "
+        f"got {type(data).__name__}"
+    )

@@ -1,0 +1,103 @@
+"""Logged values: kept as device tensors between log points, turned into floats at them.
+
+On CUDA a ``.item()`` per step would make the CPU wait for the GPU every step; here the
+values of a whole log interval are converted in one ``tolist()`` call at the log point.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class Logger(Protocol):
+    """A metric sink: receives every record (a flat dict of floats with ``step`` and ``epoch``)."""
+
+    def log(self, record: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MetricBuffer:
+    """Values logged since the last log point; tensors stay on their device until ``flush``."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] = {}
+
+    def put(self, name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        self._pending[name] = value
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self) -> dict[str, float]:
+        """All pending values as floats, with one device-to-host copy for all tensors."""
+        pending, self._pending = self._pending, {}
+        record: dict[str, float] = {}
+        tensors: list[tuple[str, torch.Tensor]] = []
+        for name, value in pending.items():
+            if isinstance(value, torch.Tensor):
+                tensors.append((name, value.float().mean() if value.ndim else value.float()))
+            else:
+                record[name] = float(value)
+        if tensors:
+            # note: CPU-GPU sync point, once per log interval
+            values = torch.stack([t.to(tensors[0][1].device) for _, t in tensors]).tolist()
+            record.update(zip((name for name, _ in tensors), values))
+        return record
+
+
+def _jsonable(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+class JsonlLogger:
+    """One JSON object per record in ``metrics.jsonl``; NaN/Inf are written as strings."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def log(self, record: dict[str, float]) -> None:
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class CsvLogger:
+    """The same records as a CSV table; when a new column appears the file is rewritten."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.columns: list[str] = []
+        self.rows: list[dict[str, float]] = []
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                self.columns = list(reader.fieldnames or [])
+                self.rows = [{k: v for k, v in row.items() if v != ""} for row in reader]
+
+    def log(self, record: dict[str, float]) -> None:
+        self.rows.append(record)
+        new = [k for k in record if k not in self.columns]
+        if new:
+            self.columns.extend(new)
+            with self.path.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        else:
+            with self.path.open("a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(record)
+
+    def close(self) -> None:
+        pass

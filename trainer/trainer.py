@@ -1,0 +1,413 @@
+"""The training loop.
+
+``Trainer.fit`` reads top to bottom: epochs of micro-batches, each one forward, backward and,
+every ``grad_accum_steps`` micro-batches, one optimizer step. Everything optional hangs off the
+hooks listed in ``trainer.hooks``. A subclass overrides a step (``training_step``,
+``validation_step``, ``backward``, ``configure_optimizers``), not the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.callbacks import GradNormLogger
+from trainer.config import TrainerConfig
+from trainer.data import EpochSource, batch_size_of, make_source, to_device
+from trainer.device import Precision, enable_tf32, resolve_device, seed_everything, set_deterministic
+from trainer.hooks import HOOKS, collect_hooks
+from trainer.metrics import CsvLogger, JsonlLogger, Logger, MetricBuffer
+from trainer.modes import detach, eval_mode
+from trainer.progress import ProgressBar
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a Tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} items ({', '.join(type(b).__name__ for b in batch[:4])})"
+    if isinstance(batch, dict):
+        return f"a dict with keys {list(batch)[:6]}"
+    return f"a {type(batch).__name__}"
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` with ``optimizer``.
+
+    ``train_data`` / ``val_data``: a ``Dataset`` (the Trainer builds the DataLoader with a seeded,
+    resumable order), a ``TensorDataset`` or tuple/dict of tensors (batched by index slicing on
+    the device), a ``DataLoader``, or any iterable of batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        *,
+        loss_fn: Any = None,
+        scheduler: Any = None,
+        callbacks: Sequence[Any] = (),
+        config: TrainerConfig | dict[str, Any] | None = None,
+        run_dir: str | Path | None = None,
+        loggers: Sequence[Logger] = (),
+    ):
+        if isinstance(config, dict):
+            config = TrainerConfig(**config)
+        self.config = config if config is not None else TrainerConfig()
+        if not isinstance(self.config, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig or a dict of its fields, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        cfg = self.config
+
+        self.device = resolve_device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            enable_tf32()
+
+        self.module = model.to(self.device)  # the plain module: state_dict, evaluation
+        self.model = torch.compile(self.module) if cfg.compile else self.module  # what steps call
+        self.loss_fn = loss_fn
+        self.train_data = train_data
+        self.val_data = val_data
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        if self.optimizer is None:
+            configured = self.configure_optimizers()
+            self.optimizer, self.scheduler = (
+                configured if isinstance(configured, tuple) else (configured, self.scheduler)
+            )
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"configure_optimizers() must return a torch.optim.Optimizer (or an (optimizer, scheduler) "
+                f"tuple), got {type(self.optimizer).__name__}"
+            )
+
+        self.callbacks = list(callbacks)
+        if cfg.grad_logging.every_n_steps:
+            self.callbacks.append(GradNormLogger(cfg.grad_logging.every_n_steps, cfg.grad_logging.per_layer))
+        if cfg.progress_bar:
+            self.callbacks.append(ProgressBar())
+        self._hooks = collect_hooks(self, self.callbacks, Trainer)
+
+        self.loggers: list[Logger] = list(loggers)
+        self.history: list[dict[str, float]] = []
+        self._metrics = MetricBuffer()
+
+        # Progress, saved in checkpoints.
+        self.global_step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of the current epoch consumed
+        self.should_stop = False
+        self.stop_reason: str | None = None
+
+        # Between log points.
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self._samples = 0
+        self._log_clock = time.perf_counter()
+
+        self._source: EpochSource | None = None
+        self._val_source: EpochSource | None = None
+
+    # ----------------------------------------------------------------- override points
+
+    def configure_optimizers(self) -> Any:
+        """Return an optimizer, or ``(optimizer, scheduler)``. Called once when no optimizer is passed.
+
+        ``self.trainable_parameters()`` gives the parameters that require gradients.
+        """
+        raise TypeError(
+            "no optimizer: pass Trainer(model, optimizer=...) or override configure_optimizers() "
+            "in your Trainer subclass, e.g. return torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)"
+        )
+
+    def training_step(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Return the loss, or a dict with ``"loss"`` and extra metrics (logged as ``train/<name>``)."""
+        x, y = self._unpack(batch, "training_step")
+        return self._loss(self.model(x), y)
+
+    def validation_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Return per-batch mean metrics; they are averaged over samples as ``val/<name>``.
+
+        The default reports ``loss`` and, for class logits ``(N, C)`` with integer targets, ``acc``.
+        """
+        x, y = self._unpack(batch, "validation_step")
+        out = self.model(x)
+        metrics = {"loss": self._loss(out, y)}
+        if out.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
+            metrics["acc"] = (out.argmax(dim=-1) == y).float().mean()
+        return metrics
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Fill ``.grad``. ``loss`` is already divided by ``grad_accum_steps`` and, for fp16, scaled.
+
+        Override to call ``loss.backward(v)`` for a non-scalar loss.
+        """
+        if loss.ndim != 0:
+            raise ValueError(
+                f"training_step returned a non-scalar loss of shape {tuple(loss.shape)}; reduce it "
+                "(e.g. loss.mean()) or override backward(loss) to call loss.backward(gradient)"
+            )
+        loss.backward()
+
+    # ----------------------------------------------------------------- helpers for steps
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def log(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a value; tensors stay on the device and become numbers at the next log point."""
+        self._metrics.put(name, value)
+
+    def _unpack(self, batch: Any, where: str) -> tuple[Any, Any]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                f"the default {where} expects each batch to be (inputs, targets), got {_describe(batch)}; "
+                f"override {where}(self, batch) in a Trainer subclass to handle this batch"
+            )
+        return batch[0], batch[1]
+
+    def _loss(self, output: Any, target: Any) -> torch.Tensor:
+        if self.loss_fn is None:
+            raise TypeError(
+                "no loss_fn: pass Trainer(..., loss_fn=torch.nn.functional.cross_entropy) "
+                "or override training_step(batch) to compute the loss"
+            )
+        return self.loss_fn(output, target)
+
+    # ----------------------------------------------------------------- the loop
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train until ``max_steps`` or ``max_epochs``; returns ``history`` (every log record)."""
+        cfg = self.config
+        self._train_source()
+        seed_everything(cfg.seed)
+        set_deterministic(cfg.deterministic)
+        if self.run_dir is not None and not self.loggers:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.loggers = [JsonlLogger(self.run_dir / "metrics.jsonl"), CsvLogger(self.run_dir / "metrics.csv")]
+
+        self._call("on_fit_start")
+        try:
+            while not self._done():
+                self._train_epoch()
+            self._flush_logs()
+        except BaseException as exc:
+            self._call("on_exception", exc)
+            raise
+        finally:
+            for logger in self.loggers:
+                logger.close()
+        self._call("on_fit_end")
+        return self.history
+
+    def _train_epoch(self) -> None:
+        cfg = self.config
+        accum = cfg.grad_accum_steps
+        h = self._hooks
+        autocast = self.precision.autocast
+        scale = self.precision.scaler.scale
+        non_blocking = self.device.type == "cuda"
+        try:
+            epoch_len: int | None = len(self._source)
+        except TypeError:
+            epoch_len = None
+
+        self._call("on_train_epoch_start")
+        for batch in self._source.epoch(self.epoch, self.batch_in_epoch):
+            self.batch_in_epoch += 1
+            step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len
+            batch = to_device(batch, self.device, non_blocking)
+            for fn in h["on_train_batch_start"]:
+                fn(self, batch)
+            with autocast:
+                outputs = self.training_step(batch)
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(
+                    f"training_step must return a loss Tensor or a dict with a 'loss' Tensor, got {_describe(outputs)}"
+                )
+            for fn in h["on_before_backward"]:
+                fn(self, loss)
+            self.backward(scale(loss / accum if accum > 1 else loss))
+            self._track(loss, outputs, batch)
+            if step_now:
+                self._optimizer_step()
+            if h["on_train_batch_end"]:
+                outputs = detach(outputs)
+                for fn in h["on_train_batch_end"]:
+                    fn(self, outputs, batch)
+            if step_now and self._after_step():
+                return
+        if self.batch_in_epoch % accum and epoch_len is None:
+            self._optimizer_step()  # the last, partial window of an iterable of unknown length
+            self._after_step()
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self._call("on_train_epoch_end")
+        every = self.config.eval_every_n_epochs
+        if every and self.val_data is not None and self.epoch % every == 0:
+            self._validate(epoch=self.epoch - 1)  # tagged with the epoch it evaluates
+
+    def _optimizer_step(self) -> None:
+        h = self._hooks
+        optimizer = self.optimizer
+        scaler = self.precision.scaler
+        scaler.unscale_(optimizer)  # no-op unless fp16
+        for fn in h["on_after_backward"]:
+            fn(self)
+        if self.config.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.clip_grad_norm, foreach=True)
+        for fn in h["on_before_optimizer_step"]:
+            fn(self, optimizer)
+        scaler.step(optimizer)  # optimizer.step(), skipped by the scaler on fp16 overflow
+        scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        for fn in h["on_before_zero_grad"]:
+            fn(self, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+    def _after_step(self) -> bool:
+        """Log, validate and decide whether to stop, at an optimizer-step boundary."""
+        cfg = self.config
+        step = self.global_step
+        if step % cfg.log_every_n_steps == 0:
+            self._flush_logs()
+        if cfg.eval_every_n_steps and self.val_data is not None and step % cfg.eval_every_n_steps == 0:
+            self._validate(epoch=self.epoch)
+        return self._done()
+
+    def _done(self) -> bool:
+        cfg = self.config
+        if self.should_stop:
+            return True
+        if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+            return True
+        max_epochs = cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
+        return max_epochs is not None and self.epoch >= max_epochs
+
+    def total_steps(self) -> int | None:
+        """Optimizer steps this run takes, when the data length says so (for progress and schedules)."""
+        cfg = self.config
+        try:
+            per_epoch = math.ceil(len(self._train_source()) / cfg.grad_accum_steps)
+        except TypeError:
+            per_epoch = None
+        max_epochs = cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
+        by_epochs = per_epoch * max_epochs if per_epoch is not None and max_epochs is not None else None
+        limits = [n for n in (cfg.max_steps, by_epochs) if n is not None]
+        return min(limits) if limits else None
+
+    def _train_source(self) -> EpochSource:
+        if self._source is None:
+            if self.train_data is None:
+                raise ValueError("fit() needs training data: Trainer(model, optimizer, train_data=...)")
+            cfg = self.config
+            self._source = make_source(
+                self.train_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                shuffle=True, device=self.device,
+            )
+        return self._source
+
+    # ----------------------------------------------------------------- metrics
+
+    def _track(self, loss: torch.Tensor, outputs: Any, batch: Any) -> None:
+        value = loss.detach()
+        if value.ndim:
+            value = value.mean()  # a non-scalar loss is logged as its mean
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_count += 1
+        self._samples += batch_size_of(batch)
+        if isinstance(outputs, dict):
+            for name, extra in outputs.items():
+                if name != "loss":
+                    self._metrics.put(f"train/{name}", extra)
+
+    def _flush_logs(self) -> None:
+        if self._loss_sum is None and not self._metrics:
+            return
+        record: dict[str, float] = {"step": self.global_step, "epoch": self.epoch}
+        if self._loss_sum is not None:
+            self._metrics.put("train/loss", self._loss_sum / self._loss_count)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._metrics.put("lr", lr)
+        record.update(self._metrics.flush())  # note: CPU-GPU sync point
+        now = time.perf_counter()
+        record["samples_per_sec"] = self._samples / max(now - self._log_clock, 1e-9)
+        if self.device.type == "cuda":
+            record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._loss_sum, self._loss_count, self._samples, self._log_clock = None, 0, 0, now
+        self._emit(record)
+
+    def _emit(self, record: dict[str, float]) -> None:
+        self.history.append(record)
+        self._call("on_log", record)
+        for logger in self.loggers:
+            logger.log(record)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for fn in self._hooks[hook]:
+            fn(self, *args)
+
+    # ----------------------------------------------------------------- evaluation
+
+    def evaluate(self, data: Any = None) -> dict[str, float]:
+        """Run ``validation_step`` over ``data`` (default: ``val_data``) under ``eval_mode``.
+
+        Returns ``{"val/<name>": mean over samples}``.
+        """
+        if data is None and self.val_data is None:
+            raise ValueError("evaluate() needs data: evaluate(data) or Trainer(..., val_data=...)")
+        cfg = self.config
+        if data is None:
+            if self._val_source is None:
+                self._val_source = make_source(
+                    self.val_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                    shuffle=False, device=self.device,
+                )
+            source = self._val_source
+        else:
+            source = make_source(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                                 shuffle=False, device=self.device)
+        self._call("on_validation_start")
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        with eval_mode(self.module), self.precision.autocast:
+            for batch in source.epoch(0, 0):
+                batch = to_device(batch, self.device, self.device.type == "cuda")
+                out = self.validation_step(batch)
+                if not isinstance(out, dict):
+                    raise TypeError(f"validation_step must return a dict of metric tensors, got {_describe(out)}")
+                n = batch_size_of(batch)
+                for name, value in out.items():
+                    value = torch.as_tensor(value, device=self.device).float().mean() * n
+                    sums[name] = sums[name] + value if name in sums else value
+                count += n
+        metrics: dict[str, float] = {}
+        if sums:
+            # note: CPU-GPU sync point, once per evaluation
+            values = torch.stack(list(sums.values())).tolist()
+            metrics = {f"val/{name}": v / count for name, v in zip(sums, values)}
+        self._call("on_validation_end", metrics)
+        return metrics
+
+    def _validate(self, epoch: int) -> None:
+        metrics = self.evaluate()
+        self._emit({"step": self.global_step, "epoch": epoch, **metrics})
+
+
+__all__ = ["Trainer", "HOOKS"]
