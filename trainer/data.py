@@ -133,7 +133,8 @@ class LoaderSource(EpochSource):
             pin_memory=pin_memory,
             worker_init_fn=seed_worker if num_workers else None,
             generator=self.generator,
-            persistent_workers=num_workers > 0,
+            # Fresh workers each epoch, so their seeds depend on (seed, epoch) alone and repeat on resume.
+            persistent_workers=False,
         )
 
     def __len__(self) -> int:

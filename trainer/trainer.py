@@ -9,7 +9,10 @@ hooks listed in ``trainer.hooks``. A subclass overrides a step (``training_step`
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer import checkpoint as ckpt
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig
 from trainer.data import EpochSource, batch_size_of, make_source, to_device
@@ -80,6 +84,10 @@ class Trainer:
         self.train_data = train_data
         self.val_data = val_data
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if cfg.checkpoint.every_n_steps and self.run_dir is None:
+            raise ValueError("checkpoint.every_n_steps needs a run_dir: Trainer(..., run_dir='runs/my-run')")
+        self.is_main_process = True
+        self.resolved_config: dict[str, Any] = cfg.model_dump(mode="json")  # saved in checkpoints
 
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -109,15 +117,22 @@ class Trainer:
         self.global_step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of the current epoch consumed
+        self.consecutive_skips = 0
         self.should_stop = False
         self.stop_reason: str | None = None
+        self.stopped_by_signal: int | None = None
+        self._signal: int | None = None
 
         # Between log points.
         self._loss_sum: torch.Tensor | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._step_micro = 0
         self._loss_count = 0
+        self.skipped_steps = 0
         self._samples = 0
         self._log_clock = time.perf_counter()
 
+        self._last_val_step: int | None = None
         self._source: EpochSource | None = None
         self._val_source: EpochSource | None = None
 
@@ -189,29 +204,53 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
 
-    def fit(self) -> list[dict[str, float]]:
-        """Train until ``max_steps`` or ``max_epochs``; returns ``history`` (every log record)."""
+    def fit(self, resume_from: str | Path | dict[str, Any] | None = None) -> list[dict[str, float]]:
+        """Train until ``max_steps`` or ``max_epochs``; returns ``history`` (every log record).
+
+        ``resume_from``: a checkpoint path (or a loaded checkpoint) to continue from exactly.
+        SIGTERM / SIGINT stop the run at the next optimizer-step boundary after a checkpoint
+        (``stopped_by_signal`` then holds the signal number).
+        """
         cfg = self.config
         self._train_source()
         seed_everything(cfg.seed)
         set_deterministic(cfg.deterministic)
-        if self.run_dir is not None and not self.loggers:
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if self.run_dir is not None and not self.loggers and self.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.loggers = [JsonlLogger(self.run_dir / "metrics.jsonl"), CsvLogger(self.run_dir / "metrics.csv")]
 
+        previous_handlers = self._install_signal_handlers()
         self._call("on_fit_start")
         try:
             while not self._done():
                 self._train_epoch()
             self._flush_logs()
+            if self.val_data is not None and self._last_val_step != self.global_step and self.stopped_by_signal is None:
+                self._validate(epoch=self.epoch - (self.batch_in_epoch == 0))  # final metrics
+            if cfg.checkpoint.save_final and self.run_dir is not None and self.stopped_by_signal is None:
+                self.save_checkpoint()
         except BaseException as exc:
             self._call("on_exception", exc)
             raise
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             for logger in self.loggers:
                 logger.close()
         self._call("on_fit_end")
         return self.history
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM and SIGINT only set a flag; the loop acts on it at the next step boundary."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self._signal = self._signal or signum
+
+        return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _train_epoch(self) -> None:
         cfg = self.config
@@ -244,15 +283,17 @@ class Trainer:
             self.backward(scale(loss / accum if accum > 1 else loss))
             self._track(loss, outputs, batch)
             if step_now:
-                self._optimizer_step()
+                self._step()
             if h["on_train_batch_end"]:
                 outputs = detach(outputs)
                 for fn in h["on_train_batch_end"]:
                     fn(self, outputs, batch)
             if step_now and self._after_step():
-                return
+                if self.batch_in_epoch != epoch_len:
+                    return
+                break  # stopping on the epoch's last batch still ends the epoch
         if self.batch_in_epoch % accum and epoch_len is None:
-            self._optimizer_step()  # the last, partial window of an iterable of unknown length
+            self._step()  # the last, partial window of an iterable of unknown length
             self._after_step()
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -260,6 +301,36 @@ class Trainer:
         every = self.config.eval_every_n_epochs
         if every and self.val_data is not None and self.epoch % every == 0:
             self._validate(epoch=self.epoch - 1)  # tagged with the epoch it evaluates
+
+    def _step(self) -> None:
+        """One optimizer step, unless the step's loss is not finite."""
+        step_loss, micro = self._step_loss, self._step_micro
+        self._step_loss, self._step_micro = None, 0
+        # note: CPU-GPU sync point, one scalar per optimizer step, so that a NaN/Inf loss stops
+        # (or skips) the step before it reaches the weights.
+        value = step_loss.item()
+        if math.isfinite(value):
+            self.consecutive_skips = 0
+            self._loss_sum = step_loss if self._loss_sum is None else self._loss_sum + step_loss
+            self._loss_count += micro
+            self._optimizer_step()
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_skips += 1
+        step = self.global_step + 1
+        if self.config.on_nonfinite == "error":
+            raise FloatingPointError(
+                f"step {step}: train/loss is {value}; stopped before the optimizer step, the weights are those of "
+                f"step {self.global_step}. Lower the learning rate, set clip_grad_norm, or use on_nonfinite: skip"
+            )
+        if self.consecutive_skips > self.config.max_consecutive_skips:
+            raise FloatingPointError(
+                f"step {step}: train/loss was {value} for {self.consecutive_skips} steps in a row "
+                f"(max_consecutive_skips: {self.config.max_consecutive_skips}); stopping"
+            )
+        warnings.warn(f"step {step}: train/loss is {value}; skipped this optimizer step", stacklevel=2)
+        self.skipped_steps += 1
+        self.global_step += 1  # a skipped step still counts, so the data and schedule stay aligned
 
     def _optimizer_step(self) -> None:
         h = self._hooks
@@ -282,14 +353,27 @@ class Trainer:
         self.global_step += 1
 
     def _after_step(self) -> bool:
-        """Log, validate and decide whether to stop, at an optimizer-step boundary."""
+        """Log, validate, checkpoint and decide whether to stop, at an optimizer-step boundary."""
         cfg = self.config
         step = self.global_step
         if step % cfg.log_every_n_steps == 0:
             self._flush_logs()
         if cfg.eval_every_n_steps and self.val_data is not None and step % cfg.eval_every_n_steps == 0:
             self._validate(epoch=self.epoch)
+        if self._signal is not None:
+            self._stop_on_signal()
+        elif cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
+            self.save_checkpoint()
         return self._done()
+
+    def _stop_on_signal(self) -> None:
+        signum = self._signal
+        self._flush_logs()
+        path = self.save_checkpoint() if self.run_dir is not None else None
+        self.stopped_by_signal = signum
+        self.should_stop = True
+        name = signal.Signals(signum).name
+        self.stop_reason = f"stopped by {name}" + (f", checkpoint {path}" if path else "")
 
     def _done(self) -> bool:
         cfg = self.config
@@ -329,8 +413,8 @@ class Trainer:
         value = loss.detach()
         if value.ndim:
             value = value.mean()  # a non-scalar loss is logged as its mean
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-        self._loss_count += 1
+        self._step_loss = value if self._step_loss is None else self._step_loss + value
+        self._step_micro += 1
         self._samples += batch_size_of(batch)
         if isinstance(outputs, dict):
             for name, extra in outputs.items():
@@ -362,6 +446,90 @@ class Trainer:
     def _call(self, hook: str, *args: Any) -> None:
         for fn in self._hooks[hook]:
             fn(self, *args)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, scheduler, scaler, progress,
+        RNG states and stateful callbacks, as plain data (``weights_only``-loadable)."""
+        loss_sum = self._loss_sum.item() if self._loss_sum is not None else None
+        return {
+            "version": ckpt.VERSION,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.precision.scaler.state_dict(),
+            "trainer_state": {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "consecutive_skips": self.consecutive_skips,
+                "skipped_steps": self.skipped_steps,
+                # the log interval in progress, so the next logged train/loss is the same number
+                "loss_sum": loss_sum,
+                "loss_count": self._loss_count,
+            },
+            "rng": ckpt.rng_state(),
+            "callbacks": {
+                f"{i}:{type(cb).__name__}": cb.state_dict()
+                for i, cb in enumerate(self.callbacks)
+                if hasattr(cb, "state_dict")
+            },
+            "config": self.resolved_config,
+        }
+
+    def load_checkpoint(self, source: str | Path | dict[str, Any]) -> None:
+        """Restore everything ``state_dict`` saved, from a file or an already loaded checkpoint."""
+        state = source if isinstance(source, dict) else ckpt.load_checkpoint(source)
+        where = str(state.get("path", source if not isinstance(source, dict) else "given"))
+        self.load_model_state(state["model"], where)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ckpt.CheckpointError(
+                f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
+                "resume with the config the run was started with"
+            ) from None
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            raise ckpt.CheckpointError(
+                f"checkpoint {where} was written {'without' if state['scheduler'] is None else 'with'} a scheduler "
+                f"but this run has {'one' if self.scheduler is not None else 'none'}"
+            )
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        ts = state["trainer_state"]
+        self.global_step, self.epoch, self.batch_in_epoch = ts["global_step"], ts["epoch"], ts["batch_in_epoch"]
+        self.consecutive_skips, self.skipped_steps = ts["consecutive_skips"], ts["skipped_steps"]
+        self._loss_count = ts["loss_count"]
+        self._loss_sum = torch.tensor(ts["loss_sum"], device=self.device) if ts["loss_sum"] is not None else None
+        saved_callbacks = state["callbacks"]
+        for i, cb in enumerate(self.callbacks):
+            key = f"{i}:{type(cb).__name__}"
+            if key in saved_callbacks and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(saved_callbacks[key])
+        ckpt.set_rng_state(state["rng"])
+
+    def load_model_state(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
+        ckpt.check_model_state(self.module, saved, where)
+        self.module.load_state_dict(saved)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``<run_dir>/checkpoints/step-<step>.pt`` atomically and rotate old ones (main process only)."""
+        if self.run_dir is None:
+            raise ValueError("save_checkpoint() needs a run_dir: Trainer(..., run_dir='runs/my-run')")
+        if not self.is_main_process:
+            return None
+        params = [p.detach() for p in self.module.parameters() if p.is_floating_point()]
+        if params and not all(math.isfinite(n) for n in torch.stack(torch._foreach_norm(params)).tolist()):
+            raise FloatingPointError(
+                f"step {self.global_step}: the weights hold NaN/Inf; refusing to write a checkpoint of them"
+            )
+        directory = self.run_dir / "checkpoints"
+        path = ckpt.save_checkpoint(self.state_dict(), directory / ckpt.checkpoint_name(self.global_step))
+        ckpt.rotate(directory, self.config.checkpoint.keep_last)
+        return path
 
     # ----------------------------------------------------------------- evaluation
 
@@ -406,6 +574,7 @@ class Trainer:
         return metrics
 
     def _validate(self, epoch: int) -> None:
+        self._last_val_step = self.global_step
         metrics = self.evaluate()
         self._emit({"step": self.global_step, "epoch": epoch, **metrics})
 

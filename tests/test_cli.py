@@ -1,0 +1,374 @@
+"""The command line as a user runs it: real subprocesses for exit codes, typer's CliRunner for the
+many error messages (same code path, no interpreter start per case)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trainer.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = """\
+name: t
+seed: 0
+max_steps: 4
+batch_size: 16
+progress_bar: false
+log_every_n_steps: 2
+model:
+  _target_: trainer.examples.models.MLP
+  in_features: 16
+  out_features: 4
+  hidden: 8
+data:
+  _target_: trainer.examples.synthetic.classification
+  n_train: 64
+  n_val: 32
+loss: torch.nn.functional.cross_entropy
+optimizer:
+  _target_: torch.optim.SGD
+  lr: 0.1
+"""
+
+
+def cli(*args, cwd=None, timeout=300):
+    """Run ``python -m trainer`` in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def line_of(path, needle):
+    """1-based line number of the first line containing ``needle``."""
+    for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if needle in line:
+            return i
+    raise AssertionError(f"{needle!r} not in {path}")
+
+
+def with_line(text, old, new):
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+# ------------------------------------------------------------------ training as a user does
+
+
+def test_run_writes_the_run_directory_and_exits_zero(tmp_path):
+    cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
+    proc = cli("run", cfg, "max_steps=6", "optimizer.lr=3e-2")
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "t"
+    assert "finished: step 6" in proc.stdout and str(run_dir) in proc.stdout
+    resolved = (run_dir / "config.yaml").read_text()
+    assert "max_steps: 6" in resolved and "lr: 0.03" in resolved
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
+    assert all("epoch" in r for r in records)
+    assert any("val/acc" in r for r in records)
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "epoch", "train/loss", "lr", "val/loss"} <= set(header)
+    assert (run_dir / "checkpoints" / "step-00000006.pt").is_file()
+
+
+def test_an_existing_run_is_never_overwritten_silently(tmp_path):
+    cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
+    assert invoke("run", cfg)[0] == 0
+    before = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text()
+    code, out = invoke("run", cfg)
+    assert code == 2
+    assert "already holds a run" in out and "--resume auto" in out and "--overwrite" in out and "name=t-2" in out
+    assert (tmp_path / "runs" / "t" / "metrics.jsonl").read_text() == before
+    code, _ = invoke("run", cfg, "--overwrite", "max_steps=2")
+    assert code == 0
+    assert '"step": 2' in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text()
+
+
+def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path):
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""\
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self, width: int):
+                super().__init__()
+                self.body = nn.Linear(16, width)
+                self.head = nn.Linear(width, 4)
+
+            def forward(self, x):
+                return self.head(torch.relu(self.body(x)))
+        """))
+    (tmp_path / "my_trainer.py").write_text(textwrap.dedent("""\
+        from torch.nn import functional as F
+        from trainer import Trainer
+
+        class MyTrainer(Trainer):
+            def training_step(self, batch):
+                x, y = batch
+                logits = self.model(x)
+                self.log("train/custom", logits.abs().mean())
+                return {"loss": F.cross_entropy(logits, y) + 0.0 * logits.pow(2).mean(),
+                        "margin": logits.max(1).values.mean()}
+        """))
+    text = BASE.replace("trainer.examples.models.MLP", "my_models.Net").replace(
+        "  in_features: 16\n  out_features: 4\n  hidden: 8\n", "  width: 12\n")
+    write(tmp_path, "trainer: my_trainer.MyTrainer\n" + text)
+    proc = cli("run", "cfg.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert all("train/custom" in r and "train/margin" in r for r in train)
+
+
+def test_quickstart_config_runs(tmp_path):
+    proc = cli("run", ROOT / "configs" / "quickstart.yaml", f"out_dir={tmp_path}", "progress_bar=false")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.splitlines()[0]
+    assert line.startswith("finished: step 160, epoch 5")
+    acc = float(line.split("val/acc ")[1].split(",")[0])
+    assert acc > 0.8
+
+
+def test_digits_config_runs_for_a_few_epochs(tmp_path):
+    pytest.importorskip("sklearn")
+    code, out = invoke("run", ROOT / "configs" / "digits.yaml", f"out_dir={tmp_path}", "max_epochs=3",
+                       "progress_bar=false")
+    assert code == 0, out
+    acc = float(out.split("val/acc ")[1].split()[0].rstrip(","))
+    assert acc > 0.8
+
+
+@pytest.mark.slow
+def test_digits_full_run_reaches_95_percent(tmp_path):
+    pytest.importorskip("sklearn")
+    code, out = invoke("run", ROOT / "configs" / "digits.yaml", f"out_dir={tmp_path}", "progress_bar=false")
+    assert code == 0, out
+    assert float(out.split("val/acc ")[1].split()[0].rstrip(",")) >= 0.95
+
+
+def test_char_lm_config_takes_a_few_steps(tmp_path):
+    code, out = invoke("run", ROOT / "configs" / "char_lm.yaml", f"out_dir={tmp_path}", "max_steps=3",
+                       "batch_size=4", "data.max_bytes=20000", "model.n_layers=1", "eval_every_n_steps=3",
+                       "log_every_n_steps=1", "progress_bar=false", "scheduler.T_max=3")
+    assert code == 0, out
+    assert "finished: step 3" in out and "val/loss" in out
+
+
+def test_check_builds_and_trains_nothing(tmp_path):
+    cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
+    code, out = invoke("check", cfg, "model.hidden=10")
+    assert code == 0, out
+    assert "# device: cpu" in out
+    assert "# model: MLP, 324 parameters (324 trainable)" in out  # 16*10+10 + 10*10+10 + 10*4+4
+    assert "# train data: 64 samples" in out and "# val data: 32 samples" in out
+    assert "hidden: 10" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_prints_metrics_of_a_checkpoint(tmp_path):
+    cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
+    assert invoke("run", cfg)[0] == 0
+    ckpt = tmp_path / "runs" / "t" / "checkpoints" / "step-00000004.pt"
+    code, out = invoke("eval", cfg, "--checkpoint", ckpt)
+    assert code == 0, out
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["step"] == 4 and 0.0 <= metrics["val/acc"] <= 1.0
+    last_val = [json.loads(x) for x in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert metrics["val/loss"] == pytest.approx(last_val["val/loss"], rel=1e-6)
+    code, out = invoke("eval", cfg, "--checkpoint", tmp_path / "nope.pt")
+    assert code == 2 and "nope.pt does not exist" in out
+
+
+def test_schema_is_json_with_every_field_described():
+    code, out = invoke("schema")
+    assert code == 0
+    schema = json.loads(out)
+    props = schema["properties"]
+    for key in ("max_steps", "device", "precision", "model", "optimizer", "grad_logging", "name", "out_dir"):
+        assert key in props and (props[key].get("description") or props[key].get("allOf")), key
+    assert schema.get("additionalProperties") is False
+
+
+def test_help_is_fast_because_torch_is_not_imported():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.argv = ['trainer', '--help']\n"
+         "from trainer.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"],
+        capture_output=True, text=True, cwd=ROOT)
+    assert "run" in proc.stdout and "check" in proc.stdout and "schema" in proc.stdout
+    assert proc.stdout.strip().endswith("NO-TORCH")
+
+
+def test_python_dash_m_is_the_same_program():
+    proc = cli("--help")
+    assert proc.returncode == 0 and "Exit codes" in proc.stdout
+
+
+# ------------------------------------------------------------------ errors a person can act on
+
+
+def assert_user_error(code, out, *needles):
+    assert code == 2, out
+    assert "Traceback" not in out
+    for needle in needles:
+        assert needle in out, f"{needle!r} not in {out!r}"
+
+
+def test_yaml_syntax_error_has_file_and_line(tmp_path):
+    cfg = write(tmp_path, BASE + "callbacks: [1, 2\n")
+    proc = cli("check", cfg)
+    assert_user_error(proc.returncode, proc.stderr, f"{cfg}:", "YAML syntax error")
+    line = int(proc.stderr.split(f"{cfg}:")[1].split(":")[0])
+    assert line >= line_of(cfg, "callbacks")
+
+
+@pytest.mark.parametrize("old,new,field,expected", [
+    ("max_steps: 4", "max_steps: ten", "max_steps", "valid integer"),
+    ("seed: 0", "seed: 0\ndevice: gpu", "device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ("seed: 0", "seed: 0\nprecision: fp8", "precision", "'fp32', 'bf16' or 'fp16'"),
+    ("batch_size: 16", "batch_size: -4", "batch_size", "greater than or equal to 1"),
+])
+def test_wrong_framework_field_points_at_its_line(tmp_path, old, new, field, expected):
+    cfg = write(tmp_path, with_line(BASE, old, new))
+    code, out = invoke("check", cfg)
+    bad_value = new.split(": ")[-1]
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, new.splitlines()[-1])}:", f"{field}: ", expected,
+                      f"found {bad_value}" if field == "batch_size" else f"found '{bad_value}'")
+
+
+def test_framework_errors_are_reported_without_importing_torch(tmp_path):
+    cfg = write(tmp_path, with_line(BASE, "max_steps: 4", "max_steps: ten"))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom trainer.cli import main\nsys.argv=['trainer','check',sys.argv[1]]\n"
+         "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)", str(cfg)],
+        capture_output=True, text=True, cwd=ROOT)
+    assert "exit 2 False" in proc.stdout
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    cfg = write(tmp_path, with_line(BASE, "max_steps: 4", "max_step: 4"))
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'max_step:')}:", "unknown key 'max_step'; did you mean 'max_steps'?")
+
+
+def test_unknown_nested_key_suggests_the_closest(tmp_path):
+    cfg = write(tmp_path, BASE + "grad_logging:\n  every_n_step: 5\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'every_n_step:')}:", "grad_logging.every_n_step",
+                      "did you mean 'every_n_steps'?")
+
+
+def test_component_argument_of_the_wrong_type_points_at_its_own_line(tmp_path):
+    cfg = write(tmp_path, with_line(BASE, "lr: 0.1", "lr: abc"))
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'lr: abc')}:", "optimizer.lr:", "found 'abc'")
+
+
+def test_error_raised_by_the_target_names_the_component(tmp_path):
+    cfg = write(tmp_path, with_line(BASE, "lr: 0.1", "lr: -1"))
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'optimizer:') + 1}:", "optimizer:", "Invalid learning rate: -1")
+
+
+def test_target_module_that_does_not_exist(tmp_path):
+    cfg = write(tmp_path, with_line(BASE, "_target_: torch.optim.SGD", "_target_: torch.optimm.SGD"))
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'torch.optimm')}:", "optimizer._target_",
+                      "cannot import 'torch.optimm.SGD'", "did you mean 'torch.optim'?")
+
+
+def test_target_attribute_that_does_not_exist(tmp_path):
+    cfg = write(tmp_path, with_line(BASE, "_target_: torch.optim.SGD", "_target_: torch.optim.SDG"))
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'torch.optim.SDG')}:", "has no attribute 'SDG'",
+                      "did you mean 'torch.optim.SGD'?")
+
+
+def test_argument_the_target_does_not_take(tmp_path):
+    cfg = write(tmp_path, with_line(BASE, "  hidden: 8", "  hiden: 8"))
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'hiden')}:", "model.hiden",
+                      "takes no argument 'hiden'; did you mean 'hidden'?")
+
+
+def test_missing_empty_and_non_mapping_files(tmp_path):
+    code, out = invoke("check", tmp_path / "missing.yaml")
+    assert_user_error(code, out, "missing.yaml: config file not found")
+    code, out = invoke("check", write(tmp_path, "", "empty.yaml"))
+    assert_user_error(code, out, "empty.yaml: the file is empty")
+    code, out = invoke("check", write(tmp_path, "- a\n- b\n", "list.yaml"))
+    assert_user_error(code, out, "list.yaml:1:1: the top level is a list")
+
+
+def test_missing_sections(tmp_path):
+    cfg = write(tmp_path, "max_steps: 3\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, "missing required section 'model'")
+
+
+def test_cuda_requested_on_a_machine_without_it(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = write(tmp_path, with_line(BASE, "seed: 0", "seed: 0\ndevice: cuda"))
+    proc = cli("run", cfg)
+    assert_user_error(proc.returncode, proc.stderr, f"{cfg}:{line_of(cfg, 'device: cuda')}:",
+                      "CUDA is not available")
+
+
+def test_override_of_a_key_that_does_not_exist(tmp_path):
+    cfg = write(tmp_path, BASE)
+    code, out = invoke("check", cfg, "max_step=3")
+    assert_user_error(code, out, "command line 'max_step=3'", "did you mean 'max_steps'?")
+    code, out = invoke("check", cfg, "optimizer.lrr=3")
+    assert_user_error(code, out, "command line 'optimizer.lrr=3'", "did you mean 'lr'?")
+    code, out = invoke("check", cfg, "nothing.here=3")
+    assert_user_error(code, out, "command line 'nothing.here=3'", "unknown key 'nothing'")
+    code, out = invoke("check", cfg, "max_steps")
+    assert_user_error(code, out, "an override is KEY=VALUE")
+
+
+def test_override_values_are_yaml_scalars(tmp_path):
+    cfg = write(tmp_path, BASE + "scheduler:\n  _target_: torch.optim.lr_scheduler.StepLR\n  step_size: 2\n")
+    code, out = invoke("check", cfg, "scheduler=null", "clip_grad_norm=1e0", "progress_bar=true")
+    assert code == 0, out
+    assert "scheduler: null" in out and "clip_grad_norm: 1.0" in out and "progress_bar: true" in out
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cfg = write(tmp_path, with_line(BASE, "lr: 0.1", "lr: -1"))
+    proc = cli("check", cfg, "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "Invalid learning rate" in proc.stderr
+
+
+def test_internal_failure_exits_one(tmp_path):
+    (tmp_path / "broken.py").write_text(textwrap.dedent("""\
+        from trainer import Trainer
+
+        class Broken(Trainer):
+            def on_fit_start(self):
+                raise KeyError("a bug in the user's code")
+        """))
+    write(tmp_path, "trainer: broken.Broken\n" + BASE)
+    proc = cli("run", "cfg.yaml", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "a bug in the user's code" in proc.stderr

@@ -1,0 +1,1 @@
+"""Models and data for the example configs in ``configs/``."""

@@ -1,0 +1,67 @@
+"""Mean teacher (Tarvainen & Valpola, 2017): a frozen EMA copy of the student guides it on
+unlabelled data. Target freezing in practice: ``frozen_copy`` builds the teacher, ``ema_update``
+moves it after every optimizer step, and it never receives a gradient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from trainer.modes import ema_update, frozen_copy
+from trainer.trainer import Trainer
+
+
+class MeanTeacherTrainer(Trainer):
+    """Batches are ``(x, y)`` with ``y = -1`` for unlabelled samples.
+
+    Loss: cross-entropy on the labelled samples plus ``consistency`` times the squared distance
+    between the student's and the teacher's class probabilities on all samples, each model seeing
+    its own noisy copy of the input. ``consistency: 0`` trains the student alone (the baseline).
+    """
+
+    def __init__(self, *args: Any, ema_decay: float = 0.99, consistency: float = 5.0, noise: float = 0.15,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be between 0 and 1, got {ema_decay}")
+        self.ema_decay, self.consistency, self.noise = ema_decay, consistency, noise
+        self.teacher = frozen_copy(self.module)
+
+    def training_step(self, batch):
+        x, y = batch
+        student = self.model(x + self.noise * torch.randn_like(x))
+        with torch.no_grad():
+            teacher = self.teacher(x + self.noise * torch.randn_like(x))
+        labelled = (y >= 0).float()
+        # Mean over the labelled samples only, without asking the host how many there are.
+        per_sample = F.cross_entropy(student, y.clamp(min=0), reduction="none") * labelled
+        supervised = per_sample.sum() / labelled.sum().clamp(min=1.0)
+        consistency = F.mse_loss(student.softmax(-1), teacher.softmax(-1))
+        return {"loss": supervised + self.consistency * consistency, "supervised": supervised,
+                "consistency": consistency}
+
+    def on_before_zero_grad(self, optimizer):
+        ema_update(self.teacher, self.module, self.ema_decay)
+
+    def validation_step(self, batch):
+        x, y = batch
+        student, teacher = self.model(x), self.teacher(x)
+        return {
+            "loss": F.cross_entropy(student, y),
+            "acc": (student.argmax(-1) == y).float().mean(),
+            "teacher_acc": (teacher.argmax(-1) == y).float().mean(),
+        }
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["teacher"] = self.teacher.state_dict()
+        return state
+
+    def load_checkpoint(self, source):
+        from trainer.checkpoint import load_checkpoint
+
+        state = source if isinstance(source, dict) else load_checkpoint(source)
+        super().load_checkpoint(state)
+        self.teacher.load_state_dict(state["teacher"])
