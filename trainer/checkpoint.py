@@ -84,6 +84,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written")
     try:
+        # torch.load does not verify the CRC32 that the zip format stores for every record; a flipped
+        # bit inside a tensor would load silently. Reading the file once more costs far less than
+        # resuming from corrupted weights.
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupted: record {bad} fails its CRC32 check")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):

@@ -98,14 +98,27 @@ def run(
                 )
             shutil.rmtree(run_dir)
         from trainer.build import build
-        from trainer.checkpoint import find_resume_checkpoint
+        from trainer.checkpoint import CheckpointError, find_resume_checkpoint
+        from trainer.metrics import truncate_metrics
 
-        resume_from = find_resume_checkpoint(run_dir, resume) if resume is not None else None
+        try:
+            resume_from = find_resume_checkpoint(run_dir, resume) if resume is not None else None
+        except CheckpointError as exc:
+            raise UserError(str(exc)) from None
         built = build(source, cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if built.trainer.is_main_process:
             (run_dir / "config.yaml").write_text(_resolved_yaml(cfg), encoding="utf-8")
-        built.trainer.fit(resume_from=resume_from)
+            if resume is not None:
+                # Records logged after the checkpoint are logged again, identically, by the resumed run.
+                truncate_metrics(run_dir, resume_from["trainer_state"]["global_step"] if resume_from else 0)
+        try:
+            built.trainer.fit(resume_from=resume_from)
+        except CheckpointError as exc:
+            raise UserError(str(exc)) from None
+        except FloatingPointError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
         _report(built.trainer, run_dir)
         if built.trainer.stopped_by_signal is not None:
             raise typer.Exit(128 + built.trainer.stopped_by_signal)

@@ -101,3 +101,28 @@ class CsvLogger:
 
     def close(self) -> None:
         pass
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step``."""
+    run_dir = Path(run_dir)
+    jsonl = run_dir / "metrics.jsonl"
+    if jsonl.exists():
+        kept = []
+        for line in jsonl.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError):  # a line cut off by a crash
+                continue
+        jsonl.write_text("".join(kept), encoding="utf-8")
+    table = run_dir / "metrics.csv"
+    if table.exists():
+        with table.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = [row for row in reader if row.get("step") and float(row["step"]) <= step]
+        with table.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)

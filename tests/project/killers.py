@@ -1,0 +1,89 @@
+"""Pieces of a user's project for the checkpoint tests: a Trainer whose steps draw from every
+random generator, and a callback that really kills its own process at a chosen point."""
+
+import io
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from trainer import Callback, Trainer
+
+
+class NoisyTrainer(Trainer):
+    """Draws from python's, numpy's and torch's generators every step (and dropout draws from torch's),
+    so a resume that forgets any one of their states diverges."""
+
+    def training_step(self, batch):
+        x, y = batch
+        x = x * (1.0 + 0.1 * random.random()) + 0.1 * float(np.random.randn())
+        return F.cross_entropy(self.model(x), y)
+
+
+class NaNTrainer(Trainer):
+    """The loss of optimizer step ``nan_step`` (1-based) is NaN."""
+
+    def __init__(self, *args, nan_step: int = 5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_step = nan_step
+
+    def training_step(self, batch):
+        loss = super().training_step(batch)
+        return loss * float("nan") if self.global_step + 1 == self.nan_step else loss
+
+
+class KillAt(Callback):
+    """Send ``signum`` to this process once (a marker file remembers it was done):
+
+    * ``mid_accum``: after the first micro-batch of optimizer step ``step + 1``;
+    * ``epoch_end``: when epoch ``step`` ends;
+    * ``during_save``: half-way through writing the checkpoint of step ``step``;
+    * ``after_step``: after optimizer step ``step``.
+    """
+
+    def __init__(self, where: str, step: int, marker: str, signum: int = int(signal.SIGKILL), twice: bool = False):
+        self.where, self.step, self.marker, self.signum, self.twice = where, step, Path(marker), signum, twice
+        if where == "during_save" and not self.marker.exists():
+            self._patch_save()
+
+    def _fire(self):
+        if self.marker.exists():
+            return
+        self.marker.touch()
+        os.kill(os.getpid(), self.signum)
+        if self.twice:
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer, outputs, batch):
+        accum = trainer.config.grad_accum_steps
+        if self.where == "mid_accum" and trainer.global_step == self.step and trainer.batch_in_epoch % accum == 1:
+            self._fire()
+        if self.where == "after_step" and trainer.global_step == self.step and trainer.batch_in_epoch % accum == 0:
+            self._fire()
+
+    def on_train_epoch_end(self, trainer):
+        if self.where == "epoch_end" and trainer.epoch == self.step:
+            self._fire()
+
+    def _patch_save(self):
+        real_save = torch.save
+        callback = self
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("trainer_state", {}).get("global_step") == callback.step:
+                buffer = io.BytesIO()
+                real_save(obj, buffer)
+                data = buffer.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                callback._fire()  # SIGKILL: never returns; another signal: the write goes on
+                f.write(data[len(data) // 2 :])
+                return None
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = save
