@@ -49,7 +49,7 @@ def build(workload: str, device: str):
         g = torch.Generator().manual_seed(1)
         pool = [(torch.randn(batch, sizes[0], generator=g).to(device),
                  torch.randint(0, sizes[-1], (batch,), generator=g).to(device)) for _ in range(100)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # what the config builder picks
     return model, optimizer, pool, steps, warm
 
 
@@ -63,19 +63,24 @@ def loss_fn(workload: str):
     return F.cross_entropy
 
 
-def raw_loop(model, optimizer, batches, loss_of, log: bool, progress: bool):
+def raw_loop(model, optimizer, batches, loss_of, log: bool, progress: bool, module=None, autocast=None):
     """The hand-written loop, doing the same bookkeeping the Trainer's variant does."""
+    import contextlib
+
     import torch
 
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    module = module if module is not None else model
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(batches), file=sys.stderr)
     running = None
-    named = list(model.named_parameters())
+    named = list(module.named_parameters())
     for step, (x, y) in enumerate(batches, start=1):
-        loss = loss_of(model(x), y)
+        with autocast:
+            loss = loss_of(model(x), y)
         loss.backward()
         if log and step % LOG_EVERY == 0:
             norms = torch.stack(torch._foreach_norm([p.grad for _, p in named]))
@@ -92,10 +97,15 @@ def raw_loop(model, optimizer, batches, loss_of, log: bool, progress: bool):
         bar.close()
 
 
-def child(kind: str, workload: str, variant: str, device: str) -> float:
+def child(kind: str, workload: str, variant: str, device: str, precision: str, compile_: bool) -> float:
+    import contextlib
+
     import torch
 
     torch.set_num_threads(1)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # what the Trainer turns on, for both sides
+        torch.backends.cudnn.allow_tf32 = True
     model, optimizer, pool, steps, warm = build(workload, device)
     loss_of = loss_fn(workload)
     batches = [pool[i % len(pool)] for i in range(steps)]
@@ -104,10 +114,17 @@ def child(kind: str, workload: str, variant: str, device: str) -> float:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     if kind == "raw":
-        raw_loop(model, optimizer, warm_batches, loss_of, log, progress)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+        forward = torch.compile(model) if compile_ else model
+
+        def run(data):
+            raw_loop(forward, optimizer, data, loss_of, log, progress, model, autocast)
+
+        run(warm_batches)
         sync()
         start = time.perf_counter()
-        raw_loop(model, optimizer, batches, loss_of, log, progress)
+        run(batches)
         sync()
         return (time.perf_counter() - start) / steps
 
@@ -116,14 +133,18 @@ def child(kind: str, workload: str, variant: str, device: str) -> float:
     def make(data):
         config = {
             "device": device, "max_steps": len(data), "progress_bar": False, "eval_every_n_epochs": None,
+            "precision": precision, "compile": compile_,
             "log_every_n_steps": LOG_EVERY if log else 10**9,
             "grad_logging": {"every_n_steps": LOG_EVERY, "per_layer": True} if log else {},
         }
         callbacks = [ProgressBar(force=True)] if progress else []
         return Trainer(model, optimizer, data, loss_fn=loss_of, callbacks=callbacks, config=config)
 
-    make(warm_batches).fit()
+    warm_trainer = make(warm_batches)
+    warm_trainer.fit()
     trainer = make(batches)
+    if compile_:
+        trainer.model = warm_trainer.model  # compiled once, as the raw loop does
     sync()
     start = time.perf_counter()
     trainer.fit()
@@ -131,13 +152,13 @@ def child(kind: str, workload: str, variant: str, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(workload: str, variant: str, repeats: int, device: str) -> dict:
+def measure(workload: str, variant: str, repeats: int, device: str, precision: str, compile_: bool) -> dict:
     times: dict[str, list[float]] = {"raw": [], "trainer": []}
     for _ in range(repeats):
         for kind in ("raw", "trainer"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", kind, "--workload", workload, "--variant", variant,
-                 "--device", device],
+                 "--device", device, "--precision", precision] + (["--compile"] if compile_ else []),
                 capture_output=True, text=True, check=True,
             )
             times[kind].append(float(out.stdout.strip().splitlines()[-1]))
@@ -152,19 +173,22 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, action="append")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     parser.add_argument("--child", choices=("raw", "trainer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(child(args.child, args.workload[0], args.variant[0], args.device))
+        print(child(args.child, args.workload[0], args.variant[0], args.device, args.precision, args.compile))
         return
     import platform
 
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"1 thread, device {args.device}, median of {args.repeats} interleaved runs")
+          f"1 thread, device {args.device}, {args.precision}{', compiled' if args.compile else ''}, "
+          f"median of {args.repeats} interleaved runs")
     print(f"{'workload':<9} {'variant':<9} {'raw us/step':>12} {'trainer us/step':>16} {'ratio':>7}")
     for workload in args.workload or [*WORKLOADS, "char_lm"]:
         for variant in args.variant or VARIANTS:
-            r = measure(workload, variant, args.repeats, args.device)
+            r = measure(workload, variant, args.repeats, args.device, args.precision, args.compile)
             extra = ""
             if workload == "char_lm":
                 tokens = (16 if args.device == "cpu" else 64) * 128

@@ -356,3 +356,37 @@ def test_too_many_consecutive_skips_become_an_error():
                   config=quiet(on_nonfinite="skip", max_consecutive_skips=3))
     with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match="4 steps in a row"):
         t.fit()
+
+
+def test_nan_on_the_device_path_with_a_fused_optimizer():
+    """The CUDA path, run on CPU: the step skips itself on the device (fused optimizer) and the
+    host finds out at the log point (here every step), naming the first bad step."""
+    sys.path.insert(0, str(PROJECT))
+    from killers import NaNTrainer
+
+    from trainer.nonfinite import NonFiniteGuard
+
+    def on_device(t, policy):
+        t._guard = NonFiniteGuard(policy, 10, t.optimizer, t.device, fp16=False, on_device=True)
+        return t
+
+    model = mlp(seed=2)
+    t = on_device(NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),
+                             loss_fn=F.cross_entropy, nan_step=5, config=quiet(on_nonfinite="error")), "error")
+    with pytest.raises(FloatingPointError, match="step 5: train/loss is nan; the optimizer skipped that step on the device"):
+        t.fit()
+    ref = mlp(seed=2)
+    Trainer(ref, torch.optim.SGD(ref.parameters(), lr=0.1, fused=True), batches(4, 4), loss_fn=F.cross_entropy,
+            config=quiet()).fit()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert not hasattr(t.optimizer, "found_inf")
+
+    model = mlp(seed=2)
+    t = on_device(NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),
+                             loss_fn=F.cross_entropy, nan_step=5, config=quiet(on_nonfinite="skip", log_every_n_steps=4)),
+                  "skip")
+    with pytest.warns(UserWarning, match="step 5: train/loss is nan; skipped"):
+        t.fit()
+    assert t.global_step == 8 and t.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

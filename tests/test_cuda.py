@@ -55,3 +55,62 @@ def test_list_of_cpu_batches_moves_to_cuda():
                 config=quiet(device="cuda"))
     t.fit()
     assert t.global_step == 3
+
+
+def test_no_host_sync_between_log_points():
+    """torch raises on any CPU-GPU sync inside the checked window: every step's forward, backward,
+    gradient logging, clipping, non-finite check and optimizer step, log points excepted."""
+    from trainer import Callback, ProgressBar
+
+    class SyncCheck(Callback):
+        def __init__(self):
+            self.checked = 0
+
+        def on_train_batch_start(self, trainer, batch):
+            if trainer.global_step >= 5:  # steady state
+                torch.cuda.set_sync_debug_mode("error")
+                self.checked += 1
+
+        def on_train_batch_end(self, trainer, outputs, batch):
+            torch.cuda.set_sync_debug_mode("default")  # the log point itself may sync, once
+
+    x, y = classification(4096)
+    model = mlp(sizes=(8, 256, 256, 3))
+    check = SyncCheck()
+    t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+                torch.utils.data.TensorDataset(x, y), loss_fn=F.cross_entropy,
+                callbacks=[check, ProgressBar(force=True)],
+                config=quiet(device="cuda", precision="bf16", max_steps=40, batch_size=64, log_every_n_steps=10,
+                             clip_grad_norm=1.0, grad_logging={"every_n_steps": 10, "per_layer": True},
+                             eval_every_n_epochs=None))
+    try:
+        assert t._guard.on_device
+        t.fit()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert check.checked == 35 and len(t.history) == 4
+
+
+def test_nan_is_skipped_on_the_device_and_reported_at_the_log_point():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "project"))
+    from killers import NaNTrainer
+
+    model = mlp()
+    t = NaNTrainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), batches(8, 8),
+                   loss_fn=F.cross_entropy, nan_step=3, config=quiet(device="cuda", log_every_n_steps=4))
+    with pytest.raises(FloatingPointError, match="step 3: train/loss is nan; the optimizer skipped that step"):
+        t.fit()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_compile_on_cuda():
+    x, y = classification(512)
+    model = mlp(sizes=(8, 64, 3))
+    t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), (x, y), loss_fn=F.cross_entropy,
+                config=quiet(device="cuda", precision="bf16", compile=True, max_steps=20, batch_size=32,
+                             log_every_n_steps=10))
+    t.fit()
+    assert t.history[0]["time/first_step_s"] > 0

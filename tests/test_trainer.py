@@ -486,3 +486,30 @@ def test_every_config_field_has_a_description():
     for model in (TrainerConfig, GradLoggingConfig, CheckpointConfig):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name}"
+
+
+def test_out_of_memory_is_reraised_with_what_to_try():
+    class Oom(Trainer):
+        def training_step(self, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = mlp()
+    t = Oom(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4),
+            config=quiet(batch_size=256, grad_accum_steps=2, precision="bf16"))
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        t.fit()
+    message = str(info.value)
+    assert "batch_size 256" in message and "grad_accum_steps 2" in message and "bf16" in message
+    assert "Try a smaller batch_size" in message and "Tried to allocate 2.00 GiB" in message
+
+
+@pytest.mark.slow
+def test_compile_trains_and_times_the_first_step_separately():
+    x, y = classification(64)
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                config=quiet(compile=True, batch_size=16, max_steps=4, log_every_n_steps=2))
+    t.fit()
+    assert t.history[0]["time/first_step_s"] > 0
+    assert "time/first_step_s" not in t.history[1]
+    assert t.model is not t.module and not any(k.startswith("_orig_mod") for k in t.state_dict()["model"])

@@ -117,13 +117,15 @@ def check_arguments(target: Any, kwargs: dict[str, Any], source: Source, path: P
     return checked
 
 
-def instantiate(component: Component, source: Source, path: Path_, *args: Any) -> Any:
-    """Import, check and call a component; nested ``{_target_: ...}`` arguments are built first."""
+def instantiate(component: Component, source: Source, path: Path_, *args: Any,
+                defaults: dict[str, Any] | None = None) -> Any:
+    """Import, check and call a component; nested ``{_target_: ...}`` arguments are built first.
+    ``defaults`` are keyword arguments the config did not set."""
     target = import_target(component.target, source, path + ("_target_",))
     label = component.target
     if not callable(target):
         raise source.at(path + ("_target_",), f"'{label}' is not callable")
-    kwargs = {}
+    kwargs = dict(defaults or {})
     for key, value in component.kwargs.items():
         if isinstance(value, dict) and "_target_" in value:
             value = instantiate(Component.model_validate(value), source, path + (key,))
@@ -149,6 +151,17 @@ def split_data(data: Any, source: Source) -> tuple[Any, Any]:
     if isinstance(data, tuple) and len(data) == 2 and not all(hasattr(d, "shape") for d in data):
         return data
     return data, None
+
+
+def _optimizer_defaults(component: Component, source: Source) -> dict[str, Any]:
+    """Fused kernels for the optimizers that have them (one kernel for all parameters instead of a
+    Python loop; about twice as fast for a small model on CPU), unless the config chose."""
+    import torch
+
+    target = import_target(component.target, source, ("optimizer", "_target_"))
+    fused_kinds = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+    chosen = {"fused", "foreach", "differentiable", "capturable"} & set(component.kwargs)
+    return {"fused": True} if target in fused_kinds and not chosen else {}
 
 
 @dataclass
@@ -195,7 +208,8 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     optimizer = scheduler = None
     if run.optimizer is not None:
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = instantiate(run.optimizer, source, ("optimizer",), params)
+        optimizer = instantiate(run.optimizer, source, ("optimizer",), params,
+                                defaults=_optimizer_defaults(run.optimizer, source))
         if run.scheduler is not None:
             scheduler = instantiate(run.scheduler, source, ("scheduler",), optimizer)
     elif run.scheduler is not None:

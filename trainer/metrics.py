@@ -37,21 +37,28 @@ class MetricBuffer:
     def __bool__(self) -> bool:
         return bool(self._pending)
 
-    def flush(self) -> dict[str, float]:
-        """All pending values as floats, with one device-to-host copy for all tensors."""
+    def flush(self, extra: torch.Tensor | None = None) -> tuple[dict[str, float], list[float] | None]:
+        """All pending values as floats, plus ``extra`` (a 1-d tensor) as a list, with a single
+        device-to-host copy for all of them."""
         pending, self._pending = self._pending, {}
         record: dict[str, float] = {}
-        tensors: list[tuple[str, torch.Tensor]] = []
+        names: list[str] = []
+        parts: list[torch.Tensor] = []
         for name, value in pending.items():
             if isinstance(value, torch.Tensor):
-                tensors.append((name, value.float().mean() if value.ndim else value.float()))
+                names.append(name)
+                parts.append((value.double().mean() if value.ndim else value.double()).reshape(1))
             else:
                 record[name] = float(value)
-        if tensors:
-            # note: CPU-GPU sync point, once per log interval
-            values = torch.stack([t.to(tensors[0][1].device) for _, t in tensors]).tolist()
-            record.update(zip((name for name, _ in tensors), values))
-        return record
+        if extra is not None:
+            parts.append(extra.double())
+        if not parts:
+            return record, None
+        device = parts[0].device
+        # note: CPU-GPU sync point, once per log interval
+        values = torch.cat([p.to(device) for p in parts]).tolist()
+        record.update(zip(names, values))
+        return record, (values[len(names):] if extra is not None else None)
 
 
 def _jsonable(value: float) -> float | str:

@@ -28,6 +28,7 @@ from trainer.device import Precision, enable_tf32, resolve_device, seed_everythi
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.metrics import CsvLogger, JsonlLogger, Logger, MetricBuffer
 from trainer.modes import detach, eval_mode
+from trainer.nonfinite import NonFiniteGuard
 from trainer.progress import ProgressBar
 
 
@@ -117,7 +118,6 @@ class Trainer:
         self.global_step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of the current epoch consumed
-        self.consecutive_skips = 0
         self.should_stop = False
         self.stop_reason: str | None = None
         self.stopped_by_signal: int | None = None
@@ -128,11 +128,14 @@ class Trainer:
         self._step_loss: torch.Tensor | None = None
         self._step_micro = 0
         self._loss_count = 0
-        self.skipped_steps = 0
+        self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizer, self.device,
+                                     fp16=cfg.precision == "fp16")
         self._samples = 0
         self._log_clock = time.perf_counter()
+        self._first_step_clock: float | None = None
 
         self._last_val_step: int | None = None
+        self._resumed_skips = (0, 0)
         self._source: EpochSource | None = None
         self._val_source: EpochSource | None = None
 
@@ -217,15 +220,22 @@ class Trainer:
         set_deterministic(cfg.deterministic)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        self._guard.start(self.global_step, *self._resumed_skips, log_every=cfg.log_every_n_steps)
         if self.run_dir is not None and not self.loggers and self.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.loggers = [JsonlLogger(self.run_dir / "metrics.jsonl"), CsvLogger(self.run_dir / "metrics.csv")]
 
         previous_handlers = self._install_signal_handlers()
+        # With compile: true the first step includes compilation; it is timed on its own.
+        self._first_step_clock = time.perf_counter() if cfg.compile else None
+        self._log_clock = time.perf_counter()
         self._call("on_fit_start")
         try:
-            while not self._done():
-                self._train_epoch()
+            try:
+                while not self._done():
+                    self._train_epoch()
+            except torch.OutOfMemoryError as exc:
+                raise torch.OutOfMemoryError(self._oom_message(exc)) from exc
             self._flush_logs()
             if self.val_data is not None and self._last_val_step != self.global_step and self.stopped_by_signal is None:
                 self._validate(epoch=self.epoch - (self.batch_in_epoch == 0))  # final metrics
@@ -303,34 +313,17 @@ class Trainer:
             self._validate(epoch=self.epoch - 1)  # tagged with the epoch it evaluates
 
     def _step(self) -> None:
-        """One optimizer step, unless the step's loss is not finite."""
+        """One optimizer step, unless the step's loss is not finite (see ``trainer.nonfinite``)."""
         step_loss, micro = self._step_loss, self._step_micro
         self._step_loss, self._step_micro = None, 0
-        # note: CPU-GPU sync point, one scalar per optimizer step, so that a NaN/Inf loss stops
-        # (or skips) the step before it reaches the weights.
-        value = step_loss.item()
-        if math.isfinite(value):
-            self.consecutive_skips = 0
-            self._loss_sum = step_loss if self._loss_sum is None else self._loss_sum + step_loss
-            self._loss_count += micro
-            self._optimizer_step()
+        if not self._guard.allow(step_loss, self.global_step + 1):  # host mode, policy skip
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1  # a skipped step still counts, so data and schedule stay aligned
             return
-        self.optimizer.zero_grad(set_to_none=True)
-        self.consecutive_skips += 1
-        step = self.global_step + 1
-        if self.config.on_nonfinite == "error":
-            raise FloatingPointError(
-                f"step {step}: train/loss is {value}; stopped before the optimizer step, the weights are those of "
-                f"step {self.global_step}. Lower the learning rate, set clip_grad_norm, or use on_nonfinite: skip"
-            )
-        if self.consecutive_skips > self.config.max_consecutive_skips:
-            raise FloatingPointError(
-                f"step {step}: train/loss was {value} for {self.consecutive_skips} steps in a row "
-                f"(max_consecutive_skips: {self.config.max_consecutive_skips}); stopping"
-            )
-        warnings.warn(f"step {step}: train/loss is {value}; skipped this optimizer step", stacklevel=2)
-        self.skipped_steps += 1
-        self.global_step += 1  # a skipped step still counts, so the data and schedule stay aligned
+        self._loss_sum = step_loss if self._loss_sum is None else self._loss_sum + step_loss
+        self._loss_count += micro
+        self._optimizer_step()
+        self._guard.done()
 
     def _optimizer_step(self) -> None:
         h = self._hooks
@@ -356,6 +349,12 @@ class Trainer:
         """Log, validate, checkpoint and decide whether to stop, at an optimizer-step boundary."""
         cfg = self.config
         step = self.global_step
+        if self._first_step_clock is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # note: CPU-GPU sync point, once, to time compilation
+            self.log("time/first_step_s", time.perf_counter() - self._first_step_clock)
+            self._first_step_clock = None
+            self._samples, self._log_clock = 0, time.perf_counter()  # throughput without the compile
         if step % cfg.log_every_n_steps == 0:
             self._flush_logs()
         if cfg.eval_every_n_steps and self.val_data is not None and step % cfg.eval_every_n_steps == 0:
@@ -365,6 +364,23 @@ class Trainer:
         elif cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
             self.save_checkpoint()
         return self._done()
+
+    def _oom_message(self, exc: BaseException) -> str:
+        cfg = self.config
+        figures = ""
+        if self.device.type == "cuda":
+            gib = 2**30
+            free, total = torch.cuda.mem_get_info(self.device)
+            figures = (f" On {torch.cuda.get_device_name(self.device)}: {total / gib:.1f} GiB in all, "
+                       f"{torch.cuda.memory_allocated(self.device) / gib:.1f} GiB allocated by tensors, "
+                       f"{torch.cuda.memory_reserved(self.device) / gib:.1f} GiB reserved, "
+                       f"peak {torch.cuda.max_memory_allocated(self.device) / gib:.1f} GiB, {free / gib:.1f} GiB free.")
+        hint = "precision: bf16" if cfg.precision == "fp32" else "a smaller model"
+        return (
+            f"out of memory at step {self.global_step + 1} with batch_size {cfg.batch_size} "
+            f"(x grad_accum_steps {cfg.grad_accum_steps}) in {cfg.precision}.{figures} Try a smaller batch_size with a "
+            f"larger grad_accum_steps (same effective batch), {hint}, or compile: true. ({str(exc).splitlines()[0]})"
+        )
 
     def _stop_on_signal(self) -> None:
         signum = self._signal
@@ -421,6 +437,11 @@ class Trainer:
                 if name != "loss":
                     self._metrics.put(f"train/{name}", extra)
 
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite loss (device mode: as of the last log point)."""
+        return self._guard.skipped
+
     def _flush_logs(self) -> None:
         if self._loss_sum is None and not self._metrics:
             return
@@ -429,7 +450,10 @@ class Trainer:
             self._metrics.put("train/loss", self._loss_sum / self._loss_count)
         lr = self.optimizer.param_groups[0]["lr"]
         self._metrics.put("lr", lr)
-        record.update(self._metrics.flush())  # note: CPU-GPU sync point
+        values, flags = self._metrics.flush(extra=self._guard.pending())  # note: CPU-GPU sync point
+        record.update(values)
+        if flags is not None:
+            self._guard.read(flags)
         now = time.perf_counter()
         record["samples_per_sec"] = self._samples / max(now - self._log_clock, 1e-9)
         if self.device.type == "cuda":
@@ -463,8 +487,8 @@ class Trainer:
                 "global_step": self.global_step,
                 "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch,
-                "consecutive_skips": self.consecutive_skips,
-                "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self._guard.consecutive,
+                "skipped_steps": self._guard.skipped,
                 # the log interval in progress, so the next logged train/loss is the same number
                 "loss_sum": loss_sum,
                 "loss_count": self._loss_count,
@@ -501,7 +525,7 @@ class Trainer:
             self.precision.scaler.load_state_dict(state["scaler"])
         ts = state["trainer_state"]
         self.global_step, self.epoch, self.batch_in_epoch = ts["global_step"], ts["epoch"], ts["batch_in_epoch"]
-        self.consecutive_skips, self.skipped_steps = ts["consecutive_skips"], ts["skipped_steps"]
+        self._resumed_skips = (ts["consecutive_skips"], ts["skipped_steps"])
         self._loss_count = ts["loss_count"]
         self._loss_sum = torch.tensor(ts["loss_sum"], device=self.device) if ts["loss_sum"] is not None else None
         saved_callbacks = state["callbacks"]
@@ -521,6 +545,7 @@ class Trainer:
             raise ValueError("save_checkpoint() needs a run_dir: Trainer(..., run_dir='runs/my-run')")
         if not self.is_main_process:
             return None
+        self._guard.flush()
         params = [p.detach() for p in self.module.parameters() if p.is_floating_point()]
         if params and not all(math.isfinite(n) for n in torch.stack(torch._foreach_norm(params)).tolist()):
             raise FloatingPointError(

@@ -1,0 +1,70 @@
+"""No host syncs between log points: every tensor-to-host conversion is counted over 20 steps."""
+
+import contextlib
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from helpers import classification, mlp
+from trainer import ProgressBar, Trainer
+from trainer.nonfinite import NonFiniteGuard
+
+CONVERSIONS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def count_conversions():
+    counts = {name: 0 for name in CONVERSIONS}
+    originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
+
+    def counting(name):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in CONVERSIONS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_at_most_one_conversion_per_log_point(accum):
+    x, y = classification(20 * 8 * accum)
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    config = {"max_steps": 20, "batch_size": 8, "grad_accum_steps": accum, "log_every_n_steps": 5,
+              "grad_logging": {"every_n_steps": 5, "per_layer": True}, "clip_grad_norm": 1.0,
+              "eval_every_n_epochs": None, "progress_bar": False}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    t = Trainer(model, optimizer, (x, y), loss_fn=F.cross_entropy, scheduler=scheduler,
+                callbacks=[ProgressBar(force=True)], config=config)
+    # The path a CUDA run with a fused optimizer takes (on CPU the Trainer reads the loss each step,
+    # which costs nothing there): the non-finite check stays on the device.
+    t._guard = NonFiniteGuard("error", 10, optimizer, t.device, fp16=False, on_device=True)
+    with count_conversions() as counts:
+        t.fit()
+    assert len(t.history) == 4
+    assert all("grad_norm/total" in r and "train/loss" in r for r in t.history)
+    assert counts["tolist"] >= 1  # the log points themselves are seen
+    assert sum(counts.values()) <= 4, counts
+
+
+def test_the_count_catches_a_per_step_read():
+    """The counter itself works: on the host path the Trainer reads the loss every step."""
+    x, y = classification(20 * 8)
+    model = mlp()
+    t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), (x, y), loss_fn=F.cross_entropy,
+                config={"max_steps": 20, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False,
+                        "eval_every_n_epochs": None})
+    with count_conversions() as counts:
+        t.fit()
+    assert counts["item"] >= 20
