@@ -513,3 +513,12 @@ def test_compile_trains_and_times_the_first_step_separately():
     assert t.history[0]["time/first_step_s"] > 0
     assert "time/first_step_s" not in t.history[1]
     assert t.model is not t.module and not any(k.startswith("_orig_mod") for k in t.state_dict()["model"])
+
+
+def test_resuming_at_the_end_of_an_epoch_yields_no_empty_batch():
+    from trainer.data import TensorSource
+
+    x, y = classification(32)
+    source = TensorSource((x, y), batch_size=8, seed=0, shuffle=True, device=torch.device("cpu"))
+    assert len(list(source.epoch(0, 4))) == 0
+    assert [len(b[0]) for b in source.epoch(0, 2)] == [8, 8]

@@ -96,7 +96,8 @@ def run(
                     f"{run_dir} already holds a run; continue it with --resume auto, replace it with --overwrite, "
                     f"or pick another name, e.g. name={cfg.name}-2"
                 )
-            shutil.rmtree(run_dir)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone touches the run directory
+                shutil.rmtree(run_dir)
         from trainer.build import build
         from trainer.checkpoint import CheckpointError, find_resume_checkpoint
         from trainer.metrics import truncate_metrics
@@ -112,6 +113,8 @@ def run(
             if resume is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
                 truncate_metrics(run_dir, resume_from["trainer_state"]["global_step"] if resume_from else 0)
+        from trainer import distributed
+
         try:
             built.trainer.fit(resume_from=resume_from)
         except CheckpointError as exc:
@@ -119,6 +122,7 @@ def run(
         except FloatingPointError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        distributed.shutdown()
         _report(built.trainer, run_dir)
         if built.trainer.stopped_by_signal is not None:
             raise typer.Exit(128 + built.trainer.stopped_by_signal)

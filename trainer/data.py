@@ -80,9 +80,11 @@ class ResumableSampler(Sampler[int]):
     ``start``: the number of this rank's indices already consumed, skipped without being read.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 pad: bool = True):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.pad = pad  # training pads so ranks take equal steps; evaluation must not count a sample twice
         self.epoch = 0
         self.start = 0
 
@@ -90,14 +92,16 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
+        if self.pad:
+            return math.ceil(self.n / self.world_size)
+        return len(range(self.rank, self.n, self.world_size))
 
     def indices(self) -> torch.Tensor:
         """This rank's remaining indices of the current epoch, as a tensor."""
         order = epoch_permutation(self.n, self.seed, self.epoch, self.shuffle)
         if self.world_size > 1:
-            total = len(self) * self.world_size
-            if total > self.n:
+            total = math.ceil(self.n / self.world_size) * self.world_size
+            if total > self.n and self.pad:
                 order = torch.cat([order, order[: total - self.n]])
             order = order[self.rank :: self.world_size]
         return order[self.start :]
@@ -121,9 +125,9 @@ class EpochSource:
 
 class LoaderSource(EpochSource):
     def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, seed: int,
-                 shuffle: bool, pin_memory: bool, rank: int = 0, world_size: int = 1):
+                 shuffle: bool, pin_memory: bool, rank: int = 0, world_size: int = 1, pad: bool = True):
         self.batch_size = batch_size
-        self.sampler = ResumableSampler(len(dataset), seed, shuffle, rank, world_size)
+        self.sampler = ResumableSampler(len(dataset), seed, shuffle, rank, world_size, pad)
         self.seed = seed
         self.generator = torch.Generator()
         self.loader = DataLoader(
@@ -153,7 +157,8 @@ class TensorSource(EpochSource):
     no collate. Produces the same batches, in the same order, as ``LoaderSource``."""
 
     def __init__(self, tensors: tuple[torch.Tensor, ...] | dict[str, torch.Tensor], *, batch_size: int,
-                 seed: int, shuffle: bool, device: torch.device, rank: int = 0, world_size: int = 1):
+                 seed: int, shuffle: bool, device: torch.device, rank: int = 0, world_size: int = 1,
+                 pad: bool = True):
         values = list(tensors.values()) if isinstance(tensors, dict) else list(tensors)
         lengths = {t.shape[0] for t in values}
         if len(lengths) != 1:
@@ -162,7 +167,7 @@ class TensorSource(EpochSource):
         self.tensors = [t.to(device) for t in values]
         self.device = device
         self.batch_size = batch_size
-        self.sampler = ResumableSampler(lengths.pop(), seed, shuffle, rank, world_size)
+        self.sampler = ResumableSampler(lengths.pop(), seed, shuffle, rank, world_size, pad)
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -170,6 +175,8 @@ class TensorSource(EpochSource):
     def epoch(self, epoch: int, skip: int) -> Iterator[Any]:
         self.sampler.set_epoch(epoch, skip * self.batch_size)
         order = self.sampler.indices().to(self.device)
+        if not len(order):  # resumed at the end of the epoch (split would yield one empty batch)
+            return
         for index in order.split(self.batch_size):
             batch = [t[index] for t in self.tensors]
             yield dict(zip(self.keys, batch)) if self.keys is not None else batch
@@ -214,15 +221,16 @@ def is_tensor_data(data: Any) -> bool:
 
 
 def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuffle: bool,
-                device: torch.device, rank: int = 0, world_size: int = 1) -> EpochSource:
-    """Pick the fastest source that keeps the seeded order and exact resume."""
+                device: torch.device, rank: int = 0, world_size: int = 1, pad: bool = True) -> EpochSource:
+    """Pick the fastest source that keeps the seeded order and exact resume. Under torchrun each
+    rank gets its share of every epoch (``pad``: equal shares, repeating a few samples)."""
     if is_tensor_data(data) and num_workers == 0:
         tensors = data.tensors if isinstance(data, TensorDataset) else data
         return TensorSource(tensors, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                            device=device, rank=rank, world_size=world_size)
+                            device=device, rank=rank, world_size=world_size, pad=pad)
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset) and hasattr(data, "__len__"):
         return LoaderSource(data, batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
-                            pin_memory=device.type == "cuda", rank=rank, world_size=world_size)
+                            pin_memory=device.type == "cuda", rank=rank, world_size=world_size, pad=pad)
     if isinstance(data, torch.utils.data.IterableDataset):
         return IterableSource(DataLoader(data, batch_size=batch_size, num_workers=num_workers))
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):

@@ -11,10 +11,15 @@ import torch
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """Turn 'auto' | 'cpu' | 'cuda' | 'cuda:N' into a device that exists, or say what does."""
+def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
+    """Turn 'auto' | 'cpu' | 'cuda' | 'cuda:N' into a device that exists, or say what does.
+
+    Under torchrun (``local_rank`` given) 'auto' and 'cuda' mean this process's own GPU, cuda:LOCAL_RANK.
+    """
     if spec == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = "cuda"
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
@@ -25,7 +30,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
                 f"(torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none'}); "
                 "use device: cpu or device: auto"
             )
-        index = int(spec.split(":", 1)[1]) if ":" in spec else torch.cuda.current_device()
+        if ":" in spec:
+            index = int(spec.split(":", 1)[1])
+        else:
+            index = local_rank if local_rank is not None else torch.cuda.current_device()
         if index >= count:
             raise ValueError(
                 f"device {spec!r} was requested but this machine has {count} CUDA device(s): "

@@ -37,14 +37,15 @@ class MetricBuffer:
     def __bool__(self) -> bool:
         return bool(self._pending)
 
-    def flush(self, extra: torch.Tensor | None = None) -> tuple[dict[str, float], list[float] | None]:
+    def flush(self, extra: torch.Tensor | None = None, reduce: Any = None) -> tuple[dict[str, float], list[float] | None]:
         """All pending values as floats, plus ``extra`` (a 1-d tensor) as a list, with a single
-        device-to-host copy for all of them."""
+        device-to-host copy for all of them. ``reduce`` (e.g. a mean over ranks) is applied to the
+        tensor values first; they are taken in name order, the same on every rank."""
         pending, self._pending = self._pending, {}
         record: dict[str, float] = {}
         names: list[str] = []
         parts: list[torch.Tensor] = []
-        for name, value in pending.items():
+        for name, value in sorted(pending.items()):
             if isinstance(value, torch.Tensor):
                 names.append(name)
                 parts.append((value.double().mean() if value.ndim else value.double()).reshape(1))
@@ -56,7 +57,8 @@ class MetricBuffer:
             return record, None
         device = parts[0].device
         # note: CPU-GPU sync point, once per log interval
-        values = torch.cat([p.to(device) for p in parts]).tolist()
+        joined = torch.cat([p.to(device) for p in parts])
+        values = (reduce(joined) if reduce is not None else joined).tolist()
         record.update(zip(names, values))
         return record, (values[len(names):] if extra is not None else None)
 

@@ -16,7 +16,7 @@ class ProgressBar(Callback):
         self.bar = None
 
     def on_fit_start(self, trainer) -> None:
-        if not (self.force or sys.stderr.isatty()):
+        if not trainer.is_main_process or not (self.force or sys.stderr.isatty()):
             return
         from tqdm.auto import tqdm
 

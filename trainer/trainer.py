@@ -8,6 +8,7 @@ hooks listed in ``trainer.hooks``. A subclass overrides a step (``training_step`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -19,8 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from trainer import checkpoint as ckpt
+from trainer import distributed
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig
 from trainer.data import EpochSource, batch_size_of, make_source, to_device
@@ -73,21 +76,29 @@ class Trainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         cfg = self.config
 
-        self.device = resolve_device(cfg.device)
+        self.layout = distributed.from_env()  # rank 0 of 1 outside torchrun
+        self.device = resolve_device(cfg.device, self.layout.local_rank if self.layout.enabled else None)
         self.precision = Precision(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             enable_tf32()
+        distributed.init(self.layout, self.device)
 
         self.module = model.to(self.device)  # the plain module: state_dict, evaluation
-        self.model = torch.compile(self.module) if cfg.compile else self.module  # what steps call
+        self._ddp: DistributedDataParallel | None = None
+        if self.layout.enabled:
+            self._ddp = DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        stepped = self._ddp if self._ddp is not None else self.module
+        self.model = torch.compile(stepped) if cfg.compile else stepped  # what training steps call
         self.loss_fn = loss_fn
         self.train_data = train_data
         self.val_data = val_data
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if cfg.checkpoint.every_n_steps and self.run_dir is None:
             raise ValueError("checkpoint.every_n_steps needs a run_dir: Trainer(..., run_dir='runs/my-run')")
-        self.is_main_process = True
+        self.is_main_process = self.layout.rank == 0  # writes files, shows progress
         self.resolved_config: dict[str, Any] = cfg.model_dump(mode="json")  # saved in checkpoints
 
         self.optimizer = optimizer
@@ -269,6 +280,8 @@ class Trainer:
         autocast = self.precision.autocast
         scale = self.precision.scaler.scale
         non_blocking = self.device.type == "cuda"
+        no_sync = self._ddp.no_sync if self._ddp is not None and accum > 1 else None
+        nullcontext = contextlib.nullcontext()
         try:
             epoch_len: int | None = len(self._source)
         except TypeError:
@@ -290,7 +303,9 @@ class Trainer:
                 )
             for fn in h["on_before_backward"]:
                 fn(self, loss)
-            self.backward(scale(loss / accum if accum > 1 else loss))
+            # Under DDP the micro-batches before the step skip the gradient all-reduce.
+            with no_sync() if no_sync is not None and not step_now else nullcontext:
+                self.backward(scale(loss / accum if accum > 1 else loss))
             self._track(loss, outputs, batch)
             if step_now:
                 self._step()
@@ -316,7 +331,10 @@ class Trainer:
         """One optimizer step, unless the step's loss is not finite (see ``trainer.nonfinite``)."""
         step_loss, micro = self._step_loss, self._step_micro
         self._step_loss, self._step_micro = None, 0
-        if not self._guard.allow(step_loss, self.global_step + 1):  # host mode, policy skip
+        # Under DDP the ranks' losses differ but their all-reduced gradients agree: checking the
+        # gradient norm makes every rank take the same decision without a collective.
+        checked = step_loss if self._ddp is None else self._grad_norm()
+        if not self._guard.allow(checked, self.global_step + 1):  # host mode, policy skip
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1  # a skipped step still counts, so data and schedule stay aligned
             return
@@ -324,6 +342,10 @@ class Trainer:
         self._loss_count += micro
         self._optimizer_step()
         self._guard.done()
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
     def _optimizer_step(self) -> None:
         h = self._hooks
@@ -355,15 +377,28 @@ class Trainer:
             self.log("time/first_step_s", time.perf_counter() - self._first_step_clock)
             self._first_step_clock = None
             self._samples, self._log_clock = 0, time.perf_counter()  # throughput without the compile
-        if step % cfg.log_every_n_steps == 0:
+        log_point = step % cfg.log_every_n_steps == 0
+        if log_point:
             self._flush_logs()
         if cfg.eval_every_n_steps and self.val_data is not None and step % cfg.eval_every_n_steps == 0:
             self._validate(epoch=self.epoch)
-        if self._signal is not None:
+        save_point = bool(cfg.checkpoint.every_n_steps) and step % cfg.checkpoint.every_n_steps == 0
+        if self._agreed_signal(log_point or save_point):
             self._stop_on_signal()
-        elif cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
+        elif save_point:
             self.save_checkpoint()
         return self._done()
+
+    def _agreed_signal(self, collective_ok: bool) -> int | None:
+        """The signal to stop for. Alone: as soon as it arrives. Under torchrun all ranks must stop at the
+        same step, so they agree at log points and checkpoint steps, where a collective is affordable."""
+        if not self.layout.enabled:
+            return self._signal
+        if not collective_ok:
+            return None
+        agreed = distributed.all_max(self._signal or 0, self.device)
+        self._signal = agreed or None
+        return self._signal
 
     def _oom_message(self, exc: BaseException) -> str:
         cfg = self.config
@@ -419,7 +454,7 @@ class Trainer:
             cfg = self.config
             self._source = make_source(
                 self.train_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                shuffle=True, device=self.device,
+                shuffle=True, device=self.device, rank=self.layout.rank, world_size=self.layout.world_size,
             )
         return self._source
 
@@ -450,7 +485,8 @@ class Trainer:
             self._metrics.put("train/loss", self._loss_sum / self._loss_count)
         lr = self.optimizer.param_groups[0]["lr"]
         self._metrics.put("lr", lr)
-        values, flags = self._metrics.flush(extra=self._guard.pending())  # note: CPU-GPU sync point
+        values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=self._mean_over_ranks)
+        # (note: the flush is the CPU-GPU sync point of the log interval)
         record.update(values)
         if flags is not None:
             self._guard.read(flags)
@@ -460,6 +496,11 @@ class Trainer:
             record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._loss_sum, self._loss_count, self._samples, self._log_clock = None, 0, 0, now
         self._emit(record)
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Logged values averaged over ranks: one collective per log point, none per step."""
+        world = distributed.world_size()
+        return distributed.all_sum(values) / world if world > 1 else values
 
     def _emit(self, record: dict[str, float]) -> None:
         self.history.append(record)
@@ -543,17 +584,21 @@ class Trainer:
         """Write ``<run_dir>/checkpoints/step-<step>.pt`` atomically and rotate old ones (main process only)."""
         if self.run_dir is None:
             raise ValueError("save_checkpoint() needs a run_dir: Trainer(..., run_dir='runs/my-run')")
-        if not self.is_main_process:
-            return None
         self._guard.flush()
+        if not self.is_main_process:
+            distributed.barrier()  # rank 0 writes; the others wait so no rank runs ahead of the file
+            return None
         params = [p.detach() for p in self.module.parameters() if p.is_floating_point()]
         if params and not all(math.isfinite(n) for n in torch.stack(torch._foreach_norm(params)).tolist()):
             raise FloatingPointError(
                 f"step {self.global_step}: the weights hold NaN/Inf; refusing to write a checkpoint of them"
             )
         directory = self.run_dir / "checkpoints"
-        path = ckpt.save_checkpoint(self.state_dict(), directory / ckpt.checkpoint_name(self.global_step))
-        ckpt.rotate(directory, self.config.checkpoint.keep_last)
+        try:
+            path = ckpt.save_checkpoint(self.state_dict(), directory / ckpt.checkpoint_name(self.global_step))
+            ckpt.rotate(directory, self.config.checkpoint.keep_last)
+        finally:
+            distributed.barrier()
         return path
 
     # ----------------------------------------------------------------- evaluation
@@ -566,35 +611,44 @@ class Trainer:
         if data is None and self.val_data is None:
             raise ValueError("evaluate() needs data: evaluate(data) or Trainer(..., val_data=...)")
         cfg = self.config
+        # Under torchrun each rank evaluates its own share, no sample twice (no padding).
+        shard = {"rank": self.layout.rank, "world_size": self.layout.world_size, "pad": False}
         if data is None:
             if self._val_source is None:
                 self._val_source = make_source(
                     self.val_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                    shuffle=False, device=self.device,
+                    shuffle=False, device=self.device, **shard,
                 )
             source = self._val_source
         else:
             source = make_source(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                                 shuffle=False, device=self.device)
+                                 shuffle=False, device=self.device, **shard)
         self._call("on_validation_start")
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        with eval_mode(self.module), self.precision.autocast:
-            for batch in source.epoch(0, 0):
-                batch = to_device(batch, self.device, self.device.type == "cuda")
-                out = self.validation_step(batch)
-                if not isinstance(out, dict):
-                    raise TypeError(f"validation_step must return a dict of metric tensors, got {_describe(out)}")
-                n = batch_size_of(batch)
-                for name, value in out.items():
-                    value = torch.as_tensor(value, device=self.device).float().mean() * n
-                    sums[name] = sums[name] + value if name in sums else value
-                count += n
+        # DDP's forward would synchronise buffers across ranks; evaluation runs on the plain module.
+        stepped, self.model = self.model, (self.module if self._ddp is not None else self.model)
+        try:
+            with eval_mode(self.module), self.precision.autocast:
+                for batch in source.epoch(0, 0):
+                    batch = to_device(batch, self.device, self.device.type == "cuda")
+                    out = self.validation_step(batch)
+                    if not isinstance(out, dict):
+                        raise TypeError(f"validation_step must return a dict of metric tensors, got {_describe(out)}")
+                    n = batch_size_of(batch)
+                    for name, value in out.items():
+                        value = torch.as_tensor(value, device=self.device).double().mean() * n
+                        sums[name] = sums[name] + value if name in sums else value
+                    count += n
+        finally:
+            self.model = stepped
         metrics: dict[str, float] = {}
         if sums:
-            # note: CPU-GPU sync point, once per evaluation
-            values = torch.stack(list(sums.values())).tolist()
-            metrics = {f"val/{name}": v / count for name, v in zip(sums, values)}
+            names = sorted(sums)  # the same order on every rank
+            # Exact over ranks: sums and counts, not a mean of means.
+            totals = distributed.all_sum(torch.stack([sums[n] for n in names] + [sums[names[0]].new_tensor(count)]))
+            *values, total = totals.tolist()  # note: CPU-GPU sync point, once per evaluation
+            metrics = {f"val/{name}": v / total for name, v in zip(names, values)}
         self._call("on_validation_end", metrics)
         return metrics
 

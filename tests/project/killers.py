@@ -87,3 +87,16 @@ class KillAt(Callback):
             return real_save(obj, f, *args, **kwargs)
 
         torch.save = save
+
+
+class FailOnRank(Trainer):
+    """Rank ``rank`` raises at optimizer step ``step``; the others carry on into the next collective."""
+
+    def __init__(self, *args, rank: int = 1, step: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_rank, self.fail_step = rank, step
+
+    def training_step(self, batch):
+        if self.layout.rank == self.fail_rank and self.global_step + 1 == self.fail_step:
+            raise RuntimeError(f"rank {self.fail_rank} fails at step {self.fail_step}")
+        return super().training_step(batch)
