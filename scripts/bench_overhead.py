@@ -98,11 +98,13 @@ def raw_loop(model, optimizer, batches, loss_of, log: bool, progress: bool, modu
 
 
 def child(kind: str, workload: str, variant: str, device: str, precision: str, compile_: bool) -> float:
-    import contextlib
+    import os
 
     import torch
 
     torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {os.cpu_count() - 1})  # every measurement on the same core
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # what the Trainer turns on, for both sides
         torch.backends.cudnn.allow_tf32 = True
@@ -114,6 +116,8 @@ def child(kind: str, workload: str, variant: str, device: str, precision: str, c
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     if kind == "raw":
+        import contextlib
+
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
         forward = torch.compile(model) if compile_ else model
@@ -154,8 +158,8 @@ def child(kind: str, workload: str, variant: str, device: str, precision: str, c
 
 def measure(workload: str, variant: str, repeats: int, device: str, precision: str, compile_: bool) -> dict:
     times: dict[str, list[float]] = {"raw": [], "trainer": []}
-    for _ in range(repeats):
-        for kind in ("raw", "trainer"):
+    for i in range(repeats):
+        for kind in ("raw", "trainer") if i % 2 == 0 else ("trainer", "raw"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", kind, "--workload", workload, "--variant", variant,
                  "--device", device, "--precision", precision] + (["--compile"] if compile_ else []),
@@ -163,8 +167,10 @@ def measure(workload: str, variant: str, repeats: int, device: str, precision: s
             )
             times[kind].append(float(out.stdout.strip().splitlines()[-1]))
     raw, trainer = statistics.median(times["raw"]), statistics.median(times["trainer"])
+    # Each pair ran back to back, so its ratio cancels most of the machine's slow drift.
+    ratios = sorted(t / r for t, r in zip(times["trainer"], times["raw"]))
     return {"workload": workload, "variant": variant, "raw_us": raw * 1e6, "trainer_us": trainer * 1e6,
-            "ratio": trainer / raw}
+            "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
 
 
 def main() -> None:
@@ -182,10 +188,11 @@ def main() -> None:
         return
     import platform
 
+    print(f"# ratio: median of the per-pair ratios (trainer/raw, each pair back to back); pairs: their range")
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, "
           f"1 thread, device {args.device}, {args.precision}{', compiled' if args.compile else ''}, "
           f"median of {args.repeats} interleaved runs")
-    print(f"{'workload':<9} {'variant':<9} {'raw us/step':>12} {'trainer us/step':>16} {'ratio':>7}")
+    print(f"{'workload':<9} {'variant':<9} {'raw us/step':>12} {'trainer us/step':>16} {'ratio':>7} {'pairs':>13}")
     for workload in args.workload or [*WORKLOADS, "char_lm"]:
         for variant in args.variant or VARIANTS:
             r = measure(workload, variant, args.repeats, args.device, args.precision, args.compile)
@@ -193,8 +200,9 @@ def main() -> None:
             if workload == "char_lm":
                 tokens = (16 if args.device == "cpu" else 64) * 128
                 extra = f"  tokens/s raw {tokens / r['raw_us'] * 1e6:,.0f} trainer {tokens / r['trainer_us'] * 1e6:,.0f}"
-            print(f"{workload:<9} {variant:<9} {r['raw_us']:>12.1f} {r['trainer_us']:>16.1f} {r['ratio']:>7.3f}{extra}",
-                  flush=True)
+            spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+            print(f"{workload:<9} {variant:<9} {r['raw_us']:>12.1f} {r['trainer_us']:>16.1f} {r['ratio']:>7.3f} "
+                  f"{spread:>13}{extra}", flush=True)
             print(json.dumps(r), file=sys.stderr)
 
 

@@ -372,3 +372,15 @@ def test_internal_failure_exits_one(tmp_path):
     proc = cli("run", "cfg.yaml", cwd=tmp_path)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "a bug in the user's code" in proc.stderr
+
+
+def test_loggers_tensorboard_from_yaml(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = write(tmp_path, BASE + f"out_dir: {tmp_path / 'runs'}\nloggers: [tensorboard]\n")
+    code, out = invoke("run", cfg)
+    assert code == 0, out
+    run_dir = tmp_path / "runs" / "t"
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "metrics.jsonl").exists()
+    code, out = invoke("check", write(tmp_path, BASE + "loggers: [tensorbord]\n", "bad.yaml"))
+    assert_user_error(code, out, "loggers[0]", "'tensorboard'")

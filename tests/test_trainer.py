@@ -522,3 +522,17 @@ def test_resuming_at_the_end_of_an_epoch_yields_no_empty_batch():
     source = TensorSource((x, y), batch_size=8, seed=0, shuffle=True, device=torch.device("cpu"))
     assert len(list(source.epoch(0, 4))) == 0
     assert [len(b[0]) for b in source.epoch(0, 2)] == [8, 8]
+
+
+def test_extra_metrics_are_means_over_the_interval_like_the_loss():
+    class WithExtra(Trainer):
+        def training_step(self, batch):
+            x, y = batch
+            loss = F.cross_entropy(self.model(x), y)
+            return {"loss": loss, "same": loss * 1.0}
+
+    model = mlp()
+    t = WithExtra(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(6, 8), config=quiet(log_every_n_steps=3))
+    t.fit()
+    for record in t.history:
+        assert record["train/same"] == pytest.approx(record["train/loss"], rel=1e-6)

@@ -19,6 +19,12 @@ _EXPORTS = {
     "GradLoggingConfig": "trainer.config",
     "CheckpointConfig": "trainer.config",
     "GradNormLogger": "trainer.callbacks",
+    "EarlyStopping": "trainer.callbacks",
+    "BestCheckpoints": "trainer.callbacks",
+    "EMAWeights": "trainer.callbacks",
+    "ThroughputMonitor": "trainer.callbacks",
+    "WarmupDecay": "trainer.schedules",
+    "TensorBoardLogger": "trainer.tensorboard",
     "ProgressBar": "trainer.progress",
     "eval_mode": "trainer.modes",
     "detach": "trainer.modes",
@@ -52,7 +58,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from trainer.callbacks import GradNormLogger
+    from trainer.callbacks import BestCheckpoints, EarlyStopping, EMAWeights, GradNormLogger, ThroughputMonitor
+    from trainer.schedules import WarmupDecay
+    from trainer.tensorboard import TensorBoardLogger
     from trainer.config import CheckpointConfig, GradLoggingConfig, TrainerConfig
     from trainer.data import to_device
     from trainer.device import Precision, resolve_device, seed_everything

@@ -220,10 +220,21 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
             "{_target_: torch.optim.AdamW, lr: 1.0e-3}, or define configure_optimizers() in your Trainer subclass"
         )
     callbacks = [instantiate(c, source, ("callbacks", i)) for i, c in enumerate(run.callbacks)]
+    loggers = []
+    for i, spec in enumerate(run.loggers if run_dir is not None else []):
+        if spec == "tensorboard":
+            from trainer.tensorboard import TensorBoardLogger
+
+            try:
+                loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
+            except ImportError as exc:
+                raise source.at(("loggers", i), str(exc)) from None
+        else:
+            loggers.append(instantiate(spec, source, ("loggers", i), run_dir))
     try:
         trainer = trainer_cls(
             model, optimizer, train_data, val_data, loss_fn=loss_fn, scheduler=scheduler, callbacks=callbacks,
-            config=trainer_config(run), run_dir=run_dir, **trainer_kwargs,
+            config=trainer_config(run), run_dir=run_dir, loggers=loggers, **trainer_kwargs,
         )
     except (TypeError, ValueError) as exc:
         raise source.at(("trainer",), f"building {trainer_path} failed: {exc}") from exc

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 
+from trainer import checkpoint as ckpt
 from trainer.hooks import Callback
+from trainer.modes import ema_update, frozen_copy
 
 
 class GradNormLogger(Callback):
@@ -51,3 +54,176 @@ class GradNormLogger(Callback):
             f"step {int(record['step'])}: gradient norm is {total}; first non-finite gradient: {bad}",
             stacklevel=2,
         )
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` evaluations.
+
+    The run ends at the optimizer-step boundary after that evaluation, with its final checkpoint,
+    and ``trainer.stop_reason`` says why.
+    """
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if patience < 1 or min_delta < 0:
+            raise ValueError(f"patience must be >= 1 and min_delta >= 0, got {patience} and {min_delta}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best: float | None = None
+        self.best_step = 0
+        self.wait = 0
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return math.isfinite(value)
+        return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+
+    def on_validation_end(self, trainer, metrics: dict[str, float]) -> None:
+        value = _monitored(metrics, self.monitor, "EarlyStopping")
+        if self._improved(value):
+            self.best, self.best_step, self.wait = value, trainer.global_step, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            trainer.should_stop = True
+            trainer.stop_reason = (
+                f"early stopping: {self.monitor} did not improve by more than {self.min_delta} for "
+                f"{self.patience} evaluations (best {self.best:.6g} at step {self.best_step})"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step, self.wait = state["best"], state["best_step"], state["wait"]
+
+
+def _monitored(metrics: dict[str, float], monitor: str, who: str) -> float:
+    if monitor not in metrics:
+        raise KeyError(f"{who} monitors {monitor!r}, but validation reported {sorted(metrics) or 'nothing'}")
+    return metrics[monitor]
+
+
+class BestCheckpoints(Callback):
+    """Keep the ``top_k`` checkpoints by ``monitor`` beside the periodic ones, as
+    ``checkpoints/best-step-<step>-<metric>=<value>.pt``, with ``checkpoints/best.pt`` a hard link to
+    the best of them. Each is a complete checkpoint: ``--resume`` takes it like any other."""
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", top_k: int = 1):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.monitor, self.mode, self.top_k = monitor, mode, top_k
+        self.kept: list[tuple[float, int, str]] = []  # (value, step, file name), best first
+
+    def on_validation_end(self, trainer, metrics: dict[str, float]) -> None:
+        value = _monitored(metrics, self.monitor, "BestCheckpoints")
+        if trainer.run_dir is None or not math.isfinite(value):
+            return
+        directory = trainer.run_dir / "checkpoints"
+        name = f"best-step-{trainer.global_step:08d}-{self.monitor.replace('/', '_')}={value:.4f}.pt"
+        entry = (value, trainer.global_step, name)
+        sign = 1.0 if self.mode == "min" else -1.0
+        ranked = sorted(self.kept + [entry], key=lambda t: (sign * t[0], t[1]))  # best first, ties: earlier
+        keep, drop = ranked[: self.top_k], ranked[self.top_k :]
+        if entry in drop:
+            return
+        trainer.save_checkpoint(directory / name, rotate=False)
+        self.kept = keep
+        if trainer.is_main_process:
+            for _, _, dropped in drop:
+                (directory / dropped).unlink(missing_ok=True)
+            ckpt.link_best(directory / keep[0][2], directory / "best.pt")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": [list(k) for k in self.kept]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = [tuple(k) for k in state["kept"]]
+
+
+class EMAWeights(Callback):
+    """An exponential moving average of the weights (``frozen_copy`` + ``ema_update`` after every
+    optimizer step), swapped into the model for validation and swapped back for training. Its
+    weights are saved in checkpoints with the callback's state."""
+
+    def __init__(self, decay: float = 0.999):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be between 0 and 1, got {decay}")
+        self.decay = decay
+        self.ema: torch.nn.Module | None = None
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        if self.ema is None:
+            self.ema = frozen_copy(trainer.module)
+        if self._pending is not None:
+            self.ema.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_before_zero_grad(self, trainer, optimizer) -> None:
+        ema_update(self.ema, trainer.module, self.decay)
+
+    def _swap(self, trainer) -> None:
+        # Exchange the storages, not the values: no copy, and the optimizer keeps its parameters.
+        for live, avg in zip(list(trainer.module.parameters()) + list(trainer.module.buffers()),
+                             list(self.ema.parameters()) + list(self.ema.buffers())):
+            live.data, avg.data = avg.data, live.data
+
+    def on_validation_start(self, trainer) -> None:
+        if self.ema is not None:
+            self._swap(trainer)
+
+    def on_validation_end(self, trainer, metrics) -> None:
+        if self.ema is not None:
+            self._swap(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("ema") is not None:
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self._pending = state["ema"]
+
+
+class ThroughputMonitor(Callback):
+    """Adds ``tokens_per_sec`` (when batches hold token ids: an integer ``(batch, time)`` first tensor)
+    and ``mfu`` (model FLOPs utilisation: achieved FLOP/s over ``peak_flops``) at each log point.
+
+    FLOPs per token (or sample) come from ``flops_per_sample`` or the model's ``flops_per_token()``.
+    """
+
+    def __init__(self, peak_flops: float | None = None, flops_per_sample: float | None = None):
+        self.peak_flops, self.flops_per_sample = peak_flops, flops_per_sample
+        self._tokens = 0
+        self._clock = 0.0
+
+    def on_fit_start(self, trainer) -> None:
+        import time
+
+        self._clock = time.perf_counter()
+        if self.flops_per_sample is None and hasattr(trainer.module, "flops_per_token"):
+            self.flops_per_sample = float(trainer.module.flops_per_token())
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(first, torch.Tensor) and first.ndim == 2 and not first.is_floating_point():
+            self._tokens += first.numel()  # shape only: no sync
+
+    def on_log(self, trainer, record) -> None:
+        import time
+
+        if "train/loss" not in record:
+            return
+        now = time.perf_counter()
+        elapsed, self._clock = max(now - self._clock, 1e-9), now
+        per_sec = self._tokens / elapsed if self._tokens else record.get("samples_per_sec", 0.0)
+        if self._tokens:
+            record["tokens_per_sec"] = per_sec
+        self._tokens = 0
+        if self.flops_per_sample and self.peak_flops:
+            record["mfu"] = per_sec * self.flops_per_sample / self.peak_flops

@@ -135,6 +135,20 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> dict[str, Any] |
     raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'}: {', '.join(bad)} all failed to load")
 
 
+def link_best(target: Path, link: Path) -> None:
+    """Point ``link`` (``best.pt``) at ``target`` with a hard link, replaced atomically."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:  # a file system without hard links: a copy
+        import shutil
+
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
 def rotate(directory: str | Path, keep_last: int | None) -> None:
     """Delete all but the newest ``keep_last`` checkpoints."""
     if keep_last is None:

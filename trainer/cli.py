@@ -114,14 +114,27 @@ def run(
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
                 truncate_metrics(run_dir, resume_from["trainer_state"]["global_step"] if resume_from else 0)
         from trainer import distributed
+        from trainer.report import write_status
 
+        main = built.trainer.is_main_process
+        if main:
+            write_status(run_dir, "running")
         try:
             built.trainer.fit(resume_from=resume_from)
-        except CheckpointError as exc:
-            raise UserError(str(exc)) from None
-        except FloatingPointError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+        except BaseException as exc:
+            if main:
+                write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                             error=f"{type(exc).__name__}: {exc}"[:500], step=built.trainer.global_step)
+            if isinstance(exc, CheckpointError):
+                raise UserError(str(exc)) from None
+            if isinstance(exc, FloatingPointError):
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+            raise
+        if main:
+            signum = built.trainer.stopped_by_signal
+            write_status(run_dir, "interrupted" if signum else "finished", step=built.trainer.global_step,
+                         reason=built.trainer.stop_reason or "finished")
         distributed.shutdown()
         _report(built.trainer, run_dir)
         if built.trainer.stopped_by_signal is not None:
@@ -191,6 +204,37 @@ def evaluate(
             raise UserError(str(exc)) from None
         metrics = built.trainer.evaluate()
         typer.echo(json.dumps({"checkpoint": str(checkpoint), "step": state["trainer_state"]["global_step"], **metrics}))
+
+
+@app.command()
+def runs(out_dir: Path = typer.Argument(Path("runs"), help="The folder that holds run directories.")) -> None:
+    """A table of the runs in OUT_DIR: status, steps, best monitored value, newest checkpoint."""
+    with _reporting(False):
+        from trainer.report import format_table, runs_table
+
+        if not out_dir.is_dir():
+            raise UserError(f"{out_dir}: no such folder of runs")
+        rows = runs_table(out_dir)
+        typer.echo(format_table(rows) if rows else f"no runs in {out_dir}")
+
+
+@app.command()
+def plot(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories, overlaid.", show_default=False),
+    out: Path = typer.Option(Path("curves.png"), "--out", help="The PNG to write."),
+) -> None:
+    """Plot train/val loss, the monitored metric, LR and gradient norm against step (needs matplotlib)."""
+    with _reporting(False):
+        from trainer.report import plot_runs
+
+        missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").exists()]
+        if missing:
+            raise UserError(f"no metrics.jsonl in {', '.join(missing)}: pass run directories such as runs/digits")
+        try:
+            path = plot_runs(run_dirs, out)
+        except ImportError as exc:
+            raise UserError(str(exc)) from None
+        typer.echo(f"wrote {path}")
 
 
 @app.command()

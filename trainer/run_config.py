@@ -7,7 +7,7 @@ without importing torch.
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -60,6 +60,11 @@ class RunConfig(TrainerConfig):
     )
     scheduler: Component | None = Field(None, description="Called with the optimizer first (null: none).")
     callbacks: list[Component] = Field(default_factory=list, description="Callbacks, each {_target_: ...}.")
+    loggers: list[Literal["tensorboard"] | Component] = Field(
+        default_factory=list,
+        description="Metric sinks beside metrics.jsonl and metrics.csv: 'tensorboard' (writes <run_dir>/tensorboard; "
+        "needs the tensorboard package) or {_target_: ...}, called with the run directory first.",
+    )
 
     @field_validator("trainer", "loss")
     @classmethod

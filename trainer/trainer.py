@@ -35,6 +35,18 @@ from trainer.nonfinite import NonFiniteGuard
 from trainer.progress import ProgressBar
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+def _same_batch(batch: Any, device: torch.device, non_blocking: bool) -> Any:
+    return batch
+
+
 def _describe(batch: Any) -> str:
     if isinstance(batch, torch.Tensor):
         return f"a Tensor of shape {tuple(batch.shape)}"
@@ -121,7 +133,8 @@ class Trainer:
             self.callbacks.append(ProgressBar())
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
 
-        self.loggers: list[Logger] = list(loggers)
+        self.loggers: list[Logger] = list(loggers) if self.is_main_process else []
+        self._files_open = False
         self.history: list[dict[str, float]] = []
         self._metrics = MetricBuffer()
 
@@ -141,7 +154,23 @@ class Trainer:
         self._loss_count = 0
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizer, self.device,
                                      fp16=cfg.precision == "fp16")
-        self._samples = 0
+        # The precision's step, resolved once: fp16 goes through the scaler, the others straight to
+        # the optimizer (no scaler calls per step).
+        scaler = self.precision.scaler
+        if scaler.is_enabled():
+            self._scale, self._unscale = scaler.scale, scaler.unscale_
+
+            def step_optimizer() -> None:
+                scaler.step(self.optimizer)  # skipped by the scaler on an fp16 overflow
+                scaler.update()
+
+            self._step_optimizer = step_optimizer
+        else:
+            self._scale, self._unscale, self._step_optimizer = _same, _ignore, self.optimizer.step
+        self._clip_params = self.trainable_parameters()
+        self._last_batch: Any = None
+        self._extra_sums: dict[str, Any] = {}
+        self._extra_count = 0
         self._log_clock = time.perf_counter()
         self._first_step_clock: float | None = None
 
@@ -232,9 +261,13 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self._guard.start(self.global_step, *self._resumed_skips, log_every=cfg.log_every_n_steps)
-        if self.run_dir is not None and not self.loggers and self.is_main_process:
+        if self.run_dir is not None and self.is_main_process and not self._files_open:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.loggers = [JsonlLogger(self.run_dir / "metrics.jsonl"), CsvLogger(self.run_dir / "metrics.csv")]
+            files = [JsonlLogger(self.run_dir / "metrics.jsonl"), CsvLogger(self.run_dir / "metrics.csv")]
+            self.loggers = files + self.loggers
+            self._files_open = True
+        if hasattr(self.scheduler, "set_total_steps"):  # schedules that need the run's length
+            self.scheduler.set_total_steps(self.total_steps())
 
         previous_handlers = self._install_signal_handlers()
         # With compile: true the first step includes compilation; it is timed on its own.
@@ -260,6 +293,8 @@ class Trainer:
                 signal.signal(signum, handler)
             for logger in self.loggers:
                 logger.close()
+            self.loggers = [lg for lg in self.loggers if not isinstance(lg, (JsonlLogger, CsvLogger))]
+            self._files_open = False
         self._call("on_fit_end")
         return self.history
 
@@ -278,8 +313,10 @@ class Trainer:
         accum = cfg.grad_accum_steps
         h = self._hooks
         autocast = self.precision.autocast
-        scale = self.precision.scaler.scale
+        scale = self._scale
         non_blocking = self.device.type == "cuda"
+        # On CPU, batches are already where they belong: no per-step walk over them.
+        move = to_device if self.device.type != "cpu" else _same_batch
         no_sync = self._ddp.no_sync if self._ddp is not None and accum > 1 else None
         nullcontext = contextlib.nullcontext()
         try:
@@ -291,7 +328,7 @@ class Trainer:
         for batch in self._source.epoch(self.epoch, self.batch_in_epoch):
             self.batch_in_epoch += 1
             step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len
-            batch = to_device(batch, self.device, non_blocking)
+            batch = move(batch, self.device, non_blocking)
             for fn in h["on_train_batch_start"]:
                 fn(self, batch)
             with autocast:
@@ -350,16 +387,14 @@ class Trainer:
     def _optimizer_step(self) -> None:
         h = self._hooks
         optimizer = self.optimizer
-        scaler = self.precision.scaler
-        scaler.unscale_(optimizer)  # no-op unless fp16
+        self._unscale(optimizer)  # fp16: unscale so the hooks and clipping see true gradients
         for fn in h["on_after_backward"]:
             fn(self)
         if self.config.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.clip_grad_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_(self._clip_params, self.config.clip_grad_norm, foreach=True)
         for fn in h["on_before_optimizer_step"]:
             fn(self, optimizer)
-        scaler.step(optimizer)  # optimizer.step(), skipped by the scaler on fp16 overflow
-        scaler.update()
+        self._step_optimizer()
         if self.scheduler is not None:
             self.scheduler.step()
         for fn in h["on_before_zero_grad"]:
@@ -376,7 +411,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)  # note: CPU-GPU sync point, once, to time compilation
             self.log("time/first_step_s", time.perf_counter() - self._first_step_clock)
             self._first_step_clock = None
-            self._samples, self._log_clock = 0, time.perf_counter()  # throughput without the compile
+            self._log_clock = time.perf_counter()  # throughput without the compile
         log_point = step % cfg.log_every_n_steps == 0
         if log_point:
             self._flush_logs()
@@ -466,11 +501,14 @@ class Trainer:
             value = value.mean()  # a non-scalar loss is logged as its mean
         self._step_loss = value if self._step_loss is None else self._step_loss + value
         self._step_micro += 1
-        self._samples += batch_size_of(batch)
-        if isinstance(outputs, dict):
+        self._last_batch = batch
+        if isinstance(outputs, dict):  # extra metrics: also means over the log interval
+            sums = self._extra_sums
+            self._extra_count += 1
             for name, extra in outputs.items():
                 if name != "loss":
-                    self._metrics.put(f"train/{name}", extra)
+                    extra = extra.detach() if isinstance(extra, torch.Tensor) else extra
+                    sums[name] = sums[name] + extra if name in sums else extra
 
     @property
     def skipped_steps(self) -> int:
@@ -483,6 +521,9 @@ class Trainer:
         record: dict[str, float] = {"step": self.global_step, "epoch": self.epoch}
         if self._loss_sum is not None:
             self._metrics.put("train/loss", self._loss_sum / self._loss_count)
+        for name, total in self._extra_sums.items():
+            self._metrics.put(f"train/{name}", total / self._extra_count)
+        self._extra_sums, self._extra_count = {}, 0
         lr = self.optimizer.param_groups[0]["lr"]
         self._metrics.put("lr", lr)
         values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=self._mean_over_ranks)
@@ -491,10 +532,12 @@ class Trainer:
         if flags is not None:
             self._guard.read(flags)
         now = time.perf_counter()
-        record["samples_per_sec"] = self._samples / max(now - self._log_clock, 1e-9)
+        # Samples: micro-batches times the size of the last one (exact but for an epoch's short last batch).
+        samples = self._loss_count * batch_size_of(self._last_batch) if self._last_batch is not None else 0
+        record["samples_per_sec"] = samples / max(now - self._log_clock, 1e-9)
         if self.device.type == "cuda":
             record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self._loss_sum, self._loss_count, self._samples, self._log_clock = None, 0, 0, now
+        self._loss_sum, self._loss_count, self._log_clock = None, 0, now
         self._emit(record)
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
@@ -580,8 +623,9 @@ class Trainer:
         ckpt.check_model_state(self.module, saved, where)
         self.module.load_state_dict(saved)
 
-    def save_checkpoint(self) -> Path | None:
-        """Write ``<run_dir>/checkpoints/step-<step>.pt`` atomically and rotate old ones (main process only)."""
+    def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True) -> Path | None:
+        """Write ``<run_dir>/checkpoints/step-<step>.pt`` (or ``path``) atomically and rotate old
+        periodic ones. Under torchrun rank 0 writes and the others wait; they get ``None``."""
         if self.run_dir is None:
             raise ValueError("save_checkpoint() needs a run_dir: Trainer(..., run_dir='runs/my-run')")
         self._guard.flush()
@@ -595,8 +639,9 @@ class Trainer:
             )
         directory = self.run_dir / "checkpoints"
         try:
-            path = ckpt.save_checkpoint(self.state_dict(), directory / ckpt.checkpoint_name(self.global_step))
-            ckpt.rotate(directory, self.config.checkpoint.keep_last)
+            path = ckpt.save_checkpoint(self.state_dict(), path or directory / ckpt.checkpoint_name(self.global_step))
+            if rotate:
+                ckpt.rotate(directory, self.config.checkpoint.keep_last)
         finally:
             distributed.barrier()
         return path

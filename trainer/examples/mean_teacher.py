@@ -18,7 +18,7 @@ class MeanTeacherTrainer(Trainer):
 
     Loss: cross-entropy on the labelled samples plus ``consistency`` times the squared distance
     between the student's and the teacher's class probabilities on all samples, each model seeing
-    its own noisy copy of the input. ``consistency: 0`` trains the student alone (the baseline).
+    its own randomly shifted, noisy copy of the input. ``consistency: 0`` trains the student alone (the baseline).
     """
 
     def __init__(self, *args: Any, ema_decay: float = 0.99, consistency: float = 5.0, noise: float = 0.15,
@@ -29,11 +29,21 @@ class MeanTeacherTrainer(Trainer):
         self.ema_decay, self.consistency, self.noise = ema_decay, consistency, noise
         self.teacher = frozen_copy(self.module)
 
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """A random shift of up to a pixel and pixel noise, drawn per image (digits are 8x8)."""
+        images = x.view(-1, 1, 8, 8)
+        theta = torch.zeros(len(x), 2, 3, device=x.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        theta[:, :, 2] = (torch.rand(len(x), 2, device=x.device) * 2 - 1) * 0.25  # 1 pixel = 0.25
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        shifted = F.grid_sample(images, grid, align_corners=False, padding_mode="zeros").view_as(x)
+        return shifted + self.noise * torch.randn_like(x)
+
     def training_step(self, batch):
         x, y = batch
-        student = self.model(x + self.noise * torch.randn_like(x))
+        student = self.model(self._augment(x))
         with torch.no_grad():
-            teacher = self.teacher(x + self.noise * torch.randn_like(x))
+            teacher = self.teacher(self._augment(x))
         labelled = (y >= 0).float()
         # Mean over the labelled samples only, without asking the host how many there are.
         per_sample = F.cross_entropy(student, y.clamp(min=0), reduction="none") * labelled
