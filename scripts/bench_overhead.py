@@ -19,6 +19,7 @@ import time
 
 WORKLOADS = {
     # name: (layer sizes, batch, measured steps, warm-up steps)
+    "empty": ((4, 2), 8, 5000, 500),  # a step that is nearly all Python: the framework's own cost
     "tiny": ((32, 64, 64, 10), 64, 3000, 300),
     "small": ((784, 512, 512, 10), 128, 600, 60),
 }
@@ -175,7 +176,7 @@ def measure(workload: str, variant: str, repeats: int, device: str, precision: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=[*WORKLOADS, "char_lm"], action="append")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "char_lm"], action="append")  # default: all but empty
     parser.add_argument("--variant", choices=VARIANTS, action="append")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -193,7 +194,7 @@ def main() -> None:
           f"1 thread, device {args.device}, {args.precision}{', compiled' if args.compile else ''}, "
           f"median of {args.repeats} interleaved runs")
     print(f"{'workload':<9} {'variant':<9} {'raw us/step':>12} {'trainer us/step':>16} {'ratio':>7} {'pairs':>13}")
-    for workload in args.workload or [*WORKLOADS, "char_lm"]:
+    for workload in args.workload or ["tiny", "small", "char_lm"]:
         for variant in args.variant or VARIANTS:
             r = measure(workload, variant, args.repeats, args.device, args.precision, args.compile)
             extra = ""

@@ -177,13 +177,14 @@ def test_tensorboard_event_files_are_readable(tmp_path):
     model = mlp()
     t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(4, 4), loss_fn=F.cross_entropy,
                 run_dir=tmp_path, loggers=[TensorBoardLogger(tmp_path / "tensorboard")],
-                config=quiet(log_every_n_steps=2))
+                config=quiet(log_every_n_steps=2, grad_logging={"every_n_steps": 2, "histograms": True}))
     t.fit()
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [2, 4]
     assert loss[0].value == pytest.approx(t.history[0]["train/loss"])
+    assert [e.step for e in events.Histograms("grad/0.weight")] == [2, 4]
     assert (tmp_path / "metrics.jsonl").exists()  # beside the files, not instead of them
 
 

@@ -384,3 +384,30 @@ def test_loggers_tensorboard_from_yaml(tmp_path):
     assert (run_dir / "metrics.jsonl").exists()
     code, out = invoke("check", write(tmp_path, BASE + "loggers: [tensorbord]\n", "bad.yaml"))
     assert_user_error(code, out, "loggers[0]", "'tensorboard'")
+
+
+def test_built_in_callbacks_and_schedule_from_yaml(tmp_path):
+    text = BASE.replace("max_steps: 4", "max_steps: 40\neval_every_n_steps: 4\neval_every_n_epochs: null") + (
+        f"out_dir: {tmp_path / 'runs'}\n"
+        "scheduler: {_target_: trainer.WarmupDecay, warmup_steps: 5, decay: cosine}\n"
+        "callbacks:\n"
+        "  - {_target_: trainer.EarlyStopping, monitor: val/loss, patience: 2, min_delta: 10.0}\n"
+        "  - {_target_: trainer.BestCheckpoints, monitor: val/acc, mode: max, top_k: 2}\n"
+        "  - {_target_: trainer.EMAWeights, decay: 0.9}\n"
+    )
+    code, out = invoke("run", write(tmp_path, text))
+    assert code == 0, out
+    # min_delta 10 means no evaluation counts as an improvement after the first: stop after 3 evaluations
+    assert out.startswith("early stopping: val/loss did not improve by more than 10.0 for 2 evaluations")
+    assert "step 12" in out
+    checkpoints = tmp_path / "runs" / "t" / "checkpoints"
+    assert (checkpoints / "best.pt").exists() and len(list(checkpoints.glob("best-step-*.pt"))) <= 2
+    state = torch_load(checkpoints / "step-00000012.pt")
+    assert set(state["callbacks"]) == {"0:EarlyStopping", "1:BestCheckpoints", "2:EMAWeights"}
+    assert state["scheduler"]["total_steps"] == 40
+
+
+def torch_load(path):
+    from trainer.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)

@@ -21,11 +21,12 @@ class GradNormLogger(Callback):
     total is NaN/Inf it names the first parameter whose gradient is not finite.
     """
 
-    def __init__(self, every_n_steps: int = 50, per_layer: bool = False):
+    def __init__(self, every_n_steps: int = 50, per_layer: bool = False, histograms: bool = False):
         if every_n_steps < 1:
             raise ValueError(f"GradNormLogger every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.per_layer = per_layer
+        self.histograms = histograms  # per-parameter gradient histograms to loggers that take them
         self._names: list[str] = []
         self._norms: torch.Tensor | None = None
 
@@ -42,6 +43,12 @@ class GradNormLogger(Callback):
         if self.per_layer:
             for name, norm in zip(self._names, norms.unbind()):
                 trainer.log(f"grad_norm/{name}", norm)
+        if self.histograms:
+            # Histograms go to the host whole: only on these steps, never between them.
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_histogram"):
+                    for name, grad in named:
+                        logger.log_histogram(f"grad/{name}", grad, trainer.global_step + 1)
 
     def on_log(self, trainer, record: dict[str, float]) -> None:
         total = record.get("grad_norm/total")

@@ -30,6 +30,10 @@ class GradLoggingConfig(StrictModel):
         False,
         description="Also log one norm per named parameter as grad_norm/<name>, beside grad_norm/total.",
     )
+    histograms: bool = Field(
+        False,
+        description="Also send each parameter's gradient as a histogram to loggers that take them (tensorboard).",
+    )
 
 
 class CheckpointConfig(StrictModel):

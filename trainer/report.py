@@ -109,7 +109,8 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         raise ImportError("trainer plot needs matplotlib: pip install 'trainer[plot]' (or pip install matplotlib)") from None
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     panels = [(axes[0][0], "loss"), (axes[0][1], None), (axes[1][0], "lr"), (axes[1][1], "grad_norm/total")]
-    for run_dir in run_dirs:
+    for index, run_dir in enumerate(run_dirs):
+        color = f"C{index % 10}"  # one colour per run; val dashed
         records = read_records(run_dir)
         metric, _ = monitored(records, run_dir)
         for ax, name in panels:
@@ -120,7 +121,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
                 if points:
                     xs, ys = zip(*points)
                     style = "--" if key == "val/loss" else "-"
-                    ax.plot(xs, ys, style, marker="o" if len(xs) < 30 else None, markersize=3,
+                    ax.plot(xs, ys, style, color=color, marker="o" if len(xs) < 30 else None, markersize=3,
                             label=f"{run_dir.name} {key}")
     titles = ["loss", "monitored metric", "learning rate", "total gradient norm"]
     for (ax, name), title in zip(panels, titles):

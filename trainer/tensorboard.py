@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 class TensorBoardLogger:
-    """Writes every logged number as a scalar at its ``step``; ``grad_norm/<param>`` values too."""
+    """Writes every logged number as a scalar at its ``step`` (``grad_norm/<param>`` too) and, with
+    ``grad_logging.histograms: true``, a histogram of each parameter's gradient as ``grad/<param>``."""
 
     def __init__(self, log_dir: str | Path):
         try:
@@ -24,6 +25,10 @@ class TensorBoardLogger:
             if name not in ("step", "epoch"):
                 self.writer.add_scalar(name, value, step)
         self.writer.flush()
+
+    def log_histogram(self, name: str, values, step: int) -> None:
+        """Called by gradient logging with ``grad_logging.histograms: true``."""
+        self.writer.add_histogram(name, values.detach().float().cpu(), step)
 
     def close(self) -> None:
         self.writer.close()

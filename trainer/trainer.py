@@ -128,7 +128,8 @@ class Trainer:
 
         self.callbacks = list(callbacks)
         if cfg.grad_logging.every_n_steps:
-            self.callbacks.append(GradNormLogger(cfg.grad_logging.every_n_steps, cfg.grad_logging.per_layer))
+            grad = cfg.grad_logging
+            self.callbacks.append(GradNormLogger(grad.every_n_steps, grad.per_layer, grad.histograms))
         if cfg.progress_bar:
             self.callbacks.append(ProgressBar())
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
