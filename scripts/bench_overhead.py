@@ -90,7 +90,7 @@ def raw_loop(model, optimizer, batches, loss_of, log: bool, progress: bool, modu
         optimizer.zero_grad(set_to_none=True)
         running = loss.detach() if running is None else running + loss.detach()
         if log and step % LOG_EVERY == 0:
-            values = torch.stack([running / LOG_EVERY, total, *norms]).tolist()
+            torch.stack([running / LOG_EVERY, total, *norms]).tolist()  # the log point's one host copy
             running = None
         if bar is not None:
             bar.update()
@@ -189,7 +189,7 @@ def main() -> None:
         return
     import platform
 
-    print(f"# ratio: median of the per-pair ratios (trainer/raw, each pair back to back); pairs: their range")
+    print("# ratio: median of the per-pair ratios (trainer/raw, each pair back to back); pairs: their range")
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, "
           f"1 thread, device {args.device}, {args.precision}{', compiled' if args.compile else ''}, "
           f"median of {args.repeats} interleaved runs")

@@ -1,6 +1,5 @@
 """The built-in callbacks, schedules, loggers and run reports."""
 
-import json
 import math
 import subprocess
 import sys

@@ -536,3 +536,17 @@ def test_extra_metrics_are_means_over_the_interval_like_the_loss():
     t.fit()
     for record in t.history:
         assert record["train/same"] == pytest.approx(record["train/loss"], rel=1e-6)
+
+
+def test_deterministic_is_on_during_fit_and_restored_after():
+    seen = []
+
+    class Peek(Callback):
+        def on_after_backward(self, trainer):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    model = mlp()
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), loss_fn=F.cross_entropy,
+            callbacks=[Peek()], config=quiet(deterministic=True)).fit()
+    assert seen == [True, True]
+    assert not torch.are_deterministic_algorithms_enabled()

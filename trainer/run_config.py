@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainer.config import StrictModel, TrainerConfig
+from trainer.config import TrainerConfig
 from trainer.yaml_source import ConfigError, Source, dotted
 
 

@@ -13,7 +13,6 @@ import math
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -258,6 +257,7 @@ class Trainer:
         cfg = self.config
         self._train_source()
         seed_everything(cfg.seed)
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
         set_deterministic(cfg.deterministic)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -292,6 +292,7 @@ class Trainer:
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
+            torch.use_deterministic_algorithms(was_deterministic)
             for logger in self.loggers:
                 logger.close()
             self.loggers = [lg for lg in self.loggers if not isinstance(lg, (JsonlLogger, CsvLogger))]
