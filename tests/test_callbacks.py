@@ -77,11 +77,6 @@ def test_best_checkpoint_resumes_like_any_other(tmp_path):
 
 def test_ema_weights_equal_a_hand_computed_ema_and_are_swapped_back():
     seen = {}
-
-    class Peek(Callback):
-        def on_validation_start(self, trainer):
-            pass
-
     model = mlp(seed=3)
     ema = EMAWeights(decay=0.8)
     reference = frozen_copy(mlp(seed=3))

@@ -383,8 +383,10 @@ class Trainer:
         self._guard.done()
 
     def _grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        grads = [p.grad for p in self._clip_params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def _optimizer_step(self) -> None:
         h = self._hooks
