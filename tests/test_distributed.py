@@ -155,3 +155,124 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     assert proc.returncode != 0
     assert "rank 1 fails at step 3" in proc.stdout + proc.stderr
     assert elapsed < 60
+
+
+# ----------------------------------------------------------------------------- strategy: fsdp
+
+LM_CONFIG = """\
+name: {name}
+out_dir: {out}
+seed: 3
+max_epochs: 2
+batch_size: {batch}
+grad_accum_steps: 2
+log_every_n_steps: 3
+progress_bar: false
+grad_logging: {{every_n_steps: 3}}
+checkpoint: {{every_n_steps: 4, keep_last: 2}}
+model:
+  _target_: trainer.examples.char_lm.CharTransformer
+  block_size: 16
+  d_model: 32
+  n_layers: 2
+  n_heads: 2
+  dropout: {dropout}
+data:
+  _target_: trainer.examples.char_lm.load
+  block_size: 16
+  max_bytes: 2240
+  val_fraction: 0.1
+loss: trainer.examples.char_lm.lm_loss
+optimizer: {optimizer}
+"""
+ADAMW = "{_target_: torch.optim.AdamW, lr: 3.0e-3}"
+# Adam divides by the root of tiny second moments for rarely seen bytes' embeddings, which turns
+# summation-order differences of 1e-9 in their gradients into 1e-6 in weights; the comparison of
+# layouts uses SGD with momentum, whose update is proportional to the gradient.
+SGD = "{_target_: torch.optim.SGD, lr: 0.1, momentum: 0.9}"
+
+
+def write_lm(tmp_path, name, batch, strategy=None, dropout=0.0, extra="", optimizer=ADAMW):
+    path = tmp_path / f"{name}.yaml"
+    text = LM_CONFIG.format(name=name, out=tmp_path / "runs", batch=batch, dropout=dropout, optimizer=optimizer)
+    path.write_text(text + (f"strategy: {strategy}\n" if strategy else "") + extra)
+    return path
+
+
+def sharded(directory):
+    """A sharded checkpoint's model and optimizer state as full tensors, read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = directory.parent.parent / f"{directory.name}-full.pt"
+    dcp_to_torch_save(directory, out)
+    return torch.load(out, weights_only=True)
+
+
+def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
+    # Per rank 3 samples a batch, 2 micro-batches a step; 126 training blocks, 13 validation blocks
+    # (7 and 6 per rank: 3 and 2 batches, so one rank runs an uncounted forward to keep FSDP in step).
+    two = torchrun("run", write_lm(tmp_path, "fsdp", batch=3, strategy="fsdp", optimizer=SGD))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = single("run", write_lm(tmp_path, "single", batch=6, optimizer=SGD))
+    assert one.returncode == 0, one.stderr[-3000:]
+    fsdp_dir, single_dir = tmp_path / "runs" / "fsdp", tmp_path / "runs" / "single"
+
+    names = sorted(p.name for p in (fsdp_dir / "checkpoints").iterdir())
+    assert names == ["step-00000020", "step-00000022"]  # directories of shards, rotated like files
+    assert sorted(p.name for p in (fsdp_dir / "checkpoints" / "step-00000022").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.pt"]
+    a = sharded(fsdp_dir / "checkpoints" / "step-00000022")
+    b = final(single_dir)
+    assert b["trainer_state"]["global_step"] == 22
+    assert sorted(a["model"]) == sorted(b["model"])  # the plain module's names: no FSDP prefixes
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
+
+    fsdp_records, single_records = records(fsdp_dir), records(single_dir)
+    for metric in ("train/loss", "val/loss", "grad_norm/total"):
+        got = [(r["step"], r[metric]) for r in fsdp_records if metric in r]
+        want = [(r["step"], r[metric]) for r in single_records if metric in r]
+        assert [s for s, _ in got] == [s for s, _ in want] and got, metric
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5), metric
+
+    # The sharded checkpoint loads in a single process: evaluation gives the run's last val/loss.
+    ev = single("eval", write_lm(tmp_path, "single", batch=6, optimizer=SGD), "--checkpoint",
+                fsdp_dir / "checkpoints" / "step-00000022")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads(ev.stdout)["val/loss"] == pytest.approx(
+        [r["val/loss"] for r in fsdp_records if "val/loss" in r][-1], rel=1e-5)
+
+    # ... and a single process resumes it (DCP reshards) and trains on to the same weights.
+    moved = single("run", write_lm(tmp_path, "moved", batch=6, optimizer=SGD), "--resume", fsdp_dir / "checkpoints" / "step-00000020")
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    for key, value in final(tmp_path / "runs" / "moved")["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_fsdp_run_resumes_bit_identically(tmp_path):
+    reference = torchrun("run", write_lm(tmp_path, "ref", batch=3, strategy="fsdp", dropout=0.1))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    # Killed after step 10: the newest checkpoint is step 8, in the middle of a log interval (6, 9].
+    marker = tmp_path / "killed"
+    kill = f"callbacks:\n  - {{_target_: killers.KillAt, where: after_step, step: 10, marker: '{marker}'}}\n"
+    cfg = write_lm(tmp_path, "ref2", batch=3, strategy="fsdp", dropout=0.1, extra=kill)
+    first = torchrun("run", cfg)
+    assert first.returncode != 0 and marker.exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "runs" / "ref2" / "checkpoints")] == [
+        "step-00000004", "step-00000008"]
+    second = torchrun("run", cfg, "--resume", "auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "continuing from" in second.stdout and "step-00000008" in second.stdout
+
+    a = sharded(tmp_path / "runs" / "ref" / "checkpoints" / "step-00000022")
+    b = sharded(tmp_path / "runs" / "ref2" / "checkpoints" / "step-00000022")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert sorted(a["optimizer"]) == sorted(b["optimizer"]) and a["optimizer"]
+    for name, state in a["optimizer"].items():  # {parameter name: {exp_avg, exp_avg_sq, step}}
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"][name][key]), (name, key)
+    loss = lambda d: [(r["step"], r["train/loss"]) for r in records(d) if "train/loss" in r]
+    assert loss(tmp_path / "runs" / "ref2") == loss(tmp_path / "runs" / "ref")

@@ -153,15 +153,27 @@ def split_data(data: Any, source: Source) -> tuple[Any, Any]:
     return data, None
 
 
-def _optimizer_defaults(component: Component, source: Source) -> dict[str, Any]:
+def _optimizer_defaults(component: Component, source: Source, sharded: bool) -> dict[str, Any]:
     """Fused kernels for the optimizers that have them (one kernel for all parameters instead of a
-    Python loop; about twice as fast for a small model on CPU), unless the config chose."""
+    Python loop; about twice as fast for a small model on CPU), unless the config chose. Sharded
+    (FSDP) parameters have fused Adam/AdamW kernels but no fused SGD: SGD then runs foreach."""
     import torch
 
     target = import_target(component.target, source, ("optimizer", "_target_"))
-    fused_kinds = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
-    chosen = {"fused", "foreach", "differentiable", "capturable"} & set(component.kwargs)
-    return {"fused": True} if target in fused_kinds and not chosen else {}
+    if {"fused", "foreach", "differentiable", "capturable"} & set(component.kwargs):
+        return {}
+    if target in (torch.optim.Adam, torch.optim.AdamW):
+        return {"fused": True}
+    if target is torch.optim.SGD:
+        return {"foreach": True} if sharded else {"fused": True}
+    return {}
+
+
+def _sharded(run: RunConfig) -> bool:
+    """Whether the Trainer will shard the model: strategy fsdp under torchrun with several ranks."""
+    from trainer import distributed
+
+    return run.strategy == "fsdp" and distributed.from_env().enabled
 
 
 @dataclass
@@ -209,7 +221,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     if run.optimizer is not None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = instantiate(run.optimizer, source, ("optimizer",), params,
-                                defaults=_optimizer_defaults(run.optimizer, source))
+                                defaults=_optimizer_defaults(run.optimizer, source, sharded=_sharded(run)))
         if run.scheduler is not None:
             scheduler = instantiate(run.scheduler, source, ("scheduler",), optimizer)
     elif run.scheduler is not None:

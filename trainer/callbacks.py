@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import distributed
 from trainer.hooks import Callback
 from trainer.modes import ema_update, frozen_copy
 
@@ -37,18 +38,19 @@ class GradNormLogger(Callback):
         if not named:
             return
         self._names = [n for n, _ in named]
-        norms = torch.stack(torch._foreach_norm([g for _, g in named]))
+        norms = distributed.norms([g for _, g in named])  # under fsdp: over all shards, one all-reduce
         self._norms = norms
         trainer.log("grad_norm/total", torch.linalg.vector_norm(norms))
         if self.per_layer:
             for name, norm in zip(self._names, norms.unbind()):
                 trainer.log(f"grad_norm/{name}", norm)
         if self.histograms:
-            # Histograms go to the host whole: only on these steps, never between them.
+            # Histograms go to the host whole: only on these steps, never between them. Under fsdp
+            # they show rank 0's shard of each gradient.
             for logger in trainer.loggers:
                 if hasattr(logger, "log_histogram"):
                     for name, grad in named:
-                        logger.log_histogram(f"grad/{name}", grad, trainer.global_step + 1)
+                        logger.log_histogram(f"grad/{name}", distributed.local(grad), trainer.global_step + 1)
 
     def on_log(self, trainer, record: dict[str, float]) -> None:
         total = record.get("grad_norm/total")
@@ -114,7 +116,8 @@ def _monitored(metrics: dict[str, float], monitor: str, who: str) -> float:
 class BestCheckpoints(Callback):
     """Keep the ``top_k`` checkpoints by ``monitor`` beside the periodic ones, as
     ``checkpoints/best-step-<step>-<metric>=<value>.pt``, with ``checkpoints/best.pt`` a hard link to
-    the best of them. Each is a complete checkpoint: ``--resume`` takes it like any other."""
+    the best of them. Each is a complete checkpoint: ``--resume`` takes it like any other. Under
+    ``strategy: fsdp`` they are directories (no ``.pt``) and ``checkpoints/best`` a symbolic link."""
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", top_k: int = 1):
         if mode not in ("min", "max"):
@@ -129,7 +132,8 @@ class BestCheckpoints(Callback):
         if trainer.run_dir is None or not math.isfinite(value):
             return
         directory = trainer.run_dir / "checkpoints"
-        name = f"best-step-{trainer.global_step:08d}-{self.monitor.replace('/', '_')}={value:.4f}.pt"
+        suffix = "" if trainer.sharded else ".pt"
+        name = f"best-step-{trainer.global_step:08d}-{self.monitor.replace('/', '_')}={value:.4f}{suffix}"
         entry = (value, trainer.global_step, name)
         sign = 1.0 if self.mode == "min" else -1.0
         ranked = sorted(self.kept + [entry], key=lambda t: (sign * t[0], t[1]))  # best first, ties: earlier
@@ -140,8 +144,8 @@ class BestCheckpoints(Callback):
         self.kept = keep
         if trainer.is_main_process:
             for _, _, dropped in drop:
-                (directory / dropped).unlink(missing_ok=True)
-            ckpt.link_best(directory / keep[0][2], directory / "best.pt")
+                ckpt.remove(directory / dropped)
+            ckpt.link_best(directory / keep[0][2], directory / f"best{suffix}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"kept": [list(k) for k in self.kept]}
@@ -163,6 +167,10 @@ class EMAWeights(Callback):
         self._pending: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self, trainer) -> None:
+        if trainer.sharded:
+            # FSDP gathers parameters from its own shard buffers, so swapping storages would not
+            # put the averaged weights into the forward pass.
+            raise ValueError("EMAWeights does not support strategy: fsdp; use strategy: ddp")
         if self.ema is None:
             self.ema = frozen_copy(trainer.module)
         if self._pending is not None:

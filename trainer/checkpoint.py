@@ -3,6 +3,12 @@
 A checkpoint is one ``torch.save`` file of plain data that ``torch.load(weights_only=True)``
 reads: ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``trainer_state``, ``rng``,
 ``callbacks``, ``config`` and ``version``. Loading never runs code from the file.
+
+Under ``strategy: fsdp`` a checkpoint is a directory instead (``step-<step>/``): every rank writes
+its shards of the model and optimizer state with ``torch.distributed.checkpoint`` (DCP), and rank 0
+adds ``trainer.pt``, the file above without the sharded tensors, holding the size of every shard
+file. The directory gets its final name only when all of it is on disk. DCP reads such a
+checkpoint on any number of ranks, or in a single process.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -21,15 +28,16 @@ import torch
 
 VERSION = 1
 KEYS = ("version", "model", "optimizer", "scheduler", "scaler", "trainer_state", "rng", "callbacks", "config")
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^step-(\d{8})(\.pt)?$")
+SHARDED_STATE = "trainer.pt"  # inside a sharded checkpoint directory: everything but the shards
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message names the file and what to do."""
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}.pt"
+def checkpoint_name(step: int, sharded: bool = False) -> str:
+    return f"step-{step:08d}" + ("" if sharded else ".pt")
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -37,8 +45,13 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))
+             and (p.is_file() if m.group(2) else p.is_dir())]
     return [p for _, p in sorted(found)]
+
+
+def is_sharded(path: str | Path) -> bool:
+    return Path(path).is_dir()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -77,8 +90,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; any failure is a ``CheckpointError``."""
+    """Read a checkpoint with ``weights_only=True``; any failure is a ``CheckpointError``.
+
+    For a sharded checkpoint (a directory) this reads its ``trainer.pt`` and checks that every
+    shard file is there at its full size; the shards themselves load later, into the model
+    (``load_sharded``). ``state["sharded"]`` then holds the directory."""
     path = Path(path)
+    if path.is_dir():
+        return _load_sharded_state(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
@@ -110,6 +129,135 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _load_sharded_state(path: Path) -> dict[str, Any]:
+    if not (path / SHARDED_STATE).is_file():
+        raise CheckpointError(f"checkpoint {path} is a directory without {SHARDED_STATE}: not a complete sharded checkpoint")
+    state = load_checkpoint(path / SHARDED_STATE)
+    shards = state.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        raise CheckpointError(f"{path / SHARDED_STATE} does not list the checkpoint's shard files")
+    for name, size in shards.items():
+        file = path / name
+        found = file.stat().st_size if file.is_file() else None
+        if found != size:
+            what = "is missing" if found is None else f"holds {found} bytes, {size} were written"
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: shard file {name} {what}")
+    _check_dcp_metadata(path / ".metadata")
+    state["sharded"] = str(path)
+    return state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP stores its index with plain pickle, which could run code; this reads it with nothing but
+    DCP's own metadata classes, torch dtypes and paths allowed, before DCP itself opens it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import pathlib
+
+        import torch.distributed.checkpoint.filesystem as dcp_fs
+        import torch.distributed.checkpoint.metadata as dcp_meta
+
+        found = None
+        if module in (dcp_meta.__name__, dcp_fs.__name__):
+            found = getattr(dcp_meta if module == dcp_meta.__name__ else dcp_fs, name, None)
+            found = found if isinstance(found, type) or name == "_MEM_FORMAT_ENCODING" else None
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            found = getattr(torch, name)
+        elif (module, name) == ("torch.serialization", "_get_layout"):
+            found = torch.serialization._get_layout
+        elif module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"):
+            found = getattr(pathlib, name)
+        if found is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return found
+
+
+def _check_dcp_metadata(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint metadata {path} is unreadable or holds objects other than DCP metadata ({exc}); refused"
+        ) from None
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    pickled = [key for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, BytesStorageMetadata)]
+    if pickled:
+        raise CheckpointError(
+            f"checkpoint {path.parent} stores pickled objects ({', '.join(pickled[:4])}), which could run code "
+            "when loaded; refused. Sharded checkpoints written by trainer hold tensors only"
+        )
+
+
+def save_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Path, is_main: bool) -> Path:
+    """Write a sharded checkpoint directory; called by every rank at once.
+
+    ``tensors`` (model and optimizer state, sharded) go through DCP; ``state`` (the rest) is rank 0's
+    ``trainer.pt``. The directory is assembled under a temporary name and renamed when complete, so
+    a kill at any instant leaves earlier checkpoints and no half-written one under a final name."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    others = [key for key, value in _leaves(tensors) if not isinstance(value, torch.Tensor)]
+    if others:
+        # DCP would pickle them, and loading pickles could run code.
+        raise CheckpointError(f"a sharded checkpoint holds tensors only; {', '.join(others[:4])} are not tensors")
+    tmp = path.with_name(f".{path.name}.tmp")  # the same name on every rank
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+            tmp.mkdir(parents=True)
+        if world > 1:
+            dist.barrier()
+        dcp.save(tensors, checkpoint_id=tmp)  # collective; fsyncs its files
+        if is_main:
+            shards = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+            save_checkpoint({**state, "shards": shards}, tmp / SHARDED_STATE)
+            if path.exists():  # the same step saved again: swap the old one out, then drop it
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
+    except BaseException as exc:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointError):
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {exc}. Earlier checkpoints are intact; free disk space "
+                "or fix the folder's permissions, then resume with --resume auto"
+            ) from exc
+        raise
+    return path
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        return [leaf for key, value in tree.items() for leaf in _leaves(value, f"{prefix}{key}.")]
+    return [(prefix.rstrip("."), tree)]
+
+
+def load_sharded(tensors: dict[str, Any], path: str | Path) -> None:
+    """Fill ``tensors`` (state dicts of this run's model and optimizer, sharded or not) in place
+    from a sharded checkpoint; DCP reshards to this run's layout."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(tensors, checkpoint_id=path)
+    except Exception as exc:  # DCP wraps rank failures in its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model and optimizer ({first}); "
+            "resume with the config the run was started with"
+        ) from None
+
+
 def find_resume_checkpoint(run_dir: str | Path, resume: str) -> dict[str, Any] | None:
     """``--resume auto``: the newest checkpoint of the run that loads, falling back past bad ones
     with a warning; ``None`` (a fresh start) when the run has none. ``--resume PATH``: that file."""
@@ -136,9 +284,15 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> dict[str, Any] |
 
 
 def link_best(target: Path, link: Path) -> None:
-    """Point ``link`` (``best.pt``) at ``target`` with a hard link, replaced atomically."""
+    """Point ``link`` (``best.pt``) at ``target`` with a hard link, replaced atomically. A sharded
+    checkpoint (a directory) gets a relative symbolic link (``best``) instead."""
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
+    if target.is_dir():
+        os.symlink(target.name, tmp)
+        os.replace(tmp, link)
+        _fsync_dir(link.parent)
+        return
     try:
         os.link(target, tmp)
     except OSError:  # a file system without hard links: a copy
@@ -154,6 +308,14 @@ def rotate(directory: str | Path, keep_last: int | None) -> None:
     if keep_last is None:
         return
     for path in list_checkpoints(directory)[:-keep_last]:
+        remove(path)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint, file or directory."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
         path.unlink(missing_ok=True)
 
 

@@ -185,7 +185,7 @@ def _size(data) -> str:
 def evaluate(
     config: Path = CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint file written by trainer run."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer run (a file, or a directory under strategy: fsdp)."),
     debug: bool = DEBUG,
 ) -> None:
     """Run validation with a checkpoint's weights and print the metrics as JSON."""
@@ -199,7 +199,8 @@ def evaluate(
             raise ConfigError(f"{source.file}: data: the data callable returned no 'val' data to evaluate on")
         try:
             state = load_checkpoint(checkpoint)
-            built.trainer.load_model_state(state["model"], str(checkpoint))
+            state["path"] = str(checkpoint)
+            built.trainer.load_weights(state)
         except CheckpointError as exc:
             raise UserError(str(exc)) from None
         metrics = built.trainer.evaluate()

@@ -99,6 +99,12 @@ class TrainerConfig(StrictModel):
         False, description="Use torch's deterministic algorithms (slower; errors on ops without one)."
     )
     compile: bool = Field(False, description="Wrap the model with torch.compile.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: 'ddp' keeps a full copy of the model on every rank; 'fsdp' shards "
+        "parameters, gradients and optimizer state over the ranks (FSDP2) and writes checkpoints as "
+        "directories of shards (torch.distributed.checkpoint). A single process trains the model as it is.",
+    )
     on_nonfinite: Literal["error", "skip"] = Field(
         "error",
         description="On a NaN/Inf loss or gradient: 'error' stops before the optimizer step; "

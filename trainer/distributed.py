@@ -1,17 +1,23 @@
-"""Running under ``torchrun``: the rank layout from the environment, the process group, and the
-few collectives the loop needs (at log points, evaluations and checkpoints only, never per step).
+"""Running under ``torchrun``: the rank layout from the environment, the process group, the
+few collectives the loop needs (at log points, evaluations and checkpoints only, never per step),
+and FSDP2 sharding (``strategy: fsdp``).
 
 Outside torchrun every function here is a no-op and nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,13 @@ def init(layout: Layout, device: torch.device) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group after a run that ended normally on every rank."""
     if dist.is_initialized():
+        # gloo may still hold finished work that references Python tensors; tearing the group down
+        # while a peer is mid-collective aborts the process ("terminate called without an active
+        # exception"). Meeting first makes every rank idle.
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -79,3 +91,84 @@ def barrier() -> None:
 
 def world_size() -> int:
     return dist.get_world_size() if active() else 1
+
+
+def all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values`` (the same length on all ranks), in rank order."""
+    if not active():
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [t.tolist() for t in gathered]
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor, as one 1-D tensor on the device. Sharded tensors contribute their
+    local shards' squares, summed over ranks in one all-reduce; no host sync either way."""
+    if not tensors:
+        return torch.zeros(0)
+    if not any(isinstance(t, DTensor) for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors))
+    squares = torch.stack(torch._foreach_norm([local(t) for t in tensors])).double().square()
+    return all_sum(squares).sqrt().float()
+
+
+def shard_model(module: nn.Module, mp_policy: Any = None) -> None:
+    """FSDP2's usual plan: every block of every ``nn.ModuleList`` becomes its own unit (its parameters
+    are gathered just before it runs and freed after), then the root takes the rest. Parameters
+    shared between the root's modules (tied embeddings) stay together in the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for sub in list(module.modules()):
+        if isinstance(sub, nn.ModuleList):
+            for block in sub:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block, **kwargs)
+    fully_shard(module, **kwargs)
+
+
+def remap_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], module: nn.Module) -> None:
+    """Point an optimizer built before sharding at the sharded parameters that replaced its own.
+
+    ``names`` maps ``id(parameter)`` to its name, taken before ``fully_shard``."""
+    if optimizer.state:
+        raise ValueError(
+            "the optimizer already holds state (it has stepped) before the model was sharded; "
+            "build it before training, or return it from configure_optimizers()"
+        )
+    current = dict(module.named_parameters(remove_duplicate=False))
+    for group in optimizer.param_groups:
+        remapped = []
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is None:
+                raise ValueError(
+                    f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the model; "
+                    "under strategy: fsdp every optimized parameter must belong to the model"
+                )
+            remapped.append(current[name])
+        group["params"] = remapped
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(module: nn.Module) -> Iterator[None]:
+    """FSDP2's counterpart of DDP's ``no_sync``: keep gradients local (no reduce-scatter) inside."""
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

@@ -77,7 +77,8 @@ def runs_table(out_dir: Path) -> list[dict[str, Any]]:
         metric, mode = monitored(records, run_dir)
         values = [r[metric] for r in records if metric in r and isinstance(r[metric], (int, float))]
         best = (max if mode == "max" else min)(values) if values else None
-        checkpoints = sorted((run_dir / "checkpoints").glob("step-*.pt")) if (run_dir / "checkpoints").exists() else []
+        # files, or directories under strategy: fsdp (the listing stays torch-free, for a fast `trainer runs`)
+        checkpoints = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d{8}(\.pt)?", p.name))
         rows.append({
             "name": run_dir.name,
             "status": run_status(run_dir),

@@ -9,11 +9,12 @@ hooks listed in ``trainer.hooks``. A subclass overrides a step (``training_step`
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,17 @@ class Trainer:
             enable_tf32()
         distributed.init(self.layout, self.device)
 
-        self.module = model.to(self.device)  # the plain module: state_dict, evaluation
+        self.module = model.to(self.device)  # the plain (or, under fsdp, sharded) module
         self._ddp: DistributedDataParallel | None = None
-        if self.layout.enabled:
+        self.sharded = self.layout.enabled and cfg.strategy == "fsdp"  # FSDP2: DTensor parameters
+        if self.sharded:
+            # fully_shard replaces each parameter with a sharded one; an optimizer built from the
+            # model's parameters beforehand is pointed at the replacements by name.
+            names = {id(p): n for n, p in self.module.named_parameters()}
+            self.configure_sharding(self.module)
+            if optimizer is not None:
+                distributed.remap_optimizer(optimizer, names, self.module)
+        elif self.layout.enabled:
             self._ddp = DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -107,8 +116,6 @@ class Trainer:
         self.train_data = train_data
         self.val_data = val_data
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        if cfg.checkpoint.every_n_steps and self.run_dir is None:
-            raise ValueError("checkpoint.every_n_steps needs a run_dir: Trainer(..., run_dir='runs/my-run')")
         self.is_main_process = self.layout.rank == 0  # writes files, shows progress
         self.resolved_config: dict[str, Any] = cfg.model_dump(mode="json")  # saved in checkpoints
 
@@ -123,6 +130,12 @@ class Trainer:
             raise TypeError(
                 f"configure_optimizers() must return a torch.optim.Optimizer (or an (optimizer, scheduler) "
                 f"tuple), got {type(self.optimizer).__name__}"
+            )
+        if self.sharded and isinstance(self.optimizer, torch.optim.SGD) and any(
+                g.get("fused") for g in self.optimizer.param_groups):
+            raise ValueError(
+                "fused SGD has no kernel for sharded parameters; under strategy: fsdp build SGD with "
+                "foreach=True (the default a config gets) or use fused Adam/AdamW"
             )
 
         self.callbacks = list(callbacks)
@@ -191,6 +204,20 @@ class Trainer:
             "in your Trainer subclass, e.g. return torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)"
         )
 
+    def configure_sharding(self, module: nn.Module) -> None:
+        """Apply ``torch.distributed.fsdp.fully_shard`` to ``module`` (``strategy: fsdp`` under torchrun).
+
+        The default makes every block of every ``nn.ModuleList`` a unit, then the root; with
+        ``precision: bf16`` parameters are gathered in bf16 and gradients reduced in fp32. Override
+        to choose other units; the root must be sharded last.
+        """
+        policy = None
+        if self.config.precision == "bf16":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        distributed.shard_model(module, policy)
+
     def training_step(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """Return the loss, or a dict with ``"loss"`` and extra metrics (logged as ``train/<name>``)."""
         x, y = self._unpack(batch, "training_step")
@@ -255,6 +282,8 @@ class Trainer:
         (``stopped_by_signal`` then holds the signal number).
         """
         cfg = self.config
+        if cfg.checkpoint.every_n_steps and self.run_dir is None:
+            raise ValueError("checkpoint.every_n_steps needs a run_dir: Trainer(..., run_dir='runs/my-run')")
         self._train_source()
         seed_everything(cfg.seed)
         was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -319,7 +348,11 @@ class Trainer:
         non_blocking = self.device.type == "cuda"
         # On CPU, batches are already where they belong: no per-step walk over them.
         move = to_device if self.device.type != "cpu" else _same_batch
-        no_sync = self._ddp.no_sync if self._ddp is not None and accum > 1 else None
+        no_sync = None  # gradients stay local on the micro-batches before a step
+        if accum > 1 and self._ddp is not None:
+            no_sync = self._ddp.no_sync
+        elif accum > 1 and self.sharded:
+            no_sync = functools.partial(distributed.fsdp_no_sync, self.module)
         nullcontext = contextlib.nullcontext()
         try:
             epoch_len: int | None = len(self._source)
@@ -342,7 +375,7 @@ class Trainer:
                 )
             for fn in h["on_before_backward"]:
                 fn(self, loss)
-            # Under DDP the micro-batches before the step skip the gradient all-reduce.
+            # Under DDP / FSDP the micro-batches before the step skip the gradient all-reduce.
             with no_sync() if no_sync is not None and not step_now else nullcontext:
                 self.backward(scale(loss / accum if accum > 1 else loss))
             self._track(loss, outputs, batch)
@@ -370,9 +403,10 @@ class Trainer:
         """One optimizer step, unless the step's loss is not finite (see ``trainer.nonfinite``)."""
         step_loss, micro = self._step_loss, self._step_micro
         self._step_loss, self._step_micro = None, 0
-        # Under DDP the ranks' losses differ but their all-reduced gradients agree: checking the
-        # gradient norm makes every rank take the same decision without a collective.
-        checked = step_loss if self._ddp is None else self._grad_norm()
+        # Under torchrun the ranks' losses differ. Under DDP their all-reduced gradients agree, so
+        # checking the gradient norm makes every rank take the same decision without a collective;
+        # under FSDP each rank holds a shard, and the norm costs one scalar all-reduce.
+        checked = step_loss if not self.layout.enabled else self._grad_norm()
         if not self._guard.allow(checked, self.global_step + 1):  # host mode, policy skip
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1  # a skipped step still counts, so data and schedule stay aligned
@@ -386,7 +420,7 @@ class Trainer:
         grads = [p.grad for p in self._clip_params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return torch.linalg.vector_norm(distributed.norms(grads))
 
     def _optimizer_step(self) -> None:
         h = self._hooks
@@ -563,12 +597,21 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, scheduler, scaler, progress,
-        RNG states and stateful callbacks, as plain data (``weights_only``-loadable)."""
-        loss_sum = self._loss_sum.item() if self._loss_sum is not None else None
+        RNG states and stateful callbacks, as plain data (``weights_only``-loadable).
+
+        Under torchrun every rank calls it together (it gathers each rank's part of the log
+        interval in progress); under ``strategy: fsdp``, ``model`` and ``optimizer`` hold this
+        rank's shards."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        else:
+            model_state, optimizer_state = self.module.state_dict(), self.optimizer.state_dict()
         return {
             "version": ckpt.VERSION,
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.precision.scaler.state_dict(),
             "trainer_state": {
@@ -577,9 +620,7 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch,
                 "consecutive_skips": self._guard.consecutive,
                 "skipped_steps": self._guard.skipped,
-                # the log interval in progress, so the next logged train/loss is the same number
-                "loss_sum": loss_sum,
-                "loss_count": self._loss_count,
+                **self._interval_state(),
             },
             "rng": ckpt.rng_state(),
             "callbacks": {
@@ -590,18 +631,55 @@ class Trainer:
             "config": self.resolved_config,
         }
 
+    def _interval_state(self) -> dict[str, Any]:
+        """The log interval in progress, every rank's, so that the next logged ``train/loss`` (and
+        extras) after a resume is the same number as without the interruption."""
+        names = sorted(self._extra_sums)
+        extras = [torch.as_tensor(self._extra_sums[n]).double().mean() for n in names]
+        loss = self._loss_sum.double() if self._loss_sum is not None else torch.zeros((), dtype=torch.float64)
+        mine = torch.stack([t.cpu() for t in [loss, *extras]]).tolist()  # note: CPU-GPU sync point, per checkpoint
+        ranks = distributed.all_gather_floats([float(self._loss_sum is not None), *mine], self.device)
+        return {
+            "loss_sums": [r[1] if r[0] else None for r in ranks],
+            "loss_count": self._loss_count,
+            "extra_sums": [dict(zip(names, r[2:])) for r in ranks],
+            "extra_types": {n: str(v.dtype) if isinstance(v, torch.Tensor) else "float" for n, v in self._extra_sums.items()},
+            "extra_count": self._extra_count,
+        }
+
+    def _restore_interval(self, ts: dict[str, Any]) -> None:
+        rank = self.layout.rank if self.layout.rank < len(ts["loss_sums"]) else 0  # fewer ranks than saved
+        loss = ts["loss_sums"][rank]
+        self._loss_sum = torch.tensor(loss, device=self.device) if loss is not None else None
+        self._loss_count = ts["loss_count"]
+        self._extra_sums = {
+            name: value if ts["extra_types"][name] == "float"
+            else torch.tensor(value, dtype=getattr(torch, ts["extra_types"][name].removeprefix("torch.")), device=self.device)
+            for name, value in ts["extra_sums"][rank].items()
+        }
+        self._extra_count = ts["extra_count"]
+
     def load_checkpoint(self, source: str | Path | dict[str, Any]) -> None:
-        """Restore everything ``state_dict`` saved, from a file or an already loaded checkpoint."""
+        """Restore everything ``state_dict`` saved, from a checkpoint (file or sharded directory) or an
+        already loaded one."""
         state = source if isinstance(source, dict) else ckpt.load_checkpoint(source)
         where = str(state.get("path", source if not isinstance(source, dict) else "given"))
-        self.load_model_state(state["model"], where)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise ckpt.CheckpointError(
-                f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
-                "resume with the config the run was started with"
-            ) from None
+        if state.get("sharded"):
+            self._load_sharded(state, where)
+        else:
+            if self.sharded:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {where} is a single file, written without strategy: fsdp; an fsdp run resumes "
+                    "from its own checkpoints (directories). Resume this one with strategy: ddp"
+                )
+            self.load_model_state(state["model"], where)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
+                    "resume with the config the run was started with"
+                ) from None
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise ckpt.CheckpointError(
                 f"checkpoint {where} was written {'without' if state['scheduler'] is None else 'with'} a scheduler "
@@ -614,8 +692,7 @@ class Trainer:
         ts = state["trainer_state"]
         self.global_step, self.epoch, self.batch_in_epoch = ts["global_step"], ts["epoch"], ts["batch_in_epoch"]
         self._resumed_skips = (ts["consecutive_skips"], ts["skipped_steps"])
-        self._loss_count = ts["loss_count"]
-        self._loss_sum = torch.tensor(ts["loss_sum"], device=self.device) if ts["loss_sum"] is not None else None
+        self._restore_interval(ts)
         saved_callbacks = state["callbacks"]
         for i, cb in enumerate(self.callbacks):
             key = f"{i}:{type(cb).__name__}"
@@ -623,32 +700,74 @@ class Trainer:
                 cb.load_state_dict(saved_callbacks[key])
         ckpt.set_rng_state(state["rng"])
 
+    def _load_sharded(self, state: dict[str, Any], where: str) -> None:
+        """Model and optimizer state from a DCP directory, into this run's layout (sharded or not)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        tensors = {"model": model_state, "optimizer": optimizer_state["state"]}
+        ckpt.load_sharded(tensors, state["sharded"])
+        try:
+            set_state_dict(self.module, self.optimizer, model_state_dict=tensors["model"],
+                           optim_state_dict={"state": tensors["optimizer"],
+                                             "param_groups": state["optimizer"]["param_groups"]})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ckpt.CheckpointError(
+                f"checkpoint {where}: the saved state does not fit this model and optimizer ({exc}); "
+                "resume with the config the run was started with"
+            ) from None
+
+    def load_weights(self, source: str | Path | dict[str, Any]) -> None:
+        """Only the model's weights from a checkpoint (file or sharded directory, or a loaded one)."""
+        state = source if isinstance(source, dict) else ckpt.load_checkpoint(source)
+        where = str(state.get("path", source if not isinstance(source, dict) else "given"))
+        if not state.get("sharded"):
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                ckpt.check_model_state(self.module, state["model"], where)
+                set_model_state_dict(self.module, state["model"], options=StateDictOptions(full_state_dict=True))
+            else:
+                self.load_model_state(state["model"], where)
+            return
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        tensors = {"model": get_model_state_dict(self.module)}
+        ckpt.load_sharded(tensors, state["sharded"])
+        set_model_state_dict(self.module, tensors["model"])
+
     def load_model_state(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         ckpt.check_model_state(self.module, saved, where)
         self.module.load_state_dict(saved)
 
     def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True) -> Path | None:
         """Write ``<run_dir>/checkpoints/step-<step>.pt`` (or ``path``) atomically and rotate old
-        periodic ones. Under torchrun rank 0 writes and the others wait; they get ``None``."""
+        periodic ones; under ``strategy: fsdp``, the directory ``step-<step>/``. Under torchrun every
+        rank calls it together: rank 0 writes the file (with fsdp, each rank its shards) and the
+        others get ``None``."""
         if self.run_dir is None:
             raise ValueError("save_checkpoint() needs a run_dir: Trainer(..., run_dir='runs/my-run')")
         self._guard.flush()
-        if not self.is_main_process:
-            distributed.barrier()  # rank 0 writes; the others wait so no rank runs ahead of the file
-            return None
         params = [p.detach() for p in self.module.parameters() if p.is_floating_point()]
-        if params and not all(math.isfinite(n) for n in torch.stack(torch._foreach_norm(params)).tolist()):
+        if params and not all(math.isfinite(n) for n in distributed.norms(params).tolist()):
             raise FloatingPointError(
                 f"step {self.global_step}: the weights hold NaN/Inf; refusing to write a checkpoint of them"
             )
+        state = self.state_dict()
         directory = self.run_dir / "checkpoints"
+        path = Path(path) if path is not None else directory / ckpt.checkpoint_name(self.global_step, self.sharded)
         try:
-            path = ckpt.save_checkpoint(self.state_dict(), path or directory / ckpt.checkpoint_name(self.global_step))
-            if rotate:
+            if self.sharded:
+                tensors = {"model": state["model"], "optimizer": state["optimizer"]["state"]}
+                state = {**state, "model": None, "optimizer": {"param_groups": state["optimizer"]["param_groups"]}}
+                ckpt.save_sharded(state, tensors, path, self.is_main_process)
+            elif self.is_main_process:
+                ckpt.save_checkpoint(state, path)
+            if rotate and self.is_main_process:
                 ckpt.rotate(directory, self.config.checkpoint.keep_last)
         finally:
-            distributed.barrier()
-        return path
+            distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete
+        return path if self.is_main_process else None
 
     # ----------------------------------------------------------------- evaluation
 
@@ -679,11 +798,13 @@ class Trainer:
         stepped, self.model = self.model, (self.module if self._ddp is not None else self.model)
         try:
             with eval_mode(self.module), self.precision.autocast:
-                for batch in source.epoch(0, 0):
+                for batch, counted in self._eval_batches(source):
                     batch = to_device(batch, self.device, self.device.type == "cuda")
                     out = self.validation_step(batch)
                     if not isinstance(out, dict):
                         raise TypeError(f"validation_step must return a dict of metric tensors, got {_describe(out)}")
+                    if not counted:
+                        continue
                     n = batch_size_of(batch)
                     for name, value in out.items():
                         value = torch.as_tensor(value, device=self.device).double().mean() * n
@@ -700,6 +821,34 @@ class Trainer:
             metrics = {f"val/{name}": v / total for name, v in zip(names, values)}
         self._call("on_validation_end", metrics)
         return metrics
+
+    def _eval_batches(self, source: EpochSource) -> Iterator[tuple[Any, bool]]:
+        """``(batch, counted)`` pairs. Under fsdp every forward gathers parameters from all ranks, so
+        every rank must run as many as the others: a rank whose (unpadded) share has run out repeats
+        its last batch without counting it."""
+        if not self.sharded:
+            for batch in source.epoch(0, 0):
+                yield batch, True
+            return
+        try:
+            rounds: int | None = distributed.all_max(len(source), self.device)
+        except TypeError:
+            rounds = None  # unknown length: the ranks agree batch by batch
+        batches = iter(source.epoch(0, 0))
+        last, done = None, 0
+        while rounds is None or done < rounds:
+            batch = next(batches, None)
+            if rounds is None and not distributed.all_max(int(batch is not None), self.device):
+                return
+            if batch is None and last is None:
+                raise ValueError(
+                    f"rank {self.layout.rank} has no validation batch: under strategy: fsdp every rank needs at "
+                    "least one (there are fewer validation samples than ranks)"
+                )
+            if batch is not None:
+                last = batch
+            yield (batch, True) if batch is not None else (last, False)
+            done += 1
 
     def _validate(self, epoch: int) -> None:
         self._last_val_step = self.global_step
