@@ -183,6 +183,15 @@ def test_check_builds_and_trains_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_check_accepts_every_shipped_config(name):
+    if name == "digits.yaml":
+        pytest.importorskip("sklearn")
+    code, out = invoke("check", ROOT / "configs" / name)
+    assert code == 0, out
+    assert "# config OK" in out
+
+
 def test_eval_prints_metrics_of_a_checkpoint(tmp_path):
     cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
     assert invoke("run", cfg)[0] == 0
