@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import list_checkpoints, load_checkpoint
+from trainer.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = Path(__file__).resolve().parent / "project"
@@ -169,7 +169,7 @@ grad_accum_steps: 2
 log_every_n_steps: 3
 progress_bar: false
 grad_logging: {{every_n_steps: 3}}
-checkpoint: {{every_n_steps: 4, keep_last: 2}}
+checkpoint: {checkpoint}
 model:
   _target_: trainer.examples.char_lm.CharTransformer
   block_size: 16
@@ -192,9 +192,11 @@ ADAMW = "{_target_: torch.optim.AdamW, lr: 3.0e-3}"
 SGD = "{_target_: torch.optim.SGD, lr: 0.1, momentum: 0.9}"
 
 
-def write_lm(tmp_path, name, batch, strategy=None, dropout=0.0, extra="", optimizer=ADAMW):
+def write_lm(tmp_path, name, batch, strategy=None, dropout=0.0, extra="", optimizer=ADAMW,
+             checkpoint="{every_n_steps: 4, keep_last: 2}"):
     path = tmp_path / f"{name}.yaml"
-    text = LM_CONFIG.format(name=name, out=tmp_path / "runs", batch=batch, dropout=dropout, optimizer=optimizer)
+    text = LM_CONFIG.format(name=name, out=tmp_path / "runs", batch=batch, dropout=dropout, optimizer=optimizer,
+                            checkpoint=checkpoint)
     path.write_text(text + (f"strategy: {strategy}\n" if strategy else "") + extra)
     return path
 
@@ -249,25 +251,38 @@ def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
         torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_killed_fsdp_run_resumes_bit_identically(tmp_path):
-    reference = torchrun("run", write_lm(tmp_path, "ref", batch=3, strategy="fsdp", dropout=0.1))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+EVERY_2 = "{every_n_steps: 2, keep_last: null}"
 
-    # Killed after step 10: the newest checkpoint is step 8, in the middle of a log interval (6, 9].
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory):
+    """An uninterrupted 2-rank fsdp run with dropout (every rank draws from torch's generator)."""
+    tmp = tmp_path_factory.mktemp("fsdp_reference")
+    proc = torchrun("run", write_lm(tmp, "ref", batch=3, strategy="fsdp", dropout=0.1, checkpoint=EVERY_2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "runs" / "ref"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,step,resumes_from", [
+    ("after_step", 10, 8),  # step 8 is inside the log interval (6, 9]: each rank's partial loss sum counts
+    ("during_save", 8, 6),  # rank 0 killed half-way through trainer.pt: the step-8 directory never appears
+])
+def test_killed_fsdp_run_resumes_bit_identically(fsdp_reference, tmp_path, where, step, resumes_from):
     marker = tmp_path / "killed"
-    kill = f"callbacks:\n  - {{_target_: killers.KillAt, where: after_step, step: 10, marker: '{marker}'}}\n"
-    cfg = write_lm(tmp_path, "ref2", batch=3, strategy="fsdp", dropout=0.1, extra=kill)
+    kill = f"callbacks:\n  - {{_target_: killers.KillAt, where: {where}, step: {step}, marker: '{marker}'}}\n"
+    cfg = write_lm(tmp_path, "ref2", batch=3, strategy="fsdp", dropout=0.1, checkpoint=EVERY_2, extra=kill)
     first = torchrun("run", cfg)
     assert first.returncode != 0 and marker.exists()
-    assert [p.name for p in list_checkpoints(tmp_path / "runs" / "ref2" / "checkpoints")] == [
-        "step-00000004", "step-00000008"]
+    checkpoints = tmp_path / "runs" / "ref2" / "checkpoints"
+    assert list_checkpoints(checkpoints)[-1].name == f"step-{resumes_from:08d}"
     second = torchrun("run", cfg, "--resume", "auto")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "continuing from" in second.stdout and "step-00000008" in second.stdout
+    assert f"continuing from {checkpoints / f'step-{resumes_from:08d}'}" in second.stdout
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".")]  # the half-written one is gone
 
-    a = sharded(tmp_path / "runs" / "ref" / "checkpoints" / "step-00000022")
-    b = sharded(tmp_path / "runs" / "ref2" / "checkpoints" / "step-00000022")
+    a = sharded(fsdp_reference / "checkpoints" / "step-00000022")
+    b = sharded(checkpoints / "step-00000022")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert sorted(a["optimizer"]) == sorted(b["optimizer"]) and a["optimizer"]
@@ -275,4 +290,53 @@ def test_killed_fsdp_run_resumes_bit_identically(tmp_path):
         for key, value in state.items():
             assert torch.equal(value, b["optimizer"][name][key]), (name, key)
     loss = lambda d: [(r["step"], r["train/loss"]) for r in records(d) if "train/loss" in r]
-    assert loss(tmp_path / "runs" / "ref2") == loss(tmp_path / "runs" / "ref")
+    assert loss(tmp_path / "runs" / "ref2") == loss(fsdp_reference)
+
+
+@pytest.fixture
+def fsdp_checkpoints(fsdp_reference, tmp_path):
+    """A copy of the reference run's checkpoint directories, to damage."""
+    import shutil
+
+    directory = tmp_path / "run" / "checkpoints"
+    shutil.copytree(fsdp_reference / "checkpoints", directory)
+    return directory
+
+
+@pytest.mark.parametrize("damage", ["truncated_shard", "missing_shard", "no_trainer_state"])
+def test_damaged_sharded_checkpoint_falls_back_to_the_previous(fsdp_checkpoints, damage):
+    newest = list_checkpoints(fsdp_checkpoints)[-1]
+    if damage == "truncated_shard":
+        shard = newest / "__1_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])
+        expected = "__1_0.distcp holds 100 bytes"
+    elif damage == "missing_shard":
+        (newest / "__0_0.distcp").unlink()
+        expected = "__0_0.distcp is missing"
+    else:
+        (newest / "trainer.pt").unlink()
+        expected = "not a complete sharded checkpoint"
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match=newest.name):
+        state = find_resume_checkpoint(fsdp_checkpoints.parent, "auto")
+    assert state["trainer_state"]["global_step"] == 20 and state["sharded"] == str(fsdp_checkpoints / "step-00000020")
+
+
+def test_sharded_metadata_that_would_run_code_is_refused(fsdp_checkpoints, tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    newest = list_checkpoints(fsdp_checkpoints)[-1]
+    payload = pickle.dumps(Payload())
+    (newest / ".metadata").write_bytes(payload)
+    # A forger would list the new size in trainer.pt too (plain data, weights_only).
+    state = torch.load(newest / "trainer.pt", weights_only=True)
+    state["shards"][".metadata"] = len(payload)
+    torch.save(state, newest / "trainer.pt")
+    with pytest.raises(CheckpointError, match="posix.system is not allowed.*refused"):
+        load_checkpoint(newest)
+    assert not (tmp_path / "pwned").exists()
