@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -252,6 +253,22 @@ def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
 
 
 EVERY_2 = "{every_n_steps: 2, keep_last: null}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_from_a_users_script(tmp_path, precision):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(PROJECT / "fsdp_script.py"), str(tmp_path / "run"), precision]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # (the two ranks share stdout, so their lines may interleave)
+    reports = sorted(re.findall(r"rank (\d): sharded=(\w+) skipped=(\d+) step=(\d+) val/loss=([\d.]+)", proc.stdout))
+    assert [r[0] for r in reports] == ["0", "1"], proc.stdout
+    # Both ranks sharded, both skipped the step whose loss only rank 1 saw as NaN, and both
+    # reported the same validation loss (reduced over the ranks' shares).
+    assert all(r[1:4] == ("True", "1", "6") for r in reports), reports
+    assert reports[0][4] == reports[1][4]
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000006"]
 
 
 @pytest.fixture(scope="module")
