@@ -214,14 +214,19 @@ def sharded(directory):
 def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     # Per rank 3 samples a batch, 2 micro-batches a step; 126 training blocks, 13 validation blocks
     # (7 and 6 per rank: 3 and 2 batches, so one rank runs an uncounted forward to keep FSDP in step).
-    two = torchrun("run", write_lm(tmp_path, "fsdp", batch=3, strategy="fsdp", optimizer=SGD))
+    best = "callbacks: [{_target_: trainer.callbacks.BestCheckpoints, monitor: val/loss}]\n"
+    two = torchrun("run", write_lm(tmp_path, "fsdp", batch=3, strategy="fsdp", optimizer=SGD, extra=best))
     assert two.returncode == 0, two.stderr[-3000:]
     one = single("run", write_lm(tmp_path, "single", batch=6, optimizer=SGD))
     assert one.returncode == 0, one.stderr[-3000:]
     fsdp_dir, single_dir = tmp_path / "runs" / "fsdp", tmp_path / "runs" / "single"
 
     names = sorted(p.name for p in (fsdp_dir / "checkpoints").iterdir())
-    assert names == ["step-00000020", "step-00000022"]  # directories of shards, rotated like files
+    best_name = [n for n in names if n.startswith("best-step-")]
+    # directories of shards, rotated like files; the best one by val/loss beside them, and a link to it
+    assert names == ["best", *best_name, "step-00000020", "step-00000022"] and len(best_name) == 1
+    assert (fsdp_dir / "checkpoints" / "best").resolve() == (fsdp_dir / "checkpoints" / best_name[0]).resolve()
+    assert load_checkpoint(fsdp_dir / "checkpoints" / "best")["trainer_state"]["global_step"] in (11, 22)
     assert sorted(p.name for p in (fsdp_dir / "checkpoints" / "step-00000022").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.pt"]
     a = sharded(fsdp_dir / "checkpoints" / "step-00000022")
