@@ -120,6 +120,31 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     assert not any(k.startswith("module.") for k in a["model"])
 
 
+def test_two_nodes_with_a_rendezvous_endpoint(tmp_path):
+    # Two torchrun agents, one per "machine" (node_rank 0 and 1, one process each: both have
+    # LOCAL_RANK 0), meeting at a c10d rendezvous endpoint on loopback.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write(tmp_path, "nodes", batch=8)
+    agents = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                          "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                          "--rdzv_id=nodes-test", "-m", "trainer", "run", str(cfg)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        for node in (0, 1)
+    ]
+    outputs = [agent.communicate(timeout=240) for agent in agents]
+    for agent, (out, err) in zip(agents, outputs):
+        assert agent.returncode == 0, err[-3000:]
+    one = single("run", write(tmp_path, "single", batch=16))
+    assert one.returncode == 0, one.stderr
+    a, b = final(tmp_path / "runs" / "nodes"), final(tmp_path / "runs" / "single")
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in records(tmp_path / "runs" / "nodes") if "train/loss" in r] == list(range(1, 25))
+
+
 @pytest.mark.slow
 def test_killed_two_rank_run_resumes_bit_identically(tmp_path):
     reference = torchrun("run", write(tmp_path, "ref", batch=8, extra="trainer: killers.NoisyTrainer\n"))
