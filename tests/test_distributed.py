@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -171,6 +172,50 @@ def test_killed_two_rank_run_resumes_bit_identically(tmp_path):
                 assert torch.equal(value, other), (part, key)
     loss = lambda d: [(r["step"], r["train/loss"]) for r in records(d) if "train/loss" in r]
     assert loss(tmp_path / "runs" / "ref2") == loss(tmp_path / "runs" / "ref")
+
+
+def _worker_pids(agent_pid):
+    """torchrun's worker processes by rank, read from their environment."""
+    pids = {}
+    for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        rank = next((e[5:] for e in environ if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            pids[int(rank)] = int(child)
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    cfg = write(tmp_path, "term", batch=8).read_text()
+    cfg = cfg.replace("max_epochs: 3", "max_epochs: 500").replace("log_every_n_steps: 1", "log_every_n_steps: 5")
+    cfg = cfg.replace("checkpoint: {every_n_steps: 4, keep_last: 2}", "checkpoint: {every_n_steps: 100000}")
+    (tmp_path / "term.yaml").write_text(cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "trainer", "run", str(tmp_path / "term.yaml")]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    run_dir = tmp_path / "runs" / "term"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+            (run_dir / "metrics.jsonl").exists() and len(records(run_dir)) >= 4):
+        time.sleep(0.2)
+    workers = _worker_pids(agent.pid)
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[1], signal.SIGTERM)  # rank 1 alone is told to stop
+    out, err = agent.communicate(timeout=120)
+
+    assert agent.returncode != 0  # each worker exits 143; torchrun reports them
+    assert "stopped by SIGTERM" in out, out + err[-2000:]  # said by rank 0, which got no signal itself
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    assert len(checkpoints) == 1
+    step = load_checkpoint(checkpoints[0])["trainer_state"]["global_step"]
+    assert step % 5 == 0  # the ranks agreed at a log point
+    assert records(run_dir)[-1]["step"] == step
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+
+    resumed = torchrun("run", tmp_path / "term.yaml", "--resume", "auto", f"max_steps={step + 5}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"finished: step {step + 5}" in resumed.stdout
 
 
 def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
