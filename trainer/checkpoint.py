@@ -81,12 +81,16 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, (OSError, RuntimeError)):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {exc}. Earlier checkpoints are intact; free disk space "
-                "or fix the folder's permissions, then resume with --resume auto"
-            ) from exc
+            raise _write_failed(path, exc) from exc
         raise
     return path
+
+
+def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"could not write checkpoint {path}: {exc}. Earlier checkpoints are intact; free disk space "
+        "or fix the folder's permissions, then resume with --resume auto"
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -160,7 +164,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         found = None
         if module in (dcp_meta.__name__, dcp_fs.__name__):
             found = getattr(dcp_meta if module == dcp_meta.__name__ else dcp_fs, name, None)
-            found = found if isinstance(found, type) or name == "_MEM_FORMAT_ENCODING" else None
+            found = found if isinstance(found, type) else None  # classes (and enums) only, no functions
         elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             found = getattr(torch, name)
         elif (module, name) == ("torch.serialization", "_get_layout"):
@@ -228,11 +232,8 @@ def save_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pat
     except BaseException as exc:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointError):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {exc}. Earlier checkpoints are intact; free disk space "
-                "or fix the folder's permissions, then resume with --resume auto"
-            ) from exc
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise _write_failed(path, exc) from exc
         raise
     return path
 
