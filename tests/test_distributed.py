@@ -146,6 +146,22 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path):
     assert [r["step"] for r in records(tmp_path / "runs" / "nodes") if "train/loss" in r] == list(range(1, 25))
 
 
+def test_fewer_validation_samples_than_ranks(tmp_path):
+    # One validation sample: rank 1's share is empty; it adds zeros to the exact reduction.
+    def cfg(name, batch):
+        path = write(tmp_path, name, batch=batch)
+        path.write_text(path.read_text().replace("n_val: 50", "n_val: 1").replace("max_epochs: 3", "max_epochs: 1"))
+        return path
+
+    two = torchrun("run", cfg("ddp", 8))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = single("run", cfg("single", 16))
+    assert one.returncode == 0, one.stderr[-3000:]
+    val = lambda d: [r["val/loss"] for r in records(d) if "val/loss" in r]
+    assert val(tmp_path / "runs" / "ddp") == pytest.approx(val(tmp_path / "runs" / "single"), rel=1e-5)
+    assert len(val(tmp_path / "runs" / "ddp")) == 1
+
+
 @pytest.mark.slow
 def test_killed_two_rank_run_resumes_bit_identically(tmp_path):
     reference = torchrun("run", write(tmp_path, "ref", batch=8, extra="trainer: killers.NoisyTrainer\n"))

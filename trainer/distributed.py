@@ -103,6 +103,16 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     return [t.tolist() for t in gathered]
 
 
+def union_of_names(named: dict[str, Any]) -> list[str]:
+    """The sorted union of every rank's keys (one small object gather, at evaluations only)."""
+    mine = sorted(named)
+    if not active():
+        return mine
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return sorted(set().union(*gathered))
+
+
 # ----------------------------------------------------------------------------- FSDP2
 
 

@@ -813,10 +813,13 @@ class Trainer:
         finally:
             self.model = stepped
         metrics: dict[str, float] = {}
-        if sums:
-            names = sorted(sums)  # the same order on every rank
+        # The same names in the same order on every rank, even on one whose share was empty (fewer
+        # validation samples than ranks): it adds zeros rather than skipping the collective.
+        names = distributed.union_of_names(sums)
+        if names:
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
             # Exact over ranks: sums and counts, not a mean of means.
-            totals = distributed.all_sum(torch.stack([sums[n] for n in names] + [sums[names[0]].new_tensor(count)]))
+            totals = distributed.all_sum(torch.stack([sums.get(n, zero) for n in names] + [zero + count]))
             *values, total = totals.tolist()  # note: CPU-GPU sync point, once per evaluation
             metrics = {f"val/{name}": v / total for name, v in zip(names, values)}
         self._call("on_validation_end", metrics)
