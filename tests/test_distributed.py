@@ -362,6 +362,14 @@ def test_fsdp_from_a_users_script(tmp_path, precision):
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000006"]
 
 
+def test_fsdp_refuses_fused_sgd_with_the_reason(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(PROJECT / "fsdp_script.py"), str(tmp_path / "run"), "fp32", "fused_sgd"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    assert proc.returncode != 0
+    assert "fused SGD has no kernel for sharded parameters" in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def fsdp_reference(tmp_path_factory):
     """An uninterrupted 2-rank fsdp run with dropout (every rank draws from torch's generator)."""

@@ -13,7 +13,13 @@ from trainer.examples.char_lm import CharTransformer, lm_loss, load
 
 
 class ScriptTrainer(Trainer):
+    def __init__(self, *args, optimizer_name="adamw", **kwargs):
+        self.optimizer_name = optimizer_name
+        super().__init__(*args, **kwargs)
+
     def configure_optimizers(self):
+        if self.optimizer_name == "fused_sgd":  # no kernel for sharded parameters: refused with a reason
+            return torch.optim.SGD(self.trainable_parameters(), lr=0.1, fused=True)
         return torch.optim.AdamW(self.trainable_parameters(), lr=3e-3, fused=True)
 
     def training_step(self, batch):
@@ -23,12 +29,13 @@ class ScriptTrainer(Trainer):
         return loss
 
 
-def main(run_dir: str, precision: str) -> None:
+def main(run_dir: str, precision: str, optimizer_name: str = "adamw") -> None:
     torch.manual_seed(0)
     data = load(block_size=16, max_bytes=2240, val_fraction=0.1)
     model = CharTransformer(block_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0)
     trainer = ScriptTrainer(
         model, train_data=data["train"], val_data=data["val"], loss_fn=lm_loss, run_dir=run_dir,
+        optimizer_name=optimizer_name,
         config={"strategy": "fsdp", "precision": precision, "batch_size": 4, "max_steps": 6,
                 "log_every_n_steps": 2, "on_nonfinite": "skip", "progress_bar": False},
     )
@@ -38,4 +45,4 @@ def main(run_dir: str, precision: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
