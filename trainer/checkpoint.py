@@ -50,10 +50,6 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def is_sharded(path: str | Path) -> bool:
-    return Path(path).is_dir()
-
-
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

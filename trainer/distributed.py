@@ -116,10 +116,6 @@ def union_of_names(named: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- FSDP2
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, DTensor)
-
-
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -662,16 +662,10 @@ class Trainer:
     def load_checkpoint(self, source: str | Path | dict[str, Any]) -> None:
         """Restore everything ``state_dict`` saved, from a checkpoint (file or sharded directory) or an
         already loaded one."""
-        state = source if isinstance(source, dict) else ckpt.load_checkpoint(source)
-        where = str(state.get("path", source if not isinstance(source, dict) else "given"))
+        state, where = self._read_checkpoint(source)
         if state.get("sharded"):
             self._load_sharded(state, where)
         else:
-            if self.sharded:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {where} is a single file, written without strategy: fsdp; an fsdp run resumes "
-                    "from its own checkpoints (directories). Resume this one with strategy: ddp"
-                )
             self.load_model_state(state["model"], where)
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -717,18 +711,23 @@ class Trainer:
                 "resume with the config the run was started with"
             ) from None
 
-    def load_weights(self, source: str | Path | dict[str, Any]) -> None:
-        """Only the model's weights from a checkpoint (file or sharded directory, or a loaded one)."""
+    def _read_checkpoint(self, source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The checkpoint's state and where it came from (for messages). A file checkpoint holds full
+        tensors keyed for the plain module, which a sharded run does not take."""
         state = source if isinstance(source, dict) else ckpt.load_checkpoint(source)
         where = str(state.get("path", source if not isinstance(source, dict) else "given"))
-        if not state.get("sharded"):
-            if self.sharded:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        if self.sharded and not state.get("sharded"):
+            raise ckpt.CheckpointError(
+                f"checkpoint {where} is a single file, written without strategy: fsdp; an fsdp run loads "
+                "its own checkpoints (directories). Use this one with strategy: ddp or in a single process"
+            )
+        return state, where
 
-                ckpt.check_model_state(self.module, state["model"], where)
-                set_model_state_dict(self.module, state["model"], options=StateDictOptions(full_state_dict=True))
-            else:
-                self.load_model_state(state["model"], where)
+    def load_weights(self, source: str | Path | dict[str, Any]) -> None:
+        """Only the model's weights from a checkpoint (file or sharded directory, or a loaded one)."""
+        state, where = self._read_checkpoint(source)
+        if not state.get("sharded"):
+            self.load_model_state(state["model"], where)
             return
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
