@@ -113,7 +113,6 @@ def run(
             if resume is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
                 truncate_metrics(run_dir, resume_from["trainer_state"]["global_step"] if resume_from else 0)
-        from trainer import distributed
         from trainer.report import write_status
 
         main = built.trainer.is_main_process
@@ -135,7 +134,7 @@ def run(
             signum = built.trainer.stopped_by_signal
             write_status(run_dir, "interrupted" if signum else "finished", step=built.trainer.global_step,
                          reason=built.trainer.stop_reason or "finished")
-        distributed.shutdown()
+        built.trainer.close()  # leave the process group (under torchrun)
         _report(built.trainer, run_dir)
         if built.trainer.stopped_by_signal is not None:
             raise typer.Exit(128 + built.trainer.stopped_by_signal)
@@ -204,6 +203,7 @@ def evaluate(
         except CheckpointError as exc:
             raise UserError(str(exc)) from None
         metrics = built.trainer.evaluate()
+        built.trainer.close()  # leave the process group (under torchrun)
         typer.echo(json.dumps({"checkpoint": str(checkpoint), "step": state["trainer_state"]["global_step"], **metrics}))
 
 

@@ -42,24 +42,29 @@ def from_env() -> Layout:
     return Layout(rank, world, local)
 
 
-def init(layout: Layout, device: torch.device) -> None:
-    """Join the process group (NCCL on CUDA, gloo on CPU) unless the script already did."""
+def init(layout: Layout, device: torch.device) -> bool:
+    """Join the process group (NCCL on CUDA, gloo on CPU) unless the script already did; True if joined here."""
     if not layout.enabled or dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     # A rank that dies leaves the others waiting in a collective; torchrun then stops them, and
     # this timeout bounds the wait where nothing else does.
     timeout = datetime.timedelta(seconds=float(os.environ.get("TRAINER_DIST_TIMEOUT", "600")))
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    return True
 
 
 def shutdown() -> None:
-    """Leave the process group after a run that ended normally on every rank."""
+    """Leave the process group after a run that ended normally on every rank.
+
+    Nothing outside torch's own registry may hold the group by then (see ``Trainer.close``): the
+    registry's reference releases the GIL while the group is destroyed, and gloo's threads need it
+    to free the last collective's tensors.
+    """
     if dist.is_initialized():
-        # gloo may still hold finished work that references Python tensors; tearing the group down
-        # while a peer is mid-collective aborts the process ("terminate called without an active
-        # exception"). Meeting first makes every rank idle.
+        # Tearing the group down while a peer is mid-collective aborts the process ("terminate
+        # called without an active exception"). Meeting first makes every rank idle.
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()

@@ -40,6 +40,7 @@ def main(run_dir: str, precision: str, optimizer_name: str = "adamw") -> None:
                 "log_every_n_steps": 2, "on_nonfinite": "skip", "progress_bar": False},
     )
     trainer.fit()
+    trainer.close()
     print(f"rank {trainer.layout.rank}: sharded={trainer.sharded} skipped={trainer.skipped_steps} "
           f"step={trainer.global_step} val/loss={trainer.history[-1]['val/loss']:.6f}", flush=True)
 
