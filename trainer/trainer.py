@@ -329,6 +329,22 @@ class Trainer:
         self._call("on_fit_end")
         return self.history
 
+    def close(self) -> None:
+        """Under torchrun, on every rank after the last ``fit``/``evaluate``: leave the process group.
+
+        The DDP wrapper goes first. Its C++ reducer holds the process group, and a group destroyed
+        from there (the GIL held) can deadlock with a gloo thread still freeing the last collective's
+        tensors, which needs the GIL: the process then never exits. Dropped while torch's registry
+        still holds the group, the wrapper frees nothing; ``distributed.shutdown`` then meets the
+        other ranks and destroys the group from the registry, which releases the GIL. A group the
+        script joined itself is left to the script. Outside torchrun this does nothing.
+        """
+        if self._ddp is not None:
+            self.model, self._ddp = self.module, None
+        if self._joined_group:
+            distributed.shutdown()
+            self._joined_group = False
+
     def _install_signal_handlers(self) -> dict[int, Any]:
         """SIGTERM and SIGINT only set a flag; the loop acts on it at the next step boundary."""
         if threading.current_thread() is not threading.main_thread():
@@ -769,22 +785,6 @@ class Trainer:
         return path if self.is_main_process else None
 
     # ----------------------------------------------------------------- evaluation
-
-    def close(self) -> None:
-        """Under torchrun, on every rank after the last ``fit``/``evaluate``: leave the process group.
-
-        The DDP wrapper goes first. Its C++ reducer holds the process group, and a group destroyed
-        from there (the GIL held) can deadlock with a gloo thread still freeing the last collective's
-        tensors, which needs the GIL: the process then never exits. Dropped while torch's registry
-        still holds the group, the wrapper frees nothing; ``distributed.shutdown`` then meets the
-        other ranks and destroys the group from the registry, which releases the GIL. A group the
-        script joined itself is left to the script. Outside torchrun this does nothing.
-        """
-        if self._ddp is not None:
-            self.model, self._ddp = self.module, None
-        if self._joined_group:
-            distributed.shutdown()
-            self._joined_group = False
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
         """Run ``validation_step`` over ``data`` (default: ``val_data``) under ``eval_mode``.
