@@ -346,11 +346,12 @@ def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
 EVERY_2 = "{every_n_steps: 2, keep_last: null}"
 
 
-def test_close_drops_the_ddp_wrapper_before_destroying_the_group():
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_close_drops_the_ddp_wrapper_before_destroying_the_group(mode):
     """Destroyed from DDP's reducer, the group deadlocked at exit in 1 of 25 cold-started runs (the
     main thread, holding the GIL, joined a gloo thread waiting for it); close() drops the wrapper first."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(PROJECT / "ddp_script.py")]
+           str(PROJECT / "ddp_script.py"), mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):

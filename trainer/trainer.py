@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
 import signal
 import threading
@@ -337,10 +338,15 @@ class Trainer:
         tensors, which needs the GIL: the process then never exits. Dropped while torch's registry
         still holds the group, the wrapper frees nothing; ``distributed.shutdown`` then meets the
         other ranks and destroys the group from the registry, which releases the GIL. A group the
-        script joined itself is left to the script. Outside torchrun this does nothing.
+        script joined itself is left to the script. Outside torchrun this does nothing. With
+        ``compile: true`` this clears torch.compile's caches: compiled code and its guards hold
+        the wrapper too (through reference cycles, hence the collection).
         """
         if self._ddp is not None:
             self.model, self._ddp = self.module, None
+            if self.config.compile:
+                torch._dynamo.reset()
+                gc.collect()
         if self._joined_group:
             distributed.shutdown()
             self._joined_group = False

@@ -2,9 +2,11 @@
 
 It records whether the DDP wrapper was gone when the process group was destroyed: destroyed from
 DDP's reducer (the GIL held), the group can deadlock with a gloo thread that needs the GIL to free
-the last collective's tensors, and the process never exits.
+the last collective's tensors, and the process never exits. ``compile`` as the argument compiles
+the DDP model, whose compiled code holds the wrapper as well.
 """
 
+import sys
 import weakref
 
 import torch
@@ -14,13 +16,14 @@ from torch.nn import functional as F
 from trainer import Trainer
 
 
-def main() -> None:
+def main(mode: str = "eager") -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 8)
     y = (x[:, 0] > 0).long()
     model = torch.nn.Linear(8, 2)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
-                      config={"max_steps": 4, "batch_size": 8, "log_every_n_steps": 2, "progress_bar": False})
+                      config={"max_steps": 4, "batch_size": 8, "log_every_n_steps": 2, "progress_bar": False,
+                              "compile": mode == "compile"})
     trainer.fit()
     wrapper = weakref.ref(trainer._ddp)
     destroy, gone = dist.destroy_process_group, []
@@ -37,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])
