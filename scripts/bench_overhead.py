@@ -98,6 +98,22 @@ def raw_loop(model, optimizer, batches, loss_of, log: bool, progress: bool, modu
         bar.close()
 
 
+def make_trainer(model, optimizer, batches, loss_of, variant: str, device: str = "cpu", precision: str = "fp32",
+                 compile_: bool = False):
+    """The Trainer doing a variant's bookkeeping over ``batches`` (one step each), no evaluation."""
+    from trainer import ProgressBar, Trainer
+
+    log = variant in ("logging", "progress")
+    config = {
+        "device": device, "max_steps": len(batches), "progress_bar": False, "eval_every_n_epochs": None,
+        "precision": precision, "compile": compile_,
+        "log_every_n_steps": LOG_EVERY if log else 10**9,
+        "grad_logging": {"every_n_steps": LOG_EVERY, "per_layer": True} if log else {},
+    }
+    callbacks = [ProgressBar(force=True)] if variant == "progress" else []
+    return Trainer(model, optimizer, batches, loss_fn=loss_of, callbacks=callbacks, config=config)
+
+
 def child(kind: str, workload: str, variant: str, device: str, precision: str, compile_: bool) -> float:
     import os
 
@@ -133,17 +149,8 @@ def child(kind: str, workload: str, variant: str, device: str, precision: str, c
         sync()
         return (time.perf_counter() - start) / steps
 
-    from trainer import ProgressBar, Trainer
-
     def make(data):
-        config = {
-            "device": device, "max_steps": len(data), "progress_bar": False, "eval_every_n_epochs": None,
-            "precision": precision, "compile": compile_,
-            "log_every_n_steps": LOG_EVERY if log else 10**9,
-            "grad_logging": {"every_n_steps": LOG_EVERY, "per_layer": True} if log else {},
-        }
-        callbacks = [ProgressBar(force=True)] if progress else []
-        return Trainer(model, optimizer, data, loss_fn=loss_of, callbacks=callbacks, config=config)
+        return make_trainer(model, optimizer, data, loss_of, variant, device, precision, compile_)
 
     warm_trainer = make(warm_batches)
     warm_trainer.fit()

@@ -49,24 +49,19 @@ def main() -> None:
 
     import torch
 
-    from trainer import Trainer
-
     torch.set_num_threads(1)
     model, optimizer, pool, _, _ = bench.build(args.workload, "cpu")
     loss_of = bench.loss_fn(args.workload)
     batches = [pool[i % len(pool)] for i in range(args.steps)]
-    config = {"device": "cpu", "max_steps": args.steps, "progress_bar": False, "eval_every_n_epochs": None,
-              "log_every_n_steps": bench.LOG_EVERY, "grad_logging": {"every_n_steps": bench.LOG_EVERY, "per_layer": True}}
-
     bench.raw_loop(model, optimizer, batches[:50], loss_of, True, False)  # warm both paths first
-    Trainer(model, optimizer, batches[:50], loss_fn=loss_of, config=dict(config, max_steps=50)).fit()
+    bench.make_trainer(model, optimizer, batches[:50], loss_of, "logging").fit()
     raw = count(lambda: bench.raw_loop(model, optimizer, batches, loss_of, True, False))
-    trainer = Trainer(model, optimizer, batches, loss_fn=loss_of, config=config)
+    trainer = bench.make_trainer(model, optimizer, batches, loss_of, "logging")
     ours = count(trainer.fit)
 
     n = args.steps
     print(f"{args.workload}, {n} steps, loss and per-layer gradient norms logged every {bench.LOG_EVERY}:")
-    print(f"  calls per step   python   C")
+    print("  calls per step   python   C")
     print(f"  raw loop         {raw['python'] / n:6.1f} {raw['C'] / n:6.1f}")
     print(f"  Trainer          {ours['python'] / n:6.1f} {ours['C'] / n:6.1f}")
     print("  the Trainer's extra Python calls per step, by function (>= 0.1):")

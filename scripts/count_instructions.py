@@ -44,8 +44,6 @@ STEPS = {"tiny": 200, "small": 50, "empty": 400}  # N; multiples of the log inte
 def child(cases: list[str], steps: int | None) -> None:
     import torch
 
-    from trainer import ProgressBar, Trainer
-
     torch.set_num_threads(1)
     for case in cases:
         workload, variant = case.split(":")
@@ -53,18 +51,12 @@ def child(cases: list[str], steps: int | None) -> None:
         model, optimizer, pool, _, _ = bench.build(workload, "cpu")
         loss_of = bench.loss_fn(workload)
         log, progress = variant in ("logging", "progress"), variant == "progress"
-        config = {"device": "cpu", "progress_bar": False, "eval_every_n_epochs": None,
-                  "log_every_n_steps": bench.LOG_EVERY if log else 10**9,
-                  "grad_logging": {"every_n_steps": bench.LOG_EVERY, "per_layer": True} if log else {}}
 
         def run(kind: str, count: int):
             batches = [pool[i % len(pool)] for i in range(count)]
             if kind == "raw":
                 return lambda: bench.raw_loop(model, optimizer, batches, loss_of, log, progress)
-            callbacks = [ProgressBar(force=True)] if progress else []
-            trainer = Trainer(model, optimizer, batches, loss_fn=loss_of, callbacks=callbacks,
-                              config=dict(config, max_steps=count))
-            return trainer.fit
+            return bench.make_trainer(model, optimizer, batches, loss_of, variant).fit
 
         run("raw", bench.LOG_EVERY)()  # warm both paths: lazy imports, first-call caches
         run("trainer", bench.LOG_EVERY)()
