@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from trainer.run_dir import TENSORBOARD
 from trainer.run_config import Component, RunConfig, trainer_config
 from trainer.yaml_source import ConfigError, Path_, Source
 
@@ -238,7 +239,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
             from trainer.tensorboard import TensorBoardLogger
 
             try:
-                loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
+                loggers.append(TensorBoardLogger(run_dir / TENSORBOARD))
             except ImportError as exc:
                 raise source.at(("loggers", i), str(exc)) from None
         else:

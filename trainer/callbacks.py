@@ -11,6 +11,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.hooks import Callback
+from trainer.run_dir import best_link, best_name, checkpoint_dir
 from trainer.modes import ema_update, frozen_copy
 
 
@@ -131,9 +132,8 @@ class BestCheckpoints(Callback):
         value = _monitored(metrics, self.monitor, "BestCheckpoints")
         if trainer.run_dir is None or not math.isfinite(value):
             return
-        directory = trainer.run_dir / "checkpoints"
-        suffix = "" if trainer.sharded else ".pt"
-        name = f"best-step-{trainer.global_step:08d}-{self.monitor.replace('/', '_')}={value:.4f}{suffix}"
+        directory = checkpoint_dir(trainer.run_dir)
+        name = best_name(trainer.global_step, self.monitor, value, trainer.sharded)
         entry = (value, trainer.global_step, name)
         sign = 1.0 if self.mode == "min" else -1.0
         ranked = sorted(self.kept + [entry], key=lambda t: (sign * t[0], t[1]))  # best first, ties: earlier
@@ -145,7 +145,7 @@ class BestCheckpoints(Callback):
         if trainer.is_main_process:
             for _, _, dropped in drop:
                 ckpt.remove(directory / dropped)
-            ckpt.link_best(directory / keep[0][2], directory / f"best{suffix}")
+            ckpt.link_best(directory / keep[0][2], directory / best_link(trainer.sharded))
 
     def state_dict(self) -> dict[str, Any]:
         return {"kept": [list(k) for k in self.kept]}

@@ -17,7 +17,6 @@ import contextlib
 import os
 import pickle
 import random
-import re
 import shutil
 import warnings
 import zipfile
@@ -26,28 +25,15 @@ from typing import Any
 
 import torch
 
+from trainer.run_dir import checkpoint_dir, checkpoint_name, list_checkpoints  # noqa: F401 (re-exported)
+
 VERSION = 1
 KEYS = ("version", "model", "optimizer", "scheduler", "scaler", "trainer_state", "rng", "callbacks", "config")
-_NAME = re.compile(r"^step-(\d{8})(\.pt)?$")
 SHARDED_STATE = "trainer.pt"  # inside a sharded checkpoint directory: everything but the shards
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message names the file and what to do."""
-
-
-def checkpoint_name(step: int, sharded: bool = False) -> str:
-    return f"step-{step:08d}" + ("" if sharded else ".pt")
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints (final names only, never temp files), oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))
-             and (p.is_file() if m.group(2) else p.is_dir())]
-    return [p for _, p in sorted(found)]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -262,9 +248,9 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> dict[str, Any] |
         state = load_checkpoint(resume)
         state["path"] = str(resume)
         return state
-    files = list_checkpoints(Path(run_dir) / "checkpoints")
+    files = list_checkpoints(checkpoint_dir(run_dir))
     if not files:
-        print(f"resume: no checkpoint in {Path(run_dir) / 'checkpoints'}; starting from scratch", flush=True)
+        print(f"resume: no checkpoint in {checkpoint_dir(run_dir)}; starting from scratch", flush=True)
         return None
     bad: list[str] = []
     for path in reversed(files):
@@ -277,7 +263,7 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> dict[str, Any] |
         state["path"] = str(path)
         print(f"resume: continuing from {path} (step {state['trainer_state']['global_step']})", flush=True)
         return state
-    raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'}: {', '.join(bad)} all failed to load")
+    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: {', '.join(bad)} all failed to load")
 
 
 def link_best(target: Path, link: Path) -> None:

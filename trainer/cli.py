@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 import typer
 
+from trainer import run_dir as run_files
 from trainer.yaml_source import ConfigError, Source
 
 app = typer.Typer(
@@ -109,7 +110,7 @@ def run(
         built = build(source, cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if built.trainer.is_main_process:
-            (run_dir / "config.yaml").write_text(_resolved_yaml(cfg), encoding="utf-8")
+            (run_dir / run_files.CONFIG).write_text(_resolved_yaml(cfg), encoding="utf-8")
             if resume is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
                 truncate_metrics(run_dir, resume_from["trainer_state"]["global_step"] if resume_from else 0)
@@ -228,7 +229,7 @@ def plot(
     with _reporting(False):
         from trainer.report import plot_runs
 
-        missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").exists()]
+        missing = [str(d) for d in run_dirs if not (d / run_files.METRICS_JSONL).exists()]
         if missing:
             raise UserError(f"no metrics.jsonl in {', '.join(missing)}: pass run directories such as runs/digits")
         try:

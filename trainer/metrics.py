@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
+from trainer.run_dir import METRICS_CSV, METRICS_JSONL
+
 
 class Logger(Protocol):
     """A metric sink: receives every record (a flat dict of floats with ``step`` and ``epoch``)."""
@@ -115,7 +117,7 @@ class CsvLogger:
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
     """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step``."""
     run_dir = Path(run_dir)
-    jsonl = run_dir / "metrics.jsonl"
+    jsonl = run_dir / METRICS_JSONL
     if jsonl.exists():
         kept = []
         for line in jsonl.read_text(encoding="utf-8").splitlines():
@@ -125,7 +127,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
             except (ValueError, KeyError):  # a line cut off by a crash
                 continue
         jsonl.write_text("".join(kept), encoding="utf-8")
-    table = run_dir / "metrics.csv"
+    table = run_dir / METRICS_CSV
     if table.exists():
         with table.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

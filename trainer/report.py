@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-STATUS = "status.json"
+from trainer.run_dir import CONFIG, METRICS_JSONL, STATUS, checkpoint_dir, list_checkpoints
 
 
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:
@@ -21,7 +21,7 @@ def write_status(run_dir: Path, status: str, **extra: Any) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_JSONL
     if not path.exists():
         return []
     records = []
@@ -55,7 +55,7 @@ def run_status(run_dir: Path) -> str:
 
 def monitored(records: list[dict[str, Any]], run_dir: Path) -> tuple[str | None, str]:
     """The metric to rank by: the config's EarlyStopping/BestCheckpoint ``monitor``, else val/acc, else val/loss."""
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG
     if config.exists():
         match = re.search(r"monitor:\s*['\"]?([\w/.-]+)", config.read_text(encoding="utf-8"))
         mode = re.search(r"mode:\s*(min|max)", config.read_text(encoding="utf-8"))
@@ -71,14 +71,13 @@ def monitored(records: list[dict[str, Any]], run_dir: Path) -> tuple[str | None,
 def runs_table(out_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for run_dir in sorted(p for p in Path(out_dir).iterdir() if p.is_dir()):
-        if not (run_dir / "metrics.jsonl").exists() and not (run_dir / STATUS).exists():
+        if not (run_dir / METRICS_JSONL).exists() and not (run_dir / STATUS).exists():
             continue
         records = read_records(run_dir)
         metric, mode = monitored(records, run_dir)
         values = [r[metric] for r in records if metric in r and isinstance(r[metric], (int, float))]
         best = (max if mode == "max" else min)(values) if values else None
-        # files, or directories under strategy: fsdp (the listing stays torch-free, for a fast `trainer runs`)
-        checkpoints = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d{8}(\.pt)?", p.name))
+        checkpoints = list_checkpoints(checkpoint_dir(run_dir))
         rows.append({
             "name": run_dir.name,
             "status": run_status(run_dir),

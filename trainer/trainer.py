@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer import checkpoint as ckpt
 from trainer import distributed
+from trainer import run_dir as run_files
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig
 from trainer.data import EpochSource, batch_size_of, make_source, to_device
@@ -294,7 +295,7 @@ class Trainer:
         self._guard.start(self.global_step, *self._resumed_skips, log_every=cfg.log_every_n_steps)
         if self.run_dir is not None and self.is_main_process and not self._files_open:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            files = [JsonlLogger(self.run_dir / "metrics.jsonl"), CsvLogger(self.run_dir / "metrics.csv")]
+            files = [JsonlLogger(self.run_dir / run_files.METRICS_JSONL), CsvLogger(self.run_dir / run_files.METRICS_CSV)]
             self.loggers = files + self.loggers
             self._files_open = True
         if hasattr(self.scheduler, "set_total_steps"):  # schedules that need the run's length
@@ -775,7 +776,7 @@ class Trainer:
                 f"step {self.global_step}: the weights hold NaN/Inf; refusing to write a checkpoint of them"
             )
         state = self.state_dict()
-        directory = self.run_dir / "checkpoints"
+        directory = run_files.checkpoint_dir(self.run_dir)
         path = Path(path) if path is not None else directory / ckpt.checkpoint_name(self.global_step, self.sharded)
         try:
             if self.sharded:
