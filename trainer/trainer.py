@@ -65,6 +65,12 @@ class Trainer:
     ``train_data`` / ``val_data``: a ``Dataset`` (the Trainer builds the DataLoader with a seeded,
     resumable order), a ``TensorDataset`` or tuple/dict of tensors (batched by index slicing on
     the device), a ``DataLoader``, or any iterable of batches.
+
+    ``optimizer``: an optimizer, or a function of the trainable parameters that builds one (called
+    once the model is on its device and wrapped or sharded, so it sees the parameters it will
+    step); ``None`` calls ``configure_optimizers()``. ``scheduler``: a scheduler, or a function of
+    the optimizer. ``run_config``: the configuration saved in checkpoints (default: ``config``'s
+    fields; the command line passes the whole resolved YAML config).
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class Trainer:
         config: TrainerConfig | dict[str, Any] | None = None,
         run_dir: str | Path | None = None,
         loggers: Sequence[Logger] = (),
+        run_config: dict[str, Any] | None = None,
     ):
         if isinstance(config, dict):
             config = TrainerConfig(**config)
@@ -106,7 +113,7 @@ class Trainer:
             # model's parameters beforehand is pointed at the replacements by name.
             names = {id(p): n for n, p in self.module.named_parameters()}
             self.configure_sharding(self.module)
-            if optimizer is not None:
+            if isinstance(optimizer, torch.optim.Optimizer):
                 distributed.remap_optimizer(optimizer, names, self.module)
         elif self.layout.enabled:
             self._ddp = DistributedDataParallel(
@@ -119,8 +126,11 @@ class Trainer:
         self.val_data = val_data
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_main_process = self.layout.rank == 0  # writes files, shows progress
-        self.resolved_config: dict[str, Any] = cfg.model_dump(mode="json")  # saved in checkpoints
+        # saved in checkpoints
+        self.resolved_config: dict[str, Any] = run_config if run_config is not None else cfg.model_dump(mode="json")
 
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and callable(optimizer):
+            optimizer = optimizer(self.trainable_parameters())  # a factory: built on the final parameters
         self.optimizer = optimizer
         self.scheduler = scheduler
         if self.optimizer is None:
@@ -133,6 +143,8 @@ class Trainer:
                 f"configure_optimizers() must return a torch.optim.Optimizer (or an (optimizer, scheduler) "
                 f"tuple), got {type(self.optimizer).__name__}"
             )
+        if callable(self.scheduler) and not hasattr(self.scheduler, "step"):
+            self.scheduler = self.scheduler(self.optimizer)  # a factory of the optimizer
         if self.sharded and isinstance(self.optimizer, torch.optim.SGD) and any(
                 g.get("fused") for g in self.optimizer.param_groups):
             raise ValueError(
