@@ -26,13 +26,13 @@ _EXPORTS = {
     "WarmupDecay": "trainer.schedules",
     "TensorBoardLogger": "trainer.tensorboard",
     "ProgressBar": "trainer.progress",
-    "eval_mode": "trainer.modes",
-    "detach": "trainer.modes",
-    "freeze": "trainer.modes",
-    "unfreeze": "trainer.modes",
-    "freeze_matching": "trainer.modes",
-    "frozen_copy": "trainer.modes",
-    "ema_update": "trainer.modes",
+    "eval_mode": "trainer.freezing",
+    "detach": "trainer.freezing",
+    "freeze": "trainer.freezing",
+    "unfreeze": "trainer.freezing",
+    "freeze_matching": "trainer.freezing",
+    "frozen_copy": "trainer.freezing",
+    "ema_update": "trainer.freezing",
     "resolve_device": "trainer.device",
     "seed_everything": "trainer.device",
     "Precision": "trainer.device",
@@ -66,6 +66,6 @@ if TYPE_CHECKING:
     from trainer.device import Precision, resolve_device, seed_everything
     from trainer.hooks import HOOKS, Callback
     from trainer.metrics import CsvLogger, JsonlLogger, Logger
-    from trainer.modes import detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
+    from trainer.freezing import detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
     from trainer.progress import ProgressBar
     from trainer.trainer import Trainer

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from trainer.modes import ema_update, frozen_copy
+from trainer.freezing import ema_update, frozen_copy
 from trainer.trainer import Trainer
 
 
