@@ -74,12 +74,11 @@ def main() -> None:
     x, y = batches[0]
     loss = loss_of(model(x), y).detach()
     trainer.global_step = 7
-    guard = trainer._guard
+    guard, interval = trainer._guard, trainer._interval
 
     def bookkeeping():
-        trainer._step_loss, trainer._step_micro = None, 0
-        trainer._track(loss, loss, (x, y))
-        guard.allow(trainer._step_loss, 8)
+        interval.track(loss, loss, (x, y))
+        interval.end_step(guard.check(interval.step_loss, 8))
         trainer._after_step()
 
     per_call = min(timeit.repeat(bookkeeping, number=20000, repeat=5)) / 20000 * 1e6

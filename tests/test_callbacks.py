@@ -45,7 +45,7 @@ def test_early_stopping_stops_at_the_right_step_and_says_why(tmp_path):
     assert t.stop_reason == "early stopping: val/score did not improve by more than 0.01 for 2 evaluations (best 0.6 at step 2)"
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "step-00000004.pt"  # the final checkpoint
     state = load_checkpoint(tmp_path / "checkpoints" / "step-00000004.pt")
-    assert state["callbacks"]["0:EarlyStopping"] == {"best": pytest.approx(0.6), "best_step": 2, "wait": 2}
+    assert state["callbacks"]["EarlyStopping"] == {"best": pytest.approx(0.6), "best_step": 2, "wait": 2}
 
 
 def test_early_stopping_names_a_missing_metric():
@@ -114,7 +114,7 @@ def test_ema_weights_are_stored_in_checkpoints(tmp_path):
     Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4), loss_fn=F.cross_entropy,
             callbacks=[ema], run_dir=tmp_path, config=quiet()).fit()
     state = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
-    saved = state["callbacks"]["0:EMAWeights"]["ema"]
+    saved = state["callbacks"]["EMAWeights"]["ema"]
     for (k, v), p in zip(saved.items(), ema.ema.state_dict().values()):
         assert torch.equal(v, p), k
 

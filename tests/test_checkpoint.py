@@ -363,15 +363,9 @@ def test_nan_on_the_device_path_with_a_fused_optimizer():
     sys.path.insert(0, str(PROJECT))
     from killers import NaNTrainer
 
-    from trainer.nonfinite import NonFiniteGuard
-
-    def on_device(t, policy):
-        t._guard = NonFiniteGuard(policy, 10, t.optimizer, t.device, fp16=False, on_device=True)
-        return t
-
     model = mlp(seed=2)
-    t = on_device(NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),
-                             loss_fn=F.cross_entropy, nan_step=5, config=quiet(on_nonfinite="error")), "error")
+    t = NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),
+                   loss_fn=F.cross_entropy, nan_step=5, config=quiet(on_nonfinite="error", nonfinite_check="device"))
     with pytest.raises(FloatingPointError, match="step 5: train/loss is nan; the optimizer skipped that step on the device"):
         t.fit()
     ref = mlp(seed=2)
@@ -382,9 +376,9 @@ def test_nan_on_the_device_path_with_a_fused_optimizer():
     assert not hasattr(t.optimizer, "found_inf")
 
     model = mlp(seed=2)
-    t = on_device(NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),
-                             loss_fn=F.cross_entropy, nan_step=5, config=quiet(on_nonfinite="skip", log_every_n_steps=4)),
-                  "skip")
+    t = NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),
+                   loss_fn=F.cross_entropy, nan_step=5,
+                   config=quiet(on_nonfinite="skip", log_every_n_steps=4, nonfinite_check="device"))
     with pytest.warns(UserWarning, match="step 5: train/loss is nan; skipped"):
         t.fit()
     assert t.global_step == 8 and t.skipped_steps == 1

@@ -412,7 +412,7 @@ def test_built_in_callbacks_and_schedule_from_yaml(tmp_path):
     checkpoints = tmp_path / "runs" / "t" / "checkpoints"
     assert (checkpoints / "best.pt").exists() and len(list(checkpoints.glob("best-step-*.pt"))) <= 2
     state = torch_load(checkpoints / "step-00000012.pt")
-    assert set(state["callbacks"]) == {"0:EarlyStopping", "1:BestCheckpoints", "2:EMAWeights"}
+    assert set(state["callbacks"]) == {"EarlyStopping", "BestCheckpoints", "EMAWeights"}
     assert state["scheduler"]["total_steps"] == 40
 
 

@@ -8,7 +8,6 @@ from torch.nn import functional as F
 
 from helpers import classification, mlp
 from trainer import ProgressBar, Trainer
-from trainer.nonfinite import NonFiniteGuard
 
 CONVERSIONS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
@@ -45,11 +44,11 @@ def test_at_most_one_conversion_per_log_point(accum):
               "grad_logging": {"every_n_steps": 5, "per_layer": True}, "clip_grad_norm": 1.0,
               "eval_every_n_epochs": None, "progress_bar": False}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    t = Trainer(model, optimizer, (x, y), loss_fn=F.cross_entropy, scheduler=scheduler,
-                callbacks=[ProgressBar(force=True)], config=config)
     # The path a CUDA run with a fused optimizer takes (on CPU the Trainer reads the loss each step,
     # which costs nothing there): the non-finite check stays on the device.
-    t._guard = NonFiniteGuard("error", 10, optimizer, t.device, fp16=False, on_device=True)
+    config["nonfinite_check"] = "device"
+    t = Trainer(model, optimizer, (x, y), loss_fn=F.cross_entropy, scheduler=scheduler,
+                callbacks=[ProgressBar(force=True)], config=config)
     with count_conversions() as counts:
         t.fit()
     assert len(t.history) == 4

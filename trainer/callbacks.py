@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.hooks import Callback
 from trainer.run_dir import best_link, best_name, checkpoint_dir
-from trainer.modes import ema_update, frozen_copy
+from trainer.freezing import ema_update, frozen_copy
 
 
 class GradNormLogger(Callback):
@@ -73,7 +75,9 @@ class EarlyStopping(Callback):
     and ``trainer.stop_reason`` says why.
     """
 
-    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0):
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
+                 state_key: str | None = None):
+        self.state_key = state_key  # where checkpoints keep its state (default: the class name)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if patience < 1 or min_delta < 0:
@@ -120,7 +124,8 @@ class BestCheckpoints(Callback):
     the best of them. Each is a complete checkpoint: ``--resume`` takes it like any other. Under
     ``strategy: fsdp`` they are directories (no ``.pt``) and ``checkpoints/best`` a symbolic link."""
 
-    def __init__(self, monitor: str = "val/loss", mode: str = "min", top_k: int = 1):
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", top_k: int = 1, state_key: str | None = None):
+        self.state_key = state_key  # where checkpoints keep its state (default: the class name)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if top_k < 1:
@@ -156,10 +161,11 @@ class BestCheckpoints(Callback):
 
 class EMAWeights(Callback):
     """An exponential moving average of the weights (``frozen_copy`` + ``ema_update`` after every
-    optimizer step), swapped into the model for validation and swapped back for training. Its
-    weights are saved in checkpoints with the callback's state."""
+    optimizer step), swapped into the model for every evaluation (``evaluation_weights``) and
+    swapped back for training. Its weights are saved in checkpoints with the callback's state."""
 
-    def __init__(self, decay: float = 0.999):
+    def __init__(self, decay: float = 0.999, state_key: str | None = None):
+        self.state_key = state_key  # where checkpoints keep its state (default: the class name)
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be between 0 and 1, got {decay}")
         self.decay = decay
@@ -186,12 +192,17 @@ class EMAWeights(Callback):
                              list(self.ema.parameters()) + list(self.ema.buffers())):
             live.data, avg.data = avg.data, live.data
 
-    def on_validation_start(self, trainer) -> None:
-        if self.ema is not None:
-            self._swap(trainer)
-
-    def on_validation_end(self, trainer, metrics) -> None:
-        if self.ema is not None:
+    @contextlib.contextmanager
+    def evaluation_weights(self, trainer) -> Iterator[None]:
+        """The averaged weights in the model while ``trainer.evaluate`` runs (the run's validation or
+        any other data), the trained ones back afterwards, also on an error."""
+        if self.ema is None:
+            yield
+            return
+        self._swap(trainer)
+        try:
+            yield
+        finally:
             self._swap(trainer)
 
     def state_dict(self) -> dict[str, Any]:

@@ -113,6 +113,13 @@ class TrainerConfig(StrictModel):
     max_consecutive_skips: int = Field(
         10, ge=1, description="With on_nonfinite: skip, this many skipped steps in a row become an error."
     )
+    nonfinite_check: Literal["auto", "host", "device"] = Field(
+        "auto",
+        description="Where a step's loss is checked: 'host' reads it before the optimizer step (one sync per "
+        "step on CUDA); 'device' flags it on the device for a fused optimizer to skip the step, read at the "
+        "next log point (no sync); 'auto' is 'device' on CUDA with a fused optimizer and no fp16, else 'host'. "
+        "A skipped step means the same either way.",
+    )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="When checkpoints are written and how many are kept."
     )

@@ -47,6 +47,17 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     return obj
 
 
+def describe(batch: Any) -> str:
+    """A batch (or a step's output) in a few words, for error messages."""
+    if isinstance(batch, torch.Tensor):
+        return f"a Tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} items ({', '.join(type(b).__name__ for b in batch[:4])})"
+    if isinstance(batch, dict):
+        return f"a dict with keys {list(batch)[:6]}"
+    return f"a {type(batch).__name__}"
+
+
 def batch_size_of(batch: Any) -> int:
     """Samples in a batch: the length of its first tensor (1 when it holds none)."""
     if isinstance(batch, torch.Tensor):

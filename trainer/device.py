@@ -89,17 +89,44 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def set_deterministic(enabled: bool) -> None:
-    """Turn torch's deterministic algorithms on (or leave them as they are)."""
-    if not enabled:
-        return
-    # cuBLAS needs a fixed workspace for deterministic matmuls; harmless on CPU.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
+@contextlib.contextmanager
+def torch_settings(device: torch.device, deterministic: bool):
+    """Torch's process-wide switches for a run, each put back as it was on exit (also on an error):
+    TF32 matmuls and convolutions on CUDA (the speed users expect from Ampere and newer) and, with
+    ``deterministic``, torch's deterministic algorithms with ``cudnn.benchmark`` off."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
+            torch.backends.cudnn.allow_tf32 = True
+        if deterministic:
+            # cuBLAS needs a fixed workspace for deterministic matmuls; harmless on CPU.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.set_float32_matmul_precision(saved[2])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[3], saved[4]
 
 
-def enable_tf32() -> None:
-    """TF32 matmuls and convolutions on Ampere and newer: the speed users expect from CUDA."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+def out_of_memory_message(exc: BaseException, device: torch.device, step: int, batch_size: int, accum: int,
+                          precision: str) -> str:
+    """A CUDA out-of-memory error, restated with the run's batch, accumulation, precision, the
+    device's memory figures and what to try."""
+    figures = ""
+    if device.type == "cuda":
+        gib = 2**30
+        free, total = torch.cuda.mem_get_info(device)
+        figures = (f" On {torch.cuda.get_device_name(device)}: {total / gib:.1f} GiB in all, "
+                   f"{torch.cuda.memory_allocated(device) / gib:.1f} GiB allocated by tensors, "
+                   f"{torch.cuda.memory_reserved(device) / gib:.1f} GiB reserved, "
+                   f"peak {torch.cuda.max_memory_allocated(device) / gib:.1f} GiB, {free / gib:.1f} GiB free.")
+    hint = "precision: bf16" if precision == "fp32" else "a smaller model"
+    return (
+        f"out of memory at step {step} with batch_size {batch_size} (x grad_accum_steps {accum}) in "
+        f"{precision}.{figures} Try a smaller batch_size with a larger grad_accum_steps (same effective batch), "
+        f"{hint}, or compile: true. ({str(exc).splitlines()[0]})"
+    )

@@ -98,6 +98,10 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
 def all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
     """Every rank's ``values`` (the same length on all ranks), in rank order."""
     if not active():

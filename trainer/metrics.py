@@ -9,11 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from trainer import distributed
+from trainer.data import batch_size_of
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL
 
 
@@ -63,6 +66,101 @@ class MetricBuffer:
         values = (reduce(joined) if reduce is not None else joined).tolist()
         record.update(zip(names, values))
         return record, (values[len(names):] if extra is not None else None)
+
+
+class LogInterval:
+    """The log interval in progress: the current step's loss, the interval's loss over the steps
+    taken, extra metrics over its micro-batches, counts and the clock. Saved in checkpoints (every
+    rank's part), so a resumed run logs the same numbers as an uninterrupted one."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.step_loss: torch.Tensor | None = None  # summed over the current step's micro-batches
+        self.step_micro = 0
+        self.loss_sum: torch.Tensor | None = None  # over the interval's steps taken
+        self.loss_count: int | torch.Tensor = 0  # their micro-batches (a device tensor when decided there)
+        self.micro_batches = 0  # every micro-batch of the interval, taken or skipped: for throughput
+        self.extra_sums: dict[str, Any] = {}
+        self.extra_count = 0
+        self.last_batch: Any = None
+        self.clock = time.perf_counter()
+
+    def track(self, loss: torch.Tensor, outputs: Any, batch: Any) -> None:
+        """One micro-batch's loss and extra metrics (``outputs`` when it is a dict)."""
+        value = loss.detach()
+        if value.ndim:
+            value = value.mean()  # a non-scalar loss is logged as its mean
+        self.step_loss = value if self.step_loss is None else self.step_loss + value
+        self.step_micro += 1
+        self.last_batch = batch
+        if isinstance(outputs, dict):  # extra metrics: also means over the log interval
+            sums = self.extra_sums
+            self.extra_count += 1
+            for name, extra in outputs.items():
+                if name != "loss":
+                    extra = extra.detach() if isinstance(extra, torch.Tensor) else extra
+                    sums[name] = sums[name] + extra if name in sums else extra
+
+    def end_step(self, skipped: bool | torch.Tensor) -> None:
+        """Close the current step: its loss counts unless it was skipped (``skipped`` is a bool
+        decided on the host, or a bool tensor decided on the device, with no sync)."""
+        loss, micro = self.step_loss, self.step_micro
+        self.step_loss, self.step_micro = None, 0
+        self.micro_batches += micro
+        if skipped is True:
+            return
+        if skipped is not False:  # decided on the device (a 0/1 flag): a skipped step adds zeros
+            taken = skipped == 0
+            loss = torch.where(taken, loss, torch.zeros_like(loss))
+            micro = micro * taken
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.loss_count = self.loss_count + micro
+
+    def put(self, metrics: MetricBuffer) -> float:
+        """Put ``train/loss`` and ``train/<extra>`` into ``metrics``, start a new interval, and return
+        the closed one's samples per second (micro-batches times the last one's size, exact but for
+        an epoch's short last batch)."""
+        if self.loss_sum is not None:
+            metrics.put("train/loss", self.loss_sum / self.loss_count)
+        for name, total in self.extra_sums.items():
+            metrics.put(f"train/{name}", total / self.extra_count)
+        samples = self.micro_batches * batch_size_of(self.last_batch) if self.last_batch is not None else 0
+        now = time.perf_counter()
+        rate = samples / max(now - self.clock, 1e-9)
+        self.loss_sum, self.loss_count, self.micro_batches, self.clock = None, 0, 0, now
+        self.extra_sums, self.extra_count = {}, 0
+        return rate
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's sums (one gather, at checkpoints only), for the ``trainer_state``."""
+        names = sorted(self.extra_sums)
+        extras = [torch.as_tensor(self.extra_sums[n]).double().mean() for n in names]
+        loss = self.loss_sum.double() if self.loss_sum is not None else torch.zeros((), dtype=torch.float64)
+        mine = torch.stack([t.cpu() for t in [loss, *extras]]).tolist()  # note: CPU-GPU sync point, per checkpoint
+        ranks = distributed.all_gather_floats([float(self.loss_sum is not None), *mine], self.device)
+        return {
+            "loss_sums": [r[1] if r[0] else None for r in ranks],
+            "loss_count": int(self.loss_count),
+            "micro_batches": self.micro_batches,
+            "extra_sums": [dict(zip(names, r[2:])) for r in ranks],
+            "extra_types": {n: str(v.dtype) if isinstance(v, torch.Tensor) else "float" for n, v in self.extra_sums.items()},
+            "extra_count": self.extra_count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank = distributed.rank()
+        rank = rank if rank < len(state["loss_sums"]) else 0  # fewer ranks than saved
+        loss = state["loss_sums"][rank]
+        self.loss_sum = torch.tensor(loss, device=self.device) if loss is not None else None
+        self.loss_count = state["loss_count"]
+        self.micro_batches = state.get("micro_batches", state["loss_count"])
+        self.extra_sums = {
+            name: value if state["extra_types"][name] == "float"
+            else torch.tensor(value, dtype=getattr(torch, state["extra_types"][name].removeprefix("torch.")),
+                              device=self.device)
+            for name, value in state["extra_sums"][rank].items()
+        }
+        self.extra_count = state["extra_count"]
 
 
 def _jsonable(value: float) -> float | str:

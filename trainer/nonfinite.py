@@ -1,11 +1,15 @@
 """What happens when a step's loss is NaN or Inf: ``on_nonfinite: error | skip``.
 
-Two ways to look, chosen once per run:
+A skipped step means one thing however it was detected: the weights and the optimizer state are
+left as they were, the step still counts (``global_step`` advances and the scheduler steps, so
+data and schedule stay aligned), the step's hooks run, and its loss is left out of ``train/loss``.
+
+Two ways to look, chosen once per run (``nonfinite_check: auto | host | device``):
 
 * on the host (CPU runs, and any run whose optimizer is not fused): the step's loss is read before
   the optimizer step, so a bad step never reaches the weights. On CPU that costs well under a
   microsecond; on CUDA it would be a sync per step, hence:
-* on the device (CUDA with a fused optimizer, ``fused=True``, and no fp16 scaler): each step writes
+* on the device (``auto``: CUDA with a fused optimizer, ``fused=True``, and no fp16 scaler): each step writes
   its "not finite" flag into a small device buffer and hands it to the optimizer as ``found_inf``,
   which makes the fused kernel leave weights and optimizer state untouched for that step. The host
   reads the buffer at the next log point, with the logged metrics, and then errors or warns naming
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 
@@ -24,45 +29,51 @@ CAPACITY = 4096  # flags kept on the device between two reads
 
 class NonFiniteGuard:
     def __init__(self, policy: str, max_consecutive: int, optimizer: torch.optim.Optimizer,
-                 device: torch.device, fp16: bool, on_device: bool | None = None):
+                 device: torch.device, fp16: bool, check: str = "auto"):
         self.policy, self.max_consecutive = policy, max_consecutive
         self.optimizer = optimizer
         self.device = device
-        if on_device is None:
-            fused = all(group.get("fused") for group in optimizer.param_groups)
-            on_device = device.type == "cuda" and fused and not fp16
-        self.on_device = on_device
+        fused = all(group.get("fused") for group in optimizer.param_groups)
+        if check == "device" and not (fused and not fp16):
+            raise ValueError(
+                "nonfinite_check: device needs a fused optimizer (fused=True, which configs choose for "
+                "Adam, AdamW and SGD) and no fp16 scaler; use nonfinite_check: auto or host"
+            )
+        self.on_device = check == "device" or (check == "auto" and device.type == "cuda" and fused and not fp16)
         self.consecutive = 0  # length of the current run of non-finite steps
         self.skipped = 0  # non-finite steps skipped in the whole run
         self._flags: torch.Tensor | None = None
         self._unread = 0
         self._step = 0  # the step the first unread flag belongs to, minus one
 
-    def start(self, step: int, consecutive: int, skipped: int, log_every: int) -> None:
-        self.consecutive, self.skipped, self._step, self._unread = consecutive, skipped, step, 0
+    def start(self, step: int, log_every: int) -> None:
+        """Before the first step of a ``fit`` (after any resume): no unread flags."""
+        self._step, self._unread = step, 0
         if self.on_device:
             self._flags = torch.zeros(min(log_every, CAPACITY), device=self.device)
 
-    def allow(self, step_loss: torch.Tensor, step: int) -> bool:
-        """Before optimizer step ``step``: may it run? (On the device it always runs and skips itself.)"""
+    def check(self, value: torch.Tensor, step: int) -> bool | torch.Tensor:
+        """Before optimizer step ``step``: is it skipped? On the host, a bool (or an error under
+        ``on_nonfinite: error``); on the device, a 0/1 flag tensor that the fused optimizer also
+        reads, so the step skips itself without the host waiting."""
         if self.on_device:
             if self._unread == len(self._flags):
                 self.read(self.pending().tolist())  # note: CPU-GPU sync point, only if log interval > CAPACITY
             found = self._flags.select(0, self._unread)
-            torch.logical_not(torch.isfinite(step_loss), out=found)
+            torch.logical_not(torch.isfinite(value), out=found)
             self._unread += 1
             self.optimizer.found_inf = found  # read by fused optimizers: skip this step on the device
-            return True
-        value = step_loss.item()  # on CPU this is a plain read, nothing to wait for
+            return found
+        number = value.item()  # on CPU this is a plain read, nothing to wait for
         self._step = step
-        if math.isfinite(value):
+        if math.isfinite(number):
             self.consecutive = 0
-            return True
+            return False
         self.consecutive += 1
         self.skipped += 1
-        self._act(step, value, f"stopped before the optimizer step; the weights are those of step {step - 1}",
+        self._act(step, number, f"stopped before the optimizer step; the weights are those of step {step - 1}",
                   1, self.consecutive)
-        return False
+        return True
 
     def done(self) -> None:
         if self.on_device:
@@ -72,8 +83,9 @@ class NonFiniteGuard:
         """The flags not read yet (device mode), to convert together with the log point's metrics."""
         return self._flags[: self._unread] if self.on_device and self._unread else None
 
-    def read(self, flags: list[float]) -> None:
-        """Act on flags brought to the host: error, or count the skips and warn."""
+    def read(self, flags: list[float]) -> bool:
+        """Act on flags brought to the host: error, or count the skips and warn. True when every
+        step they cover was skipped."""
         first, count, longest = None, 0, 0
         for i, flag in enumerate(flags, start=self._step + 1):
             if flag:
@@ -88,12 +100,19 @@ class NonFiniteGuard:
         if count:
             self.skipped += count
             self._act(first, float("nan"), "the optimizer skipped that step on the device", count, longest)
+        return count == len(flags) > 0
 
     def flush(self) -> None:
         """Read any unread flags now (before a checkpoint is written)."""
         pending = self.pending()
         if pending is not None:
             self.read(pending.tolist())  # note: CPU-GPU sync point, once per checkpoint
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consecutive_skips": self.consecutive, "skipped_steps": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consecutive, self.skipped = state["consecutive_skips"], state["skipped_steps"]
 
     def _act(self, step: int, value: float, what: str, count: int, longest: int) -> None:
         if self.policy == "error":

@@ -25,7 +25,7 @@ def main(mode: str = "eager") -> None:
                       config={"max_steps": 4, "batch_size": 8, "log_every_n_steps": 2, "progress_bar": False,
                               "compile": mode == "compile"})
     trainer.fit()
-    wrapper = weakref.ref(trainer._ddp)
+    wrapper = weakref.ref(trainer.strategy.ddp)
     destroy, gone = dist.destroy_process_group, []
 
     def recording_destroy(*args, **kwargs):

@@ -1,0 +1,29 @@
+"""Checkpoints: ``files`` writes and reads them (atomic, verified, sharded under fsdp), ``state``
+decides what they hold and gives it back to the run's parts."""
+
+from trainer.checkpoint.files import (
+    KEYS,
+    SHARDED_STATE,
+    VERSION,
+    CheckpointError,
+    check_model_state,
+    checkpoint_name,
+    find_resume_checkpoint,
+    link_best,
+    list_checkpoints,
+    load_checkpoint,
+    load_sharded,
+    remove,
+    rng_state,
+    rotate,
+    save_checkpoint,
+    save_sharded,
+    set_rng_state,
+)
+from trainer.checkpoint.state import Checkpointer, state_key
+
+__all__ = [
+    "KEYS", "SHARDED_STATE", "VERSION", "CheckpointError", "Checkpointer", "check_model_state", "checkpoint_name",
+    "find_resume_checkpoint", "link_best", "list_checkpoints", "load_checkpoint", "load_sharded", "remove",
+    "rng_state", "rotate", "save_checkpoint", "save_sharded", "set_rng_state", "state_key",
+]

@@ -1,0 +1,206 @@
+"""What a checkpoint holds: assembled from the run's stateful parts, and given back to them.
+
+The Trainer hands the ``Checkpointer`` its parts (model, optimizer, scheduler, scaler, callbacks,
+and the objects whose small dicts make up ``trainer_state``: its own counters, the non-finite
+guard, the log interval in progress); the checkpointer owns the layout of the checkpoint, the
+file or sharded write, and restoring every part from it. Saved state that no part claims, and a
+stateful callback that finds none, are reported, never passed over in silence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer import distributed
+from trainer.checkpoint import files
+from trainer.checkpoint.files import CheckpointError
+
+_LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written before state keys
+
+
+def state_key(callback: Any) -> str:
+    """Where a callback's state is kept in a checkpoint: its ``state_key`` attribute if set, else
+    its class name. Two callbacks of one class that keep state need distinct ``state_key``s."""
+    return getattr(callback, "state_key", None) or type(callback).__qualname__
+
+
+def is_stateful(callback: Any) -> bool:
+    from trainer.hooks import Callback
+
+    method = getattr(type(callback), "state_dict", None)
+    return method is not None and method is not Callback.state_dict
+
+
+def stateful_callbacks(callbacks: list[Any]) -> dict[str, Any]:
+    """The callbacks that keep state, by key; two under one key is an error that says the fix."""
+    keyed: dict[str, Any] = {}
+    for cb in callbacks:
+        if not is_stateful(cb):
+            continue
+        key = state_key(cb)
+        if key in keyed:
+            raise ValueError(
+                f"two callbacks keep their state under the key {key!r} ({type(keyed[key]).__name__} and "
+                f"{type(cb).__name__}); give each its own state_key, e.g. {type(cb).__name__}(..., state_key='{key}-2')"
+            )
+        keyed[key] = cb
+    return keyed
+
+
+class Checkpointer:
+    """Assembles, writes and restores the checkpoint of one run.
+
+    ``train_state``: objects whose ``state_dict()`` dicts together form the checkpoint's
+    ``trainer_state`` (each takes its own keys back in ``load_state_dict``).
+    """
+
+    def __init__(self, strategy: Any, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 scaler: Any, callbacks: list[Any], train_state: list[Any], config: dict[str, Any]):
+        self.strategy, self.module, self.optimizer = strategy, module, optimizer
+        self.scheduler, self.scaler = scheduler, scaler
+        self.callbacks = stateful_callbacks(callbacks)
+        self.train_state = train_state
+        self.config = config
+
+    # ------------------------------------------------------------------ assemble and write
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly, as plain data (``weights_only``-loadable). Under
+        torchrun every rank calls it together (the log interval gathers every rank's part)."""
+        model_state, optimizer_state = self.strategy.state_dicts(self.module, self.optimizer)
+        trainer_state: dict[str, Any] = {}
+        for part in self.train_state:
+            trainer_state.update(part.state_dict())
+        return {
+            "version": files.VERSION,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "trainer_state": trainer_state,
+            "rng": files.rng_state(),
+            "callbacks": {key: cb.state_dict() for key, cb in self.callbacks.items()},
+            "config": self.config,
+        }
+
+    def save(self, path: Path, is_main: bool, step: int) -> None:
+        """Write the checkpoint to ``path`` (a file, or under fsdp a directory every rank writes to)."""
+        params = [p.detach() for p in self.module.parameters() if p.is_floating_point()]
+        if params and not all(math.isfinite(n) for n in distributed.norms(params).tolist()):
+            raise FloatingPointError(f"step {step}: the weights hold NaN/Inf; refusing to write a checkpoint of them")
+        state = self.state_dict()
+        if self.strategy.sharded:
+            tensors = {"model": state["model"], "optimizer": state["optimizer"]["state"]}
+            state = {**state, "model": None, "optimizer": {"param_groups": state["optimizer"]["param_groups"]}}
+            files.save_sharded(state, tensors, path, is_main)
+        elif is_main:
+            files.save_checkpoint(state, path)
+
+    # ------------------------------------------------------------------ read and restore
+
+    def read(self, source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The checkpoint's state and where it came from (for messages). A file checkpoint holds full
+        tensors keyed for the plain module, which a sharded run does not take."""
+        state = source if isinstance(source, dict) else files.load_checkpoint(source)
+        where = str(state.get("path", source if not isinstance(source, dict) else "given"))
+        if self.strategy.sharded and not state.get("sharded"):
+            raise CheckpointError(
+                f"checkpoint {where} is a single file, written without strategy: fsdp; an fsdp run loads "
+                "its own checkpoints (directories). Use this one with strategy: ddp or in a single process"
+            )
+        return state, where
+
+    def load(self, source: str | Path | dict[str, Any]) -> None:
+        """Restore every part from a checkpoint (file or sharded directory) or an already loaded one."""
+        state, where = self.read(source)
+        if state.get("sharded"):
+            self._load_sharded(state, where)
+        else:
+            self.load_model(state["model"], where)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(
+                    f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
+                    "resume with the config the run was started with"
+                ) from None
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            raise CheckpointError(
+                f"checkpoint {where} was written {'without' if state['scheduler'] is None else 'with'} a scheduler "
+                f"but this run has {'one' if self.scheduler is not None else 'none'}"
+            )
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        for part in self.train_state:
+            part.load_state_dict(state["trainer_state"])
+        self._load_callbacks(state["callbacks"], where)
+        files.set_rng_state(state["rng"])
+
+    def _load_callbacks(self, saved: dict[str, Any], where: str) -> None:
+        saved = _legacy_keys(saved)
+        for key, cb in self.callbacks.items():
+            if key in saved:
+                cb.load_state_dict(saved[key])
+            else:
+                warnings.warn(f"checkpoint {where} holds no state for callback {key!r}; it starts afresh", stacklevel=4)
+        unclaimed = sorted(set(saved) - set(self.callbacks))
+        if unclaimed:
+            warnings.warn(
+                f"checkpoint {where} holds state for callback(s) {', '.join(map(repr, unclaimed))} that no callback "
+                "of this run claims; it is ignored (a callback removed, or its state_key changed?)",
+                stacklevel=4,
+            )
+
+    def _load_sharded(self, state: dict[str, Any], where: str) -> None:
+        """Model and optimizer state from a DCP directory, into this run's layout (sharded or not)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        tensors = {"model": model_state, "optimizer": optimizer_state["state"]}
+        files.load_sharded(tensors, state["sharded"])
+        try:
+            set_state_dict(self.module, self.optimizer, model_state_dict=tensors["model"],
+                           optim_state_dict={"state": tensors["optimizer"],
+                                             "param_groups": state["optimizer"]["param_groups"]})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {where}: the saved state does not fit this model and optimizer ({exc}); "
+                "resume with the config the run was started with"
+            ) from None
+
+    def load_weights(self, source: str | Path | dict[str, Any]) -> dict[str, Any]:
+        """Only the model's weights (file or sharded directory, or a loaded checkpoint). Returns the state."""
+        state, where = self.read(source)
+        if not state.get("sharded"):
+            self.load_model(state["model"], where)
+            return state
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        tensors = {"model": get_model_state_dict(self.module)}
+        files.load_sharded(tensors, state["sharded"])
+        set_model_state_dict(self.module, tensors["model"])
+        return state
+
+    def load_model(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
+        files.check_model_state(self.module, saved, where)
+        self.module.load_state_dict(saved)
+
+
+def _legacy_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before state keys keyed callbacks as ``"<position>:<class name>"``; a
+    class name that appears once there is taken as the key."""
+    legacy = {key: _LEGACY_KEY.match(key) for key in saved}
+    if not any(legacy.values()):
+        return saved
+    names = [m.group(2) for m in legacy.values() if m]
+    return {(m.group(2) if m and names.count(m.group(2)) == 1 else key): value
+            for (key, value), m in zip(saved.items(), legacy.values())}

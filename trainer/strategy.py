@@ -1,0 +1,155 @@
+"""One process, DDP or FSDP2, chosen once: everything the loop does differently under each.
+
+The Trainer asks its strategy to wrap the model, to keep gradients local on the micro-batches
+before a step, for the value whose finiteness decides a step, for state dicts, to evaluate in
+lockstep, and to close; it never asks which strategy it is running under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer import distributed
+
+
+class SingleProcess:
+    """One process (outside torchrun, or torchrun with one rank): the model as it is."""
+
+    sharded = False  # parameters are whole on every rank (checkpoints are files)
+
+    def __init__(self, layout: distributed.Layout, device: torch.device):
+        self.layout, self.device = layout, device
+
+    def wrap(self, module: nn.Module, optimizer: Any) -> nn.Module:
+        """What training steps call. ``optimizer`` (built before wrapping, or ``None``) is adjusted
+        where the wrapper replaces parameters."""
+        return module
+
+    def no_sync(self) -> Callable[[], contextlib.AbstractContextManager] | None:
+        """A context for the micro-batches before a step that keeps gradients local, or ``None``."""
+        return None
+
+    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        """The value whose finiteness decides whether a step is taken: alone, the step's loss."""
+        return step_loss
+
+    def state_dicts(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        return module.state_dict(), optimizer.state_dict()
+
+    def eval_module(self, model: nn.Module, module: nn.Module) -> nn.Module:
+        """What evaluation calls (``model`` is what training steps call)."""
+        return model
+
+    def eval_batches(self, source: Any) -> Iterator[tuple[Any, bool]]:
+        """``(batch, counted)`` pairs of one pass over ``source``."""
+        for batch in source.epoch(0, 0):
+            yield batch, True
+
+    def unwrap(self) -> bool:
+        """Drop a wrapper that holds the process group; True if there was one."""
+        return False
+
+
+class DDP(SingleProcess):
+    """``DistributedDataParallel``: a whole model per rank, gradients all-reduced in backward."""
+
+    def __init__(self, layout: distributed.Layout, device: torch.device):
+        super().__init__(layout, device)
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+
+    def wrap(self, module: nn.Module, optimizer: Any) -> nn.Module:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return self.ddp
+
+    def no_sync(self):
+        return self.ddp.no_sync if self.ddp is not None else None
+
+    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        # The ranks' losses differ, but their all-reduced gradients agree: checking the gradient
+        # norm makes every rank take the same decision without a collective.
+        return _grad_norm(params, self.device)
+
+    def eval_module(self, model: nn.Module, module: nn.Module) -> nn.Module:
+        # DDP's forward would synchronise buffers across ranks; evaluation runs on the plain module.
+        return module
+
+    def unwrap(self) -> bool:
+        """Drop the DDP wrapper, whose reducer holds the process group (see ``Trainer.close``)."""
+        held, self.ddp = self.ddp is not None, None
+        return held
+
+
+class FSDP(SingleProcess):
+    """FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the ranks."""
+
+    sharded = True
+
+    def __init__(self, layout: distributed.Layout, device: torch.device, shard: Callable[[nn.Module], None]):
+        super().__init__(layout, device)
+        self.shard = shard
+        self.module: nn.Module | None = None
+
+    def wrap(self, module: nn.Module, optimizer: Any) -> nn.Module:
+        # fully_shard replaces each parameter with a sharded one; an optimizer built from the
+        # model's parameters beforehand is pointed at the replacements by name.
+        names = {id(p): n for n, p in module.named_parameters()}
+        self.shard(module)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            distributed.remap_optimizer(optimizer, names, module)
+        self.module = module
+        return module
+
+    def no_sync(self):
+        return lambda: distributed.fsdp_no_sync(self.module)
+
+    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        return _grad_norm(params, self.device)  # each rank holds a shard: one scalar all-reduce
+
+    def state_dicts(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        return get_state_dict(module, optimizer)
+
+    def eval_batches(self, source: Any) -> Iterator[tuple[Any, bool]]:
+        """Every forward gathers parameters from all ranks, so every rank must run as many as the
+        others: a rank whose (unpadded) share has run out repeats its last batch without counting it."""
+        try:
+            rounds: int | None = distributed.all_max(len(source), self.device)
+        except TypeError:
+            rounds = None  # unknown length: the ranks agree batch by batch
+        batches = iter(source.epoch(0, 0))
+        last, done = None, 0
+        while rounds is None or done < rounds:
+            batch = next(batches, None)
+            if rounds is None and not distributed.all_max(int(batch is not None), self.device):
+                return
+            if batch is None and last is None:
+                raise ValueError(
+                    f"rank {self.layout.rank} has no validation batch: under strategy: fsdp every rank needs at "
+                    "least one (there are fewer validation samples than ranks)"
+                )
+            if batch is not None:
+                last = batch
+            yield (batch, True) if batch is not None else (last, False)
+            done += 1
+
+
+def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(distributed.norms(grads))
+
+
+def choose(name: str, layout: distributed.Layout, device: torch.device,
+           shard: Callable[[nn.Module], None]) -> SingleProcess:
+    """``strategy:`` of the config under this launch: one process trains the model as it is."""
+    if not layout.enabled:
+        return SingleProcess(layout, device)
+    return FSDP(layout, device, shard) if name == "fsdp" else DDP(layout, device)
