@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainer.cli.yaml_source import ConfigError, Source, dotted
 from trainer.config import TrainerConfig
-from trainer.yaml_source import ConfigError, Source, dotted
 
 
 class Component(BaseModel):

@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from trainer.cli.run_config import Component, RunConfig, trainer_config
+from trainer.cli.yaml_source import ConfigError, Path_, Source
 from trainer.run_dir import TENSORBOARD
-from trainer.run_config import Component, RunConfig, trainer_config
-from trainer.yaml_source import ConfigError, Path_, Source
 
 _ARBITRARY = ConfigDict(arbitrary_types_allowed=True)
 
