@@ -12,7 +12,7 @@ import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
@@ -118,24 +118,33 @@ def check_arguments(target: Any, kwargs: dict[str, Any], source: Source, path: P
     return checked
 
 
-def instantiate(component: Component, source: Source, path: Path_, *args: Any,
-                defaults: dict[str, Any] | None = None) -> Any:
-    """Import, check and call a component; nested ``{_target_: ...}`` arguments are built first.
-    ``defaults`` are keyword arguments the config did not set."""
+def bind(component: Component, source: Source, path: Path_, skip: int = 0) -> Callable[..., Any]:
+    """Import and check a component now; return the call, which takes the ``skip`` leading arguments
+    the framework fills (the parameters of an optimizer, the optimizer of a scheduler) and keyword
+    ``defaults`` the config did not set. Nested ``{_target_: ...}`` arguments are built here."""
     target = import_target(component.target, source, path + ("_target_",))
     label = component.target
     if not callable(target):
         raise source.at(path + ("_target_",), f"'{label}' is not callable")
-    kwargs = dict(defaults or {})
+    kwargs = {}
     for key, value in component.kwargs.items():
         if isinstance(value, dict) and "_target_" in value:
             value = instantiate(Component.model_validate(value), source, path + (key,))
         kwargs[key] = value
-    kwargs = check_arguments(target, kwargs, source, path, len(args), label)
-    try:
-        return target(*args, **kwargs)
-    except Exception as exc:
-        raise source.at(path, f"{label}(...) raised {type(exc).__name__}: {exc}") from exc
+    kwargs = check_arguments(target, kwargs, source, path, skip, label)
+
+    def call(*args: Any, **defaults: Any) -> Any:
+        try:
+            return target(*args, **{**defaults, **kwargs})
+        except Exception as exc:
+            raise source.at(path, f"{label}(...) raised {type(exc).__name__}: {exc}") from exc
+
+    return call
+
+
+def instantiate(component: Component, source: Source, path: Path_, *args: Any) -> Any:
+    """Import, check and call a component with ``args`` first."""
+    return bind(component, source, path, len(args))(*args)
 
 
 def split_data(data: Any, source: Source) -> tuple[Any, Any]:
@@ -154,27 +163,37 @@ def split_data(data: Any, source: Source) -> tuple[Any, Any]:
     return data, None
 
 
-def _optimizer_defaults(component: Component, source: Source, sharded: bool) -> dict[str, Any]:
-    """Fused kernels for the optimizers that have them (one kernel for all parameters instead of a
-    Python loop; about twice as fast for a small model on CPU), unless the config chose. Sharded
-    (FSDP) parameters have fused Adam/AdamW kernels but no fused SGD: SGD then runs foreach."""
-    import torch
+KERNEL_CHOICES = {"fused", "foreach", "differentiable", "capturable"}
 
-    target = import_target(component.target, source, ("optimizer", "_target_"))
-    if {"fused", "foreach", "differentiable", "capturable"} & set(component.kwargs):
-        return {}
+
+def kernel_defaults(target: Any, params: list[Any]) -> dict[str, Any]:
+    """Fused kernels for the optimizers that have them (one kernel for all parameters instead of a
+    Python loop; about twice as fast for a small model on CPU). Sharded (FSDP) parameters are
+    DTensors: fused Adam/AdamW take them, SGD has no fused kernel for them and runs foreach."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
     if target in (torch.optim.Adam, torch.optim.AdamW):
         return {"fused": True}
     if target is torch.optim.SGD:
-        return {"foreach": True} if sharded else {"fused": True}
+        return {"foreach": True} if any(isinstance(p, DTensor) for p in params) else {"fused": True}
     return {}
 
 
-def _sharded(run: RunConfig) -> bool:
-    """Whether the Trainer will shard the model: strategy fsdp under torchrun with several ranks."""
-    from trainer import distributed
+def optimizer_factory(component: Component, source: Source) -> Callable[[Any], Any]:
+    """The optimizer as a function of the parameters, checked now and called by the Trainer on the
+    parameters it will step (after DDP wrapping or FSDP sharding). The kernel is chosen from those
+    parameters unless the config chose one."""
+    path = ("optimizer",)
+    call = bind(component, source, path, skip=1)
+    target = import_target(component.target, source, path + ("_target_",))
+    chosen = bool(KERNEL_CHOICES & set(component.kwargs))
 
-    return run.strategy == "fsdp" and distributed.from_env().enabled
+    def build_optimizer(params: Any) -> Any:
+        params = list(params)
+        return call(params, **({} if chosen else kernel_defaults(target, params)))
+
+    return build_optimizer
 
 
 @dataclass
@@ -220,11 +239,9 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
 
     optimizer = scheduler = None
     if run.optimizer is not None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = instantiate(run.optimizer, source, ("optimizer",), params,
-                                defaults=_optimizer_defaults(run.optimizer, source, sharded=_sharded(run)))
+        optimizer = optimizer_factory(run.optimizer, source)
         if run.scheduler is not None:
-            scheduler = instantiate(run.scheduler, source, ("scheduler",), optimizer)
+            scheduler = bind(run.scheduler, source, ("scheduler",), skip=1)
     elif run.scheduler is not None:
         raise source.at(("scheduler",), "a scheduler needs an optimizer section")
     elif trainer_cls.configure_optimizers is Trainer.configure_optimizers:
@@ -247,9 +264,11 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     try:
         trainer = trainer_cls(
             model, optimizer, train_data, val_data, loss_fn=loss_fn, scheduler=scheduler, callbacks=callbacks,
-            config=trainer_config(run), run_dir=run_dir, loggers=loggers, **trainer_kwargs,
+            config=trainer_config(run), run_dir=run_dir, loggers=loggers,
+            run_config=run.model_dump(mode="json", by_alias=True), **trainer_kwargs,
         )
+    except ConfigError:
+        raise  # from the optimizer or scheduler factory, already at its own line
     except (TypeError, ValueError) as exc:
         raise source.at(("trainer",), f"building {trainer_path} failed: {exc}") from exc
-    trainer.resolved_config = run.model_dump(mode="json", by_alias=True)
     return Built(trainer, train_data, val_data)
