@@ -227,14 +227,15 @@ def plot(
 ) -> None:
     """Plot train/val loss, the monitored metric, LR and gradient norm against step (needs matplotlib)."""
     with _reporting(False):
-        from trainer.cli.report import plot_runs
+        from trainer.cli.report import UnreadableRun, plot_runs
 
         missing = [str(d) for d in run_dirs if not (d / run_files.METRICS_JSONL).exists()]
         if missing:
-            raise UserError(f"no metrics.jsonl in {', '.join(missing)}: pass run directories such as runs/digits")
+            raise UserError(f"no {run_files.METRICS_JSONL} in {', '.join(missing)}: pass run directories such as "
+                            "runs/digits")
         try:
             path = plot_runs(run_dirs, out)
-        except ImportError as exc:
+        except (ImportError, UnreadableRun) as exc:
             raise UserError(str(exc)) from None
         typer.echo(f"wrote {path}")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from trainer.run_dir import CONFIG, METRICS_JSONL, STATUS, checkpoint_dir, list_checkpoints
 
@@ -48,19 +49,32 @@ def run_status(run_dir: Path) -> str:
     if not path.exists():
         return "unknown"
     data = json.loads(path.read_text(encoding="utf-8"))
-    if data["status"] == "running" and not _alive(int(data.get("pid", -1))):
+    status = data["status"]
+    if not isinstance(status, str):
+        raise ValueError(f"{STATUS} holds status {status!r}")
+    if status == "running" and not _alive(int(data.get("pid", -1))):
         return "interrupted"  # killed without a chance to say so (SIGKILL, power loss)
-    return data["status"]
+    return status
+
+
+# The callbacks that name a monitored metric, with their constructors' defaults (spelt here so that
+# reading a run directory never imports torch).
+_MONITORING = ("EarlyStopping", "BestCheckpoints")
+_DEFAULT_MONITOR, _DEFAULT_MODE = "val/loss", "min"
 
 
 def monitored(records: list[dict[str, Any]], run_dir: Path) -> tuple[str | None, str]:
-    """The metric to rank by: the config's EarlyStopping/BestCheckpoint ``monitor``, else val/acc, else val/loss."""
+    """The metric to rank by, with its mode, both from the first EarlyStopping or BestCheckpoints
+    entry of the run's config; without one, val/acc (max), else val/loss (min)."""
     config = run_dir / CONFIG
     if config.exists():
-        match = re.search(r"monitor:\s*['\"]?([\w/.-]+)", config.read_text(encoding="utf-8"))
-        mode = re.search(r"mode:\s*(min|max)", config.read_text(encoding="utf-8"))
-        if match:
-            return match.group(1), mode.group(1) if mode else "min"
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{CONFIG} is not a mapping")
+        for entry in data.get("callbacks") or []:
+            target = entry.get("_target_", "") if isinstance(entry, dict) else ""
+            if isinstance(target, str) and target.rsplit(".", 1)[-1] in _MONITORING:
+                return str(entry.get("monitor", _DEFAULT_MONITOR)), str(entry.get("mode", _DEFAULT_MODE))
     names = {k for r in records for k in r}
     for name, mode in (("val/acc", "max"), ("val/loss", "min")):
         if name in names:
@@ -68,25 +82,43 @@ def monitored(records: list[dict[str, Any]], run_dir: Path) -> tuple[str | None,
     return None, "min"
 
 
+# What a damaged run directory raises while it is read: a file that is not what it should be
+# (cut off, hand-edited, a folder in its place, unreadable bytes).
+_DAMAGE = (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError)
+
+
+class UnreadableRun(Exception):
+    """A run directory whose files cannot be read back."""
+
+
 def runs_table(out_dir: Path) -> list[dict[str, Any]]:
+    """One row per run directory; a damaged one gets status ``unreadable`` and its reason."""
     rows = []
     for run_dir in sorted(p for p in Path(out_dir).iterdir() if p.is_dir()):
         if not (run_dir / METRICS_JSONL).exists() and not (run_dir / STATUS).exists():
             continue
-        records = read_records(run_dir)
-        metric, mode = monitored(records, run_dir)
-        values = [r[metric] for r in records if metric in r and isinstance(r[metric], (int, float))]
-        best = (max if mode == "max" else min)(values) if values else None
-        checkpoints = list_checkpoints(checkpoint_dir(run_dir))
-        rows.append({
-            "name": run_dir.name,
-            "status": run_status(run_dir),
-            "steps": max((int(r["step"]) for r in records), default=0),
-            "metric": metric or "-",
-            "best": best,
-            "checkpoint": checkpoints[-1].name if checkpoints else "-",
-        })
+        try:
+            rows.append(_row(run_dir))
+        except _DAMAGE as exc:
+            rows.append({"name": run_dir.name, "status": "unreadable", "steps": "-", "metric": "-", "best": None,
+                         "checkpoint": "-", "problem": " ".join(f"{type(exc).__name__}: {exc}".split())})
     return rows
+
+
+def _row(run_dir: Path) -> dict[str, Any]:
+    records = read_records(run_dir)
+    metric, mode = monitored(records, run_dir)
+    values = [r[metric] for r in records if metric in r and isinstance(r[metric], (int, float))]
+    best = (max if mode == "max" else min)(values) if values else None
+    checkpoints = list_checkpoints(checkpoint_dir(run_dir))
+    return {
+        "name": run_dir.name,
+        "status": run_status(run_dir),
+        "steps": max((int(r["step"]) for r in records), default=0),
+        "metric": metric or "-",
+        "best": best,
+        "checkpoint": checkpoints[-1].name if checkpoints else "-",
+    }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -95,7 +127,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
               "-" if r["best"] is None else f"{r['best']:.4g}", r["checkpoint"]] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*line) for line in lines])
+    notes = [f"{r['name']}: {r['problem']}" for r in rows if r.get("problem")]
+    return "\n".join([fmt.format(*header).rstrip()] + [fmt.format(*line).rstrip() for line in lines] + notes)
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
@@ -111,8 +144,11 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     panels = [(axes[0][0], "loss"), (axes[0][1], None), (axes[1][0], "lr"), (axes[1][1], "grad_norm/total")]
     for index, run_dir in enumerate(run_dirs):
         color = f"C{index % 10}"  # one colour per run; val dashed
-        records = read_records(run_dir)
-        metric, _ = monitored(records, run_dir)
+        try:
+            records = read_records(run_dir)
+            metric, _ = monitored(records, run_dir)
+        except _DAMAGE as exc:
+            raise UnreadableRun(f"{run_dir}: unreadable run: {type(exc).__name__}: {exc}") from None
         for ax, name in panels:
             keys = ["train/loss", "val/loss"] if name == "loss" else [name or metric]
             for key in keys:
