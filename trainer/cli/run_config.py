@@ -7,12 +7,15 @@ without importing torch.
 from __future__ import annotations
 
 import difflib
+import itertools
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from trainer.cli.yaml_source import ConfigError, Source, dotted
 from trainer.config import TrainerConfig
+from trainer.run_dir import METRICS_CSV, METRICS_JSONL, TENSORBOARD
 
 
 class Component(BaseModel):
@@ -62,16 +65,29 @@ class RunConfig(TrainerConfig):
     callbacks: list[Component] = Field(default_factory=list, description="Callbacks, each {_target_: ...}.")
     loggers: list[Literal["tensorboard"] | Component] = Field(
         default_factory=list,
-        description="Metric sinks beside metrics.jsonl and metrics.csv: 'tensorboard' (writes <run_dir>/tensorboard; "
+        description=f"Metric sinks beside {METRICS_JSONL} and {METRICS_CSV}: 'tensorboard' (writes <run_dir>/{TENSORBOARD}; "
         "needs the tensorboard package) or {_target_: ...}, called with the run directory first.",
     )
 
     @field_validator("trainer", "loss")
     @classmethod
-    def _dotted_path(cls, value: Any) -> Any:
+    def _dotted_path(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str) and "." not in value:
-            raise ValueError(f"expected a dotted path such as my_pkg.MyTrainer, got {value!r}")
+            raise ValueError(f"expected a dotted path such as {_EXAMPLES[info.field_name]}, got {value!r}")
         return value
+
+
+_EXAMPLES = {"trainer": "my_pkg.MyTrainer", "loss": "torch.nn.functional.cross_entropy"}
+_COMPONENT = "{_target_: dotted.path, ...arguments}"
+
+# What each union field accepts, in the words of a config file: a value that fits no branch gets
+# one line saying so, instead of pydantic's error per branch named after our types.
+_UNIONS = {
+    "trainer": ("Trainer", "a dotted path such as my_pkg.MyTrainer or {_target_: my_pkg.MyTrainer, ...arguments}"),
+    "loss": ("loss", "a dotted path such as torch.nn.functional.cross_entropy or "
+                     "{_target_: torch.nn.CrossEntropyLoss, ...arguments}"),
+    "loggers": ("logger", f"'tensorboard' or {_COMPONENT}"),
+}
 
 
 def trainer_config(run: RunConfig) -> TrainerConfig:
@@ -91,6 +107,40 @@ def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _is_branch(part: Any) -> bool:
+    """Whether a part of an error's location names a union branch (Component, str, literal['x'],
+    function-after[...]) rather than a key or an index."""
+    return isinstance(part, str) and (part[:1].isupper() or part == "str" or "[" in part)
+
+
+def _names(annotation: Any) -> list[str]:
+    """The plain names a field takes (its Literal values), wherever they sit in its annotation."""
+    if typing.get_origin(annotation) is Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return [name for arg in typing.get_args(annotation) for name in _names(arg)]
+
+
+def _value_at(data: Any, path: tuple) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _shown(value: Any) -> str:
+    return f"a {type(value).__name__}" if isinstance(value, (dict, list)) else repr(value)
+
+
+def _union_message(path: tuple, value: Any) -> str:
+    field = path[0]
+    noun, accepts = _UNIONS.get(field, ("value", "one of the forms the schema lists"))
+    names = _names(RunConfig.model_fields[field].annotation) if field in RunConfig.model_fields else []
+    if isinstance(value, str) and names:
+        close = difflib.get_close_matches(value, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "."
+        return f"unknown {noun} {value!r}{hint} A {noun} is {accepts}"
+    return f"expected {accepts}, found {_shown(value)}"
+
+
 def validate(source: Source) -> RunConfig:
     """Check the whole file against RunConfig; the first problem becomes a ConfigError at its line."""
     try:
@@ -99,8 +149,15 @@ def validate(source: Source) -> RunConfig:
         errors = exc.errors(include_url=False)
     error = errors[0]
     loc = tuple(error["loc"])
-    # For a union (loss: Component | str) pydantic adds the branch name to loc; drop such parts.
-    path = tuple(p for p in loc if isinstance(p, int) or not (p[:1].isupper() or p in ("str", "function-after")))
+    branch = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
+    if branch is not None:  # a union: pydantic reports each branch that did not fit
+        union = loc[:branch]
+        value = _value_at(source.data, union)
+        if not isinstance(value, dict):
+            raise source.at(union, _union_message(union, value) + _more(errors))
+        # a mapping is meant as a component: its branch's problem is the one to report
+        error = next(e for e in errors if tuple(e["loc"])[:branch + 1] == union + ("Component",))
+    path = tuple(p for p in error["loc"] if not _is_branch(p))
     if error["type"] == "extra_forbidden":
         key = path[-1]
         close = difflib.get_close_matches(str(key), _fields_at(RunConfig, path[:-1]), n=1)
@@ -110,8 +167,17 @@ def validate(source: Source) -> RunConfig:
         if path and path[-1] == "_target_":
             raise source.at(path[:-1], "a component needs '_target_: dotted.path.to.callable'")
         raise ConfigError(f"{source.file}: missing required section '{dotted(path)}'")
-    message = error["msg"].removeprefix("Value error, ")
     found = error.get("input")
-    shown = f" (found {found!r})" if not isinstance(found, (dict, list)) else ""
-    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
-    raise source.at(path, f"{message}{shown}{more}")
+    if error["type"] == "model_type" and error.get("ctx", {}).get("class_name") == Component.__name__:
+        fix = f"; write {{_target_: {found}}}" if isinstance(found, str) and "." in found else ""
+        raise source.at(path, f"expected a component {_COMPONENT}, found {_shown(found)}{fix}{_more(errors)}")
+    message = error["msg"].removeprefix("Value error, ")
+    shown = f" (found {found!r})" if not isinstance(found, (dict, list)) and repr(found) not in message else ""
+    raise source.at(path, f"{message}{shown}{_more(errors)}")
+
+
+def _more(errors: list[dict[str, Any]]) -> str:
+    """How many problems the file has beyond the first (a union's branches count once)."""
+    problems = {tuple(itertools.takewhile(lambda part: not _is_branch(part), e["loc"])) for e in errors}
+    n = len(problems) - 1
+    return f" (and {n} more problem{'s' * (n > 1)})" if n else ""
