@@ -1,5 +1,14 @@
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,3 +18,71 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def run_cli():
+    """``run_cli(*args, cwd=None, env=None)``: ``python -m trainer ARGS`` as a user runs it, a real
+    process; returns the CompletedProcess (exit code, stdout, stderr)."""
+
+    def run(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+        environ = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        environ.update(env or {})
+        return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, env=environ,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+# A tiny MLP on synthetic data, four SGD steps; runs go to the default out_dir, runs/, beside it.
+PROJECT_CONFIG = """\
+name: t
+seed: 0
+max_steps: 4
+batch_size: 16
+progress_bar: false
+log_every_n_steps: 2
+model:
+  _target_: trainer.examples.models.MLP
+  in_features: 16
+  out_features: 4
+  hidden: 8
+data:
+  _target_: trainer.examples.synthetic.classification
+  n_train: 64
+  n_val: 32
+loss: torch.nn.functional.cross_entropy
+optimizer:
+  _target_: torch.optim.SGD
+  lr: 0.1
+"""
+
+
+@dataclass
+class Project:
+    """A user's project folder: ``cfg.yaml`` (``text``), its own modules beside it, ``runs/``."""
+
+    root: Path
+    text: str = PROJECT_CONFIG
+
+    @property
+    def config(self) -> Path:
+        return self.root / "cfg.yaml"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def write(self, text: str, name: str = "cfg.yaml") -> Path:
+        """Write a file of the project (dedented) and return its path."""
+        path = self.root / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    """A small user project in ``tmp_path``: ``cfg.yaml`` written from ``Project.text``."""
+    made = Project(tmp_path)
+    made.write(made.text)
+    return made

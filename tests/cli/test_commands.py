@@ -2,10 +2,8 @@
 many error messages (same code path, no interpreter start per case)."""
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,47 +11,12 @@ from typer.testing import CliRunner
 
 from trainer.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
-
-BASE = """\
-name: t
-seed: 0
-max_steps: 4
-batch_size: 16
-progress_bar: false
-log_every_n_steps: 2
-model:
-  _target_: trainer.examples.models.MLP
-  in_features: 16
-  out_features: 4
-  hidden: 8
-data:
-  _target_: trainer.examples.synthetic.classification
-  n_train: 64
-  n_val: 32
-loss: torch.nn.functional.cross_entropy
-optimizer:
-  _target_: torch.optim.SGD
-  lr: 0.1
-"""
-
-
-def cli(*args, cwd=None, timeout=300):
-    """Run ``python -m trainer`` in a subprocess."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args):
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.output
-
-
-def write(tmp_path, text, name="cfg.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def line_of(path, needle):
@@ -72,9 +35,9 @@ def with_line(text, old, new):
 # ------------------------------------------------------------------ training as a user does
 
 
-def test_run_writes_the_run_directory_and_exits_zero(tmp_path):
-    cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
-    proc = cli("run", cfg, "max_steps=6", "optimizer.lr=3e-2")
+def test_run_writes_the_run_directory_and_exits_zero(tmp_path, project, run_cli):
+    cfg = project.write(project.text + "out_dir: " + str(tmp_path / "runs") + "\n")
+    proc = run_cli("run", cfg, "max_steps=6", "optimizer.lr=3e-2")
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "runs" / "t"
     assert "finished: step 6" in proc.stdout and str(run_dir) in proc.stdout
@@ -89,8 +52,8 @@ def test_run_writes_the_run_directory_and_exits_zero(tmp_path):
     assert (run_dir / "checkpoints" / "step-00000006.pt").is_file()
 
 
-def test_an_existing_run_is_never_overwritten_silently(tmp_path):
-    cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
+def test_an_existing_run_is_never_overwritten_silently(tmp_path, project):
+    cfg = project.write(project.text + "out_dir: " + str(tmp_path / "runs") + "\n")
     assert invoke("run", cfg)[0] == 0
     before = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text()
     code, out = invoke("run", cfg)
@@ -102,8 +65,8 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path):
     assert '"step": 2' in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text()
 
 
-def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path):
-    (tmp_path / "my_models.py").write_text(textwrap.dedent("""\
+def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path, project, run_cli):
+    project.write("""\
         import torch
         from torch import nn
 
@@ -115,8 +78,8 @@ def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path):
 
             def forward(self, x):
                 return self.head(torch.relu(self.body(x)))
-        """))
-    (tmp_path / "my_trainer.py").write_text(textwrap.dedent("""\
+        """, "my_models.py")
+    project.write("""\
         from torch.nn import functional as F
         from trainer import Trainer
 
@@ -127,19 +90,19 @@ def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path):
                 self.log("train/custom", logits.abs().mean())
                 return {"loss": F.cross_entropy(logits, y) + 0.0 * logits.pow(2).mean(),
                         "margin": logits.max(1).values.mean()}
-        """))
-    text = BASE.replace("trainer.examples.models.MLP", "my_models.Net").replace(
+        """, "my_trainer.py")
+    text = project.text.replace("trainer.examples.models.MLP", "my_models.Net").replace(
         "  in_features: 16\n  out_features: 4\n  hidden: 8\n", "  width: 12\n")
-    write(tmp_path, "trainer: my_trainer.MyTrainer\n" + text)
-    proc = cli("run", "cfg.yaml", cwd=tmp_path)
+    project.write("trainer: my_trainer.MyTrainer\n" + text)
+    proc = run_cli("run", "cfg.yaml", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
     assert all("train/custom" in r and "train/margin" in r for r in train)
 
 
-def test_quickstart_config_runs(tmp_path):
-    proc = cli("run", ROOT / "configs" / "quickstart.yaml", f"out_dir={tmp_path}", "progress_bar=false")
+def test_quickstart_config_runs(tmp_path, run_cli):
+    proc = run_cli("run", ROOT / "configs" / "quickstart.yaml", f"out_dir={tmp_path}", "progress_bar=false")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.splitlines()[0]
     assert line.startswith("finished: step 160, epoch 5")
@@ -172,8 +135,8 @@ def test_char_lm_config_takes_a_few_steps(tmp_path):
     assert "finished: step 3" in out and "val/loss" in out
 
 
-def test_check_builds_and_trains_nothing(tmp_path):
-    cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
+def test_check_builds_and_trains_nothing(tmp_path, project):
+    cfg = project.write(project.text + "out_dir: " + str(tmp_path / "runs") + "\n")
     code, out = invoke("check", cfg, "model.hidden=10")
     assert code == 0, out
     assert "# device: cpu" in out
@@ -192,8 +155,8 @@ def test_check_accepts_every_shipped_config(name):
     assert "# config OK" in out
 
 
-def test_eval_prints_metrics_of_a_checkpoint(tmp_path):
-    cfg = write(tmp_path, BASE + "out_dir: " + str(tmp_path / "runs") + "\n")
+def test_eval_prints_metrics_of_a_checkpoint(tmp_path, project):
+    cfg = project.write(project.text + "out_dir: " + str(tmp_path / "runs") + "\n")
     assert invoke("run", cfg)[0] == 0
     ckpt = tmp_path / "runs" / "t" / "checkpoints" / "step-00000004.pt"
     code, out = invoke("eval", cfg, "--checkpoint", ckpt)
@@ -226,8 +189,8 @@ def test_help_is_fast_because_torch_is_not_imported():
     assert proc.stdout.strip().endswith("NO-TORCH")
 
 
-def test_python_dash_m_is_the_same_program():
-    proc = cli("--help")
+def test_python_dash_m_is_the_same_program(run_cli):
+    proc = run_cli("--help")
     assert proc.returncode == 0 and "Exit codes" in proc.stdout
 
 
@@ -241,9 +204,9 @@ def assert_user_error(code, out, *needles):
         assert needle in out, f"{needle!r} not in {out!r}"
 
 
-def test_yaml_syntax_error_has_file_and_line(tmp_path):
-    cfg = write(tmp_path, BASE + "callbacks: [1, 2\n")
-    proc = cli("check", cfg)
+def test_yaml_syntax_error_has_file_and_line(tmp_path, project, run_cli):
+    cfg = project.write(project.text + "callbacks: [1, 2\n")
+    proc = run_cli("check", cfg)
     assert_user_error(proc.returncode, proc.stderr, f"{cfg}:", "YAML syntax error")
     line = int(proc.stderr.split(f"{cfg}:")[1].split(":")[0])
     assert line >= line_of(cfg, "callbacks")
@@ -255,16 +218,16 @@ def test_yaml_syntax_error_has_file_and_line(tmp_path):
     ("seed: 0", "seed: 0\nprecision: fp8", "precision", "'fp32', 'bf16' or 'fp16'"),
     ("batch_size: 16", "batch_size: -4", "batch_size", "greater than or equal to 1"),
 ])
-def test_wrong_framework_field_points_at_its_line(tmp_path, old, new, field, expected):
-    cfg = write(tmp_path, with_line(BASE, old, new))
+def test_wrong_framework_field_points_at_its_line(tmp_path, old, new, field, expected, project):
+    cfg = project.write(with_line(project.text, old, new))
     code, out = invoke("check", cfg)
     bad_value = new.split(": ")[-1]
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, new.splitlines()[-1])}:", f"{field}: ", expected,
-                      f"found {bad_value}" if field == "batch_size" else f"found '{bad_value}'")
+                      bad_value if field == "batch_size" else f"'{bad_value}'")
 
 
-def test_framework_errors_are_reported_without_importing_torch(tmp_path):
-    cfg = write(tmp_path, with_line(BASE, "max_steps: 4", "max_steps: ten"))
+def test_framework_errors_are_reported_without_importing_torch(tmp_path, project):
+    cfg = project.write(with_line(project.text, "max_steps: 4", "max_steps: ten"))
     proc = subprocess.run(
         [sys.executable, "-c", "import sys\nfrom trainer.cli import main\nsys.argv=['trainer','check',sys.argv[1]]\n"
          "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)", str(cfg)],
@@ -272,80 +235,80 @@ def test_framework_errors_are_reported_without_importing_torch(tmp_path):
     assert "exit 2 False" in proc.stdout
 
 
-def test_unknown_key_suggests_the_closest(tmp_path):
-    cfg = write(tmp_path, with_line(BASE, "max_steps: 4", "max_step: 4"))
+def test_unknown_key_suggests_the_closest(tmp_path, project):
+    cfg = project.write(with_line(project.text, "max_steps: 4", "max_step: 4"))
     code, out = invoke("check", cfg)
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'max_step:')}:", "unknown key 'max_step'; did you mean 'max_steps'?")
 
 
-def test_unknown_nested_key_suggests_the_closest(tmp_path):
-    cfg = write(tmp_path, BASE + "grad_logging:\n  every_n_step: 5\n")
+def test_unknown_nested_key_suggests_the_closest(tmp_path, project):
+    cfg = project.write(project.text + "grad_logging:\n  every_n_step: 5\n")
     code, out = invoke("check", cfg)
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'every_n_step:')}:", "grad_logging.every_n_step",
                       "did you mean 'every_n_steps'?")
 
 
-def test_component_argument_of_the_wrong_type_points_at_its_own_line(tmp_path):
-    cfg = write(tmp_path, with_line(BASE, "lr: 0.1", "lr: abc"))
+def test_component_argument_of_the_wrong_type_points_at_its_own_line(tmp_path, project):
+    cfg = project.write(with_line(project.text, "lr: 0.1", "lr: abc"))
     code, out = invoke("check", cfg)
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'lr: abc')}:", "optimizer.lr:", "found 'abc'")
 
 
-def test_error_raised_by_the_target_names_the_component(tmp_path):
-    cfg = write(tmp_path, with_line(BASE, "lr: 0.1", "lr: -1"))
+def test_error_raised_by_the_target_names_the_component(tmp_path, project):
+    cfg = project.write(with_line(project.text, "lr: 0.1", "lr: -1"))
     code, out = invoke("check", cfg)
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'optimizer:') + 1}:", "optimizer:", "Invalid learning rate: -1")
 
 
-def test_target_module_that_does_not_exist(tmp_path):
-    cfg = write(tmp_path, with_line(BASE, "_target_: torch.optim.SGD", "_target_: torch.optimm.SGD"))
+def test_target_module_that_does_not_exist(tmp_path, project):
+    cfg = project.write(with_line(project.text, "_target_: torch.optim.SGD", "_target_: torch.optimm.SGD"))
     code, out = invoke("check", cfg)
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'torch.optimm')}:", "optimizer._target_",
                       "cannot import 'torch.optimm.SGD'", "did you mean 'torch.optim'?")
 
 
-def test_target_attribute_that_does_not_exist(tmp_path):
-    cfg = write(tmp_path, with_line(BASE, "_target_: torch.optim.SGD", "_target_: torch.optim.SDG"))
+def test_target_attribute_that_does_not_exist(tmp_path, project):
+    cfg = project.write(with_line(project.text, "_target_: torch.optim.SGD", "_target_: torch.optim.SDG"))
     code, out = invoke("check", cfg)
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'torch.optim.SDG')}:", "has no attribute 'SDG'",
                       "did you mean 'torch.optim.SGD'?")
 
 
-def test_argument_the_target_does_not_take(tmp_path):
-    cfg = write(tmp_path, with_line(BASE, "  hidden: 8", "  hiden: 8"))
+def test_argument_the_target_does_not_take(tmp_path, project):
+    cfg = project.write(with_line(project.text, "  hidden: 8", "  hiden: 8"))
     code, out = invoke("check", cfg)
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'hiden')}:", "model.hiden",
                       "takes no argument 'hiden'; did you mean 'hidden'?")
 
 
-def test_missing_empty_and_non_mapping_files(tmp_path):
+def test_missing_empty_and_non_mapping_files(tmp_path, project):
     code, out = invoke("check", tmp_path / "missing.yaml")
     assert_user_error(code, out, "missing.yaml: config file not found")
-    code, out = invoke("check", write(tmp_path, "", "empty.yaml"))
+    code, out = invoke("check", project.write("", "empty.yaml"))
     assert_user_error(code, out, "empty.yaml: the file is empty")
-    code, out = invoke("check", write(tmp_path, "- a\n- b\n", "list.yaml"))
+    code, out = invoke("check", project.write("- a\n- b\n", "list.yaml"))
     assert_user_error(code, out, "list.yaml:1:1: the top level is a list")
 
 
-def test_missing_sections(tmp_path):
-    cfg = write(tmp_path, "max_steps: 3\n")
+def test_missing_sections(tmp_path, project):
+    cfg = project.write("max_steps: 3\n")
     code, out = invoke("check", cfg)
     assert_user_error(code, out, "missing required section 'model'")
 
 
-def test_cuda_requested_on_a_machine_without_it(tmp_path):
+def test_cuda_requested_on_a_machine_without_it(tmp_path, project, run_cli):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    cfg = write(tmp_path, with_line(BASE, "seed: 0", "seed: 0\ndevice: cuda"))
-    proc = cli("run", cfg)
+    cfg = project.write(with_line(project.text, "seed: 0", "seed: 0\ndevice: cuda"))
+    proc = run_cli("run", cfg)
     assert_user_error(proc.returncode, proc.stderr, f"{cfg}:{line_of(cfg, 'device: cuda')}:",
                       "CUDA is not available")
 
 
-def test_override_of_a_key_that_does_not_exist(tmp_path):
-    cfg = write(tmp_path, BASE)
+def test_override_of_a_key_that_does_not_exist(tmp_path, project):
+    cfg = project.write(project.text)
     code, out = invoke("check", cfg, "max_step=3")
     assert_user_error(code, out, "command line 'max_step=3'", "did you mean 'max_steps'?")
     code, out = invoke("check", cfg, "optimizer.lrr=3")
@@ -356,47 +319,47 @@ def test_override_of_a_key_that_does_not_exist(tmp_path):
     assert_user_error(code, out, "an override is KEY=VALUE")
 
 
-def test_override_values_are_yaml_scalars(tmp_path):
-    cfg = write(tmp_path, BASE + "scheduler:\n  _target_: torch.optim.lr_scheduler.StepLR\n  step_size: 2\n")
+def test_override_values_are_yaml_scalars(tmp_path, project):
+    cfg = project.write(project.text + "scheduler:\n  _target_: torch.optim.lr_scheduler.StepLR\n  step_size: 2\n")
     code, out = invoke("check", cfg, "scheduler=null", "clip_grad_norm=1e0", "progress_bar=true")
     assert code == 0, out
     assert "scheduler: null" in out and "clip_grad_norm: 1.0" in out and "progress_bar: true" in out
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    cfg = write(tmp_path, with_line(BASE, "lr: 0.1", "lr: -1"))
-    proc = cli("check", cfg, "--debug")
+def test_debug_shows_the_traceback(tmp_path, project, run_cli):
+    cfg = project.write(with_line(project.text, "lr: 0.1", "lr: -1"))
+    proc = run_cli("check", cfg, "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "Invalid learning rate" in proc.stderr
 
 
-def test_internal_failure_exits_one(tmp_path):
-    (tmp_path / "broken.py").write_text(textwrap.dedent("""\
+def test_internal_failure_exits_one(tmp_path, project, run_cli):
+    project.write("""\
         from trainer import Trainer
 
         class Broken(Trainer):
             def on_fit_start(self):
                 raise KeyError("a bug in the user's code")
-        """))
-    write(tmp_path, "trainer: broken.Broken\n" + BASE)
-    proc = cli("run", "cfg.yaml", cwd=tmp_path)
+        """, "broken.py")
+    project.write("trainer: broken.Broken\n" + project.text)
+    proc = run_cli("run", "cfg.yaml", cwd=project.root)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "a bug in the user's code" in proc.stderr
 
 
-def test_loggers_tensorboard_from_yaml(tmp_path):
+def test_loggers_tensorboard_from_yaml(tmp_path, project):
     pytest.importorskip("tensorboard")
-    cfg = write(tmp_path, BASE + f"out_dir: {tmp_path / 'runs'}\nloggers: [tensorboard]\n")
+    cfg = project.write(project.text + f"out_dir: {tmp_path / 'runs'}\nloggers: [tensorboard]\n")
     code, out = invoke("run", cfg)
     assert code == 0, out
     run_dir = tmp_path / "runs" / "t"
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "metrics.jsonl").exists()
-    code, out = invoke("check", write(tmp_path, BASE + "loggers: [tensorbord]\n", "bad.yaml"))
+    code, out = invoke("check", project.write(project.text + "loggers: [tensorbord]\n", "bad.yaml"))
     assert_user_error(code, out, "loggers[0]", "'tensorboard'")
 
 
-def test_built_in_callbacks_and_schedule_from_yaml(tmp_path):
-    text = BASE.replace("max_steps: 4", "max_steps: 40\neval_every_n_steps: 4\neval_every_n_epochs: null") + (
+def test_built_in_callbacks_and_schedule_from_yaml(tmp_path, project):
+    text = project.text.replace("max_steps: 4", "max_steps: 40\neval_every_n_steps: 4\neval_every_n_epochs: null") + (
         f"out_dir: {tmp_path / 'runs'}\n"
         "scheduler: {_target_: trainer.WarmupDecay, warmup_steps: 5, decay: cosine}\n"
         "callbacks:\n"
@@ -404,7 +367,7 @@ def test_built_in_callbacks_and_schedule_from_yaml(tmp_path):
         "  - {_target_: trainer.BestCheckpoints, monitor: val/acc, mode: max, top_k: 2}\n"
         "  - {_target_: trainer.EMAWeights, decay: 0.9}\n"
     )
-    code, out = invoke("run", write(tmp_path, text))
+    code, out = invoke("run", project.write(text))
     assert code == 0, out
     # min_delta 10 means no evaluation counts as an improvement after the first: stop after 3 evaluations
     assert out.startswith("early stopping: val/loss did not improve by more than 10.0 for 2 evaluations")
@@ -420,3 +383,84 @@ def torch_load(path):
     from trainer.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
+
+
+# ------------------------------------------------------------------ union fields, factories, runs
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("seed: 0", "seed: 0\nloggers: [tensorbord]",
+     "loggers[0]: unknown logger 'tensorbord'; did you mean 'tensorboard'? A logger is 'tensorboard' or "
+     "{_target_: dotted.path, ...arguments}"),
+    ("seed: 0", "seed: 0\ntrainer: 5",
+     "trainer: expected a dotted path such as my_pkg.MyTrainer or {_target_: my_pkg.MyTrainer, ...arguments}, found 5"),
+    ("loss: torch.nn.functional.cross_entropy", "loss: [cross_entropy]",
+     "loss: expected a dotted path such as torch.nn.functional.cross_entropy or "
+     "{_target_: torch.nn.CrossEntropyLoss, ...arguments}, found a list"),
+    ("loss: torch.nn.functional.cross_entropy", "loss: cross_entropy",
+     "loss: expected a dotted path such as torch.nn.functional.cross_entropy, got 'cross_entropy'"),
+])
+def test_a_value_no_branch_of_a_union_takes_gets_one_line(project, old, new, expected):
+    cfg = project.write(with_line(project.text, old, new))
+    code, out = invoke("check", cfg)
+    line = new.splitlines()[-1]
+    column = line.index(": ") + 3 + line.startswith("loggers")  # the value; a list's first item
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, line)}:{column}: {expected}\n")
+    assert "Component" not in out and "literal" not in out and "more problem" not in out
+
+
+def test_a_component_written_as_a_bare_path_is_shown_the_mapping_to_write(project):
+    cfg = project.write(with_line(project.text, "optimizer:\n  _target_: torch.optim.SGD\n  lr: 0.1",
+                                  "optimizer: torch.optim.SGD"))
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'optimizer:')}:12: optimizer: expected a component",
+                      "found 'torch.optim.SGD'; write {_target_: torch.optim.SGD}")
+
+
+def test_a_scheduler_that_raises_is_blamed_at_its_own_line(project):
+    # StepLR resuming from last_epoch 5 needs initial_lr in the optimizer's groups: it raises when called
+    cfg = project.write(project.text + "scheduler:\n  _target_: torch.optim.lr_scheduler.StepLR\n  step_size: 2\n"
+                        "  last_epoch: 5\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'scheduler:') + 1}:3: scheduler: ",
+                      "torch.optim.lr_scheduler.StepLR(...) raised KeyError")
+    assert "building trainer.Trainer failed" not in out
+
+
+def test_the_checkpoint_holds_the_whole_run_config(tmp_path, project):
+    cfg = project.write(project.text + f"out_dir: {tmp_path / 'runs'}\n")
+    code, out = invoke("run", cfg)
+    assert code == 0, out
+    state = torch_load(tmp_path / "runs" / "t" / "checkpoints" / "step-00000004.pt")
+    assert state["config"]["name"] == "t" and state["config"]["model"]["_target_"] == "trainer.examples.models.MLP"
+    assert state["config"]["optimizer"] == {"_target_": "torch.optim.SGD", "lr": 0.1}
+
+
+def test_runs_lists_a_damaged_run_beside_the_good_ones(tmp_path, project, run_cli):
+    cfg = project.write(project.text + "out_dir: runs\n"
+                        "callbacks:\n"
+                        "  - {_target_: trainer.EarlyStopping, monitor: val/loss, patience: 5}\n"
+                        "  - {_target_: trainer.BestCheckpoints, monitor: val/acc, mode: max}\n")
+    assert run_cli("run", cfg, "max_steps=12", cwd=project.root).returncode == 0  # three evaluations
+    assert run_cli("run", cfg, "name=damaged", cwd=project.root).returncode == 0
+    (project.runs / "damaged" / "status.json").write_text('{"status": ')
+    proc = run_cli("runs", cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:3]}
+    assert rows["damaged"][1] == "unreadable"
+    losses = [json.loads(x)["val/loss"] for x in (project.runs / "t" / "metrics.jsonl").read_text().splitlines()
+              if "val/loss" in x]
+    assert rows["t"][1:4] == ["finished", "12", "val/loss"] and min(losses) != max(losses)
+    assert float(rows["t"][4]) == pytest.approx(min(losses), rel=1e-3)  # min: EarlyStopping's mode, not max
+    assert "damaged: JSONDecodeError" in proc.stdout
+
+
+@pytest.mark.parametrize("old,name", [("yaml_source", "Source"), ("run_config", "validate"), ("build", "build"),
+                                      ("report", "runs_table")])
+def test_old_import_paths_warn_and_still_work(old, name):
+    proc = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c",
+                           f"from trainer.{old} import {name}\nimport trainer.cli.{old} as new\n"
+                           f"assert {name} is new.{name}"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert f"DeprecationWarning: trainer.{old} moved to trainer.cli.{old}" in proc.stderr

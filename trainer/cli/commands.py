@@ -1,4 +1,4 @@
-"""``trainer``: the command line, a thin shell over the library (parse, build, train, report).
+"""The ``trainer`` commands: the command line, a thin shell over the library (parse, build, train, report).
 
 Exit codes: 0 success; 2 a user error (config, command line, missing file); 1 an internal
 failure; 130 / 143 after SIGINT / SIGTERM (a checkpoint is written first).
@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import typer
 
 from trainer import run_dir as run_files
-from trainer.yaml_source import ConfigError, Source
+from trainer.cli.yaml_source import ConfigError, Source
 
 app = typer.Typer(
     add_completion=False,
@@ -59,7 +59,7 @@ def _reporting(debug: bool) -> Iterator[None]:
 
 
 def _load(config: Path, overrides: Optional[list[str]]):
-    from trainer.run_config import validate
+    from trainer.cli.run_config import validate
 
     # A project folder's own modules (my_models.py next to the config) resolve as _target_s.
     if os.getcwd() not in sys.path:
@@ -99,7 +99,7 @@ def run(
                 )
             if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone touches the run directory
                 shutil.rmtree(run_dir)
-        from trainer.build import build
+        from trainer.cli.build import build
         from trainer.checkpoint import CheckpointError, find_resume_checkpoint
         from trainer.metrics import truncate_metrics
 
@@ -114,7 +114,7 @@ def run(
             if resume is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
                 truncate_metrics(run_dir, resume_from["trainer_state"]["global_step"] if resume_from else 0)
-        from trainer.report import write_status
+        from trainer.cli.report import write_status
 
         main = built.trainer.is_main_process
         if main:
@@ -157,7 +157,7 @@ def check(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, deb
     """Validate a config, print it resolved, build its components; train nothing."""
     with _reporting(debug):
         source, cfg = _load(config, overrides)
-        from trainer.build import build
+        from trainer.cli.build import build
 
         typer.echo(_resolved_yaml(cfg), nl=False)
         built = build(source, cfg, run_dir=None)
@@ -191,7 +191,7 @@ def evaluate(
     """Run validation with a checkpoint's weights and print the metrics as JSON."""
     with _reporting(debug):
         source, cfg = _load(config, overrides)
-        from trainer.build import build
+        from trainer.cli.build import build
         from trainer.checkpoint import CheckpointError, load_checkpoint
 
         built = build(source, cfg, run_dir=None)
@@ -212,7 +212,7 @@ def evaluate(
 def runs(out_dir: Path = typer.Argument(Path("runs"), help="The folder that holds run directories.")) -> None:
     """A table of the runs in OUT_DIR: status, steps, best monitored value, newest checkpoint."""
     with _reporting(False):
-        from trainer.report import format_table, runs_table
+        from trainer.cli.report import format_table, runs_table
 
         if not out_dir.is_dir():
             raise UserError(f"{out_dir}: no such folder of runs")
@@ -227,14 +227,15 @@ def plot(
 ) -> None:
     """Plot train/val loss, the monitored metric, LR and gradient norm against step (needs matplotlib)."""
     with _reporting(False):
-        from trainer.report import plot_runs
+        from trainer.cli.report import UnreadableRun, plot_runs
 
         missing = [str(d) for d in run_dirs if not (d / run_files.METRICS_JSONL).exists()]
         if missing:
-            raise UserError(f"no metrics.jsonl in {', '.join(missing)}: pass run directories such as runs/digits")
+            raise UserError(f"no {run_files.METRICS_JSONL} in {', '.join(missing)}: pass run directories such as "
+                            "runs/digits")
         try:
             path = plot_runs(run_dirs, out)
-        except ImportError as exc:
+        except (ImportError, UnreadableRun) as exc:
             raise UserError(str(exc)) from None
         typer.echo(f"wrote {path}")
 
@@ -242,14 +243,10 @@ def plot(
 @app.command()
 def schema() -> None:
     """Print the JSON schema of the config file (for an editor's YAML language server)."""
-    from trainer.run_config import RunConfig
+    from trainer.cli.run_config import RunConfig
 
     typer.echo(json.dumps(RunConfig.model_json_schema(by_alias=True), indent=2))
 
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()

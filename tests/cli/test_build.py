@@ -1,0 +1,100 @@
+"""From config to objects: importing targets, checking arguments before calling, splitting data,
+and the optimizer factory's kernel choice."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from trainer.cli.build import check_arguments, import_target, instantiate, kernel_defaults, optimizer_factory, split_data
+from trainer.cli.run_config import Component
+from trainer.cli.yaml_source import ConfigError, Source, Where
+
+AT = ("optimizer",)
+
+
+@pytest.fixture
+def source():
+    return Source({}, "cfg.yaml", {AT: Where("cfg.yaml", 7, 3), AT + ("lr",): Where("cfg.yaml", 9, 7)})
+
+
+def component(**kwargs):
+    return Component.model_validate(kwargs)
+
+
+def test_import_target_suggests_the_closest_name(source):
+    assert import_target("torch.optim.SGD", source, AT) is torch.optim.SGD
+    with pytest.raises(ConfigError, match=r"cfg.yaml:7:3: optimizer: .*did you mean 'torch.optim.SGD'\?"):
+        import_target("torch.optim.SDG", source, AT)
+    with pytest.raises(ConfigError, match="no module named 'no_such_pkg'"):
+        import_target("no_such_pkg.X", source, AT)
+
+
+def test_check_arguments_converts_by_type_hint_and_names_the_argument(source):
+    def make(params, lr: float, momentum: float = 0.0):
+        return params, lr, momentum
+
+    assert check_arguments(make, {"lr": "3e-4"}, source, AT, 1, "make") == {"lr": 3e-4}
+    with pytest.raises(ConfigError, match=r"cfg.yaml:9:7: optimizer.lr: make expects float for 'lr', found 'abc'"):
+        check_arguments(make, {"lr": "abc"}, source, AT, 1, "make")
+    with pytest.raises(ConfigError, match="takes no argument 'momentun'; did you mean 'momentum'"):
+        check_arguments(make, {"lr": 1, "momentun": 0.9}, source, AT, 1, "make")
+    with pytest.raises(ConfigError, match="make needs the argument 'lr'"):
+        check_arguments(make, {}, source, AT, 1, "make")
+
+
+def test_instantiate_builds_nested_components_and_blames_a_raising_target(source):
+    layer = {"_target_": "torch.nn.TransformerEncoderLayer", "d_model": 4, "nhead": 1, "dim_feedforward": 8,
+             "batch_first": True}
+    made = instantiate(component(_target_="torch.nn.TransformerEncoder", encoder_layer=layer, num_layers=1,
+                                 enable_nested_tensor=False),
+                       source, AT)
+    assert isinstance(made.layers[0], torch.nn.TransformerEncoderLayer)
+    with pytest.raises(ConfigError, match=r"cfg.yaml:7:3: optimizer: torch.optim.SGD\(...\) raised ValueError"):
+        instantiate(component(_target_="torch.optim.SGD", lr=-1.0), source, AT, [torch.nn.Parameter(torch.ones(1))])
+
+
+def test_split_data_forms(source):
+    assert split_data({"train": 1, "val": 2}, source) == (1, 2)
+    assert split_data((1, 2), source) == (1, 2)
+    x = torch.ones(3)
+    assert split_data((x, x), source) == ((x, x), None)  # a tensor pair is training data, not (train, val)
+    with pytest.raises(ConfigError, match="unknown keys \\['test'\\]"):
+        split_data({"train": 1, "test": 2}, source)
+
+
+def test_the_optimizer_factory_checks_now_and_builds_later(source):
+    with pytest.raises(ConfigError, match="takes no argument 'lrr'"):
+        optimizer_factory(component(_target_="torch.optim.SGD", lrr=0.1), source)
+    factory = optimizer_factory(component(_target_="torch.optim.SGD", lr=-1.0), source)
+    with pytest.raises(ConfigError, match=r"cfg.yaml:7:3: optimizer: .*Invalid learning rate"):
+        factory([torch.nn.Parameter(torch.ones(1))])
+
+
+def test_plain_parameters_get_fused_kernels_unless_the_config_chose():
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert kernel_defaults(torch.optim.SGD, params) == {"fused": True}
+    assert kernel_defaults(torch.optim.AdamW, params) == {"fused": True}
+    assert kernel_defaults(torch.optim.RMSprop, params) == {}
+    source = Source({}, "cfg.yaml", {})
+    built = optimizer_factory(component(_target_="torch.optim.SGD", lr=0.1), source)(params)
+    assert built.param_groups[0]["fused"] is True
+    built = optimizer_factory(component(_target_="torch.optim.SGD", lr=0.1, foreach=False), source)(params)
+    assert not built.param_groups[0]["fused"] and built.param_groups[0]["foreach"] is False
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo group of one process, enough to make DTensors on the CPU."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def test_sharded_parameters_get_foreach_sgd_and_fused_adam(one_rank_group):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    params = [torch.nn.Parameter(distribute_tensor(torch.ones(4), one_rank_group, [Shard(0)]))]
+    assert kernel_defaults(torch.optim.SGD, params) == {"foreach": True}
+    assert kernel_defaults(torch.optim.AdamW, params) == {"fused": True}
+    built = optimizer_factory(component(_target_="torch.optim.SGD", lr=0.1), Source({}, "cfg.yaml", {}))(params)
+    assert built.param_groups[0]["foreach"] is True and not built.param_groups[0]["fused"]

@@ -1,0 +1,183 @@
+"""The YAML config of ``trainer run``: the loop settings plus the run's name and its components.
+
+Torch-free: ``trainer check`` reports a bad field and ``trainer schema`` prints the schema
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from trainer.cli.yaml_source import ConfigError, Source, dotted
+from trainer.config import TrainerConfig
+from trainer.run_dir import METRICS_CSV, METRICS_JSONL, TENSORBOARD
+
+
+class Component(BaseModel):
+    """``{_target_: dotted.path, ...keyword arguments}``: the target is imported and called."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    target: str = Field(alias="_target_", description="Dotted path of the class or function to call.")
+
+    @field_validator("target")
+    @classmethod
+    def _dotted(cls, value: str) -> str:
+        if "." not in value:
+            raise ValueError(f"expected a dotted path such as torch.optim.AdamW, got {value!r}")
+        return value
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(TrainerConfig):
+    """Everything ``trainer run`` needs: the TrainerConfig fields, where the run goes, and what to build."""
+
+    name: str = Field("run", description="Run name; the run directory is <out_dir>/<name>.", min_length=1)
+    out_dir: str = Field("runs", description="Folder that holds run directories.")
+    trainer: Component | str = Field(
+        "trainer.Trainer",
+        description="The Trainer class: a dotted path such as my_pkg.MyTrainer, or {_target_: my_pkg.MyTrainer, "
+        "...extra constructor arguments of the subclass}.",
+    )
+    model: Component = Field(description="The nn.Module to train: {_target_: ..., kwargs}.")
+    data: Component = Field(
+        description="A callable returning the datasets: a dict with 'train' (and 'val'), a (train, val) tuple, "
+        "or the training data alone."
+    )
+    loss: Component | str | None = Field(
+        None,
+        description="The loss: a component that is called to build it ({_target_: torch.nn.CrossEntropyLoss}) "
+        "or a dotted path used as is (torch.nn.functional.cross_entropy).",
+    )
+    optimizer: Component | None = Field(
+        None,
+        description="Called with the trainable parameters first, e.g. {_target_: torch.optim.AdamW, lr: 3.0e-4}; "
+        "null when the Trainer subclass defines configure_optimizers().",
+    )
+    scheduler: Component | None = Field(None, description="Called with the optimizer first (null: none).")
+    callbacks: list[Component] = Field(default_factory=list, description="Callbacks, each {_target_: ...}.")
+    loggers: list[Literal["tensorboard"] | Component] = Field(
+        default_factory=list,
+        description=f"Metric sinks beside {METRICS_JSONL} and {METRICS_CSV}: 'tensorboard' (writes <run_dir>/{TENSORBOARD}; "
+        "needs the tensorboard package) or {_target_: ...}, called with the run directory first.",
+    )
+
+    @field_validator("trainer", "loss")
+    @classmethod
+    def _dotted_path(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and "." not in value:
+            raise ValueError(f"expected a dotted path such as {_EXAMPLES[info.field_name]}, got {value!r}")
+        return value
+
+
+_EXAMPLES = {"trainer": "my_pkg.MyTrainer", "loss": "torch.nn.functional.cross_entropy"}
+_COMPONENT = "{_target_: dotted.path, ...arguments}"
+
+# What each union field accepts, in the words of a config file: a value that fits no branch gets
+# one line saying so, instead of pydantic's error per branch named after our types.
+_UNIONS = {
+    "trainer": ("Trainer", "a dotted path such as my_pkg.MyTrainer or {_target_: my_pkg.MyTrainer, ...arguments}"),
+    "loss": ("loss", "a dotted path such as torch.nn.functional.cross_entropy or "
+                     "{_target_: torch.nn.CrossEntropyLoss, ...arguments}"),
+    "loggers": ("logger", f"'tensorboard' or {_COMPONENT}"),
+}
+
+
+def trainer_config(run: RunConfig) -> TrainerConfig:
+    """The loop settings alone, as the Trainer takes them."""
+    return TrainerConfig(**{name: getattr(run, name) for name in TrainerConfig.model_fields})
+
+
+def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
+    """The valid keys at ``path`` (for suggestions)."""
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _is_branch(part: Any) -> bool:
+    """Whether a part of an error's location names a union branch (Component, str, literal['x'],
+    function-after[...]) rather than a key or an index."""
+    return isinstance(part, str) and (part[:1].isupper() or part == "str" or "[" in part)
+
+
+def _names(annotation: Any) -> list[str]:
+    """The plain names a field takes (its Literal values), wherever they sit in its annotation."""
+    if typing.get_origin(annotation) is Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return [name for arg in typing.get_args(annotation) for name in _names(arg)]
+
+
+def _value_at(data: Any, path: tuple) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _shown(value: Any) -> str:
+    return f"a {type(value).__name__}" if isinstance(value, (dict, list)) else repr(value)
+
+
+def _union_message(path: tuple, value: Any) -> str:
+    field = path[0]
+    noun, accepts = _UNIONS.get(field, ("value", "one of the forms the schema lists"))
+    names = _names(RunConfig.model_fields[field].annotation) if field in RunConfig.model_fields else []
+    if isinstance(value, str) and names:
+        close = difflib.get_close_matches(value, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "."
+        return f"unknown {noun} {value!r}{hint} A {noun} is {accepts}"
+    return f"expected {accepts}, found {_shown(value)}"
+
+
+def validate(source: Source) -> RunConfig:
+    """Check the whole file against RunConfig; the first problem becomes a ConfigError at its line."""
+    try:
+        return RunConfig.model_validate(source.data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    error = errors[0]
+    loc = tuple(error["loc"])
+    branch = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
+    if branch is not None:  # a union: pydantic reports each branch that did not fit
+        union = loc[:branch]
+        value = _value_at(source.data, union)
+        if not isinstance(value, dict):
+            raise source.at(union, _union_message(union, value) + _more(errors))
+        # a mapping is meant as a component: its branch's problem is the one to report
+        error = next(e for e in errors if tuple(e["loc"])[:branch + 1] == union + ("Component",))
+    path = tuple(p for p in error["loc"] if not _is_branch(p))
+    if error["type"] == "extra_forbidden":
+        key = path[-1]
+        close = difflib.get_close_matches(str(key), _fields_at(RunConfig, path[:-1]), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise source.at(path, f"unknown key '{key}'{hint}")
+    if error["type"] == "missing":
+        if path and path[-1] == "_target_":
+            raise source.at(path[:-1], "a component needs '_target_: dotted.path.to.callable'")
+        raise ConfigError(f"{source.file}: missing required section '{dotted(path)}'")
+    found = error.get("input")
+    if error["type"] == "model_type" and error.get("ctx", {}).get("class_name") == Component.__name__:
+        fix = f"; write {{_target_: {found}}}" if isinstance(found, str) and "." in found else ""
+        raise source.at(path, f"expected a component {_COMPONENT}, found {_shown(found)}{fix}{_more(errors)}")
+    message = error["msg"].removeprefix("Value error, ")
+    shown = f" (found {found!r})" if not isinstance(found, (dict, list)) and repr(found) not in message else ""
+    raise source.at(path, f"{message}{shown}{_more(errors)}")
+
+
+def _more(errors: list[dict[str, Any]]) -> str:
+    """How many problems the file has beyond the first (a union's branches count once)."""
+    problems = {tuple(itertools.takewhile(lambda part: not _is_branch(part), e["loc"])) for e in errors}
+    n = len(problems) - 1
+    return f" (and {n} more problem{'s' * (n > 1)})" if n else ""
