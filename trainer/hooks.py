@@ -1,27 +1,7 @@
 """The fixed set of hooks and the callback base class.
 
-Order of one optimizer step (``grad_accum_steps = k`` micro-batches)::
-
-    for each micro-batch:
-        batch to device
-        on_train_batch_start(trainer, batch)
-        forward under autocast            -> training_step(batch)
-        on_before_backward(trainer, loss)
-        backward                          -> backward(loss / k), fp16 through the GradScaler
-        (micro-batches 1..k-1 end here with on_train_batch_end)
-    on_the k-th micro-batch, continuing:
-        unscale gradients (fp16)
-        on_after_backward(trainer)        gradients are final and unscaled: log them here
-        clip gradients
-        on_before_optimizer_step(trainer, optimizer)
-        optimizer.step(); scheduler.step()
-        on_before_zero_grad(trainer, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-    on_train_batch_end(trainer, outputs, batch)   outputs detached
-    on_log(trainer, record)                       at log points, values already plain floats
-
-Around it: on_fit_start, on_train_epoch_start, on_train_epoch_end, on_validation_start,
-on_validation_end(trainer, metrics), on_fit_end, and on_exception(trainer, exc).
+The order in which the hooks run around one optimizer step is drawn once, in README.md,
+section "The loop and its hooks"; ``tests/test_trainer.py`` pins it.
 """
 
 from __future__ import annotations
