@@ -550,3 +550,93 @@ def test_deterministic_is_on_during_fit_and_restored_after():
             callbacks=[Peek()], config=quiet(deterministic=True)).fit()
     assert seen == [True, True]
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def settings():
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_global_torch_settings_are_as_they_were_after_fit_and_evaluate(fails):
+    """The user's own choices (here all of them unlike the defaults a run sets) come back after fit
+    and evaluate, also when fit raises."""
+    from trainer.device import torch_settings
+
+    class Boom(Trainer):
+        def training_step(self, batch):
+            if fails:
+                raise RuntimeError("boom")
+            return super().training_step(batch)
+
+    before = settings()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = False, True
+        mine = settings()
+        model = mlp()
+        t = Boom(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), loss_fn=F.cross_entropy,
+                 config=quiet(deterministic=True))
+        if fails:
+            with pytest.raises(RuntimeError, match="boom"):
+                t.fit()
+        else:
+            t.fit()
+        assert settings() == mine
+        t.evaluate(batches(1, 4))
+        assert settings() == mine
+        # What a CUDA run switches on, checked without a GPU: TF32 and deterministic mode inside, undone after.
+        with torch_settings(torch.device("cuda"), deterministic=True):
+            assert settings() == (True, False, "high", True, False)
+        assert settings() == mine
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_float32_matmul_precision(before[2])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[3], before[4]
+
+
+class ListLogger:
+    def __init__(self):
+        self.records, self.closed = [], False
+
+    def log(self, record):
+        assert not self.closed, "logged into a closed logger"
+        self.records.append(record)
+
+    def close(self):
+        self.closed = True
+
+
+def test_fit_closes_only_the_files_it_opened_and_a_second_fit_continues(tmp_path):
+    import json
+
+    x, y = classification(96)
+    logger = ListLogger()
+    model = mlp(dropout=0.2)  # dropout draws from torch's generator: reseeding would show
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                loggers=[logger], run_dir=tmp_path,
+                config=quiet(max_steps=5, batch_size=8, log_every_n_steps=1, eval_every_n_epochs=None))
+    t.fit()
+    assert not logger.closed and t.loggers == [logger]
+    t.config.max_steps = 9
+    t.fit()
+    assert t.global_step == 9 and not logger.closed
+    assert [r["step"] for r in logger.records] == list(range(1, 10))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 10))
+
+    whole = mlp(dropout=0.2)
+    Trainer(whole, torch.optim.SGD(whole.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
+            config=quiet(max_steps=9, batch_size=8, eval_every_n_epochs=None)).fit()
+    for a, b in zip(model.parameters(), whole.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_evaluation_right_after_an_epoch_end_is_not_repeated():
+    x, y = classification(32)
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), val_data=(x, y), loss_fn=F.cross_entropy,
+                config=quiet(max_epochs=2, batch_size=8, eval_every_n_steps=4, eval_every_n_epochs=1))
+    t.fit()
+    assert [r["step"] for r in t.history if "val/loss" in r] == [4, 8]
