@@ -81,6 +81,12 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Logged values averaged over ranks: one collective per log point, none per step."""
+    world = world_size()
+    return all_sum(values) / world if world > 1 else values
+
+
 def all_max(value: int, device: torch.device) -> int:
     if not active():
         return value

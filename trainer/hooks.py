@@ -31,7 +31,11 @@ class Callback:
     """Subclass and override any hook; each receives the trainer first.
 
     A callback that keeps state across a run (a best score, a counter) returns it from
-    ``state_dict()`` and takes it back in ``load_state_dict()``, so it is saved in checkpoints.
+    ``state_dict()`` and takes it back in ``load_state_dict()``, so it is saved in checkpoints under
+    its ``state_key`` (the class name unless the attribute is set; two callbacks of one class that
+    keep state need distinct keys). A callback that changes the weights evaluation should use (an
+    average, say) defines ``evaluation_weights(trainer)``, a context manager that ``evaluate``
+    enters around every evaluation, the run's validation and any other data alike.
     """
 
     def on_fit_start(self, trainer) -> None: ...

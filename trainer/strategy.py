@@ -30,6 +30,9 @@ class SingleProcess:
         where the wrapper replaces parameters."""
         return module
 
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer that cannot step this strategy's parameters, saying what to use."""
+
     def no_sync(self) -> Callable[[], contextlib.AbstractContextManager] | None:
         """A context for the micro-batches before a step that keeps gradients local, or ``None``."""
         return None
@@ -80,7 +83,13 @@ class DDP(SingleProcess):
         return module
 
     def unwrap(self) -> bool:
-        """Drop the DDP wrapper, whose reducer holds the process group (see ``Trainer.close``)."""
+        """Drop the DDP wrapper before the process group is destroyed.
+
+        Its C++ reducer holds the group, and a group destroyed from there (the GIL held) can deadlock
+        with a gloo thread still freeing the last collective's tensors, which needs the GIL: the
+        process then never exits. Dropped while torch's registry still holds the group, the wrapper
+        frees nothing; ``distributed.shutdown`` then meets the other ranks and destroys the group
+        from the registry, which releases the GIL."""
         held, self.ddp = self.ddp is not None, None
         return held
 
@@ -104,6 +113,13 @@ class FSDP(SingleProcess):
             distributed.remap_optimizer(optimizer, names, module)
         self.module = module
         return module
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if isinstance(optimizer, torch.optim.SGD) and any(g.get("fused") for g in optimizer.param_groups):
+            raise ValueError(
+                "fused SGD has no kernel for sharded parameters; under strategy: fsdp build SGD with "
+                "foreach=True (the default a config gets) or use fused Adam/AdamW"
+            )
 
     def no_sync(self):
         return lambda: distributed.fsdp_no_sync(self.module)

@@ -37,14 +37,6 @@ from trainer.nonfinite import NonFiniteGuard
 from trainer.progress import ProgressBar
 
 
-def _same(value: Any) -> Any:
-    return value
-
-
-def _ignore(*args: Any) -> None:
-    return None
-
-
 def _same_batch(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     return batch
 
@@ -120,14 +112,9 @@ class Trainer:
                 f"configure_optimizers() must return a torch.optim.Optimizer (or an (optimizer, scheduler) "
                 f"tuple), got {type(self.optimizer).__name__}"
             )
+        self.strategy.check_optimizer(self.optimizer)
         if callable(self.scheduler) and not hasattr(self.scheduler, "step"):
             self.scheduler = self.scheduler(self.optimizer)  # a factory of the optimizer
-        if self.sharded and isinstance(self.optimizer, torch.optim.SGD) and any(
-                g.get("fused") for g in self.optimizer.param_groups):
-            raise ValueError(
-                "fused SGD has no kernel for sharded parameters; under strategy: fsdp build SGD with "
-                "foreach=True (the default a config gets) or use fused Adam/AdamW"
-            )
 
         self.callbacks = list(callbacks)
         if cfg.grad_logging.every_n_steps:
@@ -153,24 +140,11 @@ class Trainer:
 
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizer, self.device,
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
-        # The precision's step, resolved once: fp16 goes through the scaler, the others straight to
-        # the optimizer (no scaler calls per step).
-        scaler = self.precision.scaler
-        if scaler.is_enabled():
-            self._scale, self._unscale, self._skip_optimizer = scaler.scale, scaler.unscale_, scaler.update
-
-            def step_optimizer() -> None:
-                scaler.step(self.optimizer)  # skipped by the scaler on an fp16 overflow
-                scaler.update()
-
-            self._step_optimizer = step_optimizer
-        else:
-            self._scale, self._unscale, self._skip_optimizer = _same, _ignore, _ignore
-            self._step_optimizer = self.optimizer.step
+        self._scale, self._unscale, self._step_optimizer, self._skip_optimizer = self.precision.steps(self.optimizer)
         self._clip_params = self.trainable_parameters()
         self._checkpointer = ckpt.Checkpointer(
-            self.strategy, self.module, self.optimizer, self.scheduler, scaler, self.callbacks,
-            train_state=[_Progress(self), self._guard, self._interval], config=self.resolved_config,
+            self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
+            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch"), self._guard, self._interval], config=self.resolved_config,
         )
         self._first_step_clock: float | None = None
         self._last_val_step: int | None = None
@@ -322,15 +296,12 @@ class Trainer:
         return self.history
 
     def close(self) -> None:
-        """Under torchrun, on every rank after the last ``fit``/``evaluate``: leave the process group.
+        """Under torchrun, on every rank after the last ``fit``/``evaluate``: leave the process group
+        (a group the script joined itself is left to the script). Outside torchrun this does nothing.
 
-        The DDP wrapper goes first. Its C++ reducer holds the process group, and a group destroyed
-        from there (the GIL held) can deadlock with a gloo thread still freeing the last collective's
-        tensors, which needs the GIL: the process then never exits. Dropped while torch's registry
-        still holds the group, the wrapper frees nothing; ``distributed.shutdown`` then meets the
-        other ranks and destroys the group from the registry, which releases the GIL. A group the
-        script joined itself is left to the script. Outside torchrun this does nothing. With
-        ``compile: true`` under DDP this clears torch.compile's caches, which hold the wrapper too.
+        A wrapper that holds the group (DDP's) goes first, so that the group is destroyed from
+        torch's registry, never from the wrapper (see ``strategy.DDP.unwrap``). With ``compile:
+        true`` under DDP this clears torch.compile's caches, which hold the wrapper too.
         """
         if self.strategy.unwrap():
             self.model = self.module
@@ -510,7 +481,7 @@ class Trainer:
         record: dict[str, float] = {"step": self.global_step, "epoch": self.epoch}
         samples_per_sec = self._interval.put(self._metrics)
         self._metrics.put("lr", self.optimizer.param_groups[0]["lr"])
-        values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=self._mean_over_ranks)
+        values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=distributed.mean_over_ranks)
         # (note: the flush is the CPU-GPU sync point of the log interval)
         record.update(values)
         if flags is not None and self._guard.read(flags):
@@ -519,11 +490,6 @@ class Trainer:
         if self.device.type == "cuda":
             record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._emit(record)
-
-    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        """Logged values averaged over ranks: one collective per log point, none per step."""
-        world = distributed.world_size()
-        return distributed.all_sum(values) / world if world > 1 else values
 
     def _emit(self, record: dict[str, float]) -> None:
         self.history.append(record)
@@ -615,21 +581,6 @@ class Trainer:
         self._last_val_step = self.global_step
         metrics = self.evaluate()
         self._emit({"step": self.global_step, "epoch": epoch, **metrics})
-
-
-class _Progress:
-    """The Trainer's own counters, as the checkpoint's ``trainer_state`` holds them."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def state_dict(self) -> dict[str, int]:
-        t = self.trainer
-        return {"global_step": t.global_step, "epoch": t.epoch, "batch_in_epoch": t.batch_in_epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        t = self.trainer
-        t.global_step, t.epoch, t.batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
 
 
 __all__ = ["Trainer", "HOOKS"]

@@ -20,10 +20,10 @@ from trainer.checkpoint.files import (
     save_sharded,
     set_rng_state,
 )
-from trainer.checkpoint.state import Checkpointer, state_key
+from trainer.checkpoint.state import Attributes, Checkpointer, state_key
 
 __all__ = [
-    "KEYS", "SHARDED_STATE", "VERSION", "CheckpointError", "Checkpointer", "check_model_state", "checkpoint_name",
+    "Attributes", "KEYS", "SHARDED_STATE", "VERSION", "CheckpointError", "Checkpointer", "check_model_state", "checkpoint_name",
     "find_resume_checkpoint", "link_best", "list_checkpoints", "load_checkpoint", "load_sharded", "remove",
     "rng_state", "rotate", "save_checkpoint", "save_sharded", "set_rng_state", "state_key",
 ]

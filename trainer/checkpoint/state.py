@@ -54,6 +54,20 @@ def stateful_callbacks(callbacks: list[Any]) -> dict[str, Any]:
     return keyed
 
 
+class Attributes:
+    """Some attributes of an object (the Trainer's counters) as a part of ``trainer_state``."""
+
+    def __init__(self, obj: Any, *names: str):
+        self.obj, self.names = obj, names
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self.obj, name) for name in self.names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.names:
+            setattr(self.obj, name, state[name])
+
+
 class Checkpointer:
     """Assembles, writes and restores the checkpoint of one run.
 
