@@ -366,7 +366,7 @@ def test_nan_on_the_device_path_with_a_fused_optimizer():
     model = mlp(seed=2)
     t = NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),
                    loss_fn=F.cross_entropy, nan_step=5, config=quiet(on_nonfinite="error", nonfinite_check="device"))
-    with pytest.raises(FloatingPointError, match="step 5: train/loss is nan; the optimizer skipped that step on the device"):
+    with pytest.raises(FloatingPointError, match="step 5: train/loss or a gradient is not finite; the optimizer skipped that step on the device"):
         t.fit()
     ref = mlp(seed=2)
     Trainer(ref, torch.optim.SGD(ref.parameters(), lr=0.1, fused=True), batches(4, 4), loss_fn=F.cross_entropy,
@@ -379,7 +379,7 @@ def test_nan_on_the_device_path_with_a_fused_optimizer():
     t = NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),
                    loss_fn=F.cross_entropy, nan_step=5,
                    config=quiet(on_nonfinite="skip", log_every_n_steps=4, nonfinite_check="device"))
-    with pytest.warns(UserWarning, match="step 5: train/loss is nan; skipped"):
+    with pytest.warns(UserWarning, match="step 5: train/loss or a gradient is not finite; skipped"):
         t.fit()
     assert t.global_step == 8 and t.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -92,3 +92,44 @@ def test_the_device_path_needs_a_fused_optimizer():
     with pytest.raises(ValueError, match="nonfinite_check: device needs a fused optimizer"):
         Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), loss_fn=F.cross_entropy,
                 config=quiet(nonfinite_check="device"))
+
+
+class NaNGradientAt(Trainer):
+    """A finite loss whose gradient for the first layer's weight is NaN at the given steps."""
+
+    def __init__(self, *args, bad_steps=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad_steps = set(bad_steps)
+        first = next(self.module.parameters())
+        first.register_hook(lambda grad: grad * float("nan") if self.global_step + 1 in self.bad_steps else grad)
+
+
+@pytest.mark.parametrize("check", ["host", "device"])
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_like_a_nan_loss(check):
+    x, y = classification(128)
+
+    def train(bad_steps, policy="skip"):
+        model = mlp(seed=5)
+        t = NaNGradientAt(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), (x, y),
+                          loss_fn=F.cross_entropy, bad_steps=bad_steps,
+                          config=quiet(max_steps=6, batch_size=8, on_nonfinite=policy, nonfinite_check=check,
+                                       clip_grad_norm=1.0, eval_every_n_epochs=None))
+        return t
+
+    t = train((3,))
+    with pytest.warns(UserWarning, match="step 3: (a gradient is not finite|train/loss or a gradient is not finite)"):
+        t.fit()
+    assert t.skipped_steps == 1 and all(torch.isfinite(p).all() for p in t.module.parameters())
+    logged = {r["step"]: r.get("train/loss") for r in t.history}  # a log point every step
+    assert logged[3] is None and all(math.isfinite(v) for s, v in logged.items() if s != 3)
+
+    t = train((3,), policy="error")
+    with pytest.raises(FloatingPointError, match="step 3: (a gradient is not finite \\(train/loss|train/loss or a gradient)"):
+        t.fit()
+    assert all(torch.isfinite(p).all() for p in t.module.parameters())
+    # The weights are those of step 2: the bad step never reached them.
+    reference = train(())
+    reference.config.max_steps = 2
+    reference.fit()
+    for a, b in zip(t.module.parameters(), reference.module.parameters()):
+        assert torch.equal(a, b)

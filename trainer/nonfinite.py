@@ -1,4 +1,4 @@
-"""What happens when a step's loss is NaN or Inf: ``on_nonfinite: error | skip``.
+"""What happens when a step's loss or a gradient is NaN or Inf: ``on_nonfinite: error | skip``.
 
 A skipped step means one thing however it was detected: the weights and the optimizer state are
 left as they were, the step still counts (``global_step`` advances and the scheduler steps, so
@@ -52,8 +52,9 @@ class NonFiniteGuard:
         if self.on_device:
             self._flags = torch.zeros(min(log_every, CAPACITY), device=self.device)
 
-    def check(self, value: torch.Tensor, step: int) -> bool | torch.Tensor:
-        """Before optimizer step ``step``: is it skipped? On the host, a bool (or an error under
+    def check(self, value: torch.Tensor, step: int, loss: torch.Tensor) -> bool | torch.Tensor:
+        """Before optimizer step ``step``: is it skipped? ``value`` is finite only if the step's loss
+        and gradients are (see ``strategy.step_value``). On the host, a bool (or an error under
         ``on_nonfinite: error``); on the device, a 0/1 flag tensor that the fused optimizer also
         reads, so the step skips itself without the host waiting."""
         if self.on_device:
@@ -71,7 +72,10 @@ class NonFiniteGuard:
             return False
         self.consecutive += 1
         self.skipped += 1
-        self._act(step, number, f"stopped before the optimizer step; the weights are those of step {step - 1}",
+        loss_value = loss.item()  # the error path only
+        subject = (f"train/loss is {loss_value}" if not math.isfinite(loss_value)
+                   else f"a gradient is not finite (train/loss {loss_value:.6g})")
+        self._act(step, subject, f"stopped before the optimizer step; the weights are those of step {step - 1}",
                   1, self.consecutive)
         return True
 
@@ -99,7 +103,8 @@ class NonFiniteGuard:
         self._unread = 0
         if count:
             self.skipped += count
-            self._act(first, float("nan"), "the optimizer skipped that step on the device", count, longest)
+            self._act(first, "train/loss or a gradient is not finite", "the optimizer skipped that step on the device",
+                      count, longest)
         return count == len(flags) > 0
 
     def flush(self) -> None:
@@ -114,16 +119,16 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consecutive, self.skipped = state["consecutive_skips"], state["skipped_steps"]
 
-    def _act(self, step: int, value: float, what: str, count: int, longest: int) -> None:
+    def _act(self, step: int, subject: str, what: str, count: int, longest: int) -> None:
         if self.policy == "error":
             raise FloatingPointError(
-                f"step {step}: train/loss is {value}; {what}. Lower the learning rate, set clip_grad_norm, "
+                f"step {step}: {subject}; {what}. Lower the learning rate, set clip_grad_norm, "
                 "or use on_nonfinite: skip"
             )
         if longest > self.max_consecutive:
             raise FloatingPointError(
-                f"step {step}: train/loss was not finite for {longest} steps in a row "
+                f"step {step}: the loss or gradients were not finite for {longest} steps in a row "
                 f"(max_consecutive_skips: {self.max_consecutive}); stopping"
             )
         more = f" ({count} such steps since the last check)" if count > 1 else ""
-        warnings.warn(f"step {step}: train/loss is {value}; skipped this optimizer step{more}", stacklevel=3)
+        warnings.warn(f"step {step}: {subject}; skipped this optimizer step{more}", stacklevel=3)

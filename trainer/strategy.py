@@ -37,9 +37,22 @@ class SingleProcess:
         """A context for the micro-batches before a step that keeps gradients local, or ``None``."""
         return None
 
-    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-        """The value whose finiteness decides whether a step is taken: alone, the step's loss."""
-        return step_loss
+    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor],
+                   grads_too: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The value whose finiteness decides whether a step is taken, and the total gradient norm
+        when it was computed for that (clipping reuses it). Alone: the step's loss plus, with
+        ``grads_too``, the gradient norm (a sum is finite only if both parts are), from one fused
+        ``_foreach_norm`` over the gradients."""
+        if not grads_too:
+            return step_loss, None
+        norm = _grad_norm(params, self.device)
+        return step_loss + norm, norm
+
+    def clip(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor | None) -> None:
+        if norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
     def state_dicts(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         return module.state_dict(), optimizer.state_dict()
@@ -73,10 +86,12 @@ class DDP(SingleProcess):
     def no_sync(self):
         return self.ddp.no_sync if self.ddp is not None else None
 
-    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-        # The ranks' losses differ, but their all-reduced gradients agree: checking the gradient
-        # norm makes every rank take the same decision without a collective.
-        return _grad_norm(params, self.device)
+    def step_value(self, step_loss, params, grads_too):
+        # The ranks' losses differ, but their all-reduced gradients agree (and a non-finite loss on
+        # any rank makes them non-finite): checking the gradient norm makes every rank take the same
+        # decision without a collective.
+        norm = _grad_norm(params, self.device)
+        return norm, norm
 
     def eval_module(self, model: nn.Module, module: nn.Module) -> nn.Module:
         # DDP's forward would synchronise buffers across ranks; evaluation runs on the plain module.
@@ -124,8 +139,12 @@ class FSDP(SingleProcess):
     def no_sync(self):
         return lambda: distributed.fsdp_no_sync(self.module)
 
-    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-        return _grad_norm(params, self.device)  # each rank holds a shard: one scalar all-reduce
+    def step_value(self, step_loss, params, grads_too):
+        norm = _grad_norm(params, self.device)  # each rank holds a shard: one scalar all-reduce
+        return norm, norm
+
+    def clip(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor | None) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # DTensor gradients: torch's own path
 
     def state_dicts(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -142,6 +142,7 @@ class Trainer:
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
         self._scale, self._unscale, self._step_optimizer, self._skip_optimizer = self.precision.steps(self.optimizer)
         self._clip_params = self.trainable_parameters()
+        self._check_grads = cfg.precision != "fp16"
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch"), self._guard, self._interval], config=self.resolved_config,
@@ -380,18 +381,19 @@ class Trainer:
             self._validate(epoch=self.epoch - 1)  # tagged with the epoch it evaluates
 
     def _step(self) -> None:
-        """One optimizer step. A step whose loss is not finite is skipped, which means the same
-        whether that is decided here or on the device (see ``trainer.nonfinite``)."""
+        """One optimizer step. A step whose loss or gradients are not finite is skipped, which means
+        the same whether that is decided here or on the device (see ``trainer.nonfinite``)."""
         h = self._hooks
         optimizer = self.optimizer
-        value = self.strategy.step_value(self._interval.step_loss, self._clip_params)
-        skipped = self._guard.check(value, self.global_step + 1)  # raises under on_nonfinite: error
-        self._interval.end_step(skipped)
-        self._unscale(optimizer)  # fp16: unscale so the hooks and clipping see true gradients
+        self._unscale(optimizer)  # fp16: unscale so the hooks, the check and clipping see true gradients
         for fn in h["on_after_backward"]:
             fn(self)
+        # Under fp16 the scaler owns overflowing gradients (it skips the step and lowers the scale).
+        value, norm = self.strategy.step_value(self._interval.step_loss, self._clip_params, self._check_grads)
+        skipped = self._guard.check(value, self.global_step + 1, self._interval.step_loss)  # may raise
+        self._interval.end_step(skipped)
         if self.config.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._clip_params, self.config.clip_grad_norm, foreach=True)
+            self.strategy.clip(self._clip_params, self.config.clip_grad_norm, norm)
         for fn in h["on_before_optimizer_step"]:
             fn(self, optimizer)
         if skipped is True:
