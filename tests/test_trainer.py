@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -553,15 +554,17 @@ def test_deterministic_is_on_during_fit_and_restored_after():
 
 
 def settings():
+    from trainer.device import _tf32_get
+
     return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.benchmark, _tf32_get(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
 @pytest.mark.parametrize("fails", [False, True])
 def test_global_torch_settings_are_as_they_were_after_fit_and_evaluate(fails):
     """The user's own choices (here all of them unlike the defaults a run sets) come back after fit
     and evaluate, also when fit raises."""
-    from trainer.device import torch_settings
+    from trainer.device import _TF32_ON, _tf32_get, _tf32_set, torch_settings
 
     class Boom(Trainer):
         def training_step(self, batch):
@@ -572,8 +575,9 @@ def test_global_torch_settings_are_as_they_were_after_fit_and_evaluate(fails):
     before = settings()
     try:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.set_float32_matmul_precision("medium")
-        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = False, True
+        torch.backends.cudnn.benchmark = True
+        off = ("ieee", "ieee") if isinstance(_TF32_ON[0], str) else (False, False)
+        _tf32_set(off)
         mine = settings()
         model = mlp()
         t = Boom(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), loss_fn=F.cross_entropy,
@@ -588,12 +592,29 @@ def test_global_torch_settings_are_as_they_were_after_fit_and_evaluate(fails):
         assert settings() == mine
         # What a CUDA run switches on, checked without a GPU: TF32 and deterministic mode inside, undone after.
         with torch_settings(torch.device("cuda"), deterministic=True):
-            assert settings() == (True, False, "high", True, False)
+            assert settings() == (True, False, False, _TF32_ON, mine[4] or ":4096:8")
         assert settings() == mine
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.set_float32_matmul_precision(before[2])
-        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[3], before[4]
+        torch.backends.cudnn.benchmark = before[2]
+        _tf32_set(before[3])
+
+
+def test_a_cpu_run_leaves_per_backend_precision_settings_untouched():
+    """torch's per-backend precision settings: a CPU run neither reads the legacy global one (an error
+    once a user chose per-backend ones) nor pins 'none' (inherit) to a fixed value."""
+    if not hasattr(torch.backends, "mkldnn") or not hasattr(torch.backends.mkldnn, "matmul"):
+        pytest.skip("this torch has no per-backend precision settings")
+    before = (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        model = mlp()
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), loss_fn=F.cross_entropy,
+                config=quiet()).fit()
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == before[1]
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before[0]
 
 
 class ListLogger:
@@ -640,3 +661,28 @@ def test_evaluation_right_after_an_epoch_end_is_not_repeated():
                 config=quiet(max_epochs=2, batch_size=8, eval_every_n_steps=4, eval_every_n_epochs=1))
     t.fit()
     assert [r["step"] for r in t.history if "val/loss" in r] == [4, 8]
+
+
+@pytest.mark.parametrize("data", ["empty tensors", "empty list"])
+def test_empty_training_data_is_an_error_before_the_first_step(data):
+    from trainer import DataError
+
+    train = (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)) if data == "empty tensors" else []
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, loss_fn=F.cross_entropy,
+                config=quiet(max_steps=10))
+    with pytest.raises(DataError, match="holds no batch: it is empty"):
+        t.fit()
+    assert t.global_step == 0
+
+
+def test_an_epoch_that_yields_no_batch_is_an_error_not_an_endless_loop():
+    from trainer import DataError
+
+    model = mlp()
+    once = iter(batches(3, 4))  # an iterator: it runs dry after the first epoch
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), once, loss_fn=F.cross_entropy,
+                config=quiet(max_steps=10))
+    with pytest.raises(DataError, match="epoch 1 of the training data yielded no batch"):
+        t.fit()
+    assert t.global_step == 3

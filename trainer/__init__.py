@@ -37,6 +37,7 @@ _EXPORTS = {
     "seed_everything": "trainer.device",
     "Precision": "trainer.device",
     "to_device": "trainer.data",
+    "DataError": "trainer.data",
     "Logger": "trainer.metrics",
     "JsonlLogger": "trainer.metrics",
     "CsvLogger": "trainer.metrics",
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from trainer.schedules import WarmupDecay
     from trainer.tensorboard import TensorBoardLogger
     from trainer.config import CheckpointConfig, GradLoggingConfig, TrainerConfig
-    from trainer.data import to_device
+    from trainer.data import DataError, to_device
     from trainer.device import Precision, resolve_device, seed_everything
     from trainer.hooks import HOOKS, Callback
     from trainer.metrics import CsvLogger, JsonlLogger, Logger

@@ -14,7 +14,7 @@ from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.hooks import Callback
 from trainer.run_dir import best_link, best_name, checkpoint_dir
-from trainer.freezing import ema_update, frozen_copy
+from trainer.freezing import ema_pairs, ema_update, frozen_copy
 
 
 class GradNormLogger(Callback):
@@ -171,20 +171,27 @@ class EMAWeights(Callback):
         self.decay = decay
         self.ema: torch.nn.Module | None = None
         self._pending: dict[str, torch.Tensor] | None = None
+        self._pairs: Any = None
 
     def on_fit_start(self, trainer) -> None:
         if trainer.sharded:
             # FSDP gathers parameters from its own shard buffers, so swapping storages would not
             # put the averaged weights into the forward pass.
             raise ValueError("EMAWeights does not support strategy: fsdp; use strategy: ddp")
+        self._build(trainer)
+
+    def _build(self, trainer) -> None:
+        """The average, from the model or from a checkpoint's state; and the tensor lists one update
+        works on, taken once (the swap exchanges storages, never these tensor objects)."""
         if self.ema is None:
             self.ema = frozen_copy(trainer.module)
         if self._pending is not None:
             self.ema.load_state_dict(self._pending)
             self._pending = None
+        self._pairs = ema_pairs(self.ema, trainer.module)
 
     def on_before_zero_grad(self, trainer, optimizer) -> None:
-        ema_update(self.ema, trainer.module, self.decay)
+        ema_update(self.ema, trainer.module, self.decay, pairs=self._pairs)
 
     def _swap(self, trainer) -> None:
         # Exchange the storages, not the values: no copy, and the optimizer keeps its parameters.
@@ -196,6 +203,8 @@ class EMAWeights(Callback):
     def evaluation_weights(self, trainer) -> Iterator[None]:
         """The averaged weights in the model while ``trainer.evaluate`` runs (the run's validation or
         any other data), the trained ones back afterwards, also on an error."""
+        if self.ema is None and self._pending is not None:
+            self._build(trainer)  # loaded from a checkpoint, evaluated before any fit
         if self.ema is None:
             yield
             return

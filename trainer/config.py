@@ -74,6 +74,12 @@ class TrainerConfig(StrictModel):
         32, ge=1, description="Samples per micro-batch when the Trainer builds the DataLoader."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    data_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds a DataLoader worker may take to deliver a batch before the run stops with an "
+        "error (null: wait as long as it takes). Applies with num_workers > 0.",
+    )
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches whose gradients are summed into one optimizer step."
     )
@@ -107,8 +113,8 @@ class TrainerConfig(StrictModel):
     )
     on_nonfinite: Literal["error", "skip"] = Field(
         "error",
-        description="On a NaN/Inf loss or gradient: 'error' stops before the optimizer step; "
-        "'skip' skips that step.",
+        description="On a NaN/Inf loss or gradient: 'error' stops the run (checked on the host: before the "
+        "optimizer step; on the device: at the next log point, the bad step skipped); 'skip' skips that step.",
     )
     max_consecutive_skips: int = Field(
         10, ge=1, description="With on_nonfinite: skip, this many skipped steps in a row become an error."

@@ -121,6 +121,11 @@ class ResumableSampler(Sampler[int]):
         return iter(self.indices().tolist())
 
 
+class DataError(ValueError):
+    """Training or validation data that cannot be used (empty, exhausted, unequal lengths); the
+    message says what was found and what to pass instead."""
+
+
 class EpochSource:
     """Training batches for one epoch at a time, starting after ``skip`` micro-batches."""
 
@@ -136,8 +141,10 @@ class EpochSource:
 
 class LoaderSource(EpochSource):
     def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, seed: int,
-                 shuffle: bool, pin_memory: bool, rank: int = 0, world_size: int = 1, pad: bool = True):
+                 shuffle: bool, pin_memory: bool, rank: int = 0, world_size: int = 1, pad: bool = True,
+                 timeout: float = 0):
         self.batch_size = batch_size
+        self.timeout = timeout if num_workers else 0
         self.sampler = ResumableSampler(len(dataset), seed, shuffle, rank, world_size, pad)
         self.seed = seed
         self.generator = torch.Generator()
@@ -150,6 +157,7 @@ class LoaderSource(EpochSource):
             generator=self.generator,
             # Fresh workers each epoch, so their seeds depend on (seed, epoch) alone and repeat on resume.
             persistent_workers=False,
+            timeout=self.timeout,  # a worker that hangs becomes an error, not a stuck run
         )
 
     def __len__(self) -> int:
@@ -160,7 +168,18 @@ class LoaderSource(EpochSource):
         # Worker seeds are drawn from this generator when the iterator starts: seeding it
         # from (seed, epoch) makes them repeat on resume.
         self.generator.manual_seed(self.seed + epoch)
-        return self.loader
+        return self._timed(self.loader) if self.timeout else self.loader
+
+    def _timed(self, loader: DataLoader) -> Iterator[Any]:
+        try:
+            yield from loader
+        except RuntimeError as exc:
+            if "timed out" not in str(exc):
+                raise
+            raise DataError(
+                f"a DataLoader worker took longer than data_timeout ({self.timeout:g} s) to deliver a batch: "
+                "it hangs or is too slow; raise data_timeout or fix the dataset's __getitem__"
+            ) from exc
 
 
 class TensorSource(EpochSource):
@@ -173,7 +192,7 @@ class TensorSource(EpochSource):
         values = list(tensors.values()) if isinstance(tensors, dict) else list(tensors)
         lengths = {t.shape[0] for t in values}
         if len(lengths) != 1:
-            raise ValueError(f"tensors given as training data have different lengths {sorted(lengths)}")
+            raise DataError(f"tensors given as training data have different lengths {sorted(lengths)}")
         self.keys = list(tensors) if isinstance(tensors, dict) else None
         self.tensors = [t.to(device) for t in values]
         self.device = device
@@ -232,7 +251,8 @@ def is_tensor_data(data: Any) -> bool:
 
 
 def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuffle: bool,
-                device: torch.device, rank: int = 0, world_size: int = 1, pad: bool = True) -> EpochSource:
+                device: torch.device, rank: int = 0, world_size: int = 1, pad: bool = True,
+                timeout: float = 0) -> EpochSource:
     """Pick the fastest source that keeps the seeded order and exact resume. Under torchrun each
     rank gets its share of every epoch (``pad``: equal shares, repeating a few samples)."""
     if is_tensor_data(data) and num_workers == 0:
@@ -241,7 +261,8 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
                             device=device, rank=rank, world_size=world_size, pad=pad)
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset) and hasattr(data, "__len__"):
         return LoaderSource(data, batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
-                            pin_memory=device.type == "cuda", rank=rank, world_size=world_size, pad=pad)
+                            pin_memory=device.type == "cuda", rank=rank, world_size=world_size, pad=pad,
+                            timeout=timeout)
     if isinstance(data, torch.utils.data.IterableDataset):
         return IterableSource(DataLoader(data, batch_size=batch_size, num_workers=num_workers))
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):

@@ -117,13 +117,15 @@ def seed_worker(worker_id: int) -> None:
 def torch_settings(device: torch.device, deterministic: bool):
     """Torch's process-wide switches for a run, each put back as it was on exit (also on an error):
     TF32 matmuls and convolutions on CUDA (the speed users expect from Ampere and newer) and, with
-    ``deterministic``, torch's deterministic algorithms with ``cudnn.benchmark`` off."""
+    ``deterministic``, torch's deterministic algorithms with ``cudnn.benchmark`` off. What a run
+    does not change it does not touch (a CPU run leaves the precision settings alone)."""
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+             torch.backends.cudnn.benchmark)
+    added_env = deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    precision = _tf32_get() if device.type == "cuda" else None
     try:
-        if device.type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
-            torch.backends.cudnn.allow_tf32 = True
+        if precision is not None:
+            _tf32_set(_TF32_ON)
         if deterministic:
             # cuBLAS needs a fixed workspace for deterministic matmuls; harmless on CPU.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -132,8 +134,30 @@ def torch_settings(device: torch.device, deterministic: bool):
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.set_float32_matmul_precision(saved[2])
-        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[3], saved[4]
+        torch.backends.cudnn.benchmark = saved[2]
+        if added_env:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        if precision is not None:
+            _tf32_set(precision)
+
+
+# TF32 through torch's per-backend settings where torch has them (2.9 and later): reading the legacy
+# global setting after a user chose per-backend ones is an error there.
+_PER_BACKEND = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+_TF32_ON = ("tf32", "tf32") if _PER_BACKEND else (True, True)
+
+
+def _tf32_get() -> tuple:
+    if _PER_BACKEND:
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _tf32_set(values: tuple) -> None:
+    if _PER_BACKEND:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = values
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = values
 
 
 def out_of_memory_message(exc: BaseException, device: torch.device, step: int, batch_size: int, accum: int,

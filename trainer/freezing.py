@@ -94,30 +94,38 @@ def frozen_copy(module: M) -> M:
     return freeze(copy.deepcopy(module))
 
 
-@torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """``target = decay * target + (1 - decay) * source`` in place, for parameters and floating buffers.
-
-    Non-floating buffers (counters such as BatchNorm's ``num_batches_tracked``) are copied.
-    One fused call per group of tensors, no Python arithmetic per parameter.
-    """
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"ema decay must be in [0, 1], got {decay}")
-    t_params = list(target.parameters())
-    s_params = list(source.parameters())
+def ema_pairs(target: nn.Module, source: nn.Module) -> tuple[list, list, list, list]:
+    """The tensors ``ema_update`` works on: floating parameters and buffers of both (averaged), and
+    the other buffers (copied). Take them once and pass them to every update."""
+    t_params, s_params = list(target.parameters()), list(source.parameters())
     if len(t_params) != len(s_params):
         raise ValueError(
             f"ema_update: target has {len(t_params)} parameters, source has {len(s_params)}; "
             "build the target with frozen_copy(source)"
         )
-    t_float = [t for t in t_params]
-    s_float = [s.detach() for s in s_params]
-    t_bufs, s_bufs = list(target.buffers()), list(source.buffers())
-    for t, s in zip(t_bufs, s_bufs):
+    t_float, s_float, t_other, s_other = t_params, s_params, [], []
+    for t, s in zip(target.buffers(), source.buffers()):
         if t.is_floating_point():
             t_float.append(t)
             s_float.append(s)
         else:
-            t.copy_(s)
+            t_other.append(t)
+            s_other.append(s)
+    return t_float, s_float, t_other, s_other
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, decay: float, pairs: tuple | None = None) -> None:
+    """``target = decay * target + (1 - decay) * source`` in place, for parameters and floating buffers.
+
+    Non-floating buffers (counters such as BatchNorm's ``num_batches_tracked``) are copied. One
+    fused ``lerp`` over all floating tensors; ``pairs`` (from ``ema_pairs``, taken once) saves
+    collecting the tensors on every call.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"ema decay must be in [0, 1], got {decay}")
+    t_float, s_float, t_other, s_other = pairs if pairs is not None else ema_pairs(target, source)
+    if t_other:
+        torch._foreach_copy_(t_other, s_other)
     if t_float:
         torch._foreach_lerp_(t_float, s_float, 1.0 - decay)

@@ -111,7 +111,7 @@ class LogInterval:
             return
         if skipped is not False:  # decided on the device (a 0/1 flag): a skipped step adds zeros
             taken = skipped == 0
-            loss = torch.where(taken, loss, torch.zeros_like(loss))
+            loss = torch.where(taken, loss, 0.0)
             micro = micro * taken
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.loss_count = self.loss_count + micro

@@ -6,7 +6,7 @@ data and schedule stay aligned), the step's hooks run, and its loss is left out 
 
 Two ways to look, chosen once per run (``nonfinite_check: auto | host | device``):
 
-* on the host (CPU runs, and any run whose optimizer is not fused): the step's loss is read before
+* on the host (``auto`` on CPU, or with an optimizer that is not fused): the step's value is read before
   the optimizer step, so a bad step never reaches the weights. On CPU that costs well under a
   microsecond; on CUDA it would be a sync per step, hence:
 * on the device (``auto``: CUDA with a fused optimizer, ``fused=True``, and no fp16 scaler): each step writes
@@ -34,17 +34,22 @@ class NonFiniteGuard:
         self.optimizer = optimizer
         self.device = device
         fused = all(group.get("fused") for group in optimizer.param_groups)
-        if check == "device" and not (fused and not fp16):
+        # Fused SGD with momentum leaves its momentum buffers uninitialised (empty_like) when its
+        # first step is skipped through found_inf, and later steps read them: not on the device.
+        momentum = isinstance(optimizer, torch.optim.SGD) and any(g.get("momentum") for g in optimizer.param_groups)
+        if check == "device" and not (fused and not fp16 and not momentum):
             raise ValueError(
                 "nonfinite_check: device needs a fused optimizer (fused=True, which configs choose for "
-                "Adam, AdamW and SGD) and no fp16 scaler; use nonfinite_check: auto or host"
+                "Adam, AdamW and SGD), not SGD with momentum, and no fp16 scaler; use nonfinite_check: auto or host"
             )
+        fused = fused and not momentum
         self.on_device = check == "device" or (check == "auto" and device.type == "cuda" and fused and not fp16)
         self.consecutive = 0  # length of the current run of non-finite steps
         self.skipped = 0  # non-finite steps skipped in the whole run
         self._flags: torch.Tensor | None = None
         self._unread = 0
         self._step = 0  # the step the first unread flag belongs to, minus one
+        self._taken = 0  # steps taken since the last log point (as far as read)
 
     def start(self, step: int, log_every: int) -> None:
         """Before the first step of a ``fit`` (after any resume): no unread flags."""
@@ -69,6 +74,7 @@ class NonFiniteGuard:
         self._step = step
         if math.isfinite(number):
             self.consecutive = 0
+            self._taken += 1
             return False
         self.consecutive += 1
         self.skipped += 1
@@ -87,9 +93,8 @@ class NonFiniteGuard:
         """The flags not read yet (device mode), to convert together with the log point's metrics."""
         return self._flags[: self._unread] if self.on_device and self._unread else None
 
-    def read(self, flags: list[float]) -> bool:
-        """Act on flags brought to the host: error, or count the skips and warn. True when every
-        step they cover was skipped."""
+    def read(self, flags: list[float]) -> None:
+        """Act on flags brought to the host: error, or count the skips and warn."""
         first, count, longest = None, 0, 0
         for i, flag in enumerate(flags, start=self._step + 1):
             if flag:
@@ -101,11 +106,16 @@ class NonFiniteGuard:
                 self.consecutive = 0
         self._step += len(flags)
         self._unread = 0
+        self._taken += len(flags) - count
         if count:
             self.skipped += count
             self._act(first, "train/loss or a gradient is not finite", "the optimizer skipped that step on the device",
                       count, longest)
-        return count == len(flags) > 0
+
+    def took_steps(self) -> bool:
+        """At a log point (flags read): whether any step since the previous one was taken."""
+        taken, self._taken = self._taken, 0
+        return taken > 0
 
     def flush(self) -> None:
         """Read any unread flags now (before a checkpoint is written)."""

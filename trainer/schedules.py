@@ -27,11 +27,13 @@ class WarmupDecay(LambdaLR):
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.warmup_steps, self.decay, self.total_steps, self.min_lr_ratio = warmup_steps, decay, total_steps, min_lr_ratio
+        self.given_total = total_steps is not None
         super().__init__(optimizer, self.factor)
 
     def set_total_steps(self, total_steps: int | None) -> None:
-        """Called by the Trainer at the start of fit when the config left ``total_steps`` out."""
-        if self.total_steps is None:
+        """Called by the Trainer at the start of every fit: the run's length, unless the config gave
+        ``total_steps`` (a later fit with a raised ``max_steps`` stretches the rest of the schedule)."""
+        if not self.given_total:
             if total_steps is None and self.decay != "none":
                 raise ValueError(
                     "WarmupDecay needs the run's length: set max_steps (or use data of known length), "

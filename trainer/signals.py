@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -15,9 +16,33 @@ from trainer import distributed
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second stop signal: the run ends at once, wherever it is (a data worker that hangs keeps
+    the loop from ever reaching its next step), without a new checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped at once by a second {name(signum)}; the newest checkpoint is the last one written")
+        self.signum = signum
+
+
 class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None  # the first stop signal seen, not yet acted on
+        self._deferring = False
+        self._second: int | None = None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A second signal arriving inside waits for the end of the block (a checkpoint being
+        written is finished, then the run stops)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if self._second is not None:
+                signum, self._second = self._second, None
+                raise Interrupted(signum)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -28,7 +53,15 @@ class StopSignals:
             return
 
         def handler(signum, frame):
-            self.received = self.received or signum
+            if self.received is not None:
+                if self._deferring:
+                    self._second = signum
+                    return
+                raise Interrupted(signum)
+            self.received = signum
+            if distributed.rank() == 0:
+                print(f"trainer: {name(signum)} received; stopping after the current optimizer step with a "
+                      "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
 
         previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
         try:

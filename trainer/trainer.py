@@ -28,7 +28,7 @@ from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig
-from trainer.data import EpochSource, describe, make_source, to_device
+from trainer.data import DataError, EpochSource, describe, make_source, to_device
 from trainer.device import Precision, out_of_memory_message, resolve_device, seed_everything, torch_settings
 from trainer.freezing import detach, eval_mode
 from trainer.hooks import HOOKS, collect_hooks
@@ -137,6 +137,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.stopped_by_signal: int | None = None
         self._signals = signals.StopSignals()
+        self._closed = False
 
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizer, self.device,
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
@@ -255,9 +256,18 @@ class Trainer:
         same metric files.
         """
         cfg = self.config
+        self._check_open()
         if cfg.checkpoint.every_n_steps and self.run_dir is None:
             raise ValueError("checkpoint.every_n_steps needs a run_dir: Trainer(..., run_dir='runs/my-run')")
-        self._train_source()
+        # A later fit continues, also after an early stop or a signal (raise the limits first).
+        self.should_stop, self.stop_reason, self.stopped_by_signal = False, None, None
+        self._signals.received = None
+        try:
+            empty = len(self._train_source()) == 0
+        except TypeError:  # of unknown length: an epoch that yields nothing is caught where it happens
+            empty = False
+        if empty:
+            raise DataError(f"the training data ({type(self.train_data).__name__}) holds no batch: it is empty")
         if not self._started:
             seed_everything(cfg.seed)
             self._started = True
@@ -271,8 +281,8 @@ class Trainer:
         self._first_step_clock = time.perf_counter() if cfg.compile else None
         self._interval.clock = time.perf_counter()
         with self._signals.installed(), torch_settings(self.device, cfg.deterministic):
-            self._call("on_fit_start")
             try:
+                self._call("on_fit_start")
                 try:
                     while not self._done():
                         self._train_epoch()
@@ -313,6 +323,11 @@ class Trainer:
         if self._joined_group:
             distributed.shutdown()
             self._joined_group = False
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Trainer was closed (close() left the process group); build a new one to go on")
 
     def _open_metric_files(self) -> list[Logger]:
         """``metrics.jsonl`` and ``metrics.csv`` for this ``fit`` (appended to by a later one)."""
@@ -341,6 +356,7 @@ class Trainer:
             epoch_len = None
 
         self._call("on_train_epoch_start")
+        fresh = self.batch_in_epoch == 0
         for batch in self._source.epoch(self.epoch, self.batch_in_epoch):
             self.batch_in_epoch += 1
             step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len
@@ -370,6 +386,12 @@ class Trainer:
                 if self.batch_in_epoch != epoch_len:
                     return
                 break  # stopping on the epoch's last batch still ends the epoch
+        if fresh and self.batch_in_epoch == 0:  # looping on would never reach max_steps
+            raise DataError(
+                f"epoch {self.epoch} of the training data yielded no batch; a {type(self.train_data).__name__} "
+                "that can be read only once (a generator, an iterator) runs dry after the first epoch: pass a "
+                "Dataset, a DataLoader or a list"
+            )
         if self.batch_in_epoch % accum and epoch_len is None:
             self._step()  # the last, partial window of an iterable of unknown length
             self._after_step()
@@ -444,8 +466,12 @@ class Trainer:
             return True
         if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
             return True
-        max_epochs = cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
-        return max_epochs is not None and self.epoch >= max_epochs
+        return self._max_epochs() is not None and self.epoch >= self._max_epochs()
+
+    def _max_epochs(self) -> int | None:
+        """``max_epochs``, or one epoch when neither limit is set."""
+        cfg = self.config
+        return cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
 
     def total_steps(self) -> int | None:
         """Optimizer steps this run takes, when the data length says so (for progress and schedules)."""
@@ -454,7 +480,7 @@ class Trainer:
             per_epoch = math.ceil(len(self._train_source()) / cfg.grad_accum_steps)
         except TypeError:
             per_epoch = None
-        max_epochs = cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
+        max_epochs = self._max_epochs()
         by_epochs = per_epoch * max_epochs if per_epoch is not None and max_epochs is not None else None
         limits = [n for n in (cfg.max_steps, by_epochs) if n is not None]
         return min(limits) if limits else None
@@ -471,7 +497,7 @@ class Trainer:
         cfg = self.config
         return make_source(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                            shuffle=shuffle, device=self.device, rank=self.layout.rank,
-                           world_size=self.layout.world_size, pad=pad)
+                           world_size=self.layout.world_size, pad=pad, timeout=cfg.data_timeout or 0)
 
     # ----------------------------------------------------------------- metrics
 
@@ -486,8 +512,10 @@ class Trainer:
         values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=distributed.mean_over_ranks)
         # (note: the flush is the CPU-GPU sync point of the log interval)
         record.update(values)
-        if flags is not None and self._guard.read(flags):
-            record.pop("train/loss", None)  # every step of the interval was skipped, as on the host path
+        if flags is not None:
+            self._guard.read(flags)
+        if not self._guard.took_steps():
+            record.pop("train/loss", None)  # every step of the interval was skipped: no loss to show
         record["samples_per_sec"] = samples_per_sec
         if self.device.type == "cuda":
             record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -521,6 +549,8 @@ class Trainer:
         self._checkpointer.load_weights(source)
 
     def load_model_state(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
+        """A model state dict (a checkpoint's ``"model"``) into the model, naming every missing,
+        unexpected or reshaped key first; ``where`` names its origin in the message."""
         self._checkpointer.load_model(saved, where)
 
     def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True) -> Path | None:
@@ -534,9 +564,10 @@ class Trainer:
         directory = run_files.checkpoint_dir(self.run_dir)
         path = Path(path) if path is not None else directory / run_files.checkpoint_name(self.global_step, self.sharded)
         try:
-            self._checkpointer.save(path, self.is_main_process, self.global_step)
-            if rotate and self.is_main_process:
-                ckpt.rotate(directory, self.config.checkpoint.keep_last)
+            with self._signals.deferred():  # a second stop signal lets the checkpoint finish first
+                self._checkpointer.save(path, self.is_main_process, self.global_step)
+                if rotate and self.is_main_process:
+                    ckpt.rotate(directory, self.config.checkpoint.keep_last)
         finally:
             distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete
         return path if self.is_main_process else None
@@ -552,6 +583,7 @@ class Trainer:
         say, with ``prefix="test"``) no hook fires and nothing about the run changes. Either way
         the evaluation weights of callbacks such as ``EMAWeights`` are used.
         """
+        self._check_open()
         own = data is None
         if own and self.val_data is None:
             raise ValueError("evaluate() needs data: evaluate(data) or Trainer(..., val_data=...)")

@@ -28,14 +28,23 @@ _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written 
 def state_key(callback: Any) -> str:
     """Where a callback's state is kept in a checkpoint: its ``state_key`` attribute if set, else
     its class name. Two callbacks of one class that keep state need distinct ``state_key``s."""
-    return getattr(callback, "state_key", None) or type(callback).__qualname__
+    return getattr(callback, "state_key", None) or type(callback).__name__
 
 
 def is_stateful(callback: Any) -> bool:
+    """A callback that keeps state: it defines ``state_dict`` (beyond ``Callback``'s empty one) and
+    ``load_state_dict``; one without the other would be saved and never restored, an error."""
     from trainer.hooks import Callback
 
-    method = getattr(type(callback), "state_dict", None)
-    return method is not None and method is not Callback.state_dict
+    def own(name: str) -> bool:
+        method = getattr(type(callback), name, None)
+        return method is not None and method is not getattr(Callback, name)
+
+    if own("state_dict") != own("load_state_dict"):
+        has, lacks = ("state_dict", "load_state_dict") if own("state_dict") else ("load_state_dict", "state_dict")
+        raise TypeError(f"callback {type(callback).__name__} defines {has}() but not {lacks}(): its state would "
+                        "never make the round trip through a checkpoint; define both")
+    return own("state_dict")
 
 
 def stateful_callbacks(callbacks: list[Any]) -> dict[str, Any]:
@@ -160,7 +169,7 @@ class Checkpointer:
         files.set_rng_state(state["rng"])
 
     def _load_callbacks(self, saved: dict[str, Any], where: str) -> None:
-        saved = _legacy_keys(saved)
+        saved = _legacy_keys(saved, list(self.callbacks.items()))
         for key, cb in self.callbacks.items():
             if key in saved:
                 cb.load_state_dict(saved[key])
@@ -191,30 +200,39 @@ class Checkpointer:
                 "resume with the config the run was started with"
             ) from None
 
-    def load_weights(self, source: str | Path | dict[str, Any]) -> dict[str, Any]:
-        """Only the model's weights (file or sharded directory, or a loaded checkpoint). Returns the state."""
+    def load_weights(self, source: str | Path | dict[str, Any]) -> None:
+        """Only the model's weights (file or sharded directory, or a loaded checkpoint)."""
         state, where = self.read(source)
         if not state.get("sharded"):
             self.load_model(state["model"], where)
-            return state
+            return
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         tensors = {"model": get_model_state_dict(self.module)}
         files.load_sharded(tensors, state["sharded"])
         set_model_state_dict(self.module, tensors["model"])
-        return state
 
     def load_model(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         files.check_model_state(self.module, saved, where)
         self.module.load_state_dict(saved)
 
 
-def _legacy_keys(saved: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoints written before state keys keyed callbacks as ``"<position>:<class name>"``; a
-    class name that appears once there is taken as the key."""
-    legacy = {key: _LEGACY_KEY.match(key) for key in saved}
-    if not any(legacy.values()):
+def _legacy_keys(saved: dict[str, Any], callbacks: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Checkpoints written before state keys keyed every callback as ``"<position>:<class name>"``
+    (empty states included). The n-th saved state of a class goes to the n-th stateful callback of
+    that class; empty states of callbacks that keep none are dropped."""
+    matches = [_LEGACY_KEY.match(key) for key in saved]
+    if not saved or not all(matches):
         return saved
-    names = [m.group(2) for m in legacy.values() if m]
-    return {(m.group(2) if m and names.count(m.group(2)) == 1 else key): value
-            for (key, value), m in zip(saved.items(), legacy.values())}
+    by_class: dict[str, list[str]] = {}
+    for key, cb in callbacks:
+        by_class.setdefault(type(cb).__name__, []).append(key)
+    keyed: dict[str, Any] = {}
+    ordered = sorted(zip(matches, saved.values()), key=lambda pair: int(pair[0].group(1)))
+    for match, value in ordered:
+        keys = by_class.get(match.group(2))
+        if keys:
+            keyed[keys.pop(0)] = value
+        elif value:
+            keyed[match.group(0)] = value  # unclaimed: reported as such
+    return keyed

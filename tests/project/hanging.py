@@ -1,0 +1,30 @@
+"""A user's script whose data worker hangs after a few batches: SIGTERM can only end it when sent
+twice (or, with ``--timeout``, the run ends on its own with a DataError)."""
+
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+from trainer import Trainer
+
+
+class Hangs(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        if i >= 16:
+            time.sleep(3600)  # a stuck network read, a deadlocked decoder
+        return torch.randn(8), i % 3
+
+
+if __name__ == "__main__":
+    timeout = float(sys.argv[1]) if len(sys.argv) > 1 else None
+    model = torch.nn.Linear(8, 3)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), Hangs(), loss_fn=F.cross_entropy,
+                      config={"batch_size": 4, "num_workers": 1, "progress_bar": False, "log_every_n_steps": 1,
+                              "eval_every_n_epochs": None, "data_timeout": timeout})
+    print("training", flush=True)
+    trainer.fit()
