@@ -120,12 +120,44 @@ def test_to_device_leaves_a_tensor_already_there_untouched():
     assert to_device([t], CPU)[0] is t
 
 
-@pytest.mark.xfail(strict=True, reason="to_device rebuilds a dict as type(obj)(pairs); a defaultdict "
-                   "takes its first argument as default_factory: TypeError")
-def test_to_device_moves_a_defaultdict():
+def test_to_device_moves_a_defaultdict_and_keeps_its_factory():
     batch = defaultdict(list, x=torch.ones(2))
     moved = to_device(batch, META)
     assert moved["x"].device == META
+    assert type(moved) is defaultdict and moved.default_factory is list
+    assert batch["x"].device == CPU  # the input is not modified
+
+
+class Named(dict):
+    """A dict subclass whose constructor does not take key-value pairs."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+
+class ReadOnly(dict):
+    def __setitem__(self, key, value):
+        raise TypeError("read-only")
+
+    def update(self, *args, **kwargs):
+        raise TypeError("read-only")
+
+
+def test_to_device_keeps_a_dict_subclass_with_another_constructor():
+    batch = Named("train")
+    dict.__setitem__(batch, "x", torch.ones(2))
+    moved = to_device(batch, META)
+    assert type(moved) is Named and moved.name == "train"
+    assert moved["x"].device == META
+    assert batch["x"].device == CPU
+
+
+def test_to_device_makes_a_plain_dict_of_a_subclass_it_cannot_write_to():
+    batch = ReadOnly()
+    dict.__setitem__(batch, "x", torch.ones(2))
+    moved = to_device(batch, META)
+    assert type(moved) is dict and moved["x"].device == META
 
 
 # batch_size_of

@@ -15,6 +15,7 @@ start an epoch at a given micro-batch:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -38,7 +39,18 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     if isinstance(obj, list):
         return [to_device(v, device, non_blocking) for v in obj]
     if isinstance(obj, dict):
-        return type(obj)((k, to_device(v, device, non_blocking)) for k, v in obj.items())
+        moved = {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        if type(obj) is dict:
+            return moved
+        # A subclass's constructor may not take pairs (defaultdict takes its factory first), so the
+        # moved values go into a shallow copy, which keeps the type and its attributes; a subclass
+        # that cannot be copied or written to becomes a plain dict.
+        try:
+            kept = copy.copy(obj)
+            kept.update(moved)
+        except Exception:
+            return moved
+        return kept
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(
             obj,
