@@ -180,12 +180,12 @@ def test_batch_size_of(batch, expected):
     assert batch_size_of(batch) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="batch_size_of returns the size of the first value whatever it is; "
-                   "a batch whose first value is not a tensor counts as 1 sample, not the length of its first tensor")
 @pytest.mark.parametrize("batch", [
     {"ids": ["a", "b", "c"], "x": torch.zeros(3, 2)},
     (0, torch.zeros(3)),
     {"name": "b", "x": torch.zeros(3)},
+    {"meta": {"ids": [1, 2], "lang": "en"}, "x": (torch.zeros(3), torch.zeros(9))},  # depth first
+    Batch(x=[], mask=[torch.zeros(3)]),
 ])
 def test_batch_size_of_skips_values_that_are_not_tensors(batch):
     assert batch_size_of(batch) == 3

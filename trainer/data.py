@@ -71,19 +71,29 @@ def describe(batch: Any) -> str:
 
 
 def batch_size_of(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor (1 when it holds none)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else 1
-    if isinstance(batch, (tuple, list)):
-        for v in batch:
-            return batch_size_of(v)
-    if isinstance(batch, dict):
-        for v in batch.values():
-            return batch_size_of(v)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        for f in dataclasses.fields(batch):
-            return batch_size_of(getattr(batch, f.name))
-    return 1
+    """Samples in a batch: the length of its first tensor, depth first (1 when it holds none)."""
+    tensor = _first_tensor(batch)
+    if tensor is None:
+        return 1
+    return tensor.shape[0] if tensor.ndim else 1
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        children: Iterable[Any] = obj
+    elif isinstance(obj, dict):
+        children = obj.values()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    else:
+        return None
+    for child in children:
+        found = _first_tensor(child)
+        if found is not None:
+            return found
+    return None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
