@@ -402,13 +402,13 @@ def test_sampler_length_matches_its_indices():
             assert list(sampler) == ResumableSampler(n, seed=0, rank=rank, world_size=ws, pad=pad).indices().tolist()[2:]
 
 
-@pytest.mark.xfail(strict=True, reason="ResumableSampler pads with order[:total - n] once; when fewer samples than "
-                   "the padding needed (e.g. 1 sample on 3 ranks: 2 pads, 1 available), the last "
-                   "ranks get no indices although __len__ promises them equal steps")
-def test_with_padding_every_rank_gets_a_share_even_with_fewer_samples_than_ranks():
-    shares, lengths = rank_shares(1, 3, pad=True)
-    assert [len(s) for s in shares] == [1, 1, 1]
+@pytest.mark.parametrize("n, world_size", [(1, 3), (2, 5), (3, 8)])
+def test_with_padding_every_rank_gets_a_share_even_with_fewer_samples_than_ranks(n, world_size):
+    shares, lengths = rank_shares(n, world_size, pad=True)
+    assert [len(s) for s in shares] == [1] * world_size
     assert all(declared == yielded for declared, yielded in lengths)
+    order = epoch_permutation(n, seed=2, epoch=0, shuffle=True).tolist()
+    assert [s[0] for s in shares] == [order[r % n] for r in range(world_size)]  # the order, repeated
 
 
 # Worker seeding

@@ -135,7 +135,9 @@ class ResumableSampler(Sampler[int]):
         if self.world_size > 1:
             total = math.ceil(self.n / self.world_size) * self.world_size
             if total > self.n and self.pad:
-                order = torch.cat([order, order[: total - self.n]])
+                # The whole order repeated as often as the padding needs, as DistributedSampler
+                # does: with fewer samples than ranks one copy would leave the last ranks empty.
+                order = order.repeat(math.ceil(total / self.n))[:total]
             order = order[self.rank :: self.world_size]
         return order[self.start :]
 
