@@ -246,7 +246,7 @@ def test_truncate_tolerates_a_cut_off_last_line(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert jsonl.read_text(encoding="utf-8").endswith("}\n")  # the next record starts on its own line
     rows = read_csv(table)[1]
-    assert [row["step"] for row in rows][:3] == ["1", "2", "3"]
+    assert [row["step"] for row in rows] == ["1", "2", "3"]  # the cut-off row is gone, not kept half-empty
     assert table.read_text(encoding="utf-8").endswith("\n")
 
 
@@ -255,8 +255,6 @@ def test_truncate_tolerates_missing_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="truncate_metrics keeps a CSV row cut off inside its step field, "
-                   "read as an earlier step (the JSONL side drops cut-off lines)")
 def test_truncate_drops_a_csv_row_cut_off_inside_its_step(tmp_path):
     write_both(tmp_path, range(1, 12))
     with (tmp_path / METRICS_CSV).open("a", encoding="utf-8") as f:
@@ -264,3 +262,35 @@ def test_truncate_drops_a_csv_row_cut_off_inside_its_step(tmp_path):
     truncate_metrics(tmp_path, 10)  # resuming from the checkpoint of step 10
     steps = [row["step"] for row in read_csv(tmp_path / METRICS_CSV)[1]]
     assert steps == [str(s) for s in range(1, 11)]
+
+
+@pytest.mark.parametrize("tail", [
+    "4,0,0.2",  # cut after the step: columns missing
+    "4,0,0.25,0.",  # every column there, the last number cut: only the missing newline tells
+])
+def test_truncate_drops_a_csv_row_without_its_newline(tmp_path, tail):
+    write_both(tmp_path, range(1, 4))
+    with (tmp_path / METRICS_CSV).open("a", encoding="utf-8") as f:
+        f.write(tail)
+    truncate_metrics(tmp_path, 10)
+    columns, rows = read_csv(tmp_path / METRICS_CSV)
+    assert columns == ["step", "epoch", "loss", "val/loss"]
+    assert [row["step"] for row in rows] == ["1", "2", "3"]
+
+
+def test_truncate_drops_a_csv_row_with_fewer_fields_than_the_header(tmp_path):
+    write_both(tmp_path, range(1, 3))
+    with (tmp_path / METRICS_CSV).open("a", newline="", encoding="utf-8") as f:
+        f.write("3,0\r\n4,0,0.25,0.5\r\n")
+    truncate_metrics(tmp_path, 10)
+    assert [row["step"] for row in read_csv(tmp_path / METRICS_CSV)[1]] == ["1", "2", "4"]
+
+
+def test_truncate_keeps_a_whole_jsonl_record_that_lacks_only_its_newline(tmp_path):
+    write_both(tmp_path, range(1, 3))
+    jsonl = tmp_path / METRICS_JSONL
+    with jsonl.open("a", encoding="utf-8") as f:
+        f.write('{"step": 3, "loss": 0.5}')  # a JSON object cannot be cut and still parse: it is whole
+    truncate_metrics(tmp_path, 10)
+    assert jsonl.read_text(encoding="utf-8").splitlines()[-1] == '{"step": 3, "loss": 0.5}'
+    assert jsonl.read_text(encoding="utf-8").endswith("}\n")

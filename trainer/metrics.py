@@ -7,6 +7,7 @@ values of a whole log interval are converted in one ``tolist()`` call at the log
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -212,26 +213,66 @@ class CsvLogger:
         pass
 
 
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]], bool]:
+    """The columns and complete rows of a metrics table, and whether every row was complete.
+
+    Every row the loggers write has one field per column and ends with a newline. A last line
+    without its newline was cut off by a crash, perhaps inside a number that still parses (step
+    ``12`` cut to ``1``), so it is dropped; so is any row whose field count differs from the header's.
+    """
+    if not path.exists():
+        return [], [], True
+    with path.open(newline="", encoding="utf-8") as f:
+        text = f.read()
+    complete = not text or text.endswith("\n")
+    if not complete:
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.reader(io.StringIO(text))
+    columns = next(reader, [])
+    rows = []
+    for row in reader:
+        if len(row) == len(columns):
+            rows.append(row)
+        else:
+            complete = False
+    return columns, rows, complete
+
+
+def _step_at_most(value: Any, step: int) -> bool:
+    try:
+        return float(value) <= step
+    except (TypeError, ValueError):
+        return False
+
+
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step``."""
+    """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step``, and any
+    line a crash cut off. A file is rewritten only when something is dropped."""
     run_dir = Path(run_dir)
     jsonl = run_dir / METRICS_JSONL
     if jsonl.exists():
+        text = jsonl.read_text(encoding="utf-8")
         kept = []
-        for line in jsonl.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError):  # a line cut off by a crash
+                record = json.loads(line)
+            except ValueError:  # a line cut off by a crash
                 continue
-        jsonl.write_text("".join(kept), encoding="utf-8")
+            # A cut can't leave a line that parses: the closing brace comes last. So a last line
+            # that parses but lacks its newline is whole, and kept.
+            if isinstance(record, dict) and _step_at_most(record.get("step"), step):
+                kept.append(line + "\n")
+        if "".join(kept) != text:
+            jsonl.write_text("".join(kept), encoding="utf-8")
     table = run_dir / METRICS_CSV
     if table.exists():
-        with table.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            rows = [row for row in reader if row.get("step") and float(row["step"]) <= step]
-        with table.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        columns, rows, complete = _read_csv(table)
+        kept_rows = [row for row in rows if "step" in columns and _step_at_most(row[columns.index("step")], step)]
+        if not complete or len(kept_rows) != len(rows):
+            text = io.StringIO()
+            writer = csv.writer(text)
+            if columns:
+                writer.writerow(columns)
+            writer.writerows(kept_rows)
+            with table.open("w", newline="", encoding="utf-8") as f:
+                f.write(text.getvalue())
