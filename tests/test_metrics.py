@@ -1,8 +1,13 @@
 """trainer/metrics.py: the metric buffer, the JSONL and CSV loggers, and truncating them on resume."""
 
 import csv
+import io
 import json
 import math
+import os
+import random
+import signal
+import time
 from unittest import mock
 
 import pytest
@@ -294,3 +299,125 @@ def test_truncate_keeps_a_whole_jsonl_record_that_lacks_only_its_newline(tmp_pat
     truncate_metrics(tmp_path, 10)
     assert jsonl.read_text(encoding="utf-8").splitlines()[-1] == '{"step": 3, "loss": 0.5}'
     assert jsonl.read_text(encoding="utf-8").endswith("}\n")
+
+
+def test_truncate_leaves_files_with_nothing_to_drop_as_they_are(tmp_path):
+    write_both(tmp_path, range(1, 4))
+    files = [tmp_path / METRICS_JSONL, tmp_path / METRICS_CSV]
+    before = [(p.stat().st_ino, p.read_bytes()) for p in files]
+    truncate_metrics(tmp_path, 3)
+    assert [(p.stat().st_ino, p.read_bytes()) for p in files] == before  # not rewritten: no crash window
+
+
+# Rewrites killed at random moments
+
+
+ROWS = 2_000  # about 80 kB a file: a rewrite takes long enough for kills to land inside it
+FILES = (METRICS_JSONL, METRICS_CSV)
+
+
+def write_large_run(run_dir):
+    """Both metric files as the loggers write them, for steps 1..ROWS (written in one go: a logger
+    call per row would take longer than the test)."""
+    records = [{"step": step, "epoch": step // 1000, "train/loss": 1.0 / step, "lr": 1e-3 * (step % 7)}
+               for step in range(1, ROWS + 1)]
+    for record in records[::10]:
+        record["val/loss"] = 2.0 / record["step"]
+    (run_dir / METRICS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["step", "epoch", "train/loss", "lr", "val/loss"])
+    writer.writeheader()
+    writer.writerows(records)
+    with (run_dir / METRICS_CSV).open("w", newline="", encoding="utf-8") as f:
+        f.write(table.getvalue())
+
+
+def folder_state(folder):
+    state = {}
+    for entry in os.scandir(folder):
+        try:
+            stat = entry.stat()
+        except FileNotFoundError:  # a temp file renamed while listed: the next look sees the change
+            continue
+        state[entry.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+def run_child(folder, action, kill_after=None):
+    """Run ``action`` in a forked child process (it starts at once: torch is already imported) and
+    watch ``folder`` until the child first changes it (a temp file, a truncated file); then SIGKILL
+    the child ``kill_after`` seconds later, or let it finish (None). Returns whether the kill
+    stopped it before it finished, and the seconds from its first change to its end."""
+    before = folder_state(folder)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    done, status = 0, 0
+    # A kill before the first write cannot damage anything: the attack aims at the writes.
+    while folder_state(folder) == before and not done:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    changed = time.perf_counter()
+    if not done:
+        if kill_after is not None:
+            time.sleep(kill_after)
+            os.kill(pid, signal.SIGKILL)  # a child that already exited is a zombie until reaped: no error
+        _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status):
+        assert os.WEXITSTATUS(status) == 0, "the rewrite failed in the child"
+    return os.WIFSIGNALED(status), time.perf_counter() - changed
+
+
+def attack(folder, action, tries=30):
+    """Run ``action`` once to completion (the new content, and how long its writes take), then
+    ``tries`` times from the old content, each time killed a random delay after its first write,
+    within that time. After every kill each file must hold its old content or its new content,
+    byte for byte: never a file cut off part-way, nor one missing rows it had."""
+    paths = [folder / name for name in FILES]
+    old = [p.read_bytes() for p in paths]
+    killed, writing = run_child(folder, action)
+    assert not killed
+    new = [p.read_bytes() for p in paths]
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(tries):
+        for p, content in zip(paths, old):
+            p.write_bytes(content)
+        for leftover in folder.glob(".metrics*.tmp-*"):  # a killed child's temp file: never read as metrics
+            leftover.unlink()
+        kills += run_child(folder, action, kill_after=rng.uniform(0, writing))[0]
+        for p, before, after in zip(paths, old, new):
+            content = p.read_bytes()
+            lines = [c.count(b"\n") for c in (content, before, after)]
+            assert content in (before, after), (
+                f"try {attempt}: {p.name} holds neither the old nor the new content: {lines[0]} lines "
+                f"(old {lines[1]}, new {lines[2]})"
+            )
+    assert kills, "every child finished before its kill: the test attacked nothing"
+    return old, new
+
+
+@pytest.mark.slow
+def test_a_truncate_killed_at_random_moments_leaves_each_file_old_or_new(tmp_path):
+    write_large_run(tmp_path)
+    old, new = attack(tmp_path, lambda: truncate_metrics(tmp_path, ROWS - 100))  # a resume drops the last few
+    assert all(before != after for before, after in zip(old, new))  # both files are rewritten
+    assert json.loads(new[0].splitlines()[-1])["step"] == ROWS - 100
+
+
+@pytest.mark.slow
+def test_a_new_csv_column_killed_at_random_moments_leaves_the_old_table_or_the_new(tmp_path):
+    write_large_run(tmp_path)
+
+    def log_a_new_column():
+        CsvLogger(tmp_path / METRICS_CSV).log({"step": ROWS + 1, "epoch": 99, "train/loss": 0.5, "grad_norm/total": 1.5})
+
+    old, new = attack(tmp_path, log_a_new_column)
+    reader = csv.DictReader(io.StringIO(new[1].decode("utf-8"), newline=""))
+    columns, rows = reader.fieldnames, list(reader)
+    assert columns == ["step", "epoch", "train/loss", "lr", "val/loss", "grad_norm/total"]
+    assert len(rows) == ROWS + 1 and rows[-1]["grad_norm/total"] == "1.5"

@@ -18,7 +18,7 @@ import torch
 
 from trainer import distributed
 from trainer.data import batch_size_of
-from trainer.run_dir import METRICS_CSV, METRICS_JSONL
+from trainer.run_dir import METRICS_CSV, METRICS_JSONL, write_text_atomic
 
 
 class Logger(Protocol):
@@ -184,7 +184,8 @@ class JsonlLogger:
 
 
 class CsvLogger:
-    """The same records as a CSV table; when a new column appears the file is rewritten."""
+    """The same records as a CSV table. A record with a new column rewrites the file (atomically:
+    a crash leaves the old table or the new one), any other is appended."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -201,10 +202,11 @@ class CsvLogger:
         new = [k for k in record if k not in self.columns]
         if new:
             self.columns.extend(new)
-            with self.path.open("w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns)
-                writer.writeheader()
-                writer.writerows(self.rows)
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+            write_text_atomic(self.path, text.getvalue())
         else:
             with self.path.open("a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(record)
@@ -247,7 +249,8 @@ def _step_at_most(value: Any, step: int) -> bool:
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
     """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step``, and any
-    line a crash cut off. A file is rewritten only when something is dropped."""
+    line a crash cut off. Each file is replaced atomically, and only when something is dropped: a
+    crash during a resume leaves every file whole, and the next resume truncates it again."""
     run_dir = Path(run_dir)
     jsonl = run_dir / METRICS_JSONL
     if jsonl.exists():
@@ -263,7 +266,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
             if isinstance(record, dict) and _step_at_most(record.get("step"), step):
                 kept.append(line + "\n")
         if "".join(kept) != text:
-            jsonl.write_text("".join(kept), encoding="utf-8")
+            write_text_atomic(jsonl, "".join(kept))
     table = run_dir / METRICS_CSV
     if table.exists():
         columns, rows, complete = _read_csv(table)
@@ -274,5 +277,4 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
             if columns:
                 writer.writerow(columns)
             writer.writerows(kept_rows)
-            with table.open("w", newline="", encoding="utf-8") as f:
-                f.write(text.getvalue())
+            write_text_atomic(table, text.getvalue())
