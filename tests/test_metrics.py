@@ -309,6 +309,43 @@ def test_truncate_leaves_files_with_nothing_to_drop_as_they_are(tmp_path):
     assert [(p.stat().st_ino, p.read_bytes()) for p in files] == before  # not rewritten: no crash window
 
 
+# Files left by a crash
+
+
+def test_jsonl_starts_a_new_line_after_a_cut_off_one(tmp_path):
+    path = tmp_path / METRICS_JSONL
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo', encoding="utf-8")
+    log = JsonlLogger(path)
+    log.log({"step": 2, "loss": 0.5})
+    log.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines == ['{"step": 1, "loss": 1.0}', '{"step": 2, "lo', '{"step": 2, "loss": 0.5}']
+    truncate_metrics(tmp_path, 10)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+
+
+def test_jsonl_adds_nothing_to_a_file_that_ends_with_a_newline(tmp_path):
+    path = tmp_path / METRICS_JSONL
+    path.write_text('{"step": 1}\n', encoding="utf-8")
+    JsonlLogger(path).close()
+    assert path.read_text(encoding="utf-8") == '{"step": 1}\n'
+
+
+def test_csv_drops_a_cut_off_row_instead_of_appending_to_it(tmp_path):
+    path = tmp_path / METRICS_CSV
+    write_both(tmp_path, range(1, 4))
+    with path.open("a", encoding="utf-8") as f:
+        f.write("1")  # step 12 of an earlier process, cut off: the next row would read "14,..."
+    log = CsvLogger(path)
+    log.log({"step": 4, "epoch": 0, "loss": 0.25})
+    columns, rows = read_csv(path)
+    assert columns == ["step", "epoch", "loss", "val/loss"]
+    assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
+    log.log({"step": 5, "epoch": 0, "loss": 0.2})  # the file is whole again: appended
+    assert [row["step"] for row in read_csv(path)[1]] == ["1", "2", "3", "4", "5"]
+
+
 # Rewrites killed at random moments
 
 

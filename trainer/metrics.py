@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,6 +175,11 @@ class JsonlLogger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file = self.path.open("a", encoding="utf-8")
+        if _ends_mid_line(self.path):
+            # A crash cut the last line off: the next record starts on a line of its own instead of
+            # being glued to it (readers skip the cut-off line, truncate_metrics drops it).
+            self._file.write("\n")
+            self._file.flush()
 
     def log(self, record: dict[str, float]) -> None:
         self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
@@ -189,30 +195,39 @@ class CsvLogger:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.columns: list[str] = []
-        self.rows: list[dict[str, float]] = []
-        if self.path.exists() and self.path.stat().st_size:
-            with self.path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or [])
-                self.rows = [{k: v for k, v in row.items() if v != ""} for row in reader]
+        self.columns, rows, complete = _read_csv(self.path)
+        self.rows: list[dict[str, Any]] = [{k: v for k, v in zip(self.columns, row) if v != ""} for row in rows]
+        # A row cut off by a crash is gone from self.rows; appending after it would glue the next
+        # row to it, so the next record rewrites the file instead.
+        self._rewrite = not complete
 
     def log(self, record: dict[str, float]) -> None:
         self.rows.append(record)
         new = [k for k in record if k not in self.columns]
-        if new:
+        if new or self._rewrite:
             self.columns.extend(new)
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
             write_text_atomic(self.path, text.getvalue())
+            self._rewrite = False
         else:
             with self.path.open("a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(record)
 
     def close(self) -> None:
         pass
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a non-empty file's last line lacks its newline (it was being written when the
+    process died)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]], bool]:
