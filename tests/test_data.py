@@ -120,12 +120,44 @@ def test_to_device_leaves_a_tensor_already_there_untouched():
     assert to_device([t], CPU)[0] is t
 
 
-@pytest.mark.xfail(strict=True, reason="to_device rebuilds a dict as type(obj)(pairs); a defaultdict "
-                   "takes its first argument as default_factory: TypeError")
-def test_to_device_moves_a_defaultdict():
+def test_to_device_moves_a_defaultdict_and_keeps_its_factory():
     batch = defaultdict(list, x=torch.ones(2))
     moved = to_device(batch, META)
     assert moved["x"].device == META
+    assert type(moved) is defaultdict and moved.default_factory is list
+    assert batch["x"].device == CPU  # the input is not modified
+
+
+class Named(dict):
+    """A dict subclass whose constructor does not take key-value pairs."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+
+class ReadOnly(dict):
+    def __setitem__(self, key, value):
+        raise TypeError("read-only")
+
+    def update(self, *args, **kwargs):
+        raise TypeError("read-only")
+
+
+def test_to_device_keeps_a_dict_subclass_with_another_constructor():
+    batch = Named("train")
+    dict.__setitem__(batch, "x", torch.ones(2))
+    moved = to_device(batch, META)
+    assert type(moved) is Named and moved.name == "train"
+    assert moved["x"].device == META
+    assert batch["x"].device == CPU
+
+
+def test_to_device_makes_a_plain_dict_of_a_subclass_it_cannot_write_to():
+    batch = ReadOnly()
+    dict.__setitem__(batch, "x", torch.ones(2))
+    moved = to_device(batch, META)
+    assert type(moved) is dict and moved["x"].device == META
 
 
 # batch_size_of
@@ -148,12 +180,12 @@ def test_batch_size_of(batch, expected):
     assert batch_size_of(batch) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="batch_size_of returns the size of the first value whatever it is; "
-                   "a batch whose first value is not a tensor counts as 1 sample, not the length of its first tensor")
 @pytest.mark.parametrize("batch", [
     {"ids": ["a", "b", "c"], "x": torch.zeros(3, 2)},
     (0, torch.zeros(3)),
     {"name": "b", "x": torch.zeros(3)},
+    {"meta": {"ids": [1, 2], "lang": "en"}, "x": (torch.zeros(3), torch.zeros(9))},  # depth first
+    Batch(x=[], mask=[torch.zeros(3)]),
 ])
 def test_batch_size_of_skips_values_that_are_not_tensors(batch):
     assert batch_size_of(batch) == 3
@@ -370,13 +402,13 @@ def test_sampler_length_matches_its_indices():
             assert list(sampler) == ResumableSampler(n, seed=0, rank=rank, world_size=ws, pad=pad).indices().tolist()[2:]
 
 
-@pytest.mark.xfail(strict=True, reason="ResumableSampler pads with order[:total - n] once; when fewer samples than "
-                   "the padding needed (e.g. 1 sample on 3 ranks: 2 pads, 1 available), the last "
-                   "ranks get no indices although __len__ promises them equal steps")
-def test_with_padding_every_rank_gets_a_share_even_with_fewer_samples_than_ranks():
-    shares, lengths = rank_shares(1, 3, pad=True)
-    assert [len(s) for s in shares] == [1, 1, 1]
+@pytest.mark.parametrize("n, world_size", [(1, 3), (2, 5), (3, 8)])
+def test_with_padding_every_rank_gets_a_share_even_with_fewer_samples_than_ranks(n, world_size):
+    shares, lengths = rank_shares(n, world_size, pad=True)
+    assert [len(s) for s in shares] == [1] * world_size
     assert all(declared == yielded for declared, yielded in lengths)
+    order = epoch_permutation(n, seed=2, epoch=0, shuffle=True).tolist()
+    assert [s[0] for s in shares] == [order[r % n] for r in range(world_size)]  # the order, repeated
 
 
 # Worker seeding

@@ -1,8 +1,13 @@
 """trainer/metrics.py: the metric buffer, the JSONL and CSV loggers, and truncating them on resume."""
 
 import csv
+import io
 import json
 import math
+import os
+import random
+import signal
+import time
 from unittest import mock
 
 import pytest
@@ -246,7 +251,7 @@ def test_truncate_tolerates_a_cut_off_last_line(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert jsonl.read_text(encoding="utf-8").endswith("}\n")  # the next record starts on its own line
     rows = read_csv(table)[1]
-    assert [row["step"] for row in rows][:3] == ["1", "2", "3"]
+    assert [row["step"] for row in rows] == ["1", "2", "3"]  # the cut-off row is gone, not kept half-empty
     assert table.read_text(encoding="utf-8").endswith("\n")
 
 
@@ -255,8 +260,6 @@ def test_truncate_tolerates_missing_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="truncate_metrics keeps a CSV row cut off inside its step field, "
-                   "read as an earlier step (the JSONL side drops cut-off lines)")
 def test_truncate_drops_a_csv_row_cut_off_inside_its_step(tmp_path):
     write_both(tmp_path, range(1, 12))
     with (tmp_path / METRICS_CSV).open("a", encoding="utf-8") as f:
@@ -264,3 +267,194 @@ def test_truncate_drops_a_csv_row_cut_off_inside_its_step(tmp_path):
     truncate_metrics(tmp_path, 10)  # resuming from the checkpoint of step 10
     steps = [row["step"] for row in read_csv(tmp_path / METRICS_CSV)[1]]
     assert steps == [str(s) for s in range(1, 11)]
+
+
+@pytest.mark.parametrize("tail", [
+    "4,0,0.2",  # cut after the step: columns missing
+    "4,0,0.25,0.",  # every column there, the last number cut: only the missing newline tells
+])
+def test_truncate_drops_a_csv_row_without_its_newline(tmp_path, tail):
+    write_both(tmp_path, range(1, 4))
+    with (tmp_path / METRICS_CSV).open("a", encoding="utf-8") as f:
+        f.write(tail)
+    truncate_metrics(tmp_path, 10)
+    columns, rows = read_csv(tmp_path / METRICS_CSV)
+    assert columns == ["step", "epoch", "loss", "val/loss"]
+    assert [row["step"] for row in rows] == ["1", "2", "3"]
+
+
+def test_truncate_drops_a_csv_row_with_fewer_fields_than_the_header(tmp_path):
+    write_both(tmp_path, range(1, 3))
+    with (tmp_path / METRICS_CSV).open("a", newline="", encoding="utf-8") as f:
+        f.write("3,0\r\n4,0,0.25,0.5\r\n")
+    truncate_metrics(tmp_path, 10)
+    assert [row["step"] for row in read_csv(tmp_path / METRICS_CSV)[1]] == ["1", "2", "4"]
+
+
+def test_truncate_keeps_a_whole_jsonl_record_that_lacks_only_its_newline(tmp_path):
+    write_both(tmp_path, range(1, 3))
+    jsonl = tmp_path / METRICS_JSONL
+    with jsonl.open("a", encoding="utf-8") as f:
+        f.write('{"step": 3, "loss": 0.5}')  # a JSON object cannot be cut and still parse: it is whole
+    truncate_metrics(tmp_path, 10)
+    assert jsonl.read_text(encoding="utf-8").splitlines()[-1] == '{"step": 3, "loss": 0.5}'
+    assert jsonl.read_text(encoding="utf-8").endswith("}\n")
+
+
+def test_truncate_leaves_files_with_nothing_to_drop_as_they_are(tmp_path):
+    write_both(tmp_path, range(1, 4))
+    files = [tmp_path / METRICS_JSONL, tmp_path / METRICS_CSV]
+    before = [(p.stat().st_ino, p.read_bytes()) for p in files]
+    truncate_metrics(tmp_path, 3)
+    assert [(p.stat().st_ino, p.read_bytes()) for p in files] == before  # not rewritten: no crash window
+
+
+# Files left by a crash
+
+
+def test_jsonl_starts_a_new_line_after_a_cut_off_one(tmp_path):
+    path = tmp_path / METRICS_JSONL
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo', encoding="utf-8")
+    log = JsonlLogger(path)
+    log.log({"step": 2, "loss": 0.5})
+    log.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines == ['{"step": 1, "loss": 1.0}', '{"step": 2, "lo', '{"step": 2, "loss": 0.5}']
+    truncate_metrics(tmp_path, 10)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+
+
+def test_jsonl_adds_nothing_to_a_file_that_ends_with_a_newline(tmp_path):
+    path = tmp_path / METRICS_JSONL
+    path.write_text('{"step": 1}\n', encoding="utf-8")
+    JsonlLogger(path).close()
+    assert path.read_text(encoding="utf-8") == '{"step": 1}\n'
+
+
+def test_csv_drops_a_cut_off_row_instead_of_appending_to_it(tmp_path):
+    path = tmp_path / METRICS_CSV
+    write_both(tmp_path, range(1, 4))
+    with path.open("a", encoding="utf-8") as f:
+        f.write("1")  # step 12 of an earlier process, cut off: the next row would read "14,..."
+    log = CsvLogger(path)
+    log.log({"step": 4, "epoch": 0, "loss": 0.25})
+    columns, rows = read_csv(path)
+    assert columns == ["step", "epoch", "loss", "val/loss"]
+    assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
+    log.log({"step": 5, "epoch": 0, "loss": 0.2})  # the file is whole again: appended
+    assert [row["step"] for row in read_csv(path)[1]] == ["1", "2", "3", "4", "5"]
+
+
+# Rewrites killed at random moments
+
+
+ROWS = 2_000  # about 80 kB a file: a rewrite takes long enough for kills to land inside it
+FILES = (METRICS_JSONL, METRICS_CSV)
+
+
+def write_large_run(run_dir):
+    """Both metric files as the loggers write them, for steps 1..ROWS (written in one go: a logger
+    call per row would take longer than the test)."""
+    records = [{"step": step, "epoch": step // 1000, "train/loss": 1.0 / step, "lr": 1e-3 * (step % 7)}
+               for step in range(1, ROWS + 1)]
+    for record in records[::10]:
+        record["val/loss"] = 2.0 / record["step"]
+    (run_dir / METRICS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["step", "epoch", "train/loss", "lr", "val/loss"])
+    writer.writeheader()
+    writer.writerows(records)
+    with (run_dir / METRICS_CSV).open("w", newline="", encoding="utf-8") as f:
+        f.write(table.getvalue())
+
+
+def folder_state(folder):
+    state = {}
+    for entry in os.scandir(folder):
+        try:
+            stat = entry.stat()
+        except FileNotFoundError:  # a temp file renamed while listed: the next look sees the change
+            continue
+        state[entry.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+def run_child(folder, action, kill_after=None):
+    """Run ``action`` in a forked child process (it starts at once: torch is already imported) and
+    watch ``folder`` until the child first changes it (a temp file, a truncated file); then SIGKILL
+    the child ``kill_after`` seconds later, or let it finish (None). Returns whether the kill
+    stopped it before it finished, and the seconds from its first change to its end."""
+    before = folder_state(folder)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    done, status = 0, 0
+    # A kill before the first write cannot damage anything: the attack aims at the writes.
+    while folder_state(folder) == before and not done:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    changed = time.perf_counter()
+    if not done:
+        if kill_after is not None:
+            time.sleep(kill_after)
+            os.kill(pid, signal.SIGKILL)  # a child that already exited is a zombie until reaped: no error
+        _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status):
+        assert os.WEXITSTATUS(status) == 0, "the rewrite failed in the child"
+    return os.WIFSIGNALED(status), time.perf_counter() - changed
+
+
+def attack(folder, action, tries=30):
+    """Run ``action`` once to completion (the new content, and how long its writes take), then
+    ``tries`` times from the old content, each time killed a random delay after its first write,
+    within that time. After every kill each file must hold its old content or its new content,
+    byte for byte: never a file cut off part-way, nor one missing rows it had."""
+    paths = [folder / name for name in FILES]
+    old = [p.read_bytes() for p in paths]
+    killed, writing = run_child(folder, action)
+    assert not killed
+    new = [p.read_bytes() for p in paths]
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(tries):
+        for p, content in zip(paths, old):
+            p.write_bytes(content)
+        for leftover in folder.glob(".metrics*.tmp-*"):  # a killed child's temp file: never read as metrics
+            leftover.unlink()
+        kills += run_child(folder, action, kill_after=rng.uniform(0, writing))[0]
+        for p, before, after in zip(paths, old, new):
+            content = p.read_bytes()
+            lines = [c.count(b"\n") for c in (content, before, after)]
+            assert content in (before, after), (
+                f"try {attempt}: {p.name} holds neither the old nor the new content: {lines[0]} lines "
+                f"(old {lines[1]}, new {lines[2]})"
+            )
+    assert kills, "every child finished before its kill: the test attacked nothing"
+    return old, new
+
+
+@pytest.mark.slow
+def test_a_truncate_killed_at_random_moments_leaves_each_file_old_or_new(tmp_path):
+    write_large_run(tmp_path)
+    old, new = attack(tmp_path, lambda: truncate_metrics(tmp_path, ROWS - 100))  # a resume drops the last few
+    assert all(before != after for before, after in zip(old, new))  # both files are rewritten
+    assert json.loads(new[0].splitlines()[-1])["step"] == ROWS - 100
+
+
+@pytest.mark.slow
+def test_a_new_csv_column_killed_at_random_moments_leaves_the_old_table_or_the_new(tmp_path):
+    write_large_run(tmp_path)
+
+    def log_a_new_column():
+        CsvLogger(tmp_path / METRICS_CSV).log({"step": ROWS + 1, "epoch": 99, "train/loss": 0.5, "grad_norm/total": 1.5})
+
+    old, new = attack(tmp_path, log_a_new_column)
+    reader = csv.DictReader(io.StringIO(new[1].decode("utf-8"), newline=""))
+    columns, rows = reader.fieldnames, list(reader)
+    assert columns == ["step", "epoch", "train/loss", "lr", "val/loss", "grad_norm/total"]
+    assert len(rows) == ROWS + 1 and rows[-1]["grad_norm/total"] == "1.5"

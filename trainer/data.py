@@ -15,6 +15,7 @@ start an epoch at a given micro-batch:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -38,7 +39,18 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     if isinstance(obj, list):
         return [to_device(v, device, non_blocking) for v in obj]
     if isinstance(obj, dict):
-        return type(obj)((k, to_device(v, device, non_blocking)) for k, v in obj.items())
+        moved = {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        if type(obj) is dict:
+            return moved
+        # A subclass's constructor may not take pairs (defaultdict takes its factory first), so the
+        # moved values go into a shallow copy, which keeps the type and its attributes; a subclass
+        # that cannot be copied or written to becomes a plain dict.
+        try:
+            kept = copy.copy(obj)
+            kept.update(moved)
+        except Exception:
+            return moved
+        return kept
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(
             obj,
@@ -59,19 +71,29 @@ def describe(batch: Any) -> str:
 
 
 def batch_size_of(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor (1 when it holds none)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else 1
-    if isinstance(batch, (tuple, list)):
-        for v in batch:
-            return batch_size_of(v)
-    if isinstance(batch, dict):
-        for v in batch.values():
-            return batch_size_of(v)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        for f in dataclasses.fields(batch):
-            return batch_size_of(getattr(batch, f.name))
-    return 1
+    """Samples in a batch: the length of its first tensor, depth first (1 when it holds none)."""
+    tensor = _first_tensor(batch)
+    if tensor is None:
+        return 1
+    return tensor.shape[0] if tensor.ndim else 1
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        children: Iterable[Any] = obj
+    elif isinstance(obj, dict):
+        children = obj.values()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    else:
+        return None
+    for child in children:
+        found = _first_tensor(child)
+        if found is not None:
+            return found
+    return None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -113,7 +135,9 @@ class ResumableSampler(Sampler[int]):
         if self.world_size > 1:
             total = math.ceil(self.n / self.world_size) * self.world_size
             if total > self.n and self.pad:
-                order = torch.cat([order, order[: total - self.n]])
+                # The whole order repeated as often as the padding needs, as DistributedSampler
+                # does: with fewer samples than ranks one copy would leave the last ranks empty.
+                order = order.repeat(math.ceil(total / self.n))[:total]
             order = order[self.rank :: self.world_size]
         return order[self.start :]
 

@@ -7,8 +7,10 @@ values of a whole log interval are converted in one ``tolist()`` call at the log
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +19,7 @@ import torch
 
 from trainer import distributed
 from trainer.data import batch_size_of
-from trainer.run_dir import METRICS_CSV, METRICS_JSONL
+from trainer.run_dir import METRICS_CSV, METRICS_JSONL, write_text_atomic
 
 
 class Logger(Protocol):
@@ -173,6 +175,11 @@ class JsonlLogger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file = self.path.open("a", encoding="utf-8")
+        if _ends_mid_line(self.path):
+            # A crash cut the last line off: the next record starts on a line of its own instead of
+            # being glued to it (readers skip the cut-off line, truncate_metrics drops it).
+            self._file.write("\n")
+            self._file.flush()
 
     def log(self, record: dict[str, float]) -> None:
         self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
@@ -183,27 +190,28 @@ class JsonlLogger:
 
 
 class CsvLogger:
-    """The same records as a CSV table; when a new column appears the file is rewritten."""
+    """The same records as a CSV table. A record with a new column rewrites the file (atomically:
+    a crash leaves the old table or the new one), any other is appended."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.columns: list[str] = []
-        self.rows: list[dict[str, float]] = []
-        if self.path.exists() and self.path.stat().st_size:
-            with self.path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or [])
-                self.rows = [{k: v for k, v in row.items() if v != ""} for row in reader]
+        self.columns, rows, complete = _read_csv(self.path)
+        self.rows: list[dict[str, Any]] = [{k: v for k, v in zip(self.columns, row) if v != ""} for row in rows]
+        # A row cut off by a crash is gone from self.rows; appending after it would glue the next
+        # row to it, so the next record rewrites the file instead.
+        self._rewrite = not complete
 
     def log(self, record: dict[str, float]) -> None:
         self.rows.append(record)
         new = [k for k in record if k not in self.columns]
-        if new:
+        if new or self._rewrite:
             self.columns.extend(new)
-            with self.path.open("w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns)
-                writer.writeheader()
-                writer.writerows(self.rows)
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+            write_text_atomic(self.path, text.getvalue())
+            self._rewrite = False
         else:
             with self.path.open("a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(record)
@@ -212,26 +220,76 @@ class CsvLogger:
         pass
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a non-empty file's last line lacks its newline (it was being written when the
+    process died)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]], bool]:
+    """The columns and complete rows of a metrics table, and whether every row was complete.
+
+    Every row the loggers write has one field per column and ends with a newline. A last line
+    without its newline was cut off by a crash, perhaps inside a number that still parses (step
+    ``12`` cut to ``1``), so it is dropped; so is any row whose field count differs from the header's.
+    """
+    if not path.exists():
+        return [], [], True
+    with path.open(newline="", encoding="utf-8") as f:
+        text = f.read()
+    complete = not text or text.endswith("\n")
+    if not complete:
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.reader(io.StringIO(text))
+    columns = next(reader, [])
+    rows = []
+    for row in reader:
+        if len(row) == len(columns):
+            rows.append(row)
+        else:
+            complete = False
+    return columns, rows, complete
+
+
+def _step_at_most(value: Any, step: int) -> bool:
+    try:
+        return float(value) <= step
+    except (TypeError, ValueError):
+        return False
+
+
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step``."""
+    """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step``, and any
+    line a crash cut off. Each file is replaced atomically, and only when something is dropped: a
+    crash during a resume leaves every file whole, and the next resume truncates it again."""
     run_dir = Path(run_dir)
     jsonl = run_dir / METRICS_JSONL
     if jsonl.exists():
+        text = jsonl.read_text(encoding="utf-8")
         kept = []
-        for line in jsonl.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError):  # a line cut off by a crash
+                record = json.loads(line)
+            except ValueError:  # a line cut off by a crash
                 continue
-        jsonl.write_text("".join(kept), encoding="utf-8")
+            # A cut can't leave a line that parses: the closing brace comes last. So a last line
+            # that parses but lacks its newline is whole, and kept.
+            if isinstance(record, dict) and _step_at_most(record.get("step"), step):
+                kept.append(line + "\n")
+        if "".join(kept) != text:
+            write_text_atomic(jsonl, "".join(kept))
     table = run_dir / METRICS_CSV
     if table.exists():
-        with table.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            rows = [row for row in reader if row.get("step") and float(row["step"]) <= step]
-        with table.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        columns, rows, complete = _read_csv(table)
+        kept_rows = [row for row in rows if "step" in columns and _step_at_most(row[columns.index("step")], step)]
+        if not complete or len(kept_rows) != len(rows):
+            text = io.StringIO()
+            writer = csv.writer(text)
+            if columns:
+                writer.writerow(columns)
+            writer.writerows(kept_rows)
+            write_text_atomic(table, text.getvalue())

@@ -1,4 +1,5 @@
-"""The names inside a run directory, in one place. Torch-free, so ``trainer runs`` stays fast.
+"""The names inside a run directory, in one place, and the atomic rewrite of its text files.
+Torch-free, so ``trainer runs`` stays fast.
 
 ::
 
@@ -15,6 +16,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from pathlib import Path
 
@@ -53,3 +56,28 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name))
              and (p.is_file() if m.group(2) else p.is_dir())]
     return [p for _, p in sorted(found)]
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` the way checkpoints are written: a temp file in the same
+    folder, flushed and fsync'ed, renamed over ``path``, then the folder fsync'ed. A crash at any
+    instant leaves the old content or the new, whole; never a file cut off part-way."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        # newline="": the text is written as given (a CSV's \r\n stays \r\n on every platform).
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    # The rename is durable only once the folder's entry is on disk.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
