@@ -7,17 +7,47 @@ config file and print its schema without paying for ``import torch``.
 from __future__ import annotations
 
 import re
-from typing import Literal
+import typing
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
+# Every integer setting fits an int64, what torch's counters and generators hold. The seed needs the
+# bound too: torch.manual_seed takes up to 2**64-1, but the data order is seeded with seed + epoch.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+def _number_kind(annotation: Any) -> str | None:
+    """'an integer' or 'a number' for an int or float field (optional or not), else None."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    return "an integer" if int in kinds else "a number" if float in kinds else None
+
 
 class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors, assignments are validated."""
+    """Base for every config model: unknown keys are errors, assignments are validated, and a number
+    is a number: pydantic's lax mode would read true as 1 (YAML's yes and on are true too)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = _number_kind(cls.model_fields[info.field_name].annotation)
+        if kind is not None and isinstance(value, bool):
+            raise PydanticCustomError("bool_for_number", "expected {kind}, found {found}",
+                                      {"kind": kind, "found": str(value).lower()})
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _int64(cls, value: Any) -> Any:
+        if type(value) is int and not INT_MIN <= value <= INT_MAX:
+            raise PydanticCustomError("int_out_of_range", "{found} is out of range: an integer setting is at most "
+                                      "2**63-1 = {max} (and at least -2**63)", {"found": value, "max": INT_MAX})
+        return value
 
 
 class GradLoggingConfig(StrictModel):
@@ -53,7 +83,9 @@ class CheckpointConfig(StrictModel):
 class TrainerConfig(StrictModel):
     """Every setting of the training loop. The same names are the top-level keys of a YAML config."""
 
-    seed: int = Field(0, description="Seed for python, numpy, torch (CPU and CUDA) and the data order.")
+    seed: int = Field(
+        0, description="Seed for python, numpy, torch (CPU and CUDA) and the data order; -2**63 to 2**63-1."
+    )
     device: str = Field(
         "auto",
         description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.",

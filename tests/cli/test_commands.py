@@ -326,6 +326,74 @@ def test_override_values_are_yaml_scalars(tmp_path, project):
     assert "scheduler: null" in out and "clip_grad_norm: 1.0" in out and "progress_bar: true" in out
 
 
+# What the reader refuses: each case a real `trainer check` with a hostile file or override; the
+# timeout keeps one that regresses (an alias bomb ran for minutes) from hanging the suite.
+
+BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+)
+
+
+@pytest.mark.parametrize("old,new,needle,expected", [
+    ("seed: 0", "seed: 0\n" + BOMB, "b: &b", "the alias *a is not supported"),
+    ("seed: 0", "seed: 0\nextra: !foo bar", "!foo", "the tag '!foo' is not supported"),
+    ("seed: 0", "seed: 0\nextra: !!python/object/apply:os.system [echo]", "python",
+     "the tag '!!python/object/apply:os.system'"),
+    ("seed: 0", "seed: 0\nextra: " + "[" * 5000 + "]" * 5000, "extra", "nested more than 100 levels deep"),
+    ("seed: 0", "seed: 18446744073709551616", "seed:", "seed: 18446744073709551616 is out of range: an integer setting "
+                                                        "is at most 2**63-1 = 9223372036854775807"),
+    ("seed: 0", "seed: " + "1" * 5000, "seed:", "seed: an integer of 5,000 characters"),
+    ("max_steps: 4", "max_steps: true", "max_steps", "max_steps: expected an integer, found true\n"),
+    ("batch_size: 16", "batch_size: yes", "batch_size", "batch_size: expected an integer, found true\n"),
+    ("seed: 0", "seed: 0\nclip_grad_norm: off", "clip_grad_norm", "clip_grad_norm: expected a number, found false\n"),
+    ("seed: 0", "seed: 0\ncheckpoint: {keep_last: on}", "keep_last",
+     "checkpoint.keep_last: expected an integer, found true"),
+    ("name: t", "name: caf\xe9", "name:", "byte 0xe9 at byte offset 9 is not UTF-8; save the file as UTF-8"),
+])
+def test_check_refuses_what_the_reader_cannot_read_safely(project, run_cli, old, new, needle, expected):
+    cfg = project.config
+    text = with_line(project.text, old, new)
+    cfg.write_bytes(text.encode("latin-1" if "\xe9" in text else "utf-8"))
+    line = next(i for i, x in enumerate(text.splitlines(), start=1) if needle in x)
+    proc = run_cli("check", cfg, timeout=20)
+    assert_user_error(proc.returncode, proc.stderr, f"error: {cfg}:{line}:", expected)
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("utf-16", ": the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"),
+    ("oversized", ": the file is 300,000 bytes; a config may be at most 262,144 bytes (256 KiB)"),
+])
+def test_check_refuses_files_it_cannot_read_as_a_whole(project, run_cli, kind, expected):
+    cfg = project.config
+    cfg.write_bytes(project.text.encode("utf-16") if kind == "utf-16" else b"#" * 300_000)
+    proc = run_cli("check", cfg, timeout=20)
+    assert_user_error(proc.returncode, proc.stderr, f"error: {cfg}{expected}\n")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("max_steps=true", "max_steps: expected an integer, found true"),
+    ("seed=18446744073709551616", "seed: 18446744073709551616 is out of range"),
+    ("seed=" + "1" * 5000, "an integer of 5,000 characters"),
+    ("callbacks=&a [*a, *a]", "the alias *a is not supported"),
+    ("loss=!!python/name:os.system", "the tag '!!python/name:os.system' is not supported"),
+    ("callbacks=" + "[" * 5000, "nested more than 100 levels deep"),
+])
+def test_check_refuses_the_same_on_the_command_line(project, run_cli, override, expected):
+    cfg = project.write(project.text)
+    proc = run_cli("check", cfg, override, timeout=20)
+    assert_user_error(proc.returncode, proc.stderr, f"error: command line '{override}': ", expected)
+
+
+def test_numbers_may_be_written_as_numeric_strings_but_not_as_booleans(project):
+    cfg = project.write(project.text)
+    code, out = invoke("check", cfg, "clip_grad_norm='3e-4'", "max_steps=4.0", "seed=-1")
+    assert code == 0, out
+    assert "clip_grad_norm: 0.0003" in out and "max_steps: 4\n" in out and "seed: -1" in out
+    code, out = invoke("check", cfg, "grad_logging.every_n_steps=no")
+    assert_user_error(code, out, "command line 'grad_logging.every_n_steps=no': grad_logging.every_n_steps: "
+                                 "expected an integer, found false\n")
+
+
 def test_debug_shows_the_traceback(tmp_path, project, run_cli):
     cfg = project.write(with_line(project.text, "lr: 0.1", "lr: -1"))
     proc = run_cli("check", cfg, "--debug")

@@ -1,5 +1,7 @@
 """The YAML reader: where each value stands, overrides, and its errors."""
 
+from pathlib import Path
+
 import pytest
 
 from trainer.cli.yaml_source import ConfigError, Source, parse_scalar
@@ -79,3 +81,123 @@ def test_missing_file_and_directory(tmp_path):
         Source.load(tmp_path / "none.yaml")
     with pytest.raises(ConfigError, match="is a directory"):
         Source.load(tmp_path)
+
+
+# ------------------------------------------------------------------ what the reader refuses
+
+def load(tmp_path, text: str | bytes):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return Source.load(path)
+
+
+def refused(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert str(info.value).startswith(f"{tmp_path / 'cfg.yaml'}{expected}"), str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("text,expected", [
+    # the first alias is refused, so a billion laughs never expands (test_commands.py runs one)
+    ("a: &a [1, *a]\n", ":1:11: the alias *a is not supported; write the value out in full"),  # recursive
+    ("a: &a 1\nb: *a\n", ":2:4: the alias *a"),
+    ("base: &base {lr: 1}\nopt:\n  <<: *base\n", ":3:7: the alias *base"),  # merge keys need an alias
+])
+def test_aliases_are_refused(tmp_path, text, expected):
+    refused(tmp_path, text, expected)
+
+
+def test_an_anchor_alone_is_harmless_and_merge_and_value_keys_are_plain_strings(tmp_path):
+    assert load(tmp_path, "a: &a 1\nb: <<\nc: =\n").data == {"a": 1, "b": "<<", "c": "="}
+
+
+@pytest.mark.parametrize("text,tag", [
+    ("a: !foo bar\n", "!foo"),
+    ("a: !foo {b: 1}\n", "!foo"),
+    ("a: !!python/object:os.system {}\n", "!!python/object:os.system"),
+    ("a: !!python/name:os.system\n", "!!python/name:os.system"),
+    ("a: !!binary aGVsbG8=\n", "!!binary"),
+    ("a: !!set {b: null}\n", "!!set"),
+    ("a: !!int 3\n", "!!int"),
+    ("a: !!map [1]\n", "!!map"),
+    ("a: !!str {b: 1}\n", "!!str"),
+    ("%TAG !e! tag:example.com,2000:\n---\na: !e!x 1\n", "tag:example.com,2000:x"),
+])
+def test_tags_are_refused_and_named(tmp_path, text, tag):
+    line = text.count("\n", 0, text.index("a:")) + 1
+    refused(tmp_path, text, f":{line}:4: the tag '{tag}' is not supported")
+
+
+def test_the_plain_tags_are_read(tmp_path):
+    assert load(tmp_path, "a: !!str 2024\nb: ! x\nc: !!seq [1]\nd: !!map {e: 1}\n").data == {
+        "a": "2024", "b": "x", "c": [1], "d": {"e": 1}}
+
+
+def test_nesting_is_bounded(tmp_path):
+    assert load(tmp_path, "a: " + "[" * 99 + "]" * 99 + "\n").data["a"] is not None  # 100 levels with the top
+    refused(tmp_path, "a: " + "[" * 100 + "]" * 100 + "\n", ":1:103: nested more than 100 levels deep")
+    refused(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n", ":1:10")  # stopped by the scanner
+    refused(tmp_path, "a: " + "{b: " * 5000 + "}" * 5000 + "\n", ":1:")
+    refused(tmp_path, "".join(" " * i + "a:\n" for i in range(150)), ":101:101: nested more than 100 levels")
+
+
+def test_the_number_of_keys_and_values_is_bounded(tmp_path):
+    assert len(load(tmp_path, "a: [" + "1, " * 4996 + "1]\n").data["a"]) == 4997  # with the mapping, a, the list
+    refused(tmp_path, "a: [" + "1, " * 4997 + "1]\n", ":1:14996: more than 5,000 keys and values")
+
+
+def test_long_integers_are_refused_before_int_reads_them(tmp_path):
+    assert load(tmp_path, f"a: {'9' * 100}\n").data["a"] == int("9" * 100)
+    refused(tmp_path, f"seed: {'1' * 5000}\n", ":1:7: seed: an integer of 5,000 characters; a config's integers "
+                                              "have at most 100")
+    refused(tmp_path, f"a: {':'.join(['1'] * 60_000)}\n", ":1:4: a: an integer of 119,999 characters")  # base 60
+
+
+def test_a_value_that_matches_a_type_but_not_its_range(tmp_path):
+    refused(tmp_path, "name: 2024-13-45\n", ":1:7: name: cannot read '2024-13-45': month must be in 1..12; "
+                                            "quote it to keep it a string")
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("name: t\n".encode("utf-16"), ": the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"),
+    ("name: t\n".encode("utf-16-be"), ":1:1: a NUL byte at byte offset 0: the file is binary or UTF-16"),
+    ("name: t\n".encode("utf-32"), ": the file is UTF-32"),
+    ("a: 1\nname: caf\xe9\n".encode("latin-1"),
+     ":2:10: byte 0xe9 at byte offset 14 is not UTF-8; save the file as UTF-8"),
+    (b"a: 1\nb: \x01\n", ":2:4: the character #x0001 is not allowed in YAML"),
+])
+def test_bad_encodings_name_the_file_and_the_place(tmp_path, raw, expected):
+    refused(tmp_path, raw, expected)
+
+
+def test_utf8_with_a_byte_order_mark_is_read(tmp_path):
+    assert load(tmp_path, "\ufeffname: caf\xe9\n").data == {"name": "caf\xe9"}
+
+
+def test_oversized_files_are_refused_before_parsing(tmp_path):
+    assert load(tmp_path, "a: 1\n" + "#" * (256 * 1024 - 6) + "\n").data == {"a": 1}  # 256 KiB exactly
+    refused(tmp_path, "a: [\n" * 300_000,
+            ": the file is 1,500,000 bytes; a config may be at most 262,144 bytes (256 KiB)")
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")
+def test_a_file_that_cannot_be_read_or_never_ends():
+    with pytest.raises(ConfigError, match="^/proc/self/mem: cannot read the file: Input/output error$"):
+        Source.load("/proc/self/mem")
+    with pytest.raises(ConfigError, match="^/dev/zero: the file is more than 262,144 bytes"):
+        Source.load("/dev/zero")
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("&a [1, *a]", "the alias *a is not supported"),
+    ("!!python/object:os.system {}", "the tag '!!python/object:os.system' is not supported"),
+    ("[" * 5000, "nested more than 100 levels deep"),
+    ("1" * 5000, "an integer of 5,000 characters"),
+    ("[" + "1, " * 5000 + "1]", "more than 5,000 keys and values"),
+    ("2024-13-45", "cannot read '2024-13-45'"),
+])
+def test_overrides_go_through_the_same_checks(source, value, expected):
+    with pytest.raises(ConfigError) as info:
+        source.apply_override(f"max_steps={value}")
+    assert str(info.value).startswith(f"command line 'max_steps={value}': {expected}"), str(info.value)[:200]

@@ -172,7 +172,8 @@ def validate(source: Source) -> RunConfig:
         fix = f"; write {{_target_: {found}}}" if isinstance(found, str) and "." in found else ""
         raise source.at(path, f"expected a component {_COMPONENT}, found {_shown(found)}{fix}{_more(errors)}")
     message = error["msg"].removeprefix("Value error, ")
-    shown = f" (found {found!r})" if not isinstance(found, (dict, list)) and repr(found) not in message else ""
+    says_found = "found" in error.get("ctx", {}) or isinstance(found, (dict, list)) or repr(found) in message
+    shown = "" if says_found else f" (found {found!r})"
     raise source.at(path, f"{message}{shown}{_more(errors)}")
 
 
