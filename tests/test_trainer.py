@@ -564,7 +564,7 @@ def settings():
 def test_global_torch_settings_are_as_they_were_after_fit_and_evaluate(fails):
     """The user's own choices (here all of them unlike the defaults a run sets) come back after fit
     and evaluate, also when fit raises."""
-    from trainer.device import _TF32_ON, _tf32_get, _tf32_set, torch_settings
+    from trainer.device import _TF32_ON, _tf32_set, torch_settings
 
     class Boom(Trainer):
         def training_step(self, batch):
