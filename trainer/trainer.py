@@ -268,11 +268,11 @@ class Trainer:
             empty = False
         if empty:
             raise DataError(f"the training data ({type(self.train_data).__name__}) holds no batch: it is empty")
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
         if not self._started:
             seed_everything(cfg.seed)
             self._started = True
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
         self._guard.start(self.global_step, log_every=cfg.log_every_n_steps)
         if hasattr(self.scheduler, "set_total_steps"):  # schedules that need the run's length
             self.scheduler.set_total_steps(self.total_steps())
@@ -539,10 +539,23 @@ class Trainer:
         every rank calls it together; under ``strategy: fsdp`` it holds this rank's shards."""
         return self._checkpointer.state_dict()
 
-    def load_checkpoint(self, source: str | Path | dict[str, Any]) -> None:
+    def load_checkpoint(self, source: str | Path | dict[str, Any], accept_changes: bool = False) -> list[str]:
         """Restore everything ``state_dict`` saved, from a checkpoint (file or sharded directory) or an
-        already loaded one."""
-        self._checkpointer.load(source)
+        already loaded one; ``fit()`` then continues from it.
+
+        A checkpoint written with another seed, batch size, accumulation, world size, precision,
+        model, data or optimizer is refused with every difference listed, unless ``accept_changes``:
+        then this Trainer's values apply from here on (the optimizer's hyperparameters, a new
+        optimizer class with fresh state, the data position mapped by samples seen). Returns the
+        differences, one line each."""
+        resumed = self._checkpointer.load(source, accept_changes)
+        self._started = True  # the random state is the checkpoint's: fit() must not seed again
+        old_batch, old_world = resumed.batch_size, resumed.world_size
+        new_batch, new_world = self.config.batch_size, self.layout.world_size
+        if old_batch and (old_batch, old_world) != (new_batch, new_world) and self.batch_in_epoch:
+            # The same place in the epoch, counted in samples (exact when the sizes divide).
+            self.batch_in_epoch = self.batch_in_epoch * old_batch * old_world // (new_batch * new_world)
+        return resumed.describe()
 
     def load_weights(self, source: str | Path | dict[str, Any]) -> None:
         """Only the model's weights from a checkpoint (file or sharded directory, or a loaded one)."""

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from helpers import classification, mlp, quiet
 from trainer import Callback, EarlyStopping, ThroughputMonitor, Trainer
-from trainer.checkpoint import list_checkpoints, load_checkpoint
+from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 
 
 class Counter(Callback):
@@ -26,12 +26,16 @@ class Counter(Callback):
         self.count = state["count"]
 
 
-def run(tmp_path, callbacks, max_steps=4, resume_from=None):
+def build(callbacks, tmp_path=None, max_steps=4):
     x, y = classification(64)
     model = mlp()
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), val_data=(x, y), loss_fn=F.cross_entropy,
-                callbacks=callbacks, run_dir=tmp_path,
-                config=quiet(max_steps=max_steps, batch_size=8, eval_every_n_steps=2, eval_every_n_epochs=None))
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), val_data=(x, y),
+                   loss_fn=F.cross_entropy, callbacks=callbacks, run_dir=tmp_path,
+                   config=quiet(max_steps=max_steps, batch_size=8, eval_every_n_steps=2, eval_every_n_epochs=None))
+
+
+def run(tmp_path, callbacks, max_steps=4, resume_from=None):
+    t = build(callbacks, tmp_path, max_steps)
     t.fit(resume_from=resume_from)
     return t
 
@@ -44,9 +48,7 @@ def test_callback_state_finds_its_callback_when_callbacks_are_added_in_front(tmp
 
     again = EarlyStopping(monitor="val/loss", patience=5)
     checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
-    model = mlp()
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=F.cross_entropy,
-                callbacks=[ThroughputMonitor(), again], config=quiet())
+    t = build([ThroughputMonitor(), again])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing unclaimed, nothing missing: no warning
         t.load_checkpoint(checkpoint)
@@ -56,10 +58,8 @@ def test_callback_state_finds_its_callback_when_callbacks_are_added_in_front(tmp
 def test_unclaimed_state_and_callbacks_without_state_are_reported(tmp_path):
     run(tmp_path / "a", [EarlyStopping(monitor="val/loss", patience=5)])
     checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
-    model = mlp()
     counter = Counter()
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=F.cross_entropy, callbacks=[counter],
-                config=quiet())
+    t = build([counter])
     with pytest.warns(UserWarning) as caught:
         t.load_checkpoint(checkpoint)
     messages = [str(w.message) for w in caught]
@@ -92,10 +92,66 @@ def test_checkpoints_with_positional_callback_keys_still_load(tmp_path):
     # The layout checkpoints had before state keys: "<position>:<class name>".
     state["callbacks"] = {"0:Counter": state["callbacks"]["Counter"], "1:EarlyStopping": state["callbacks"]["EarlyStopping"]}
     again, counter = EarlyStopping(monitor="val/loss", patience=5), Counter()
-    model = mlp()
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=F.cross_entropy,
-                callbacks=[again, counter], config=quiet())
+    t = build([again, counter])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         t.load_checkpoint(state)
     assert (again.best, again.wait, counter.count) == (stopper.best, stopper.wait, 4)
+
+
+def resumable(tmp_path, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), batch_size=8, scheduler=None,
+              max_steps=6):
+    x, y = classification(64)
+    model = mlp()
+    return Trainer(model, optimizer, (x, y), loss_fn=F.cross_entropy, scheduler=scheduler, run_dir=tmp_path,
+                   config=quiet(max_steps=max_steps, batch_size=batch_size, eval_every_n_epochs=None))
+
+
+def test_a_resume_with_another_optimizer_setting_is_refused_before_anything_changes(tmp_path):
+    resumable(tmp_path / "a", max_steps=3).fit()
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    t = resumable(tmp_path / "b", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), batch_size=16)
+    before = [p.detach().clone() for p in t.module.parameters()]
+    with pytest.raises(CheckpointError) as caught:
+        t.load_checkpoint(checkpoint)
+    message = str(caught.value)
+    assert "batch_size: 8 -> 16 (breaks exact resume)" in message
+    assert "optimizer.0.lr: 0.1 -> 0.05 (breaks exact resume)" in message
+    assert "max_steps: 3 -> 6;" in message and "max_steps: 3 -> 6 (breaks" not in message
+    assert "--accept-changes" in message
+    assert t.global_step == 0 and all(torch.equal(a, b) for a, b in zip(t.module.parameters(), before))
+
+
+def test_another_optimizer_class_is_refused_not_a_key_error_and_starts_fresh_when_accepted(tmp_path):
+    resumable(tmp_path / "a", max_steps=3).fit()
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    adam = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
+    with pytest.raises(CheckpointError, match="optimizer.class: 'SGD' -> 'AdamW' \\(breaks exact resume\\)"):
+        resumable(tmp_path / "b", optimizer=adam).load_checkpoint(checkpoint)
+    t = resumable(tmp_path / "c", optimizer=adam)
+    changes = t.load_checkpoint(checkpoint, accept_changes=True)
+    assert "optimizer.class: 'SGD' -> 'AdamW'" in changes
+    assert t.global_step == 3 and not t.optimizer.state  # fresh AdamW state
+    t.fit()
+    assert t.global_step == 6 and all(torch.isfinite(p).all() for p in t.module.parameters())
+
+
+def test_accepted_changes_apply_for_real(tmp_path):
+    schedule = lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)  # noqa: E731
+    resumable(tmp_path / "a", max_steps=3, scheduler=schedule).fit()
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    t = resumable(tmp_path / "b", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.4, momentum=0.5), scheduler=schedule)
+    changes = t.load_checkpoint(checkpoint, accept_changes=True)
+    assert "optimizer.0.lr: 0.1 -> 0.4" in changes and "optimizer.0.momentum: 0.9 -> 0.5" in changes
+    group = t.optimizer.param_groups[0]
+    # Three steps of StepLR(2, 0.5): the schedule's factor 0.5 carries over to the new base rate.
+    assert (group["lr"], group["momentum"], t.scheduler.base_lrs) == (pytest.approx(0.2), 0.5, [0.4])
+    assert "momentum_buffer" in t.optimizer.state[group["params"][0]]  # the state itself is kept
+
+
+def test_an_accepted_batch_size_keeps_the_place_in_the_epoch_by_samples(tmp_path):
+    resumable(tmp_path / "a", max_steps=3).fit()  # 3 batches of 8 into an epoch of 64 samples
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    t = resumable(tmp_path / "b", batch_size=4)
+    t.load_checkpoint(checkpoint, accept_changes=True)
+    assert (t.epoch, t.batch_in_epoch) == (0, 6)  # 24 samples seen either way

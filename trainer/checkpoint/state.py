@@ -24,6 +24,39 @@ from trainer.checkpoint.files import CheckpointError
 
 _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written before state keys
 
+# Config entries whose change breaks exact resume: the data order, what a step computes, what the
+# saved state means. A change to any other entry (limits, logging, checkpoints, callbacks) is fine.
+EXACT = ("seed", "batch_size", "grad_accum_steps", "precision", "strategy", "world_size", "model", "optimizer",
+         "scheduler", "data", "loss", "trainer")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Every entry that differs between two configs, as ``(dotted key, saved, current)``."""
+    old, new = _flat(saved), _flat(current)
+    missing = object()
+    return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted(set(old) | set(new))
+            if old.get(key, missing) != new.get(key, missing)]
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if type(value) is object else repr(value)
+
+
+class Resumed:
+    """What a resume found: the config entries that changed, and the checkpoint's data layout."""
+
+    def __init__(self, changes: list[tuple[str, Any, Any]], batch_size: Any, world_size: Any):
+        self.changes, self.batch_size, self.world_size = changes, batch_size, world_size
+
+    def describe(self) -> list[str]:
+        return [f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in self.changes]
+
 
 def state_key(callback: Any) -> str:
     """Where a callback's state is kept in a checkpoint: its ``state_key`` attribute if set, else
@@ -98,7 +131,8 @@ class Checkpointer:
         """Everything needed to continue exactly, as plain data (``weights_only``-loadable). Under
         torchrun every rank calls it together (the log interval gathers every rank's part)."""
         model_state, optimizer_state = self.strategy.state_dicts(self.module, self.optimizer)
-        trainer_state: dict[str, Any] = {}
+        trainer_state: dict[str, Any] = {"world_size": self.strategy.layout.world_size,
+                                         "optimizer_class": type(self.optimizer).__name__}
         for part in self.train_state:
             trainer_state.update(part.state_dict())
         return {
@@ -140,20 +174,47 @@ class Checkpointer:
             )
         return state, where
 
-    def load(self, source: str | Path | dict[str, Any]) -> None:
-        """Restore every part from a checkpoint (file or sharded directory) or an already loaded one."""
+    def load(self, source: str | Path | dict[str, Any], accept_changes: bool = False) -> Resumed:
+        """Restore every part from a checkpoint (file or sharded directory) or an already loaded one.
+
+        The checkpoint's config is compared with this run's first, before anything is restored: a
+        change that breaks exact resume (``EXACT``) is refused, every difference listed, unless
+        ``accept_changes``; then the new values are used for real (the optimizer's hyperparameters
+        from this run's optimizer, a new optimizer class starting from fresh state)."""
         state, where = self.read(source)
+        saved_config = state.get("config") or {}
+        ts = state["trainer_state"]
+        current = {**self.config, "world_size": self.strategy.layout.world_size}
+        saved = {**saved_config, "world_size": ts.get("world_size", self.strategy.layout.world_size)}
+        saved_class = ts.get("optimizer_class") or _optimizer_class(saved_config)
+        new_class = saved_class is not None and saved_class != type(self.optimizer).__name__
+        if "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
+            saved["optimizer"] = _optimizer_summary(state["optimizer"]["param_groups"], saved_class)
+            current["optimizer"] = _optimizer_summary(self.optimizer.param_groups, type(self.optimizer).__name__)
+        changes = config_changes(saved, current)
+        resumed = Resumed(changes, saved_config.get("batch_size"), saved["world_size"])
+        breaking = [c for c in changes if c[0].split(".")[0] in EXACT]
+        if breaking and not accept_changes:
+            lines = "; ".join(f"{line}{' (breaks exact resume)' if c in breaking else ''}"
+                              for c, line in zip(changes, resumed.describe()))
+            raise CheckpointError(
+                f"checkpoint {where} was written with another config: {lines}. Resume with the config the run "
+                "was started with, or accept the changes (trainer run --accept-changes; in code "
+                "load_checkpoint(..., accept_changes=True)), which applies them from here on"
+            )
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         if state.get("sharded"):
             self._load_sharded(state, where)
         else:
             self.load_model(state["model"], where)
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise CheckpointError(
-                    f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
-                    "resume with the config the run was started with"
-                ) from None
+            if not (new_class and accept_changes):
+                try:
+                    self.optimizer.load_state_dict(state["optimizer"])
+                except (ValueError, KeyError, RuntimeError) as exc:
+                    raise CheckpointError(
+                        f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
+                        "resume with the config the run was started with"
+                    ) from None
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise CheckpointError(
                 f"checkpoint {where} was written {'without' if state['scheduler'] is None else 'with'} a scheduler "
@@ -161,12 +222,28 @@ class Checkpointer:
             )
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if accept_changes and any(c[0].startswith("optimizer.") for c in changes):
+            self._apply_hyperparameters(hyper)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         for part in self.train_state:
-            part.load_state_dict(state["trainer_state"])
+            part.load_state_dict(ts)
         self._load_callbacks(state["callbacks"], where)
         files.set_rng_state(state["rng"])
+        return resumed
+
+    def _apply_hyperparameters(self, hyper: list[dict[str, Any]]) -> None:
+        """This run's optimizer settings over the restored ones. A learning rate under a scheduler
+        keeps the schedule's factor at the step reached: base and current lr scale together."""
+        bases = getattr(self.scheduler, "base_lrs", None)
+        for i, (group, new) in enumerate(zip(self.optimizer.param_groups, hyper)):
+            old_base = bases[i] if bases is not None else group["lr"]
+            factor = group["lr"] / old_base if old_base else 1.0
+            group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+            group["lr"] = new.get("initial_lr", new["lr"]) * factor
+            if bases is not None:
+                bases[i] = new.get("initial_lr", new["lr"])
+                group["initial_lr"] = bases[i]
 
     def _load_callbacks(self, saved: dict[str, Any], where: str) -> None:
         saved = _legacy_keys(saved, list(self.callbacks.items()))
@@ -236,3 +313,23 @@ def _legacy_keys(saved: dict[str, Any], callbacks: list[tuple[str, Any]]) -> dic
         elif value:
             keyed[match.group(0)] = value  # unclaimed: reported as such
     return keyed
+
+
+def _optimizer_class(config: dict[str, Any]) -> str | None:
+    """The optimizer class a config names (``optimizer._target_``), if it names one."""
+    target = (config.get("optimizer") or {}).get("_target_") if isinstance(config.get("optimizer"), dict) else None
+    return target.rsplit(".", 1)[-1] if target else None
+
+
+def _optimizer_summary(param_groups: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
+    """An optimizer's class and hyperparameters, group by group, as a config would list them (the
+    learning rate as set, before any schedule: ``initial_lr`` where a scheduler recorded it)."""
+    summary: dict[str, Any] = {"class": name}
+    for i, group in enumerate(param_groups):
+        for key, value in group.items():
+            if key in ("params", "initial_lr") or (key == "lr" and "initial_lr" in group):
+                continue
+            summary[f"{i}.{key}"] = value
+        if "initial_lr" in group:
+            summary[f"{i}.lr"] = group["initial_lr"]
+    return summary
