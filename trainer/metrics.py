@@ -262,10 +262,13 @@ def _step_at_most(value: Any, step: int) -> bool:
         return False
 
 
-def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step``, and any
-    line a crash cut off. Each file is replaced atomically, and only when something is dropped: a
-    crash during a resume leaves every file whole, and the next resume truncates it again."""
+def truncate_metrics(run_dir: str | Path, step: int, records: int | None = None) -> None:
+    """Drop the records of ``metrics.jsonl`` and ``metrics.csv`` logged after ``step`` (after the
+    first ``records`` records, when a checkpoint counted them: an evaluation logged after the
+    checkpoint of its own step goes too), and any line a crash cut off. Each file is replaced
+    atomically, and only when something is dropped: a crash during a resume leaves every file
+    whole, and the next resume truncates it again."""
+    limit = records if records is not None else float("inf")
     run_dir = Path(run_dir)
     jsonl = run_dir / METRICS_JSONL
     if jsonl.exists():
@@ -278,7 +281,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
                 continue
             # A cut can't leave a line that parses: the closing brace comes last. So a last line
             # that parses but lacks its newline is whole, and kept.
-            if isinstance(record, dict) and _step_at_most(record.get("step"), step):
+            if isinstance(record, dict) and _step_at_most(record.get("step"), step) and len(kept) < limit:
                 kept.append(line + "\n")
         if "".join(kept) != text:
             write_text_atomic(jsonl, "".join(kept))
@@ -286,6 +289,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if table.exists():
         columns, rows, complete = _read_csv(table)
         kept_rows = [row for row in rows if "step" in columns and _step_at_most(row[columns.index("step")], step)]
+        kept_rows = kept_rows[:records] if records is not None else kept_rows
         if not complete or len(kept_rows) != len(rows):
             text = io.StringIO()
             writer = csv.writer(text)

@@ -126,6 +126,7 @@ class Trainer:
 
         self.loggers: list[Logger] = list(loggers) if self.is_main_process else []
         self.history: list[dict[str, float]] = []
+        self.logged_records = 0  # records sent to the loggers in the whole run, resumes included
         self._metrics = MetricBuffer()
         self._interval = LogInterval(self.device)
 
@@ -146,7 +147,8 @@ class Trainer:
         self._check_grads = cfg.precision != "fp16"
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
-            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch"), self._guard, self._interval], config=self.resolved_config,
+            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records"),
+                         self._guard, self._interval], config=self.resolved_config,
         )
         self._first_step_clock: float | None = None
         self._last_val_step: int | None = None
@@ -453,8 +455,9 @@ class Trainer:
         return self._done()
 
     def _stop_on_signal(self) -> None:
+        # The log interval in progress goes into the checkpoint, not to the logs: the resumed run
+        # logs it at the same log point, with the same values, as an uninterrupted run.
         signum = self._signals.received
-        self._flush_logs()
         path = self.save_checkpoint() if self.run_dir is not None else None
         self.stopped_by_signal = signum
         self.should_stop = True
@@ -523,6 +526,7 @@ class Trainer:
 
     def _emit(self, record: dict[str, float]) -> None:
         self.history.append(record)
+        self.logged_records += 1
         self._call("on_log", record)
         for logger in self.loggers:
             logger.log(record)

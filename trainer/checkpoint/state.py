@@ -107,7 +107,8 @@ class Attributes:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in self.names:
-            setattr(self.obj, name, state[name])
+            if name in state:  # an attribute added later keeps its value from an older checkpoint
+                setattr(self.obj, name, state[name])
 
 
 class Checkpointer:
