@@ -4,6 +4,7 @@ Torch-free, so ``trainer runs`` stays fast.
 ::
 
     <out_dir>/<name>/
+        .lock                  held by the live run (flock), with its pid
         config.yaml            the resolved config the run trained with
         status.json            running | finished | interrupted | failed, with the pid
         metrics.jsonl          one JSON record per log point and evaluation
@@ -17,8 +18,11 @@ Torch-free, so ``trainer runs`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import re
+import shutil
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -27,6 +31,19 @@ METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
+
+# What makes a folder a run directory: a folder holding none of them is someone else's, never ours
+# to write into or delete.
+OWN = (CONFIG, STATUS, METRICS_JSONL, CHECKPOINTS)
+
+# A run name is one path component. Bytes, not characters, because file systems count bytes (255 per
+# component); 100 leaves room for what gets added to a name (name=t-2, a copy's suffix).
+NAME_MAX_BYTES = 100
+
+# Left by a save that was killed: .step-00000100.pt.tmp-4242 (a file), .step-00000100.tmp (a sharded
+# directory), .best.pt.tmp-4242, .status.json.tmp. Never a checkpoint, removed at the run's next start.
+TEMP_NAME = re.compile(r"^\..+\.tmp(-\d+)?$")
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{8})(\.pt)?$")  # group 2: a file; without it, a sharded directory
 
@@ -81,3 +98,104 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run directory, or None: it must be one folder inside out_dir."""
+    if name in (".", ".."):
+        return f"{name!r} is not a folder of its own; a run name is one folder name such as digits-2"
+    if "/" in name or "\\" in name:
+        return "a run name is one folder name, without '/' or '\\'; put the folder above it in out_dir"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "a run name cannot hold control characters (NUL, newline, tab)"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "a run name must be valid text (it holds a lone surrogate)"
+    if size > NAME_MAX_BYTES:
+        return f"a run name is at most {NAME_MAX_BYTES} bytes in UTF-8; this one has {size}"
+    return None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a folder that holds a run's files (an empty folder is not)."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and any((path / name).exists() for name in OWN)
+
+
+def contents(run_dir: str | Path) -> list[Path]:
+    """What a run directory holds besides its lock file."""
+    run_dir = Path(run_dir)
+    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+
+
+def remove_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete what killed saves left behind (see ``TEMP_NAME``); returns what went. Call it holding the lock."""
+    run_dir = Path(run_dir)
+    found = [p for folder in (run_dir, checkpoint_dir(run_dir)) if folder.is_dir() and not folder.is_symlink()
+             for p in folder.iterdir() if TEMP_NAME.match(p.name)]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
+
+
+def clear(run_dir: str | Path) -> None:
+    """Delete everything in a run directory but its lock file, so the lock stays held throughout.
+    Links inside are removed, never followed. Call it holding the lock."""
+    for path in contents(run_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+class RunDirBusy(Exception):
+    """Another live process holds the run directory's lock."""
+
+    def __init__(self, run_dir: Path, pid: int | None):
+        self.run_dir, self.pid = run_dir, pid
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(f"{run_dir} is in use by a live run ({holder}, see {run_dir / LOCK})")
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock`` that holds this process's pid.
+
+    The operating system drops the lock when the file is closed, which happens however the process
+    ends, ``kill -9`` included: a lock is never stale. Processes forked while it is held (DataLoader
+    workers) share it until they exit too. Raises ``RunDirBusy`` when a live process holds it.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        path = self.run_dir / LOCK
+        # O_NOFOLLOW: a link planted in place of the lock file is an error, not a file elsewhere to write.
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(self._fd, 32, 0).decode("ascii", "replace").strip()
+            self.release()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunDirBusy(self.run_dir, int(holder) if holder.isdigit() else None) from None
+            raise
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -9,9 +9,9 @@ This module imports typer, pydantic and yaml only; torch is imported by the comm
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -89,56 +89,214 @@ def run(
     """Train: build everything the config names and fit."""
     with _reporting(debug):
         source, cfg = _load(config, overrides)
+        if overwrite and resume is not None:
+            raise UserError("--overwrite starts the run anew and --resume continues it: pass one of the two")
         run_dir = Path(cfg.out_dir) / cfg.name
-        previous = run_dir.exists() and any(run_dir.iterdir())
-        if previous and resume is None:
-            if not overwrite:
-                raise UserError(
-                    f"{run_dir} already holds a run; continue it with --resume auto, replace it with --overwrite, "
-                    f"or pick another name, e.g. name={cfg.name}-2"
-                )
-            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone touches the run directory
-                shutil.rmtree(run_dir)
-        from trainer.cli.build import build
-        from trainer.checkpoint import CheckpointError, find_resume_checkpoint
-        from trainer.metrics import truncate_metrics
+        # Under torchrun rank 0 alone touches the run directory; the others follow its files.
+        claim = _claim(run_dir, cfg.name, resume, overwrite) if os.environ.get("RANK", "0") == "0" else _Claim()
+        with claim:
+            _train(source, cfg, run_dir, resume, claim)
 
-        try:
-            resume_from = find_resume_checkpoint(run_dir, resume) if resume is not None else None
-        except CheckpointError as exc:
-            raise UserError(str(exc)) from None
-        built = build(source, cfg, run_dir)
+
+class _Claim:
+    """The run directory held by this process: its lock (None on ranks other than 0) and, when it
+    already holds a run that this command may not replace, the refusal to raise once the config has
+    been checked in full."""
+
+    def __init__(self, lock: run_files.RunLock | None = None, refusal: UserError | None = None):
+        self.lock, self.refusal = lock, refusal
+
+    def __enter__(self) -> "_Claim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _claim(run_dir: Path, name: str, resume: str | None, overwrite: bool) -> _Claim:
+    """Lock ``run_dir`` for this process, remove what killed saves left in it and, with --overwrite or
+    after a run that failed before its first checkpoint, empty it. Problems with the place itself
+    (a file in the way, a link, someone else's folder, no space, no write access, a live run) are
+    UserErrors now; a run that may not be replaced is a refusal for later."""
+    out_dir = run_dir.parent
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"out_dir {out_dir} is a file, not a folder; set out_dir= to a folder for runs")
+        if run_dir.is_symlink():
+            # --overwrite would empty whatever it points at: a run directory is a real folder in out_dir.
+            raise UserError(f"{run_dir} is a symbolic link; a run directory is a real folder in {out_dir}: "
+                            f"remove the link or pick another name=")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"{run_dir} is a file, not a run directory; pick another name=")
+        if run_files.contents(run_dir) and not run_files.is_run_dir(run_dir):
+            ours = ", ".join(f"{n}/" if n == run_files.CHECKPOINTS else n for n in run_files.OWN)
+            raise UserError(f"{run_dir} holds files that are not a run's (none of {ours}); "
+                            f"it is left as it is: pick another name= or out_dir=")
         run_dir.mkdir(parents=True, exist_ok=True)
-        if built.trainer.is_main_process:
-            (run_dir / run_files.CONFIG).write_text(_resolved_yaml(cfg), encoding="utf-8")
+        try:
+            lock = run_files.RunLock(run_dir)
+        except run_files.RunDirBusy as exc:
+            stop = f" or stop it (kill {exc.pid})" if exc.pid is not None else ""
+            raise UserError(f"{exc}; wait for it to end{stop}, or pick another name, e.g. name={name}-2") from None
+        try:
+            run_files.remove_temp_files(run_dir)
+            if not run_files.contents(run_dir) or resume is not None:
+                return _Claim(lock)
+            if overwrite:
+                run_files.clear(run_dir)
+                return _Claim(lock)
+            replaced = _replaceable(run_dir)
+            if replaced:
+                typer.echo(f"{run_dir}: replacing {replaced}")
+                run_files.clear(run_dir)
+                return _Claim(lock)
+        except BaseException:
+            lock.release()
+            raise
+        return _Claim(lock, UserError(
+            f"{run_dir} already holds a run; continue it with --resume auto, replace it with --overwrite, "
+            f"or pick another name, e.g. name={name}-2"))
+    except OSError as exc:
+        raise UserError(_unwritable(run_dir, exc)) from None
+
+
+def _read_status(run_dir: Path) -> dict | None:
+    """``status.json`` as written by ``write_status``; None when there is none or it is damaged."""
+    try:
+        data = json.loads((run_dir / run_files.STATUS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _replaceable(run_dir: Path) -> str | None:
+    """What the run in ``run_dir`` was, when it left nothing to continue and a new run may take its place:
+    no checkpoint, and a status of failed, or of running (we hold the lock, so its process is gone),
+    or none at all (its process died before writing one)."""
+    checkpoints = run_files.checkpoint_dir(run_dir)
+    if checkpoints.exists() and (not checkpoints.is_dir() or any(checkpoints.iterdir())):
+        return None
+    if not (run_dir / run_files.STATUS).exists():
+        return "an earlier run whose process ended before its first checkpoint"
+    status = (_read_status(run_dir) or {}).get("status")
+    if status == "failed":
+        return "an earlier run that failed before its first checkpoint"
+    if status == "running":
+        return "an earlier run whose process ended before its first checkpoint"
+    return None
+
+
+# The machine's conditions an OSError can report: a one-line user error, not a traceback.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_MACHINE = (*_NO_SPACE, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
+
+
+def _unwritable(run_dir: Path, exc: OSError) -> str:
+    where = exc.filename or run_dir
+    fix = ("free some space, or set out_dir= to another disk" if exc.errno in _NO_SPACE
+           else f"set out_dir= to a folder you can write (now {run_dir.parent})")
+    return f"cannot write {where}: {exc.strerror or exc}; {fix}"
+
+
+def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim) -> None:
+    from trainer.cli.build import build
+    from trainer.checkpoint import CheckpointError, find_resume_checkpoint
+    from trainer.metrics import truncate_metrics
+
+    try:
+        finished = _finished_at(run_dir, cfg) if resume == "auto" else None
+        if finished is not None:
+            typer.echo(f"{run_dir}: the run finished at step {finished} and its newest checkpoint is the final one; "
+                       "nothing to continue (raise max_steps or max_epochs to train further)")
+            return
+        resume_from = find_resume_checkpoint(run_dir, resume) if resume is not None else None
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    # A run that may not be replaced gets no files from this one: built without its run directory,
+    # the config is checked in full (its own errors come first), then the refusal.
+    built = build(source, cfg, None if claim.refusal else run_dir)
+    if claim.refusal:
+        raise claim.refusal
+    from trainer.cli.report import write_status
+
+    main = built.trainer.is_main_process
+    if main:
+        try:
+            _write_config(run_dir, cfg)
             if resume is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
                 truncate_metrics(run_dir, resume_from["trainer_state"]["global_step"] if resume_from else 0)
-        from trainer.cli.report import write_status
-
-        main = built.trainer.is_main_process
-        if main:
             write_status(run_dir, "running")
-        try:
-            built.trainer.fit(resume_from=resume_from)
-        except BaseException as exc:
-            if main:
+        except OSError as exc:
+            raise UserError(_unwritable(run_dir, exc)) from None
+    try:
+        built.trainer.fit(resume_from=resume_from)
+    except BaseException as exc:
+        if main:
+            with contextlib.suppress(OSError):  # a full disk may refuse this last word too
                 write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                              error=f"{type(exc).__name__}: {exc}"[:500], step=built.trainer.global_step)
-            if isinstance(exc, CheckpointError):
-                raise UserError(str(exc)) from None
-            if isinstance(exc, FloatingPointError):
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(1) from None
-            raise
-        if main:
-            signum = built.trainer.stopped_by_signal
+        if isinstance(exc, CheckpointError):
+            raise UserError(str(exc)) from None
+        if isinstance(exc, OSError) and exc.errno in _MACHINE:
+            raise UserError(f"{_unwritable(run_dir, exc)}; the checkpoints already written are intact "
+                            "(--resume auto continues from the newest)") from None
+        if isinstance(exc, FloatingPointError):
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        raise
+    if main:
+        signum = built.trainer.stopped_by_signal
+        try:
             write_status(run_dir, "interrupted" if signum else "finished", step=built.trainer.global_step,
                          reason=built.trainer.stop_reason or "finished")
-        built.trainer.close()  # leave the process group (under torchrun)
-        _report(built.trainer, run_dir)
-        if built.trainer.stopped_by_signal is not None:
-            raise typer.Exit(128 + built.trainer.stopped_by_signal)
+        except OSError as exc:
+            raise UserError(_unwritable(run_dir, exc)) from None
+    built.trainer.close()  # leave the process group (under torchrun)
+    _report(built.trainer, run_dir)
+    if built.trainer.stopped_by_signal is not None:
+        raise typer.Exit(128 + built.trainer.stopped_by_signal)
+
+
+def _write_config(run_dir: Path, cfg) -> None:
+    """``config.yaml``, written beside and renamed over: a full disk leaves the earlier one whole."""
+    tmp = run_dir / f".{run_files.CONFIG}.tmp"
+    try:
+        tmp.write_text(_resolved_yaml(cfg), encoding="utf-8")
+        os.replace(tmp, run_dir / run_files.CONFIG)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finished_at(run_dir: Path, cfg) -> int | None:
+    """The step at which the run in ``run_dir`` finished, when ``--resume auto`` has nothing to add:
+    its status says finished, its newest checkpoint is the final one, and the config's max_steps and
+    max_epochs are those it finished with, or already reached. None otherwise."""
+    from trainer.checkpoint import CheckpointError, load_checkpoint
+
+    status = _read_status(run_dir) or {}
+    checkpoints = run_files.list_checkpoints(run_files.checkpoint_dir(run_dir))
+    if status.get("status") != "finished" or not checkpoints:
+        return None
+    newest = checkpoints[-1]
+    step = int(run_files.CHECKPOINT_NAME.match(newest.name).group(1))
+    if step != status.get("step"):
+        return None  # the final checkpoint is gone or damaged: the resume rebuilds it
+    try:
+        state = load_checkpoint(newest)
+    except CheckpointError:
+        return None  # find_resume_checkpoint falls back past it, and says so
+    saved = state.get("config") or {}
+    if (cfg.max_steps, cfg.max_epochs) == (saved.get("max_steps"), saved.get("max_epochs")):
+        return step  # stopped by its own limits or by a callback (early stopping): the same again
+    # The Trainer's own stopping rule (Trainer._done), applied to the checkpoint's counters.
+    epoch = state["trainer_state"]["epoch"]
+    max_epochs = cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
+    reached = ((cfg.max_steps is not None and step >= cfg.max_steps)
+               or (max_epochs is not None and epoch >= max_epochs))
+    return step if reached else None
 
 
 def _report(trainer, run_dir: Path) -> None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from trainer.cli.yaml_source import ConfigError, Source, dotted
 from trainer.config import TrainerConfig
-from trainer.run_dir import METRICS_CSV, METRICS_JSONL, TENSORBOARD
+from trainer.run_dir import METRICS_CSV, METRICS_JSONL, NAME_MAX_BYTES, TENSORBOARD, name_problem
 
 
 class Component(BaseModel):
@@ -39,7 +39,8 @@ class Component(BaseModel):
 class RunConfig(TrainerConfig):
     """Everything ``trainer run`` needs: the TrainerConfig fields, where the run goes, and what to build."""
 
-    name: str = Field("run", description="Run name; the run directory is <out_dir>/<name>.", min_length=1)
+    name: str = Field("run", min_length=1, description="Run name; the run directory is <out_dir>/<name>. One folder "
+                      f"name: no '/', not '.' or '..', at most {NAME_MAX_BYTES} bytes.")
     out_dir: str = Field("runs", description="Folder that holds run directories.")
     trainer: Component | str = Field(
         "trainer.Trainer",
@@ -68,6 +69,16 @@ class RunConfig(TrainerConfig):
         description=f"Metric sinks beside {METRICS_JSONL} and {METRICS_CSV}: 'tensorboard' (writes <run_dir>/{TENSORBOARD}; "
         "needs the tensorboard package) or {_target_: ...}, called with the run directory first.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value: str) -> str:
+        # The name is joined to out_dir and the result may be deleted (--overwrite): '..', '.', 'a/b'
+        # or '/abs' would reach folders that are not this run's.
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("trainer", "loss")
     @classmethod
