@@ -42,7 +42,8 @@ class KillAt(Callback):
     * ``mid_accum``: after the first micro-batch of optimizer step ``step + 1``;
     * ``epoch_end``: when epoch ``step`` ends;
     * ``during_save``: half-way through writing the checkpoint of step ``step``;
-    * ``after_step``: after optimizer step ``step``.
+    * ``after_step``: after optimizer step ``step``;
+    * ``after_validation``: after the validation at optimizer step ``step``.
     """
 
     def __init__(self, where: str, step: int, marker: str, signum: int = int(signal.SIGKILL), twice: bool = False):
@@ -67,6 +68,10 @@ class KillAt(Callback):
 
     def on_train_epoch_end(self, trainer):
         if self.where == "epoch_end" and trainer.epoch == self.step:
+            self._fire()
+
+    def on_validation_end(self, trainer, metrics):
+        if self.where == "after_validation" and trainer.global_step == self.step:
             self._fire()
 
     def _patch_save(self):

@@ -84,6 +84,10 @@ def run(
         None, "--resume", help="'auto': continue from the newest good checkpoint of the run; or a checkpoint path."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run of the same name first."),
+    accept_changes: bool = typer.Option(
+        False, "--accept-changes",
+        help="With --resume: continue although the config changes what exact resume needs unchanged (seed, batch "
+             "size, model, optimizer, ...); the new values apply from the checkpoint on."),
     debug: bool = DEBUG,
 ) -> None:
     """Train: build everything the config names and fit."""
@@ -95,7 +99,7 @@ def run(
         # Under torchrun rank 0 alone touches the run directory; the others follow its files.
         claim = _claim(run_dir, cfg.name, resume, overwrite) if os.environ.get("RANK", "0") == "0" else _Claim()
         with claim:
-            _train(source, cfg, run_dir, resume, claim)
+            _train(source, cfg, run_dir, resume, claim, accept_changes)
 
 
 class _Claim:
@@ -199,10 +203,12 @@ def _unwritable(run_dir: Path, exc: OSError) -> str:
     return f"cannot write {where}: {exc.strerror or exc}; {fix}"
 
 
-def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim) -> None:
+def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim, accept_changes: bool) -> None:
     from trainer.cli.build import build
     from trainer.checkpoint import CheckpointError, find_resume_checkpoint
+    from trainer.data import DataError
     from trainer.metrics import truncate_metrics
+    from trainer.signals import Interrupted
 
     try:
         finished = _finished_at(run_dir, cfg) if resume == "auto" else None
@@ -220,24 +226,36 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
         raise claim.refusal
     from trainer.cli.report import write_status
 
+    if resume_from is not None:
+        # Restored and checked against this config before anything in the run directory changes.
+        try:
+            changes = built.trainer.load_checkpoint(resume_from, accept_changes=accept_changes)
+        except CheckpointError as exc:
+            raise UserError(str(exc)) from None
+        if changes and built.trainer.is_main_process:
+            typer.echo(f"resume: changed since the checkpoint: {'; '.join(changes)}")
     main = built.trainer.is_main_process
     if main:
         try:
-            _write_config(run_dir, cfg)
+            _write_config(run_dir, cfg)  # what trains from here on, accepted changes included
             if resume is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
-                truncate_metrics(run_dir, resume_from["trainer_state"]["global_step"] if resume_from else 0)
+                saved = resume_from["trainer_state"] if resume_from else {}
+                truncate_metrics(run_dir, saved.get("global_step", 0), records=saved.get("logged_records", 0))
             write_status(run_dir, "running")
         except OSError as exc:
             raise UserError(_unwritable(run_dir, exc)) from None
     try:
-        built.trainer.fit(resume_from=resume_from)
+        built.trainer.fit()
     except BaseException as exc:
         if main:
             with contextlib.suppress(OSError):  # a full disk may refuse this last word too
                 write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                              error=f"{type(exc).__name__}: {exc}"[:500], step=built.trainer.global_step)
-        if isinstance(exc, CheckpointError):
+        if isinstance(exc, Interrupted):
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(128 + exc.signum) from None
+        if isinstance(exc, (CheckpointError, DataError)):
             raise UserError(str(exc)) from None
         if isinstance(exc, OSError) and exc.errno in _MACHINE:
             raise UserError(f"{_unwritable(run_dir, exc)}; the checkpoints already written are intact "
@@ -246,6 +264,9 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         raise
+    finally:
+        for logger in built.trainer.loggers:  # the loggers the config built (fit closes only its files)
+            logger.close()
     if main:
         signum = built.trainer.stopped_by_signal
         try:

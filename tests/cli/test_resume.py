@@ -1,0 +1,85 @@
+"""The metric files after stops and resumes equal those of an uninterrupted run, record for record."""
+
+import json
+import os
+import signal
+
+import pytest
+
+PROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "project")
+
+CONFIG = """\
+name: r
+out_dir: {out}
+trainer: killers.NoisyTrainer
+seed: 5
+max_epochs: 3
+batch_size: 16
+log_every_n_steps: 4
+eval_every_n_epochs: 1
+progress_bar: false
+checkpoint: {{every_n_steps: 5, keep_last: 10}}
+model: {{_target_: trainer.examples.models.MLP, in_features: 16, hidden: 16, out_features: 4, dropout: 0.2}}
+data: {{_target_: trainer.examples.synthetic.classification, n_train: 96, n_val: 32}}
+loss: torch.nn.functional.cross_entropy
+optimizer: {{_target_: torch.optim.AdamW, lr: 1.0e-2}}
+"""
+
+
+def records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    # Everything but the clock: the same records, steps and values.
+    return [{k: v for k, v in json.loads(line).items() if k != "samples_per_sec"} for line in lines]
+
+
+def write(tmp_path, kill=""):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(CONFIG.format(out=tmp_path / "runs") + kill)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, run_cli_module):
+    tmp = tmp_path_factory.mktemp("whole")
+    proc = run_cli_module("run", write(tmp))
+    assert proc.returncode == 0, proc.stderr
+    found = records(tmp / "runs" / "r")
+    assert [r["step"] for r in found] == [4, 6, 8, 12, 12, 16, 18, 18]  # 6 steps an epoch, validation at 6, 12, 18
+    return found
+
+
+@pytest.fixture(scope="module")
+def run_cli_module():
+    import subprocess
+    import sys
+
+    def run(*args):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(PROJECT), PROJECT,
+                                                          os.environ.get("PYTHONPATH", "")]))
+        return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,step,signum", [
+    ("after_step", 7, signal.SIGTERM),  # between log points and checkpoints: the interval goes into the checkpoint
+    ("after_validation", 6, signal.SIGKILL),  # after the epoch's validation was logged, past the checkpoint of step 5
+    ("after_step", 12, signal.SIGKILL),  # a log point, before that step's epoch-end validation
+])
+def test_metric_files_after_a_stop_and_a_resume_equal_the_uninterrupted_run(
+        uninterrupted, run_cli_module, tmp_path, where, step, signum):
+    marker = tmp_path / "fired"
+    kill = f"callbacks:\n  - {{_target_: killers.KillAt, where: {where}, step: {step}, marker: '{marker}', signum: {int(signum)}}}\n"
+    cfg = write(tmp_path, kill)
+    first = run_cli_module("run", cfg)
+    assert first.returncode in (-signal.SIGKILL, 128 + signal.SIGTERM), first.stderr
+    assert marker.exists()
+    second = run_cli_module("run", cfg, "--resume", "auto")
+    assert second.returncode == 0, second.stderr
+    assert records(tmp_path / "runs" / "r") == uninterrupted
+    # And a resume of the finished run adds nothing.
+    third = run_cli_module("run", cfg, "--resume", "auto")
+    assert third.returncode == 0 and "nothing to continue" in third.stdout
+    assert records(tmp_path / "runs" / "r") == uninterrupted
