@@ -1,11 +1,17 @@
 """Checkpoints under real faults: SIGKILL at chosen points, signals, broken files, NaN."""
 
+import hashlib
+import io
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +21,7 @@ from torch.nn import functional as F
 from helpers import batches, mlp, quiet
 from trainer import Trainer
 from trainer.checkpoint import (
-    CheckpointError, find_resume_checkpoint, list_checkpoints, load_checkpoint, rotate, save_checkpoint,
+    CheckpointError, find_resume_checkpoint, list_checkpoints, load_checkpoint, rotate, save_checkpoint, save_sharded,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,6 +316,261 @@ def test_checkpoint_holds_the_documented_keys_and_loads_weights_only(tmp_path):
                           "callbacks", "config"}
     assert set(state["rng"]) >= {"python", "numpy", "torch", "cuda"}
     assert state["trainer_state"]["global_step"] == 2
+
+
+# ------------------------------------------------------------------ digests
+
+
+def small_checkpoint(tmp_path):
+    """A real checkpoint of a small run (about 20 kB: the RNG states are most of it)."""
+    model = mlp()
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), loss_fn=F.cross_entropy,
+            run_dir=tmp_path, config=quiet()).fit()
+    return list_checkpoints(tmp_path / "checkpoints")[-1]
+
+
+def legacy_copy(path, to):
+    """The same checkpoint as the files written before digests: ``torch.save`` straight to the file."""
+    torch.save(load_checkpoint(path), to)
+    return to
+
+
+def zip_metadata(data):
+    """Every byte position of the zip's own structure: local headers with their extra fields, the
+    central directory, the (zip64) end records and the comment."""
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    positions = set(range(archive.start_dir, len(data)))
+    for info in archive.infolist():
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+        positions.update(range(info.header_offset, info.header_offset + 30 + name_len + extra_len))
+    return positions
+
+
+def central_entry(data, record):
+    """Where the central-directory entry of ``record`` (a name ending, e.g. "data/0") starts."""
+    at = zipfile.ZipFile(io.BytesIO(data)).start_dir
+    while data[at: at + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[at + 28: at + 34])
+        if data[at + 46: at + 46 + name_len].decode().endswith(record):
+            return at
+        at += 46 + name_len + extra_len + comment_len
+    raise AssertionError(f"no record {record}")
+
+
+# The attacker's two flips: a data record marked as a directory (external attributes, bit 4), which
+# torch reads as uninitialised memory, and a record marked deflated (compression method, bit 3).
+DAMAGE = {"external_attributes": (38, 0x10), "compression_method": (10, 0x08)}
+
+
+def damage(path, how, record="data/0"):
+    data = bytearray(path.read_bytes())
+    offset, bit = DAMAGE[how]
+    data[central_entry(data, record) + offset] ^= bit
+    path.write_bytes(bytes(data))
+
+
+def flip_each(path, positions, may_load=None):
+    """Flip one bit (a different one from position to position) at each position of the real file,
+    load it, and put the byte back. Returns, by position, every load that was not refused with a
+    ``CheckpointError``, unless it loaded exactly ``may_load``."""
+    data = path.read_bytes()
+    outcomes = {}
+    with open(path, "r+b") as f:
+        for pos in sorted(positions):
+            f.seek(pos)
+            f.write(bytes([data[pos] ^ (1 << pos % 8)]))
+            f.flush()
+            try:
+                state = load_checkpoint(path)
+                if may_load is None:
+                    outcomes[pos] = f"loaded (global_step {state['trainer_state']['global_step']})"
+                else:
+                    assert_tensors_equal(state, may_load)
+            except CheckpointError:
+                pass
+            except Exception as exc:  # other values (AssertionError), or any other exception type
+                outcomes[pos] = f"{type(exc).__name__}: {exc}"
+            f.seek(pos)
+            f.write(data[pos: pos + 1])
+            f.flush()
+    return outcomes
+
+
+def test_a_checkpoint_is_one_zip_whose_comment_is_the_sha256_of_the_rest(tmp_path):
+    path = small_checkpoint(tmp_path)
+    data = path.read_bytes()
+    comment = zipfile.ZipFile(path).comment
+    assert comment == b"trainer-sha256:" + hashlib.sha256(data[: -len(comment)]).hexdigest().encode()
+    assert torch.load(path, weights_only=True)["trainer_state"]["global_step"] == 2  # an ordinary torch file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file with a digest loads without a word
+        assert load_checkpoint(path)["trainer_state"]["global_step"] == 2
+
+
+@pytest.mark.parametrize("sample", ["metadata_and_every_7th", pytest.param("every_byte", marks=pytest.mark.slow)])
+def test_any_byte_changed_is_refused(tmp_path, sample):
+    path = small_checkpoint(tmp_path)
+    data = path.read_bytes()
+    positions = range(len(data)) if sample == "every_byte" else zip_metadata(data) | set(range(0, len(data), 7))
+    assert flip_each(path, positions) == {}
+    assert load_checkpoint(path)["trainer_state"]["global_step"] == 2  # every byte was put back
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_the_attackers_flips_are_refused_with_the_digest_and_without(tmp_path, how):
+    path = small_checkpoint(tmp_path)
+    legacy = legacy_copy(path, tmp_path / "legacy.pt")
+    for file, reason in ((path, "do not match the SHA-256 digest"), (legacy, "is not stored the way torch.save")):
+        damage(file, how)
+        with pytest.raises(CheckpointError, match=f"{file.name} is corrupted.*{reason}"):
+            load_checkpoint(file)
+
+
+@pytest.mark.slow
+def test_a_bit_flipped_in_the_zip_structure_of_a_file_without_digest_never_loads_other_values(tmp_path):
+    path = small_checkpoint(tmp_path)
+    legacy = legacy_copy(path, tmp_path / "legacy.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "carries no digest", once per load that passes
+        assert flip_each(legacy, zip_metadata(legacy.read_bytes()), may_load=load_checkpoint(path)) == {}
+
+
+def test_a_checkpoint_without_digest_loads_with_a_warning_and_resumes_the_same(tmp_path):
+    path = small_checkpoint(tmp_path / "run")
+    legacy = legacy_copy(path, tmp_path / "legacy.pt")
+    with pytest.warns(UserWarning, match="legacy.pt carries no digest"):
+        assert_tensors_equal(load_checkpoint(legacy), load_checkpoint(path))
+    finals = []
+    for source in (path, legacy):
+        model = mlp()
+        t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), loss_fn=F.cross_entropy,
+                    config=quiet(max_epochs=2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t.fit(resume_from=source)
+        finals.append(t.state_dict())
+    assert finals[0]["trainer_state"]["global_step"] == 4
+    assert_tensors_equal(finals[1]["model"], finals[0]["model"], "model")
+    assert_tensors_equal(finals[1]["optimizer"], finals[0]["optimizer"], "optimizer")
+
+
+def without(state, dotted):
+    *parents, name = dotted.split(".")
+    for part in parents:
+        state = state[part]
+    del state[name]
+
+
+def replaced(state, dotted, value):
+    *parents, name = dotted.split(".")
+    for part in parents:
+        state = state[part]
+    state[name] = value
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda s: without(s, "trainer_state.global_step"), "trainer_state.global_step is missing"),
+    (lambda s: without(s, "rng.python"), "rng.python is missing"),
+    (lambda s: without(s, "optimizer"), "optimizer is missing"),
+    (lambda s: replaced(s, "trainer_state", [1, 2]), "trainer_state is a list, not dict"),
+    (lambda s: replaced(s, "trainer_state.epoch", "1"), "trainer_state.epoch is a str, not int"),
+    (lambda s: replaced(s, "trainer_state.epoch", True), "trainer_state.epoch is a bool, not int"),
+    (lambda s: replaced(s, "rng.torch", [0, 1]), "rng.torch is a list, not Tensor"),
+    (lambda s: s["model"].update({"0.weight": 1.5}), "model.0.weight is a float, not a tensor"),
+    (lambda s: replaced(s, "version", 2), "format version 2; this trainer reads version 1"),
+    (lambda s: s.clear(), "not a trainer checkpoint"),
+    (lambda s: s.update(shards={}), "is the trainer.pt of a sharded checkpoint"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_a_file_that_loads_but_is_not_a_whole_checkpoint_is_corrupt(tmp_path, change, expected):
+    files = three_checkpoints(tmp_path)
+    state = load_checkpoint(files[-1])
+    change(state)
+    save_checkpoint(state, files[-1])  # with a digest that matches: the damage is in what it holds
+    with pytest.raises(CheckpointError, match=f"{files[-1].name}.*{expected}"):
+        load_checkpoint(files[-1])
+    with pytest.warns(UserWarning, match=files[-1].name):
+        assert find_resume_checkpoint(tmp_path, "auto")["path"] == str(files[-2])
+
+
+def test_fallback_warns_naming_the_bad_file_and_the_chosen_one(tmp_path):
+    files = three_checkpoints(tmp_path)
+    damage(files[-1], "external_attributes")
+    with pytest.warns(UserWarning) as caught:
+        assert find_resume_checkpoint(tmp_path, "auto")["path"] == str(files[-2])
+    assert any(str(files[-1]) in str(w.message) and str(files[-2]) in str(w.message) for w in caught)
+
+
+def sharded_checkpoint(tmp_path):
+    """A sharded checkpoint directory written in one process, as one rank of fsdp writes it."""
+    model = mlp()
+    t = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.1), batches(2, 4), loss_fn=F.cross_entropy,
+                config=quiet())
+    t.fit()
+    state = t.state_dict()
+    tensors = {"model": state["model"], "optimizer": state["optimizer"]["state"]}
+    state = {**state, "model": None, "optimizer": {"param_groups": state["optimizer"]["param_groups"]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: no process group, so a single process
+        return save_sharded(state, tensors, tmp_path / "step-00000002", is_main=True)
+
+
+@pytest.mark.parametrize("shard", ["__0_0.distcp", ".metadata"])
+def test_a_shard_file_changed_but_of_its_size_is_refused(tmp_path, shard):
+    directory = sharded_checkpoint(tmp_path)
+    trainer_pt = load_checkpoint(directory)
+    assert set(trainer_pt["shard_sha256"]) == set(trainer_pt["shards"]) == {"__0_0.distcp", ".metadata"}
+    data = bytearray((directory / shard).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (directory / shard).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"shard file {shard} does not match the SHA-256 digest"):
+        load_checkpoint(directory)
+
+
+def test_a_sharded_checkpoint_without_shard_digests_loads_with_a_warning(tmp_path):
+    directory = sharded_checkpoint(tmp_path)
+    state = torch.load(directory / "trainer.pt", weights_only=True)
+    del state["shard_sha256"]
+    torch.save(state, directory / "trainer.pt")  # as trainer.pt was written before digests
+    with pytest.warns(UserWarning, match="trainer.pt carries no digest"):
+        assert load_checkpoint(directory)["sharded"] == str(directory)
+
+
+SMALL = EXACT.replace("max_epochs: 4", "max_epochs: 2").replace("num_workers: 2", "num_workers: 0")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A real run's directory, to copy and damage: checkpoints at steps 12 and 14 (the last)."""
+    tmp = tmp_path_factory.mktemp("small_run")
+    proc = cli("run", config(tmp, SMALL))
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in list_checkpoints(tmp / "runs" / "exact" / "checkpoints")][-2:] == [
+        "step-00000012.pt", "step-00000014.pt"]
+    return tmp / "runs"
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_eval_of_a_damaged_checkpoint_exits_2_with_one_line(small_run, tmp_path, how):
+    shutil.copytree(small_run, tmp_path / "runs")
+    newest = tmp_path / "runs" / "exact" / "checkpoints" / "step-00000014.pt"
+    damage(newest, how)
+    proc = cli("eval", config(tmp_path, SMALL), "--checkpoint", newest)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""  # no metrics of other weights
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {newest} is corrupted") and "Traceback" not in proc.stderr
+
+
+def test_resume_auto_past_a_damaged_checkpoint_names_both_files(small_run, tmp_path):
+    shutil.copytree(small_run, tmp_path / "runs")
+    checkpoints = tmp_path / "runs" / "exact" / "checkpoints"
+    damage(checkpoints / "step-00000014.pt", "external_attributes")
+    proc = cli("run", config(tmp_path, SMALL), "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{checkpoints / 'step-00000014.pt'} could not be loaded; falling back to " \
+           f"{checkpoints / 'step-00000012.pt'} (step 12)" in proc.stderr
+    assert f"resume: continuing from {checkpoints / 'step-00000012.pt'}" in proc.stdout
+    assert load_checkpoint(checkpoints / "step-00000014.pt")["trainer_state"]["global_step"] == 14  # written anew
 
 
 # ------------------------------------------------------------------ NaN

@@ -431,10 +431,16 @@ def fsdp_checkpoints(fsdp_reference, tmp_path):
     return directory
 
 
-@pytest.mark.parametrize("damage", ["truncated_shard", "missing_shard", "no_trainer_state"])
+@pytest.mark.parametrize("damage", ["truncated_shard", "flipped_shard", "missing_shard", "no_trainer_state"])
 def test_damaged_sharded_checkpoint_falls_back_to_the_previous(fsdp_checkpoints, damage):
     newest = list_checkpoints(fsdp_checkpoints)[-1]
-    if damage == "truncated_shard":
+    if damage == "flipped_shard":  # rank 1 hashed this file; rank 0 listed its digest
+        shard = newest / "__1_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+        expected = "__1_0.distcp does not match the SHA-256 digest"
+    elif damage == "truncated_shard":
         shard = newest / "__1_0.distcp"
         shard.write_bytes(shard.read_bytes()[:100])
         expected = "__1_0.distcp holds 100 bytes"
@@ -452,6 +458,7 @@ def test_damaged_sharded_checkpoint_falls_back_to_the_previous(fsdp_checkpoints,
 
 
 def test_sharded_metadata_that_would_run_code_is_refused(fsdp_checkpoints, tmp_path):
+    import hashlib
     import pickle
 
     class Payload:
@@ -461,9 +468,10 @@ def test_sharded_metadata_that_would_run_code_is_refused(fsdp_checkpoints, tmp_p
     newest = list_checkpoints(fsdp_checkpoints)[-1]
     payload = pickle.dumps(Payload())
     (newest / ".metadata").write_bytes(payload)
-    # A forger would list the new size in trainer.pt too (plain data, weights_only).
+    # A forger would list the new size and digest in trainer.pt too (plain data, weights_only).
     state = torch.load(newest / "trainer.pt", weights_only=True)
     state["shards"][".metadata"] = len(payload)
+    state["shard_sha256"][".metadata"] = hashlib.sha256(payload).hexdigest()
     torch.save(state, newest / "trainer.pt")
     with pytest.raises(CheckpointError, match="posix.system is not allowed.*refused"):
         load_checkpoint(newest)

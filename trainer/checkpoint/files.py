@@ -4,19 +4,37 @@ A checkpoint is one ``torch.save`` file of plain data that ``torch.load(weights_
 reads: ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``trainer_state``, ``rng``,
 ``callbacks``, ``config`` and ``version``. Loading never runs code from the file.
 
+Every file carries the SHA-256 of its bytes, and nothing in it is unpickled before that digest
+matches: the zip's per-record CRC32s miss damage to the zip's own metadata (one flipped bit in a
+record's external attributes makes torch read uninitialised memory as the tensor), and a file
+that loads can still lack parts. The digest lives in the zip's end-of-central-directory comment,
+the last bytes of the file, as ``trainer-sha256:<64 hex digits>``, and covers every byte before
+it. That keeps a checkpoint one ordinary zip that ``torch.load`` and ``zipfile`` read unchanged
+and that is still renamed into place whole; the digest is computed while ``torch.save`` writes
+(no extra pass on save), and checking it is one sequential read in 1 MiB pieces, which replaces
+the CRC pass that older files get. A trailer after the zip would have worked too, but would need
+every reader to be handed a bounded view of the file. A file whose own zip end record has no
+comment was written before digests (format version 1 all along): it loads with a warning, after
+the per-record CRC32 check and a check that every record is stored the way ``torch.save`` stores
+it. After loading, the parts of the checkpoint and ``trainer_state``'s counters are checked for
+presence and type, so a file that loads but is not a whole checkpoint is a ``CheckpointError``.
+
 Under ``strategy: fsdp`` a checkpoint is a directory instead (``step-<step>/``): every rank writes
 its shards of the model and optimizer state with ``torch.distributed.checkpoint`` (DCP), and rank 0
-adds ``trainer.pt``, the file above without the sharded tensors, holding the size of every shard
-file. The directory gets its final name only when all of it is on disk. DCP reads such a
-checkpoint on any number of ranks, or in a single process.
+adds ``trainer.pt``, the file above without the sharded tensors, holding the size and SHA-256 of
+every shard file; each rank hashes the files it wrote itself, and rank 0 gathers the digests. The
+directory gets its final name only when all of it is on disk. DCP reads such a checkpoint on any
+number of ranks, or in a single process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import random
+import re
 import shutil
 import warnings
 import zipfile
@@ -31,6 +49,12 @@ VERSION = 1
 KEYS = ("version", "model", "optimizer", "scheduler", "scaler", "trainer_state", "rng", "callbacks", "config")
 SHARDED_STATE = "trainer.pt"  # inside a sharded checkpoint directory: everything but the shards
 
+_EOCD = b"PK\x05\x06"  # the zip's end-of-central-directory record: 22 bytes, then the comment
+_EOCD_SIZE = 22
+_DIGEST_PREFIX = b"trainer-sha256:"
+_COMMENT_SIZE = len(_DIGEST_PREFIX) + 64
+_CHUNK = 1 << 20
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message names the file and what to do."""
@@ -44,17 +68,57 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _DigestWriter:
+    """The file object ``torch.save`` writes to: bytes go to the file and into the digest as they
+    pass, except the newest 22, the zip's end record, whose comment length is set afterwards."""
+
+    def __init__(self, file: Any):
+        self.file, self.sha = file, hashlib.sha256()
+        self.held = b""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        written = self.file.write(view)
+        if len(view) >= _EOCD_SIZE:
+            self.sha.update(self.held)
+            self.sha.update(view[:-_EOCD_SIZE])
+            self.held = bytes(view[-_EOCD_SIZE:])
+        else:
+            joined = self.held + bytes(view)
+            self.sha.update(joined[:-_EOCD_SIZE])
+            self.held = joined[-_EOCD_SIZE:]
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def finish(self) -> None:
+        """Give the zip its comment, the digest of every byte before it."""
+        end = self.held
+        if len(end) != _EOCD_SIZE or end[:4] != _EOCD or end[-2:] != b"\0\0":
+            raise RuntimeError("torch.save did not end the file with a zip end record without a comment")
+        end = end[:-2] + _COMMENT_SIZE.to_bytes(2, "little")
+        self.sha.update(end)
+        self.file.seek(-2, os.SEEK_END)
+        self.file.write(end[-2:] + _DIGEST_PREFIX + self.sha.hexdigest().encode())
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temp file in the same folder, flushed and fsync'ed,
-    renamed over the final name, then the folder fsync'ed. A crash at any instant leaves either the
-    old file set or the new one; a failure (full disk, no permission) removes the temp file and
-    raises ``CheckpointError`` with earlier checkpoints untouched."""
+    """Write ``state`` to ``path`` atomically, with its digest: a temp file in the same folder,
+    flushed and fsync'ed, renamed over the final name, then the folder fsync'ed. A crash at any
+    instant leaves either the old file set or the new one; a failure (full disk, no permission)
+    removes the temp file and raises ``CheckpointError`` with earlier checkpoints untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer = _DigestWriter(f)
+            torch.save(state, writer)
+            writer.finish()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -78,24 +142,26 @@ def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; any failure is a ``CheckpointError``.
 
-    For a sharded checkpoint (a directory) this reads its ``trainer.pt`` and checks that every
-    shard file is there at its full size; the shards themselves load later, into the model
-    (``load_sharded``). ``state["sharded"]`` then holds the directory."""
+    The file's digest is checked before anything in it is unpickled, and what it holds is checked
+    afterwards. For a sharded checkpoint (a directory) this reads its ``trainer.pt`` and checks
+    that every shard file is there with its size and digest; the shards themselves load later,
+    into the model (``load_sharded``). ``state["sharded"]`` then holds the directory."""
     path = Path(path)
     if path.is_dir():
         return _load_sharded_state(path)
+    return _load_file(path, sharded=False)[0]
+
+
+def _load_file(path: Path, sharded: bool) -> tuple[dict[str, Any], bool]:
+    """The checkpoint file's state, and whether it carried a digest."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written")
     try:
-        # torch.load does not verify the CRC32 that the zip format stores for every record; a flipped
-        # bit inside a tensor would load silently. Reading the file once more costs far less than
-        # resuming from corrupted weights.
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-        if bad is not None:
-            raise CheckpointError(f"checkpoint {path} is corrupted: record {bad} fails its CRC32 check")
+        has_digest = _check_digest(path)
+        if not has_digest:
+            _check_records(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
@@ -104,30 +170,160 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 "Checkpoints written by trainer hold plain tensors and values only"
             ) from None
         raise CheckpointError(f"checkpoint {path} is corrupted ({exc})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first})") from None
-    if not isinstance(state, dict) or state.get("version") != VERSION or not set(KEYS) <= set(state):
-        raise CheckpointError(
-            f"{path} is not a trainer checkpoint of format version {VERSION} "
-            f"(keys: {sorted(state) if isinstance(state, dict) else type(state).__name__})"
+    except CheckpointError:
+        raise
+    except Exception as exc:  # damaged bytes make the zip reader or the unpickler raise almost anything
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}: {first})") from None
+    _check_layout(state, path, sharded, has_digest)
+    if not has_digest:
+        warnings.warn(
+            f"checkpoint {path} carries no digest (written before trainer stored one); only its records' "
+            "CRC32s were checked, which miss some damage. Checkpoints written from now on carry one",
+            stacklevel=3,
         )
-    return state
+    return state, has_digest
+
+
+def _check_digest(path: Path) -> bool:
+    """Compare the file's bytes with the digest in its zip comment; False for a file written before
+    digests, whose zip end record has no comment."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _EOCD_SIZE - _COMMENT_SIZE))
+        tail = f.read()
+        end, comment = tail[:-_COMMENT_SIZE][-_EOCD_SIZE:], tail[-_COMMENT_SIZE:]
+        if (len(tail) == _EOCD_SIZE + _COMMENT_SIZE and end[:4] == _EOCD
+                and end[-2:] == _COMMENT_SIZE.to_bytes(2, "little") and comment.startswith(_DIGEST_PREFIX)):
+            f.seek(0)
+            found = _sha256(f, size - _COMMENT_SIZE).encode()
+            if found != comment[len(_DIGEST_PREFIX):]:
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupted: its bytes do not match the SHA-256 digest it was written with"
+                )
+            return True
+    if tail[-_EOCD_SIZE:][:4] == _EOCD and tail[-2:] == b"\0\0":
+        return False
+    raise CheckpointError(
+        f"checkpoint {path} is truncated or corrupted: it ends in neither a digest nor a zip end record"
+    )
+
+
+def _sha256(f: Any, length: int) -> str:
+    """The hex SHA-256 of the next ``length`` bytes of ``f``, read in pieces (memory stays bounded)."""
+    sha, buffer = hashlib.sha256(), bytearray(_CHUNK)
+    view = memoryview(buffer)
+    while length > 0:
+        n = f.readinto(view[: min(_CHUNK, length)])
+        if not n:
+            break
+        sha.update(view[:n])
+        length -= n
+    return sha.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256(f, os.fstat(f.fileno()).st_size)
+
+
+def _check_records(path: Path) -> None:
+    """For a file without a digest: every record's CRC32 (``torch.load`` checks none), and every record
+    stored uncompressed with no attributes, as ``torch.save`` writes them; a record marked as a
+    directory, for one, is read by torch as uninitialised memory."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.external_attr != 0:
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupted: record {info.filename} is not stored the way torch.save "
+                    f"stores records (compression {info.compress_type}, attributes {info.external_attr:#x})"
+                )
+        bad = archive.testzip()
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: record {bad} fails its CRC32 check")
+
+
+# What restoring reads from a checkpoint, by dotted path, and the types it accepts. The counters of
+# trainer_state belong to the Trainer (progress), nonfinite.py (skips) and metrics.py (the log interval).
+_TENSOR, _NONE = torch.Tensor, type(None)
+_LAYOUT: dict[str, tuple[type, ...]] = {
+    "model": (dict,), "optimizer": (dict,), "optimizer.state": (dict,), "optimizer.param_groups": (list,),
+    "scheduler": (dict, _NONE), "scaler": (dict,), "callbacks": (dict,), "config": (dict,),
+    "trainer_state": (dict,),
+    **{f"trainer_state.{name}": (int,) for name in (
+        "global_step", "epoch", "batch_in_epoch", "consecutive_skips", "skipped_steps", "loss_count", "extra_count")},
+    "trainer_state.loss_sums": (list,), "trainer_state.extra_sums": (list,), "trainer_state.extra_types": (dict,),
+    "rng": (dict,), "rng.python": (dict,), "rng.python.version": (int,), "rng.python.state": (_TENSOR,),
+    "rng.python.gauss": (float, _NONE), "rng.torch": (_TENSOR,), "rng.cuda": (list,),
+}
+_SHARDED_LAYOUT = {
+    **{key: types for key, types in _LAYOUT.items() if key != "optimizer.state"},
+    "model": (_NONE,), "shards": (dict,), "shard_sha256": (dict,),
+}
+_NUMPY_RNG = {"rng.numpy.kind": (str,), "rng.numpy.keys": (_TENSOR,), "rng.numpy.pos": (int,),
+              "rng.numpy.has_gauss": (int,), "rng.numpy.cached": (float,)}
+
+
+def _check_layout(state: Any, path: Path, sharded: bool, has_digest: bool) -> None:
+    """A file that loads is a checkpoint only if it holds every part restoring reads, each of its type.
+    A sharded one written before digests lists its shard files' sizes only."""
+    if not isinstance(state, dict) or type(state.get("version")) is not int:
+        what = f"keys: {', '.join(map(str, state))}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{path} is not a trainer checkpoint (it holds {what}, and no format version)")
+    if state["version"] != VERSION:
+        raise CheckpointError(
+            f"{path} is a checkpoint of format version {state['version']}; this trainer reads version {VERSION}"
+        )
+    if not sharded and "shards" in state:
+        raise CheckpointError(f"{path} is the {SHARDED_STATE} of a sharded checkpoint; load its directory instead")
+    layout = _SHARDED_LAYOUT if sharded else _LAYOUT
+    if sharded and not has_digest and "shard_sha256" not in state:
+        layout = {key: types for key, types in layout.items() if key != "shard_sha256"}
+    if isinstance(state.get("rng"), dict) and "numpy" in state["rng"]:
+        layout = {**layout, "rng.numpy": (dict,), **_NUMPY_RNG}
+    problems: list[str] = []
+    for dotted, types in layout.items():
+        parent, _, name = dotted.rpartition(".")
+        node = _at(state, parent)
+        if not isinstance(node, dict):
+            continue  # the parent is missing or of the wrong type, which is reported already
+        if name not in node:
+            problems.append(f"{dotted} is missing")
+        elif not isinstance(node[name], types) or (isinstance(node[name], bool) and bool not in types):
+            problems.append(f"{dotted} is a {type(node[name]).__name__}, not {' or '.join(t.__name__ for t in types)}")
+    if not problems and not sharded:
+        not_tensors = [k for k, v in state["model"].items() if not isinstance(v, _TENSOR) and not k.endswith("_extra_state")]
+        problems += [f"model.{k} is a {type(state['model'][k]).__name__}, not a tensor" for k in not_tensors[:4]]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is not a whole trainer checkpoint: {'; '.join(problems[:6])}")
+
+
+def _at(tree: Any, dotted: str) -> Any:
+    for part in dotted.split(".") if dotted else ():
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def _load_sharded_state(path: Path) -> dict[str, Any]:
     if not (path / SHARDED_STATE).is_file():
         raise CheckpointError(f"checkpoint {path} is a directory without {SHARDED_STATE}: not a complete sharded checkpoint")
-    state = load_checkpoint(path / SHARDED_STATE)
-    shards = state.get("shards")
-    if not isinstance(shards, dict) or not shards:
-        raise CheckpointError(f"{path / SHARDED_STATE} does not list the checkpoint's shard files")
+    state, has_digest = _load_file(path / SHARDED_STATE, sharded=True)
+    shards, digests = state["shards"], state.get("shard_sha256", {})
+    if not shards or (has_digest and set(digests) != set(shards)):
+        raise CheckpointError(f"{path / SHARDED_STATE} does not list the checkpoint's shard files with their digests")
     for name, size in shards.items():
         file = path / name
         found = file.stat().st_size if file.is_file() else None
         if found != size:
             what = "is missing" if found is None else f"holds {found} bytes, {size} were written"
             raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: shard file {name} {what}")
+    for name in shards:
+        if name in digests and _sha256_file(path / name) != digests[name]:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupted: shard file {name} does not match the SHA-256 digest it was written with"
+            )
     _check_dcp_metadata(path / ".metadata")
     state["sharded"] = str(path)
     return state
@@ -199,9 +395,18 @@ def save_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pat
         if world > 1:
             dist.barrier()
         dcp.save(tensors, checkpoint_id=tmp)  # collective; fsyncs its files
+        rank = dist.get_rank() if world > 1 else 0
+        # Each rank hashes the files it wrote, in parallel and while they are likely still in its page cache.
+        mine = {p.name: _sha256_file(p) for p in tmp.iterdir() if p.is_file() and _hashed_by(p.name, world) == rank}
+        gathered: list[Any] = [mine]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
         if is_main:
             shards = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-            save_checkpoint({**state, "shards": shards}, tmp / SHARDED_STATE)
+            digests = {name: digest for part in gathered for name, digest in part.items()}
+            digests = {name: digests.get(name) or _sha256_file(tmp / name) for name in shards}
+            save_checkpoint({**state, "shards": shards, "shard_sha256": digests}, tmp / SHARDED_STATE)
             if path.exists():  # the same step saved again: swap the old one out, then drop it
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -218,6 +423,13 @@ def save_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pat
             raise _write_failed(path, exc) from exc
         raise
     return path
+
+
+def _hashed_by(name: str, world: int) -> int:
+    """The rank that hashes a shard file: its writer, by DCP's naming (``__<rank>_<n>.distcp``);
+    rank 0 for the rest (``.metadata``), and for any file whose name says no rank."""
+    match = re.match(r"__(\d+)_", name)
+    return int(match.group(1)) if match and int(match.group(1)) < world else 0
 
 
 def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -261,7 +473,11 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> dict[str, Any] |
             bad.append(str(path))
             continue
         state["path"] = str(path)
-        print(f"resume: continuing from {path} (step {state['trainer_state']['global_step']})", flush=True)
+        step = state["trainer_state"]["global_step"]
+        if bad:
+            warnings.warn(f"resume: {', '.join(bad)} could not be loaded; falling back to {path} (step {step})",
+                          stacklevel=2)
+        print(f"resume: continuing from {path} (step {step})", flush=True)
         return state
     raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: {', '.join(bad)} all failed to load")
 
