@@ -7,10 +7,8 @@ from trainer.checkpoint.files import (
     VERSION,
     CheckpointError,
     check_model_state,
-    checkpoint_name,
     find_resume_checkpoint,
     link_best,
-    list_checkpoints,
     load_checkpoint,
     load_sharded,
     remove,
@@ -20,6 +18,7 @@ from trainer.checkpoint.files import (
     save_sharded,
     set_rng_state,
 )
+from trainer.run_dir import checkpoint_name, list_checkpoints
 from trainer.checkpoint.state import Attributes, Checkpointer, state_key
 
 __all__ = [

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from trainer.run_dir import checkpoint_dir, checkpoint_name, list_checkpoints  # noqa: F401 (re-exported)
+from trainer.run_dir import checkpoint_dir, list_checkpoints
 
 VERSION = 1
 KEYS = ("version", "model", "optimizer", "scheduler", "scaler", "trainer_state", "rng", "callbacks", "config")

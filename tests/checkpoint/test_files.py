@@ -24,8 +24,8 @@ from trainer.checkpoint import (
     CheckpointError, find_resume_checkpoint, list_checkpoints, load_checkpoint, rotate, save_checkpoint, save_sharded,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT = Path(__file__).resolve().parent / "project"
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = Path(__file__).resolve().parents[1] / "project"
 
 EXACT = """\
 name: exact
