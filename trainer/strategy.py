@@ -24,6 +24,8 @@ class SingleProcess:
 
     def __init__(self, layout: distributed.Layout, device: torch.device):
         self.layout, self.device = layout, device
+        self._found = torch.zeros((), device=device)  # set by the fused finiteness check below
+        self._one = torch.ones((), device=device)
 
     def wrap(self, module: nn.Module, optimizer: Any) -> nn.Module:
         """What training steps call. ``optimizer`` (built before wrapping, or ``None``) is adjusted
@@ -37,16 +39,23 @@ class SingleProcess:
         """A context for the micro-batches before a step that keeps gradients local, or ``None``."""
         return None
 
-    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor],
-                   grads_too: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor], grads_too: bool,
+                   need_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The value whose finiteness decides whether a step is taken, and the total gradient norm
-        when it was computed for that (clipping reuses it). Alone: the step's loss plus, with
-        ``grads_too``, the gradient norm (a sum is finite only if both parts are), from one fused
-        ``_foreach_norm`` over the gradients."""
+        when ``need_norm`` (clipping) asks for it. Alone: the step's loss, and with ``grads_too`` the
+        gradients too: when clipping computes their norm anyway, loss + norm (finite only if both
+        are); otherwise the fused check GradScaler uses (one kernel over all gradients, cheaper than
+        a norm), folded in as loss / (1 - found), which is not finite once found is 1."""
         if not grads_too:
             return step_loss, None
-        norm = _grad_norm(params, self.device)
-        return step_loss + norm, norm
+        if need_norm:
+            norm = _grad_norm(params, self.device)
+            return step_loss + norm, norm
+        grads = [p.grad for p in params if p.grad is not None]
+        self._found.zero_()
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
+        return step_loss / (1 - self._found), None
 
     def clip(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor | None) -> None:
         if norm is not None:
@@ -86,7 +95,7 @@ class DDP(SingleProcess):
     def no_sync(self):
         return self.ddp.no_sync if self.ddp is not None else None
 
-    def step_value(self, step_loss, params, grads_too):
+    def step_value(self, step_loss, params, grads_too, need_norm):
         # The ranks' losses differ, but their all-reduced gradients agree (and a non-finite loss on
         # any rank makes them non-finite): checking the gradient norm makes every rank take the same
         # decision without a collective.
@@ -139,7 +148,7 @@ class FSDP(SingleProcess):
     def no_sync(self):
         return lambda: distributed.fsdp_no_sync(self.module)
 
-    def step_value(self, step_loss, params, grads_too):
+    def step_value(self, step_loss, params, grads_too, need_norm):
         norm = _grad_norm(params, self.device)  # each rank holds a shard: one scalar all-reduce
         return norm, norm
 
