@@ -686,3 +686,17 @@ def test_an_epoch_that_yields_no_batch_is_an_error_not_an_endless_loop():
     with pytest.raises(DataError, match="epoch 1 of the training data yielded no batch"):
         t.fit()
     assert t.global_step == 3
+
+
+def test_resuming_a_finished_run_from_its_final_checkpoint_adds_no_validation(tmp_path):
+    x, y = classification(32)
+
+    def build():
+        model = mlp()
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), val_data=(x, y),
+                       loss_fn=F.cross_entropy, run_dir=tmp_path, config=quiet(max_steps=4, batch_size=8))
+
+    build().fit()
+    again = build()
+    again.fit(resume_from=tmp_path / "checkpoints" / "step-00000004.pt")
+    assert again.history == [] and again.global_step == 4

@@ -147,11 +147,11 @@ class Trainer:
         self._check_grads = cfg.precision != "fp16"
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
-            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records"),
-                         self._guard, self._interval], config=self.resolved_config,
+            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
+                                         "validated_step"), self._guard, self._interval], config=self.resolved_config,
         )
         self._first_step_clock: float | None = None
-        self._last_val_step: int | None = None
+        self.validated_step: int | None = None  # the step of the last validation (saved: not repeated on resume)
         self._started = False  # a later fit() continues; it does not seed again
         self._source: EpochSource | None = None
         self._val_source: EpochSource | None = None
@@ -294,7 +294,7 @@ class Trainer:
                         cfg.precision)) from exc
                 self._flush_logs()
                 stopped = self.stopped_by_signal is not None
-                if self.val_data is not None and self._last_val_step != self.global_step and not stopped:
+                if self.val_data is not None and self.validated_step != self.global_step and not stopped:
                     self._validate(epoch=self.epoch - (self.batch_in_epoch == 0))  # final metrics
                 if cfg.checkpoint.save_final and self.run_dir is not None and not stopped:
                     self.save_checkpoint()
@@ -401,7 +401,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self._call("on_train_epoch_end")
         every = self.config.eval_every_n_epochs
-        if every and self.val_data is not None and self.epoch % every == 0 and self._last_val_step != self.global_step:
+        if every and self.val_data is not None and self.epoch % every == 0 and self.validated_step != self.global_step:
             self._validate(epoch=self.epoch - 1)  # tagged with the epoch it evaluates
 
     def _step(self) -> None:
@@ -630,7 +630,7 @@ class Trainer:
         return metrics
 
     def _validate(self, epoch: int) -> None:
-        self._last_val_step = self.global_step
+        self.validated_step = self.global_step
         metrics = self.evaluate()
         self._emit({"step": self.global_step, "epoch": epoch, **metrics})
 
