@@ -47,3 +47,43 @@ def test_data_timeout_turns_a_hanging_worker_into_an_error():
     err = proc.stderr.read()
     assert "DataError: a DataLoader worker took longer than data_timeout (2 s) to deliver a batch" in err
     assert proc.returncode == 1
+
+
+@pytest.mark.slow
+def test_trainer_run_stopped_twice_while_its_worker_hangs_exits_143_and_says_interrupted(tmp_path):
+    import json
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"""\
+name: hang
+out_dir: {tmp_path / "runs"}
+batch_size: 4
+num_workers: 1
+progress_bar: false
+log_every_n_steps: 1
+eval_every_n_epochs: null
+model: {{_target_: torch.nn.Linear, in_features: 8, out_features: 3}}
+data: {{_target_: hanging.data}}
+loss: torch.nn.functional.cross_entropy
+optimizer: {{_target_: torch.optim.SGD, lr: 0.1}}
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    run_dir = tmp_path / "runs" / "hang"
+    try:
+        deadline = time.time() + 60
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "no step"
+            time.sleep(0.2)
+        time.sleep(2)  # the worker is stuck by now (sample 16, the fifth batch)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert proc.poll() is None  # waiting for a step boundary that never comes
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, proc.stderr.read()
+    assert "stopped at once by a second SIGTERM" in proc.stderr.read()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"

@@ -83,3 +83,25 @@ def test_metric_files_after_a_stop_and_a_resume_equal_the_uninterrupted_run(
     third = run_cli_module("run", cfg, "--resume", "auto")
     assert third.returncode == 0 and "nothing to continue" in third.stdout
     assert records(tmp_path / "runs" / "r") == uninterrupted
+
+
+@pytest.mark.slow
+def test_a_refused_resume_changes_nothing_and_accepted_changes_are_recorded(run_cli_module, tmp_path):
+    cfg = write(tmp_path)
+    assert run_cli_module("run", cfg, "max_epochs=1").returncode == 0
+    run_dir = tmp_path / "runs" / "r"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+
+    refused = run_cli_module("run", cfg, "--resume", "auto", "optimizer.lr=0.05", "batch_size=8")
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr.strip().splitlines()[-1]
+    assert "optimizer.lr: 0.01 -> 0.05 (breaks exact resume)" in message
+    assert "batch_size: 16 -> 8 (breaks exact resume)" in message and "--accept-changes" in message
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+    accepted = run_cli_module("run", cfg, "--resume", "auto", "optimizer.lr=0.05", "max_epochs=2", "--accept-changes")
+    assert accepted.returncode == 0, accepted.stderr
+    assert "optimizer.lr: 0.01 -> 0.05" in accepted.stdout
+    assert "lr: 0.05" in (run_dir / "config.yaml").read_text()
+    lrs = [r["lr"] for r in records(run_dir) if "lr" in r]
+    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.05)  # what config.yaml says trained

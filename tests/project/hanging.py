@@ -11,11 +11,17 @@ from trainer import Trainer
 
 
 class Hangs(torch.utils.data.Dataset):
+    """Delivers 16 samples (four batches of 4), then hangs on the next, whatever the order."""
+
+    def __init__(self):
+        self.calls = 0  # counted in the worker process, which reads every sample here
+
     def __len__(self):
         return 64
 
     def __getitem__(self, i):
-        if i >= 16:
+        self.calls += 1
+        if self.calls > 16:
             time.sleep(3600)  # a stuck network read, a deadlocked decoder
         return torch.randn(8), i % 3
 
@@ -28,3 +34,8 @@ if __name__ == "__main__":
                               "eval_every_n_epochs": None, "data_timeout": timeout})
     print("training", flush=True)
     trainer.fit()
+
+
+def data():
+    """For a config: ``data: {_target_: hanging.data}``."""
+    return {"train": Hangs()}
