@@ -306,21 +306,30 @@ class Culprit:
 
 def culprit(trainer: Trainer, exc: BaseException) -> Culprit | None:
     """Whose code raised ``exc``: ``None`` when it is ours (the innermost frame outside torch and the
-    standard library is in the ``trainer`` package, and no part of the user's run is on the way),
-    else the part of the run and the user's innermost frame."""
+    standard library is in the ``trainer`` package, and no part of the user's run is deeper), else
+    the part of the run (or ``None``: some other code of the user's) and the user's innermost frame."""
     frames: list[tuple[FrameType, int]] = []
     tb = exc.__traceback__
     while tb is not None:
         frames.append((tb.tb_frame, tb.tb_lineno))
         tb = tb.tb_next
-    part, callback = None, None
-    for frame, _ in reversed(frames):  # the innermost part of the run on the way wins
+    # From the innermost frame out, the first that decides: a part of the user's run (the model, made
+    # of torch's layers or not, the loss, a step or hook of theirs), or our own code, unless a file of
+    # the user's came first (a helper of theirs that one of our functions called).
+    part, callback, users_first = None, None, False
+    for frame, _ in reversed(frames):
         part, callback = _part(trainer, frame)
         if part is not None:
             break
+        filename = frame.f_code.co_filename
+        if _library(filename):
+            continue
+        if _ours(filename):
+            if not users_first:
+                return None
+            break
+        users_first = True
     mine = [(f.f_code.co_filename, line, f.f_code.co_name) for f, line in frames if not _library(f.f_code.co_filename)]
-    if part is None and (not mine or _ours(mine[-1][0])):
-        return None
     users = [f for f in mine if not _ours(f[0])]
     own_files = [f for f in users if not os.path.abspath(f[0]).startswith(_SITE)]
     frame = (own_files or users or [None])[-1]
