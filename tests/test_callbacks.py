@@ -31,7 +31,9 @@ class Scripted(Trainer):
 def scripted(script, callbacks, tmp_path=None, **config):
     model = mlp()
     data = batches(20, 4)
-    settings = quiet(**{"eval_every_n_steps": 1, "eval_every_n_epochs": None, "max_steps": len(script), **config})
+    # Without the sanity pass: its one validation batch would take the script's first value.
+    settings = quiet(**{"eval_every_n_steps": 1, "eval_every_n_epochs": None, "max_steps": len(script),
+                        "sanity_check": False, **config})
     return Scripted(model, torch.optim.SGD(model.parameters(), lr=0.1), data, val_data=[batches(1, 4)[0]],
                     loss_fn=F.cross_entropy, callbacks=callbacks, script=script, run_dir=tmp_path, config=settings)
 

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from helpers import batches, classification, mlp, quiet
-from trainer import Callback, Trainer, TrainerConfig
+from trainer import Callback, SanityCheckError, Trainer, TrainerConfig
 
 
 class Vector(nn.Module):
@@ -268,14 +268,16 @@ def test_on_exception_sees_the_error_and_it_propagates():
 
     class Boom(Trainer):
         def training_step(self, batch):
-            raise RuntimeError("boom")
+            if self.global_step == 1:  # in the loop: a failure of the sanity pass comes before on_fit_start
+                raise RuntimeError("boom")
+            return F.cross_entropy(self.model(batch[0]), batch[1])
 
         def on_exception(self, exc):
             seen.append(exc)
 
     model = mlp()
     with pytest.raises(RuntimeError, match="boom"):
-        Boom(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4), config=quiet()).fit()
+        Boom(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), config=quiet()).fit()
     assert len(seen) == 1 and str(seen[0]) == "boom"
 
 
@@ -390,7 +392,7 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16():
 
     model = mlp()
     Peek(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 8), config=quiet(precision="bf16")).fit()
-    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert dtypes == [torch.bfloat16] * 3  # the sanity pass's forward runs under autocast too
     assert model[0].weight.dtype == torch.float32  # master weights stay fp32
 
 
@@ -446,28 +448,36 @@ def test_non_scalar_loss_without_backward_override_is_a_clear_error():
         Vec(model, torch.optim.SGD(model.parameters(), lr=0.1), [None], config=quiet()).fit()
 
 
-def test_batch_the_default_step_cannot_unpack_is_a_clear_error():
+# The sanity pass finds these before training; the loop's own checks remain for data it cannot read
+# ahead (an iterator) and for sanity_check: false.
+@pytest.mark.parametrize("sanity", [True, False])
+def test_batch_the_default_step_cannot_unpack_is_a_clear_error(sanity):
     model = mlp()
     data = [torch.randn(2, 8)]  # a bare tensor would silently unpack into two rows
-    with pytest.raises(TypeError, match=r"\(inputs, targets\), got a Tensor of shape \(2, 8\).*override training_step"):
+    with pytest.raises(SanityCheckError if sanity else TypeError,
+                       match=r"\(inputs, targets\), got a Tensor of shape \(2, 8\).*override training_step"):
         Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, loss_fn=F.cross_entropy,
-                config=quiet()).fit()
+                config=quiet(sanity_check=sanity)).fit()
 
 
-def test_missing_loss_fn_is_a_clear_error():
+@pytest.mark.parametrize("sanity, expected", [(True, "loss_fn is missing"), (False, "no loss_fn")])
+def test_missing_loss_fn_is_a_clear_error(sanity, expected):
     model = mlp()
-    with pytest.raises(TypeError, match="no loss_fn"):
-        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4), config=quiet()).fit()
+    with pytest.raises(SanityCheckError if sanity else TypeError, match=expected):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4),
+                config=quiet(sanity_check=sanity)).fit()
 
 
-def test_training_step_returning_a_float_is_a_clear_error():
+@pytest.mark.parametrize("sanity, expected", [(True, "Bad.training_step returned a float, not a loss Tensor"),
+                                              (False, "must return a loss Tensor")])
+def test_training_step_returning_a_float_is_a_clear_error(sanity, expected):
     class Bad(Trainer):
         def training_step(self, batch):
             return 1.0
 
     model = mlp()
-    with pytest.raises(TypeError, match="must return a loss Tensor"):
-        Bad(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4), config=quiet()).fit()
+    with pytest.raises(SanityCheckError if sanity else TypeError, match=expected):
+        Bad(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4), config=quiet(sanity_check=sanity)).fit()
 
 
 def test_wrong_config_value_names_the_field():
@@ -568,7 +578,7 @@ def test_global_torch_settings_are_as_they_were_after_fit_and_evaluate(fails):
 
     class Boom(Trainer):
         def training_step(self, batch):
-            if fails:
+            if fails and self.global_step == 1:  # in the loop, after the sanity pass and a step
                 raise RuntimeError("boom")
             return super().training_step(batch)
 

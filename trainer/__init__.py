@@ -38,6 +38,7 @@ _EXPORTS = {
     "Precision": "trainer.device",
     "to_device": "trainer.data",
     "DataError": "trainer.data",
+    "SanityCheckError": "trainer.sanity",
     "Logger": "trainer.metrics",
     "JsonlLogger": "trainer.metrics",
     "CsvLogger": "trainer.metrics",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from trainer.tensorboard import TensorBoardLogger
     from trainer.config import CheckpointConfig, GradLoggingConfig, TrainerConfig
     from trainer.data import DataError, to_device
+    from trainer.sanity import SanityCheckError
     from trainer.device import Precision, resolve_device, seed_everything
     from trainer.hooks import HOOKS, Callback
     from trainer.metrics import CsvLogger, JsonlLogger, Logger

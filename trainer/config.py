@@ -158,6 +158,12 @@ class TrainerConfig(StrictModel):
         "next log point (no sync); 'auto' is 'device' on CUDA with a fused optimizer and no fp16, else 'host'. "
         "A skipped step means the same either way.",
     )
+    sanity_check: bool = Field(
+        True,
+        description="Before training (and in trainer check): one training micro-batch forward and backward, no "
+        "optimizer step, and one validation batch, checked for errors and for the metrics callbacks monitor; "
+        "everything is left as it was, so the run is the same with it or without.",
+    )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="When checkpoints are written and how many are kept."
     )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import distributed, evaluation, signals
+from trainer import distributed, evaluation, sanity, signals
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
@@ -155,6 +155,7 @@ class Trainer:
         self._started = False  # a later fit() continues; it does not seed again
         self._source: EpochSource | None = None
         self._val_source: EpochSource | None = None
+        self._sanity_checked = False  # fit() runs the sanity pass once per Trainer
 
     # ----------------------------------------------------------------- override points
 
@@ -272,6 +273,8 @@ class Trainer:
             raise DataError(f"the training data ({type(self.train_data).__name__}) holds no batch: it is empty")
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        if cfg.sanity_check and not self._sanity_checked:
+            self.sanity_check()  # before the metric files are opened
         if not self._started:
             seed_everything(cfg.seed)
             self._started = True
@@ -307,6 +310,18 @@ class Trainer:
                     self.loggers.remove(logger)
         self._call("on_fit_end")
         return self.history
+
+    def sanity_check(self) -> None:
+        """One training micro-batch forward and backward (no optimizer step) and one validation batch
+        through ``validation_step``, whose metric names must include what ``EarlyStopping`` and
+        ``BestCheckpoints`` monitor. Raises ``SanityCheckError`` naming the part that failed (model,
+        loss, data, a step, a callback), from the original exception. Leaves weights, gradients,
+        buffers, train/eval flags, RNG states and optimizer exactly as they were, so a run trains
+        the same with it or without. ``fit()`` runs it first (once) unless ``sanity_check: false``;
+        under torchrun every rank runs it. See ``trainer.sanity``."""
+        self._check_open()
+        sanity.run(self)
+        self._sanity_checked = True
 
     def close(self) -> None:
         """Under torchrun, on every rank after the last ``fit``/``evaluate``: leave the process group

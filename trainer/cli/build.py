@@ -230,12 +230,30 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         raise source.at(("model",), f"'{run.model.target}' returned a {type(model).__name__}, not a torch.nn.Module")
     train_data, val_data = split_data(instantiate(run.data, source, ("data",)), source)
 
+    if train_data is None:
+        raise source.at(("data",), f"{run.data.target}(...) returned no training data; return a Dataset, tensors, "
+                        "a DataLoader or a list of batches, or {'train': ..., 'val': ...}")
+
     if isinstance(run.loss, str):
         loss_fn = import_target(run.loss, source, ("loss",))
+        if inspect.isclass(loss_fn):  # called as loss_fn(output, target) it would build an object, not a loss
+            from trainer.sanity import functional_of
+
+            functional = functional_of(loss_fn)
+            raise source.at(("loss",), f"{run.loss} is a class; use {{_target_: {run.loss}}} to build an instance"
+                            + (f", or {functional}" if functional else ""))
     elif run.loss is not None:
         loss_fn = instantiate(run.loss, source, ("loss",))
     else:
         loss_fn = None
+        defaults = [step for step in ("training_step", "validation_step")
+                    if getattr(trainer_cls, step) is getattr(Trainer, step) and (step == "training_step" or val_data is not None)]
+        if defaults:
+            raise ConfigError(
+                f"{source.file}: no 'loss:' entry, and the default {' and '.join(defaults)} of {trainer_path} "
+                f"{'needs' if len(defaults) == 1 else 'need'} one: add loss: torch.nn.functional.cross_entropy "
+                f"(or {{_target_: torch.nn.CrossEntropyLoss}}), or define {defaults[0]}(self, batch) in a Trainer subclass"
+            )
 
     optimizer = scheduler = None
     if run.optimizer is not None:

@@ -1,7 +1,8 @@
 """The ``trainer`` commands: the command line, a thin shell over the library (parse, build, train, report).
 
-Exit codes: 0 success; 2 a user error (config, command line, missing file); 1 an internal
-failure; 130 / 143 after SIGINT / SIGTERM (a checkpoint is written first).
+Exit codes: 0 success; 2 a user error (config, command line, missing file, a failure of the
+sanity pass); 1 a failed run (one line when the user's code raised, naming it) or an internal
+failure (a traceback); 130 / 143 after SIGINT / SIGTERM (a checkpoint is written first).
 
 This module imports typer, pydantic and yaml only; torch is imported by the commands that need it.
 """
@@ -40,6 +41,13 @@ class UserError(Exception):
     """A mistake outside the config file (a run directory that exists, a missing checkpoint)."""
 
 
+class FailedRun(Exception):
+    """The user's code raised during a run (after the sanity pass): one line naming it, exit 1."""
+
+
+_DEBUG_HINT = "; --debug shows the traceback"
+
+
 @contextlib.contextmanager
 def _reporting(debug: bool) -> Iterator[None]:
     """User errors: one line on stderr, exit 2. Anything else: a traceback, exit 1."""
@@ -50,6 +58,11 @@ def _reporting(debug: bool) -> Iterator[None]:
             traceback.print_exc()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except FailedRun as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"error: {exc}{'' if debug else _DEBUG_HINT}", err=True)
+        raise typer.Exit(1) from None
     except typer.Exit:
         raise
     except Exception:
@@ -234,6 +247,7 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
             raise UserError(str(exc)) from None
         if changes and built.trainer.is_main_process:
             typer.echo(f"resume: changed since the checkpoint: {'; '.join(changes)}")
+    _sanity_pass(source, cfg, built.trainer)  # before anything in the run directory changes
     main = built.trainer.is_main_process
     if main:
         try:
@@ -263,6 +277,8 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
         if isinstance(exc, FloatingPointError):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        if isinstance(exc, Exception):
+            _raise_if_users(source, cfg, built.trainer, exc)
         raise
     finally:
         for logger in built.trainer.loggers:  # the loggers the config built (fit closes only its files)
@@ -278,6 +294,58 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     _report(built.trainer, run_dir)
     if built.trainer.stopped_by_signal is not None:
         raise typer.Exit(128 + built.trainer.stopped_by_signal)
+
+
+def _entry(source: Source, cfg, part: str | None, callback: int | None) -> tuple[str, tuple]:
+    """The config entry behind a part of the run (``trainer.sanity.PARTS``): a label and its path."""
+    trainer_path = cfg.trainer.target if not isinstance(cfg.trainer, str) else cfg.trainer
+    if part == "model":
+        return f"{cfg.model.target}(...)", ("model",)
+    if part == "loss" and cfg.loss is not None:
+        return (cfg.loss if isinstance(cfg.loss, str) else f"{cfg.loss.target}(...)"), ("loss",)
+    if part == "data":
+        return f"{cfg.data.target}(...)", ("data",)
+    if part == "callback" and callback is not None:
+        at = ("callbacks", callback, "monitor") if "monitor" in cfg.callbacks[callback].kwargs else ("callbacks", callback)
+        return cfg.callbacks[callback].target, at
+    if part in ("training_step", "validation_step", "backward"):
+        return f"{trainer_path}.{part}", ("trainer",)
+    return trainer_path, ("trainer",)
+
+
+def _sanity_pass(source: Source, cfg, trainer) -> None:
+    """The sanity pass (unless ``sanity_check: false``); a failure is a config error at the entry
+    responsible. Under torchrun every rank runs it."""
+    from trainer.data import DataError
+    from trainer.sanity import SanityCheckError
+
+    if not cfg.sanity_check:
+        return
+    try:
+        trainer.sanity_check()
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    except SanityCheckError as exc:
+        label, path = _entry(source, cfg, exc.part, exc.callback)
+        hint = _DEBUG_HINT if exc.__cause__ is not None else ""
+        raise source.at(path, f"{label} {exc.problem}{hint}") from exc
+
+
+def _raise_if_users(source: Source, cfg, trainer, exc: Exception) -> None:
+    """A ``FailedRun`` naming the user's code when ``exc`` came from it; our own errors pass."""
+    from trainer.sanity import culprit, one_line
+
+    found = culprit(trainer, exc)
+    if found is None:
+        return
+    if found.frame is not None:
+        where = found.location()
+    else:  # torch's code inside the user's part (an nn.Sequential): the config entry is what to look at
+        label, path = _entry(source, cfg, found.part, found.callback)
+        where = f"{label} ({source.where(path)})"
+    steps = trainer.global_step
+    raise FailedRun(f"the run failed after {steps} optimizer step{'s' * (steps != 1)}: {one_line(exc)}, "
+                    f"raised in {where}") from exc
 
 
 def _write_config(run_dir: Path, cfg) -> None:
@@ -341,6 +409,7 @@ def check(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, deb
         typer.echo(_resolved_yaml(cfg), nl=False)
         built = build(source, cfg, run_dir=None)
         t = built.trainer
+        _sanity_pass(source, cfg, t)
         n_params = sum(p.numel() for p in t.module.parameters())
         n_train = sum(p.numel() for p in t.module.parameters() if p.requires_grad)
         typer.echo(f"# device: {t.device}")
@@ -349,6 +418,8 @@ def check(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, deb
             if data is not None:
                 typer.echo(f"# {name} data: {_size(data)}")
         typer.echo(f"# optimizer steps: {t.total_steps() or 'unknown (data of unknown length)'}")
+        typer.echo("# sanity pass: one training and one validation batch went through" if cfg.sanity_check
+                   else "# sanity pass: off (sanity_check: false)")
         typer.echo("# config OK")
 
 
