@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import mlp
-from trainer import detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
+from torch.nn import functional as F
+
+from helpers import classification, mlp, quiet
+from trainer import Callback, Trainer, detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
 
 
 def model_with_frozen_part():
@@ -116,3 +118,80 @@ def test_ema_update_rejects_a_mismatched_target():
         ema_update(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.9)
     with pytest.raises(ValueError, match="decay"):
         ema_update(nn.Linear(2, 2), nn.Linear(2, 2), 1.5)
+
+
+# ------------------------------------------------------------------ freezing and unfreezing in a run
+
+
+def encoder_head(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU()), nn.Linear(16, 3))
+
+
+def test_freeze_matching_puts_the_matched_modules_in_eval_mode_so_batchnorm_stops_drifting():
+    model = encoder_head()
+    names = freeze_matching(model, "0.*")
+    assert names == ["0.0.weight", "0.0.bias", "0.1.weight", "0.1.bias"]
+    assert not model[0].training and not model[0][1].training  # as freeze() does
+    assert model.training and model[1].training  # the rest keeps training
+    before = model[0][1].running_mean.clone()
+    model(torch.randn(32, 8) * 5 + 3)
+    assert torch.equal(model[0][1].running_mean, before)
+
+
+def frozen_encoder_trainer(model, run_dir=None, callbacks=(), **config):
+    x, y = classification(64)
+    freeze(model[0])
+    return Trainer(model, lambda params: torch.optim.Adam(params, lr=0.01), (x, y), loss_fn=F.cross_entropy,
+                   scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
+                   callbacks=callbacks, run_dir=run_dir, config=quiet(batch_size=16, **config))
+
+
+def test_trainer_unfreeze_adds_a_parameter_group_that_trains():
+    model = encoder_head()
+    t = frozen_encoder_trainer(model, max_steps=3)
+    before = model[0][0].weight.detach().clone()
+    assert t.unfreeze(model[0], lr=0.05) == ["0.0.weight", "0.0.bias", "0.1.weight", "0.1.bias"]
+    assert [g["lr"] for g in t.optimizer.param_groups] == [0.01, 0.05]
+    assert model[0].training and model[0][0].weight.requires_grad
+    assert t.unfreeze("0.*") == []  # held already: nothing added twice
+    t.fit()
+    assert not torch.equal(model[0][0].weight, before)
+    assert t.scheduler.base_lrs == [0.01, 0.05]  # the schedule scales the new group too
+    with pytest.raises(ValueError, match="unfreeze pattern 'encodr.*' matches no parameter"):
+        t.unfreeze("encodr.*")
+
+
+def test_fit_warns_about_parameters_that_require_grad_but_no_optimizer_holds():
+    model = encoder_head()
+    t = frozen_encoder_trainer(model, max_steps=1)
+    unfreeze(model[0])  # the plain function: the optimizer was built without these
+    with pytest.warns(UserWarning, match=r"4 parameter\(s\) require gradients but the optimizer does not hold "
+                                         r"them, so they will not train: 0\.0\.weight, 0\.0\.bias, 0\.1\.weight"):
+        t.fit()
+
+
+class UnfreezeAtEpoch(Callback):
+    """Unfreezes the encoder at the start of epoch 1, as a fine-tuning schedule does."""
+
+    def on_train_epoch_start(self, trainer):
+        if trainer.epoch == 1:
+            trainer.unfreeze(trainer.module[0], lr=0.003)
+
+
+def test_a_resume_after_unfreeze_rebuilds_the_group_and_ends_bit_identical(tmp_path):
+    # Epochs of 4 steps; unfrozen at step 4, checkpoint at step 6, in the middle of epoch 1.
+    config = dict(max_epochs=2, checkpoint={"every_n_steps": 6, "keep_last": 5})
+    whole_model = encoder_head()
+    whole = frozen_encoder_trainer(whole_model, tmp_path / "whole", [UnfreezeAtEpoch()], **config)
+    whole.fit()
+    assert len(whole.optimizer.param_groups) == 2
+
+    resumed_model = encoder_head()
+    resumed = frozen_encoder_trainer(resumed_model, tmp_path / "resumed", [UnfreezeAtEpoch()], **config)
+    assert len(resumed.optimizer.param_groups) == 1  # as built: the checkpoint holds the second
+    resumed.fit(resume_from=tmp_path / "whole" / "checkpoints" / "step-00000006.pt")
+    assert len(resumed.optimizer.param_groups) == 2
+    assert resumed.optimizer.param_groups[1]["lr"] == whole.optimizer.param_groups[1]["lr"]
+    for a, b in zip(whole_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)

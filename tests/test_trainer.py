@@ -710,3 +710,49 @@ def test_resuming_a_finished_run_from_its_final_checkpoint_adds_no_validation(tm
     again = build()
     again.fit(resume_from=tmp_path / "checkpoints" / "step-00000004.pt")
     assert again.history == [] and again.global_step == 4
+
+
+# ------------------------------------------------------------------ seeding the model, one run per run_dir
+
+
+def test_a_model_given_as_a_function_is_built_after_seeding():
+    x, y = classification(64)
+
+    def trained(seed_before):
+        torch.manual_seed(seed_before)  # whatever happened to the global generator before
+        t = Trainer(lambda: nn.Linear(8, 3), lambda params: torch.optim.SGD(params, lr=0.1), (x, y),
+                    loss_fn=F.cross_entropy, config=quiet(batch_size=16, seed=7))
+        initial = t.module.weight.detach().clone()
+        t.fit()
+        return initial, t.module.weight.detach()
+
+    (init_a, final_a), (init_b, final_b) = trained(1), trained(2)
+    assert torch.equal(init_a, init_b) and torch.equal(final_a, final_b)
+    torch.manual_seed(7)
+    assert torch.equal(init_a, nn.Linear(8, 3).weight)  # drawn right after seed_everything(seed)
+
+
+def fit_in(run_dir, **fit_args):
+    x, y = classification(64)
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                run_dir=run_dir, config=quiet(batch_size=16, max_steps=2, checkpoint={"every_n_steps": 1}))
+    t.fit(**fit_args)
+    return t
+
+
+def test_a_second_run_in_a_run_dir_is_refused_unless_it_resumes_or_overwrites(tmp_path):
+    fit_in(tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match=r"already holds a run \(metrics\.jsonl, metrics\.csv, checkpoints/\); "
+                                              r"continue it with fit\(resume_from=<checkpoint>\), replace it with "
+                                              r"fit\(overwrite=True\)"):
+        fit_in(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing appended, nothing replaced
+
+    fit_in(tmp_path, resume_from=tmp_path / "checkpoints" / "step-00000001.pt")  # a resume continues it
+    (tmp_path / "checkpoints" / "step-00000001.pt").rename(tmp_path / "checkpoints" / "mine.pt")
+    fit_in(tmp_path, overwrite=True)
+    records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2  # this run's two log points alone
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001.pt", "step-00000002.pt"]

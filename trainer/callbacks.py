@@ -214,6 +214,11 @@ class EMAWeights(Callback):
         finally:
             self._swap(trainer)
 
+    @property
+    def weights_name(self) -> str | None:
+        """``"ema"`` while it holds an average to swap in (what ``trainer eval`` reports), else None."""
+        return "ema" if self.ema is not None or self._pending is not None else None
+
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict() if self.ema is not None else None}
 

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -63,30 +63,120 @@ def freeze(module: M) -> M:
 
 
 def unfreeze(module: M) -> M:
-    """Parameters require gradients again and the module goes to train mode. Returns the module."""
+    """Parameters require gradients again and the module goes to train mode. Returns the module.
+
+    An optimizer built before steps only the parameters it was given: in a run, use
+    ``trainer.unfreeze(module, lr=...)``, which adds them to the optimizer."""
     module.requires_grad_(True)
     module.train()
     return module
 
 
 def freeze_matching(module: nn.Module, *patterns: str) -> list[str]:
-    """Freeze the parameters whose names match any glob pattern (``"encoder.*"``).
+    """Freeze the parameters whose names match any glob pattern (``"encoder.*"``), and put in eval
+    mode, as ``freeze`` does, every submodule whose name matches or whose parameters are all frozen
+    now (so a frozen BatchNorm's running statistics stop moving).
 
     Returns the frozen names. A pattern that matches no parameter is an error: a typo must not
     silently train what was meant to be frozen.
     """
+    frozen = matching_names(module, patterns, "freeze")
+    params = dict(module.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    for sub in _covered_modules(module, frozen, patterns):
+        sub.eval()
+    return frozen
+
+
+def matching_names(module: nn.Module, patterns: Sequence[str], verb: str) -> list[str]:
+    """The names of ``module``'s parameters that match any glob pattern, in the module's order; a
+    pattern that matches none is an error naming it and some of the names there are."""
     names = [name for name, _ in module.named_parameters()]
-    frozen: list[str] = []
+    found: list[str] = []
     for pattern in patterns:
         hits = fnmatch.filter(names, pattern)
         if not hits:
             sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise ValueError(f"freeze pattern {pattern!r} matches no parameter; parameters are: {sample}")
-        frozen.extend(h for h in hits if h not in frozen)
-    params = dict(module.named_parameters())
-    for name in frozen:
-        params[name].requires_grad_(False)
-    return frozen
+            raise ValueError(f"{verb} pattern {pattern!r} matches no parameter; parameters are: {sample}")
+        found.extend(h for h in hits if h not in found)
+    return found
+
+
+def _covered_modules(module: nn.Module, names: Sequence[str], patterns: Sequence[str] = ()) -> list[nn.Module]:
+    """Submodules whose name matches a pattern, or that hold parameters and all of them in ``names``."""
+    chosen = set(names)
+    covered = []
+    for prefix, sub in module.named_modules():
+        own = [f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters()]
+        if (prefix and any(fnmatch.fnmatchcase(prefix, p) for p in patterns)) or (own and chosen.issuperset(own)):
+            covered.append(sub)
+    return covered
+
+
+class UnfrozenGroups:
+    """Parameters unfrozen after the optimizer was built, each call one new parameter group (as
+    Lightning's ``BackboneFinetuning`` does): an optimizer steps only the parameters it holds, so
+    unfreezing alone would train nothing. ``Trainer.unfreeze`` is the way in.
+
+    Its state is the parameter names of each group it added; a checkpoint keeps it so that a
+    resume rebuilds the same groups before the optimizer's state goes back into them.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None):
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.groups: list[list[str]] = []
+
+    def add(self, names: Sequence[str], patterns: Sequence[str] = (), **hyper: Any) -> list[str]:
+        """Unfreeze the parameters ``names`` (their modules to train mode) and give the optimizer
+        those it does not hold yet as one new group with ``hyper`` (``lr=...``; defaults: the
+        first group's). Returns the names added to the optimizer (none: nothing was missing)."""
+        params = dict(self.module.named_parameters())
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for name in names:
+            params[name].requires_grad_(True)
+        for sub in _covered_modules(self.module, names, patterns):
+            sub.train()
+        new = [name for name in names if id(params[name]) not in held]
+        if new:
+            # add_param_group fills every hyperparameter not given from the optimizer's defaults;
+            # the first group's values are what this run trains with, so they are the better default.
+            first = {k: v for k, v in self.optimizer.param_groups[0].items() if k not in ("params", "initial_lr")}
+            self.optimizer.add_param_group({**first, **hyper, "params": [params[n] for n in new]})
+            bases = getattr(self.scheduler, "base_lrs", None)
+            if bases is not None and len(bases) == len(self.optimizer.param_groups) - 1:
+                # Schedules that scale each group's base lr (cosine, step, WarmupDecay's warmup
+                # factor) then scale this one too, from its own lr.
+                group = self.optimizer.param_groups[-1]
+                group["initial_lr"] = group["lr"]
+                bases.append(group["lr"])
+                if hasattr(self.scheduler, "lr_lambdas"):
+                    self.scheduler.lr_lambdas.append(self.scheduler.lr_lambdas[-1])
+                if hasattr(self.scheduler, "_last_lr"):
+                    self.scheduler._last_lr.append(group["lr"])
+            self.groups.append(new)
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"groups": [list(g) for g in self.groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild the saved groups this run does not have yet (it may have unfrozen them itself
+        before the resume); the optimizer's saved state then fills them."""
+        have = [sorted(g) for g in self.groups]
+        names = dict(self.module.named_parameters())
+        for group in state.get("groups", []):
+            missing = [n for n in group if n not in names]
+            if missing:
+                raise ValueError(f"the checkpoint unfroze parameters this model lacks: {', '.join(missing[:5])}")
+            if sorted(group) not in have:
+                self.add(group)
+
+    def unheld(self) -> list[str]:
+        """Parameters that require gradients but that no group of the optimizer holds: they get
+        gradients and are never stepped."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        return [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in held]
 
 
 def frozen_copy(module: M) -> M:

@@ -142,6 +142,31 @@ def remove_temp_files(run_dir: str | Path) -> list[Path]:
     return found
 
 
+def earlier_run(run_dir: str | Path) -> list[str]:
+    """What in ``run_dir`` an earlier run left that a new one would append to or replace: metric
+    records, checkpoints. Empty when there is none."""
+    run_dir = Path(run_dir)
+    found = [name for name in (METRICS_JSONL, METRICS_CSV)
+             if (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0]
+    checkpoints = checkpoint_dir(run_dir)
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(f"{CHECKPOINTS}/")
+    return found
+
+
+def remove_run_outputs(run_dir: str | Path) -> None:
+    """Delete an earlier run's metric files and checkpoints (``fit(overwrite=True)``); the rest of
+    the folder is left as it is."""
+    run_dir = Path(run_dir)
+    for name in (METRICS_JSONL, METRICS_CSV):
+        (run_dir / name).unlink(missing_ok=True)
+    checkpoints = checkpoint_dir(run_dir)
+    if checkpoints.is_symlink():
+        checkpoints.unlink()
+    elif checkpoints.is_dir():
+        shutil.rmtree(checkpoints)
+
+
 def clear(run_dir: str | Path) -> None:
     """Delete everything in a run directory but its lock file, so the lock stays held throughout.
     Links inside are removed, never followed. Call it holding the lock."""

@@ -15,7 +15,8 @@ import contextlib
 import gc
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig
 from trainer.data import DataError, EpochSource, describe, make_source, to_device
 from trainer.device import Precision, out_of_memory_message, resolve_device, seed_everything, torch_settings
-from trainer.freezing import detach, eval_mode
+from trainer.freezing import UnfrozenGroups, detach, eval_mode, matching_names
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricBuffer
 from trainer.nonfinite import NonFiniteGuard
@@ -43,6 +44,9 @@ def _same_batch(batch: Any, device: torch.device, non_blocking: bool) -> Any:
 
 class Trainer:
     """Trains ``model`` on ``train_data`` with ``optimizer``.
+
+    ``model``: a module, or a function that builds one (``lambda: Net(...)``), called after seeding
+    with ``config.seed`` so that the initial weights repeat run to run.
 
     ``train_data`` / ``val_data``: a ``Dataset`` (the Trainer builds the DataLoader with a seeded,
     resumable order), a ``TensorDataset`` or tuple/dict of tensors (batched by index slicing on
@@ -57,7 +61,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Callable[[], nn.Module],
         optimizer: torch.optim.Optimizer | Any = None,
         train_data: Any = None,
         val_data: Any = None,
@@ -75,9 +79,12 @@ class Trainer:
         self.config = config if config is not None else TrainerConfig()
         if not isinstance(self.config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig or a dict of its fields, got {type(config).__name__}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         cfg = self.config
+        if callable(model) and not isinstance(model, nn.Module):
+            seed_everything(cfg.seed)  # the initial weights are drawn from the seeded generator
+            model = model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or a function that builds one, got {type(model).__name__}")
 
         self.layout = distributed.from_env()  # rank 0 of 1 outside torchrun
         self.device = resolve_device(cfg.device, self.layout.local_rank if self.layout.enabled else None)
@@ -145,11 +152,14 @@ class Trainer:
         self._scale, self._unscale, self._step_optimizer, self._skip_optimizer = self.precision.steps(self.optimizer)
         self._clip_params = self.trainable_parameters()
         self._check_grads = cfg.precision != "fp16"
+        self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler)
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
-                                         "validated_step"), self._guard, self._interval], config=self.resolved_config,
+                                         "validated_step"), self._guard, self._interval],
+            config=self.resolved_config, unfrozen=self._unfrozen,
         )
+        self._unheld_warned: set[str] = set()
         self._first_step_clock: float | None = None
         self.validated_step: int | None = None  # the step of the last validation (saved: not repeated on resume)
         self._started = False  # a later fit() continues; it does not seed again
@@ -217,6 +227,55 @@ class Trainer:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def unfreeze(self, what: nn.Module | str | Sequence[str], **hyperparameters: Any) -> list[str]:
+        """Unfreeze a submodule of the model, or the parameters whose names match glob patterns
+        (``"encoder.*"``), and add those the optimizer does not hold as one new parameter group with
+        ``hyperparameters`` (``lr=1e-4``; unset ones: the first group's). Modules go to train mode.
+
+        Checkpoints record the group, and a resume rebuilds it before restoring the optimizer. Under
+        a scheduler with per-group base rates the new group follows the schedule from its ``lr``.
+        Returns the names added to the optimizer (empty when it held them all already).
+        """
+        if self.layout.world_size > 1:
+            # DDP and FSDP decide at wrapping time which parameters they reduce gradients for.
+            raise NotImplementedError(
+                "trainer.unfreeze under torchrun: DDP/FSDP reduce only the gradients of parameters that "
+                "required them when the model was wrapped; unfreeze before building the Trainer instead"
+            )
+        if isinstance(what, nn.Module):
+            ids = {id(p) for p in what.parameters()}
+            names = [n for n, p in self.module.named_parameters() if id(p) in ids]
+            if not names:
+                raise ValueError(f"unfreeze: the {type(what).__name__} given holds no parameter of trainer.module; "
+                                 "pass a submodule of the model, or a name pattern such as 'encoder.*'")
+            patterns: Sequence[str] = ()
+        else:
+            patterns = [what] if isinstance(what, str) else list(what)
+            names = matching_names(self.module, patterns, "unfreeze")
+        added = self._unfrozen.add(names, patterns, **hyperparameters)
+        self._clip_params = self.trainable_parameters()  # clipping and the non-finite check see them too
+        return added
+
+    def register_state(self, name: str, obj: Any) -> None:
+        """Keep ``obj`` (anything with ``state_dict()`` and ``load_state_dict()``: a module, an
+        optimizer, a small class) in checkpoints under ``name``; ``load_checkpoint`` and ``trainer
+        eval`` give its state back. A resume warns about a saved name nothing registered, and about
+        a registered one the checkpoint lacks."""
+        self._checkpointer.register(name, obj)
+
+    def _warn_unheld(self) -> None:
+        """Parameters that require gradients but no optimizer group holds get gradients and never
+        change: say so once per parameter (one pass over the parameters, at fit and epoch starts)."""
+        unheld = [n for n in self._unfrozen.unheld() if n not in self._unheld_warned]
+        if unheld:
+            self._unheld_warned.update(unheld)
+            shown = ", ".join(unheld[:8]) + (f" and {len(unheld) - 8} more" if len(unheld) > 8 else "")
+            warnings.warn(
+                f"{len(unheld)} parameter(s) require gradients but the optimizer does not hold them, so they will "
+                f"not train: {shown}; add them with trainer.unfreeze(module_or_pattern, lr=...), or freeze them",
+                stacklevel=3,
+            )
+
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a value; tensors stay on the device and become numbers at the next log point."""
         self._metrics.put(name, value)
@@ -249,7 +308,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
 
-    def fit(self, resume_from: str | Path | dict[str, Any] | None = None) -> list[dict[str, float]]:
+    def fit(self, resume_from: str | Path | dict[str, Any] | None = None, overwrite: bool = False) -> list[dict[str, float]]:
         """Train until ``max_steps`` or ``max_epochs``; returns ``history`` (every log record).
 
         ``resume_from``: a checkpoint path (or a loaded checkpoint) to continue from exactly.
@@ -257,6 +316,10 @@ class Trainer:
         (``stopped_by_signal`` then holds the signal number). A second ``fit()`` continues from
         where the first stopped (raise ``max_steps`` or ``max_epochs`` first), appending to the
         same metric files.
+
+        A ``run_dir`` that holds another run's metrics or checkpoints is refused, unless this fit
+        resumes it (``resume_from``, or ``load_checkpoint`` first) or ``overwrite=True``, which
+        deletes that run's metric files and checkpoints first.
         """
         cfg = self.config
         self._check_open()
@@ -271,10 +334,13 @@ class Trainer:
             empty = False
         if empty:
             raise DataError(f"the training data ({type(self.train_data).__name__}) holds no batch: it is empty")
+        if resume_from is None and not self._started and self.run_dir is not None:
+            self._claim_run_dir(overwrite)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         if cfg.sanity_check and not self._sanity_checked:
             self.sanity_check()  # before the metric files are opened
+        self._warn_unheld()
         if not self._started:
             seed_everything(cfg.seed)
             self._started = True
@@ -291,6 +357,7 @@ class Trainer:
                 try:
                     while not self._done():
                         self._train_epoch()
+                        self._warn_unheld()  # a plain unfreeze() in a hook during the epoch
                 except torch.OutOfMemoryError as exc:
                     raise torch.OutOfMemoryError(out_of_memory_message(
                         exc, self.device, self.global_step + 1, cfg.batch_size, cfg.grad_accum_steps,
@@ -345,6 +412,20 @@ class Trainer:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Trainer was closed (close() left the process group); build a new one to go on")
+
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        """A fresh fit never appends to another run's metrics or replaces its checkpoints."""
+        earlier = run_files.earlier_run(self.run_dir)
+        if not earlier:
+            return
+        if not overwrite:
+            raise FileExistsError(
+                f"run_dir {self.run_dir} already holds a run ({', '.join(earlier)}); continue it with "
+                "fit(resume_from=<checkpoint>), replace it with fit(overwrite=True), or pass another run_dir"
+            )
+        if self.is_main_process:
+            run_files.remove_run_outputs(self.run_dir)
+        distributed.barrier()
 
     def _open_metric_files(self) -> list[Logger]:
         """``metrics.jsonl`` and ``metrics.csv`` for this ``fit`` (appended to by a later one)."""
@@ -577,9 +658,11 @@ class Trainer:
             self.batch_in_epoch = self.batch_in_epoch * old_batch * old_world // (new_batch * new_world)
         return resumed.describe()
 
-    def load_weights(self, source: str | Path | dict[str, Any]) -> None:
-        """Only the model's weights from a checkpoint (file or sharded directory, or a loaded one)."""
-        self._checkpointer.load_weights(source)
+    def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:
+        """The model's weights from a checkpoint (file or sharded directory, or a loaded one). With
+        ``states``, also what evaluation uses besides them: the callbacks' state (``EMAWeights``'
+        average) and the registered objects' (``register_state``); not the optimizer or progress."""
+        self._checkpointer.load_weights(source, states)
 
     def load_model_state(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         """A model state dict (a checkpoint's ``"model"``) into the model, naming every missing,

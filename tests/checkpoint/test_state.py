@@ -155,3 +155,56 @@ def test_an_accepted_batch_size_keeps_the_place_in_the_epoch_by_samples(tmp_path
     t = resumable(tmp_path / "b", batch_size=4)
     t.load_checkpoint(checkpoint, accept_changes=True)
     assert (t.epoch, t.batch_in_epoch) == (0, 6)  # 24 samples seen either way
+
+
+class Tally:
+    """A small class of the user's: not a module, not a callback."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_registered_state_is_saved_under_its_name_and_restored_on_resume(tmp_path):
+    t = build([], tmp_path / "a")
+    shadow, tally = mlp(seed=3), Tally()
+    tally.seen = 11
+    t.register_state("shadow", shadow)
+    t.register_state("tally", tally)
+    t.fit()
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    assert load_checkpoint(checkpoint)["states"]["tally"] == {"seen": 11}
+
+    again, other_shadow = build([]), mlp(seed=4)
+    again.register_state("shadow", other_shadow)
+    again.register_state("tally", Tally())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every name claimed, every registered name found
+        again.load_checkpoint(checkpoint)
+    assert again._checkpointer.states["tally"].seen == 11
+    for a, b in zip(shadow.state_dict().values(), other_shadow.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_registered_state_nobody_claims_or_that_is_missing_is_reported(tmp_path):
+    t = build([], tmp_path / "a")
+    t.register_state("tally", Tally())
+    t.fit()
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    again = build([])
+    again.register_state("teacher", Tally())
+    with pytest.warns(UserWarning) as caught:
+        again.load_checkpoint(checkpoint)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "holds no state registered as 'teacher'; it starts afresh" in messages
+    assert "holds state registered as 'tally' that nothing in this run registered" in messages
+    with pytest.raises(TypeError, match=r"register_state\('x', \.\.\.\): a int has no state_dict\(\) and no "
+                                        r"load_state_dict\(\)"):
+        again.register_state("x", 3)
+    with pytest.raises(ValueError, match="the name 'teacher' is taken"):
+        again.register_state("teacher", Tally())

@@ -163,10 +163,58 @@ def test_eval_prints_metrics_of_a_checkpoint(tmp_path, project):
     assert code == 0, out
     metrics = json.loads(out.strip().splitlines()[-1])
     assert metrics["step"] == 4 and 0.0 <= metrics["val/acc"] <= 1.0
+    assert metrics["weights"] == "trained"  # no callback swaps other weights in
     last_val = [json.loads(x) for x in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()][-1]
     assert metrics["val/loss"] == pytest.approx(last_val["val/loss"], rel=1e-6)
     code, out = invoke("eval", cfg, "--checkpoint", tmp_path / "nope.pt")
     assert code == 2 and "nope.pt does not exist" in out
+
+
+PROBE = """\
+import pathlib
+
+from trainer import Callback
+
+
+class Probe(Callback):
+    \"\"\"Writes a line for every validation hook that fires.\"\"\"
+
+    def on_validation_end(self, trainer, metrics):
+        with open(pathlib.Path(__file__).parent / "fired.txt", "a") as f:
+            f.write(f"{trainer.global_step}\\n")
+"""
+
+
+def test_eval_evaluates_the_ema_weights_the_run_reported_and_fires_no_validation_hook(project, run_cli):
+    project.write(PROBE, "probe.py")
+    project.write(project.text + "callbacks:\n  - {_target_: trainer.EMAWeights, decay: 0.5}\n"
+                  "  - {_target_: probe.Probe}\n  - {_target_: trainer.EarlyStopping, patience: 1}\n")
+    assert run_cli("run", project.config, "max_steps=8", cwd=project.root).returncode == 0
+    fired = (project.root / "fired.txt").read_text()
+    checkpoint = project.runs / "t" / "checkpoints" / "step-00000008.pt"
+    proc = run_cli("eval", project.config, "--checkpoint", checkpoint, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["weights"] == "ema"
+    last_val = [json.loads(x) for x in (project.runs / "t" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last_val["step"] == 8
+    assert metrics["val/loss"] == pytest.approx(last_val["val/loss"], rel=1e-9)  # what the run reported
+    assert (project.root / "fired.txt").read_text() == fired  # neither Probe nor EarlyStopping ran
+
+
+def test_mean_teacher_keeps_its_teacher_through_checkpoints_and_eval(tmp_path, run_cli):
+    pytest.importorskip("sklearn")
+    args = ["max_epochs=4", "eval_every_n_epochs=2", f"out_dir={tmp_path}", "progress_bar=false"]
+    assert run_cli("run", ROOT / "configs" / "ema_teacher.yaml", *args).returncode == 0
+    run = tmp_path / "ema_teacher"
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    proc = run_cli("eval", ROOT / "configs" / "ema_teacher.yaml", *args, "--checkpoint", checkpoint)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    last_val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    # The teacher came back from the checkpoint (register_state), not a fresh copy of the student.
+    assert metrics["val/teacher_acc"] == pytest.approx(last_val["val/teacher_acc"], rel=1e-9)
+    assert metrics["val/acc"] == pytest.approx(last_val["val/acc"], rel=1e-9)
 
 
 def test_schema_is_json_with_every_field_described():

@@ -67,3 +67,48 @@ def test_a_damaged_run_is_a_row_marked_unreadable(tmp_path, damage):
     table = format_table(rows)
     assert table.splitlines()[2].split()[:2] == ["b", "unreadable"]
     assert table.splitlines()[-1].startswith("b: ")  # the reason, after the table
+
+
+def write_logged_run(out_dir, name, shift=0.0):
+    """A run as the Trainer logs one: train records with lr, evaluations with a metric of the user's."""
+    run = out_dir / name
+    run.mkdir(parents=True)
+    records = []
+    for step in range(1, 41):
+        records.append({"step": step, "epoch": step // 10, "train/loss": 2.0 / step + shift, "lr": 0.01 * (1 - step / 41)})
+        if step % 10 == 0:
+            records.append({"step": step, "epoch": step // 10 - 1, "val/loss": 1.0 / step + shift,
+                            "val/acc": 0.5 + step / 100, "val/teacher_acc": 0.55 + step / 100 - shift})
+    (run / run_files.METRICS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def test_plot_draws_a_panel_per_metric_on_one_step_axis_and_no_empty_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    from trainer.cli.report import figure
+
+    runs = [write_logged_run(tmp_path, "a"), write_logged_run(tmp_path, "b", shift=0.05)]
+    fig = figure(runs, ["val/teacher_acc"])
+    axes = fig.axes
+    # No gradient norm was logged: no panel for it.
+    assert [ax.get_title() for ax in axes] == ["loss", "monitored metric", "learning rate", "val/teacher_acc"]
+    assert all(axes[0].get_shared_x_axes().joined(axes[0], ax) for ax in axes[1:])
+    assert [line.get_label() for line in axes[3].lines] == ["a val/teacher_acc", "b val/teacher_acc"]
+
+
+def test_plot_metric_on_the_command_line(tmp_path, run_cli):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    runs = [write_logged_run(tmp_path, "a"), write_logged_run(tmp_path, "b", shift=0.05)]
+    out = tmp_path / "curves.png"
+    proc = run_cli("plot", *runs, "--metric", "val/teacher_acc", "--metric", "val/loss", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as image:
+        assert image.size == (990, round((0.6 + 2.4 * 5) * 110))  # five panels, one above the other
+
+    proc = run_cli("plot", *runs, "--metric", "val/teacher_ac", "--out", out)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --metric val/teacher_ac: no run logged it; did you mean 'val/teacher_acc'? logged: lr, train/loss, "
+        "val/acc, val/loss, val/teacher_acc"]

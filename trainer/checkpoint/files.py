@@ -46,6 +46,7 @@ import torch
 from trainer.run_dir import checkpoint_dir, list_checkpoints
 
 VERSION = 1
+# The parts every checkpoint holds; "states" and "unfrozen" came later and may be absent.
 KEYS = ("version", "model", "optimizer", "scheduler", "scaler", "trainer_state", "rng", "callbacks", "config")
 SHARDED_STATE = "trainer.pt"  # inside a sharded checkpoint directory: everything but the shards
 

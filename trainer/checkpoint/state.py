@@ -119,12 +119,28 @@ class Checkpointer:
     """
 
     def __init__(self, strategy: Any, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 scaler: Any, callbacks: list[Any], train_state: list[Any], config: dict[str, Any]):
+                 scaler: Any, callbacks: list[Any], train_state: list[Any], config: dict[str, Any],
+                 unfrozen: Any = None):
         self.strategy, self.module, self.optimizer = strategy, module, optimizer
         self.scheduler, self.scaler = scheduler, scaler
         self.callbacks = stateful_callbacks(callbacks)
         self.train_state = train_state
         self.config = config
+        self.unfrozen = unfrozen  # parameter groups added after the optimizer was built (UnfrozenGroups)
+        self.states: dict[str, Any] = {}  # objects registered by name (Trainer.register_state)
+
+    def register(self, name: str, obj: Any) -> None:
+        """Keep ``obj``'s ``state_dict()`` in checkpoints under ``name`` and give it back on resume."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"register_state needs a non-empty string name, got {name!r}")
+        missing = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(obj, m, None))]
+        if missing:
+            raise TypeError(f"register_state({name!r}, ...): a {type(obj).__name__} has no {' and no '.join(m + '()' for m in missing)}; "
+                            "register an object with both (a module, an optimizer, a class of your own)")
+        if name in self.states and self.states[name] is not obj:
+            raise ValueError(f"register_state: the name {name!r} is taken by a {type(self.states[name]).__name__}; "
+                             "give each object its own name")
+        self.states[name] = obj
 
     # ------------------------------------------------------------------ assemble and write
 
@@ -145,6 +161,8 @@ class Checkpointer:
             "trainer_state": trainer_state,
             "rng": files.rng_state(),
             "callbacks": {key: cb.state_dict() for key, cb in self.callbacks.items()},
+            "states": {name: obj.state_dict() for name, obj in self.states.items()},
+            "unfrozen": self.unfrozen.state_dict() if self.unfrozen is not None else None,
             "config": self.config,
         }
 
@@ -190,8 +208,14 @@ class Checkpointer:
         saved_class = ts.get("optimizer_class") or _optimizer_class(saved_config)
         new_class = saved_class is not None and saved_class != type(self.optimizer).__name__
         if "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
-            saved["optimizer"] = _optimizer_summary(state["optimizer"]["param_groups"], saved_class)
-            current["optimizer"] = _optimizer_summary(self.optimizer.param_groups, type(self.optimizer).__name__)
+            # Groups added by unfreezing are the run's progress, not its config: compared are the
+            # groups the optimizer was built with.
+            saved_groups = state["optimizer"]["param_groups"]
+            saved_groups = saved_groups[:len(saved_groups) - len((state.get("unfrozen") or {}).get("groups", []))]
+            groups = self.optimizer.param_groups
+            groups = groups[:len(groups) - (len(self.unfrozen.groups) if self.unfrozen is not None else 0)]
+            saved["optimizer"] = _optimizer_summary(saved_groups, saved_class)
+            current["optimizer"] = _optimizer_summary(groups, type(self.optimizer).__name__)
         changes = config_changes(saved, current)
         resumed = Resumed(changes, saved_config.get("batch_size"), saved["world_size"])
         breaking = [c for c in changes if c[0].split(".")[0] in EXACT]
@@ -204,6 +228,11 @@ class Checkpointer:
                 "load_checkpoint(..., accept_changes=True)), which applies them from here on"
             )
         hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        if state.get("unfrozen") and self.unfrozen is not None:
+            try:  # the groups first, then the optimizer state that fills them
+                self.unfrozen.load_state_dict(state["unfrozen"])
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {where}: {exc}; resume with the model the run was started with") from None
         if state.get("sharded"):
             self._load_sharded(state, where)
         else:
@@ -229,9 +258,28 @@ class Checkpointer:
             self.scaler.load_state_dict(state["scaler"])
         for part in self.train_state:
             part.load_state_dict(ts)
-        self._load_callbacks(state["callbacks"], where)
+        self.load_states(state, where)
         files.set_rng_state(state["rng"])
         return resumed
+
+    def load_states(self, state: dict[str, Any], where: str) -> None:
+        """The callbacks' and the registered objects' state, each by its key; what nobody claims,
+        and what finds nothing saved, is reported."""
+        self._load_callbacks(state["callbacks"], where)
+        saved = state.get("states") or {}
+        for name, obj in self.states.items():
+            if name in saved:
+                obj.load_state_dict(saved[name])
+            else:
+                warnings.warn(f"checkpoint {where} holds no state registered as {name!r}; it starts afresh",
+                              stacklevel=4)
+        unclaimed = sorted(set(saved) - set(self.states))
+        if unclaimed:
+            warnings.warn(
+                f"checkpoint {where} holds state registered as {', '.join(map(repr, unclaimed))} that nothing in "
+                "this run registered (trainer.register_state); it is ignored",
+                stacklevel=4,
+            )
 
     def _apply_hyperparameters(self, hyper: list[dict[str, Any]]) -> None:
         """This run's optimizer settings over the restored ones. A learning rate under a scheduler
@@ -278,9 +326,12 @@ class Checkpointer:
                 "resume with the config the run was started with"
             ) from None
 
-    def load_weights(self, source: str | Path | dict[str, Any]) -> None:
-        """Only the model's weights (file or sharded directory, or a loaded checkpoint)."""
+    def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:
+        """The model's weights (file or sharded directory, or a loaded checkpoint); with ``states``
+        also the callbacks' and the registered objects' state (an EMA of the weights, a teacher)."""
         state, where = self.read(source)
+        if states:
+            self.load_states(state, where)
         if not state.get("sharded"):
             self.load_model(state["model"], where)
             return

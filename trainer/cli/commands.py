@@ -438,7 +438,8 @@ def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer run (a file, or a directory under strategy: fsdp)."),
     debug: bool = DEBUG,
 ) -> None:
-    """Run validation with a checkpoint's weights and print the metrics as JSON."""
+    """Evaluate a checkpoint on the val data, with the weights the run validated (an EMA of them under
+    EMAWeights), and print the metrics as JSON; "weights" says which: "ema" or "trained"."""
     with _reporting(debug):
         source, cfg = _load(config, overrides)
         from trainer.cli.build import build
@@ -450,12 +451,18 @@ def evaluate(
         try:
             state = load_checkpoint(checkpoint)
             state["path"] = str(checkpoint)
-            built.trainer.load_weights(state)
+            # The callbacks' and registered state too: evaluate() enters the callbacks' evaluation
+            # weights (EMAWeights' average), as the run's own validation did.
+            built.trainer.load_weights(state, states=True)
         except CheckpointError as exc:
             raise UserError(str(exc)) from None
-        metrics = built.trainer.evaluate()
+        # With the data given, no validation hook fires: EarlyStopping and BestCheckpoints stay still.
+        metrics = built.trainer.evaluate(built.val_data, prefix="val")
+        swapped = [cb.weights_name for cb in built.trainer.callbacks
+                   if hasattr(cb, "evaluation_weights") and getattr(cb, "weights_name", None)]
         built.trainer.close()  # leave the process group (under torchrun)
-        typer.echo(json.dumps({"checkpoint": str(checkpoint), "step": state["trainer_state"]["global_step"], **metrics}))
+        typer.echo(json.dumps({"checkpoint": str(checkpoint), "step": state["trainer_state"]["global_step"],
+                               "weights": "+".join(swapped) or "trained", **metrics}))
 
 
 @app.command()
@@ -474,18 +481,21 @@ def runs(out_dir: Path = typer.Argument(Path("runs"), help="The folder that hold
 def plot(
     run_dirs: list[Path] = typer.Argument(..., help="One or more run directories, overlaid.", show_default=False),
     out: Path = typer.Option(Path("curves.png"), "--out", help="The PNG to write."),
+    metric: Optional[list[str]] = typer.Option(
+        None, "--metric", help="A logged metric to plot in a panel of its own (repeatable), e.g. val/teacher_acc."),
 ) -> None:
-    """Plot train/val loss, the monitored metric, LR and gradient norm against step (needs matplotlib)."""
+    """Plot train/val loss, the monitored metric, LR, gradient norm and any --metric against step, one
+    shared step axis, runs overlaid; panels without data are left out (needs matplotlib)."""
     with _reporting(False):
-        from trainer.cli.report import UnreadableRun, plot_runs
+        from trainer.cli.report import NoSuchMetric, UnreadableRun, plot_runs
 
         missing = [str(d) for d in run_dirs if not (d / run_files.METRICS_JSONL).exists()]
         if missing:
             raise UserError(f"no {run_files.METRICS_JSONL} in {', '.join(missing)}: pass run directories such as "
                             "runs/digits")
         try:
-            path = plot_runs(run_dirs, out)
-        except (ImportError, UnreadableRun) as exc:
+            path = plot_runs(run_dirs, out, metrics=metric or [])
+        except (ImportError, UnreadableRun, NoSuchMetric) as exc:
             raise UserError(str(exc)) from None
         typer.echo(f"wrote {path}")
 

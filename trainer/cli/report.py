@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -131,8 +132,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt.format(*header).rstrip()] + [fmt.format(*line).rstrip() for line in lines] + notes)
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    """Train/val loss, the monitored metric, LR and total gradient norm against step; runs overlaid."""
+class NoSuchMetric(Exception):
+    """A ``--metric`` that none of the plotted runs logged."""
+
+
+def plot_runs(run_dirs: list[Path], out: Path, metrics: list[str] = ()) -> Path:
+    """Write ``figure(run_dirs, metrics)`` to the PNG ``out``."""
+    fig = figure(run_dirs, metrics)
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def figure(run_dirs: list[Path], metrics: list[str] = ()) -> Any:
+    """Train/val loss, the monitored metric, LR, total gradient norm and each of ``metrics`` against
+    step, one panel each on one shared step axis, runs overlaid. A panel no run has data for is
+    left out; a requested metric that no run logged is an error."""
     try:
         import matplotlib
 
@@ -140,34 +158,50 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("trainer plot needs matplotlib: pip install 'trainer[plot]' (or pip install matplotlib)") from None
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    panels = [(axes[0][0], "loss"), (axes[0][1], None), (axes[1][0], "lr"), (axes[1][1], "grad_norm/total")]
-    for index, run_dir in enumerate(run_dirs):
-        color = f"C{index % 10}"  # one colour per run; val dashed
+    runs = []
+    for run_dir in run_dirs:
         try:
             records = read_records(run_dir)
             metric, _ = monitored(records, run_dir)
         except _DAMAGE as exc:
             raise UnreadableRun(f"{run_dir}: unreadable run: {type(exc).__name__}: {exc}") from None
-        for ax, name in panels:
-            keys = ["train/loss", "val/loss"] if name == "loss" else [name or metric]
-            for key in keys:
-                points = [(r["step"], r[key]) for r in records if key in r and isinstance(r[key], (int, float))
+        runs.append((run_dir, records, metric))
+    logged = sorted({k for _, records, _ in runs for r in records for k in r} - {"step", "epoch"})
+    for name in metrics:
+        if name not in logged:
+            close = difflib.get_close_matches(name, logged, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise NoSuchMetric(f"--metric {name}: no run logged it; {hint}logged: {', '.join(logged)}")
+    # (title, keys of each run, log scale); the monitored metric is each run's own.
+    panels = [("loss", lambda m: ["train/loss", "val/loss"], True),
+              ("monitored metric", lambda m: [m] if m else [], False),
+              ("learning rate", lambda m: ["lr"], False),
+              ("total gradient norm", lambda m: ["grad_norm/total"], True)]
+    panels += [(name, lambda m, name=name: [name], False) for name in dict.fromkeys(metrics)]
+    drawn = []  # (title, log scale, [(label, style, colour, xs, ys)])
+    for title, keys, log in panels:
+        lines = []
+        for index, (run_dir, records, metric) in enumerate(runs):
+            for key in keys(metric):
+                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
                           and math.isfinite(r[key])]
                 if points:
                     xs, ys = zip(*points)
-                    style = "--" if key == "val/loss" else "-"
-                    ax.plot(xs, ys, style, color=color, marker="o" if len(xs) < 30 else None, markersize=3,
-                            label=f"{run_dir.name} {key}")
-    titles = ["loss", "monitored metric", "learning rate", "total gradient norm"]
-    for (ax, name), title in zip(panels, titles):
+                    # One colour per run; val dashed.
+                    lines.append((f"{run_dir.name} {key}", "--" if key == "val/loss" else "-", f"C{index % 10}", xs, ys))
+        if lines:
+            drawn.append((title, log, lines))
+    if not drawn:
+        raise NoSuchMetric(f"nothing to plot: {', '.join(str(d) for d in run_dirs)} logged no values yet")
+    # One column sharing the step axis: a step lines up across every panel.
+    fig, axes = plt.subplots(len(drawn), 1, figsize=(9, 0.6 + 2.4 * len(drawn)), sharex=True,
+                             squeeze=False, constrained_layout=True)
+    for ax, (title, log, lines) in zip(axes[:, 0], drawn):
+        for label, style, color, xs, ys in lines:
+            ax.plot(xs, ys, style, color=color, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
         ax.set_title(title)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=8)
-        if name in ("loss", "grad_norm/total") and ax.lines:
+        ax.legend(fontsize=8)
+        if log:
             ax.set_yscale("log")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    axes[-1, 0].set_xlabel("step")
+    return fig

@@ -28,6 +28,7 @@ class MeanTeacherTrainer(Trainer):
             raise ValueError(f"ema_decay must be between 0 and 1, got {ema_decay}")
         self.ema_decay, self.consistency, self.noise = ema_decay, consistency, noise
         self.teacher = frozen_copy(self.module)
+        self.register_state("teacher", self.teacher)  # in checkpoints, back on resume and in trainer eval
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         """A random shift of up to a pixel and pixel noise, drawn per image (digits are 8x8)."""
@@ -63,15 +64,3 @@ class MeanTeacherTrainer(Trainer):
             "acc": (student.argmax(-1) == y).float().mean(),
             "teacher_acc": (teacher.argmax(-1) == y).float().mean(),
         }
-
-    def state_dict(self):
-        state = super().state_dict()
-        state["teacher"] = self.teacher.state_dict()
-        return state
-
-    def load_checkpoint(self, source):
-        from trainer.checkpoint import load_checkpoint
-
-        state = source if isinstance(source, dict) else load_checkpoint(source)
-        super().load_checkpoint(state)
-        self.teacher.load_state_dict(state["teacher"])
