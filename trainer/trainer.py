@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import distributed, evaluation, signals
+from trainer import distributed, evaluation, progress, signals
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
@@ -34,11 +34,17 @@ from trainer.freezing import detach, eval_mode
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricBuffer
 from trainer.nonfinite import NonFiniteGuard
-from trainer.progress import ProgressBar
 
 
 def _same_batch(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     return batch
+
+
+def _length(source: Any) -> int | None:
+    try:
+        return len(source)
+    except TypeError:
+        return None
 
 
 class Trainer:
@@ -120,8 +126,9 @@ class Trainer:
         if cfg.grad_logging.every_n_steps:
             grad = cfg.grad_logging
             self.callbacks.append(GradNormLogger(grad.every_n_steps, grad.per_layer, grad.histograms))
-        if cfg.progress_bar:
-            self.callbacks.append(ProgressBar())
+        shown = progress.for_mode(cfg.progress)
+        if shown is not None:
+            self.callbacks.append(shown)
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
 
         self.loggers: list[Logger] = list(loggers) if self.is_main_process else []
@@ -469,10 +476,11 @@ class Trainer:
             return True
         if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
             return True
-        return self._max_epochs() is not None and self.epoch >= self._max_epochs()
+        return self.total_epochs() is not None and self.epoch >= self.total_epochs()
 
-    def _max_epochs(self) -> int | None:
-        """``max_epochs``, or one epoch when neither limit is set."""
+    def total_epochs(self) -> int | None:
+        """Epochs this run may take: ``max_epochs``, or one when neither limit is set (None: only
+        ``max_steps`` limits the run)."""
         cfg = self.config
         return cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
 
@@ -483,7 +491,7 @@ class Trainer:
             per_epoch = math.ceil(len(self._train_source()) / cfg.grad_accum_steps)
         except TypeError:
             per_epoch = None
-        max_epochs = self._max_epochs()
+        max_epochs = self.total_epochs()
         by_epochs = per_epoch * max_epochs if per_epoch is not None and max_epochs is not None else None
         limits = [n for n in (cfg.max_steps, by_epochs) if n is not None]
         return min(limits) if limits else None
@@ -611,6 +619,11 @@ class Trainer:
             self._call("on_validation_start")
         else:
             source = self._make_source(data, shuffle=False, pad=False)
+        batches = self.strategy.eval_batches(source)
+        if own:  # callbacks that watch validation's batches (the progress bar counts them)
+            for cb in self.callbacks:
+                if hasattr(cb, "validation_batches"):
+                    batches = cb.validation_batches(self, batches, _length(source))
         stepped, self.model = self.model, self.strategy.eval_module(self.model, self.module)
         try:
             with contextlib.ExitStack() as stack:
@@ -620,7 +633,7 @@ class Trainer:
                         stack.enter_context(cb.evaluation_weights(self))
                 stack.enter_context(eval_mode(self.module))
                 stack.enter_context(self.precision.autocast)
-                values = evaluation.evaluate(self.validation_step, self.strategy.eval_batches(source), self.device)
+                values = evaluation.evaluate(self.validation_step, batches, self.device)
         finally:
             self.model = stepped
         metrics = {f"{prefix}/{name}": value for name, value in values.items()}

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -67,7 +68,14 @@ def _load(config: Path, overrides: Optional[list[str]]):
     source = Source.load(config)
     for text in overrides or []:
         source.apply_override(text)
-    return source, validate(source)
+    # A deprecated setting still works; the user hears about it once, as one line, not as a
+    # DeprecationWarning that Python's filters hide outside __main__.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validated = validate(source)
+    for warning in caught:
+        typer.echo(f"warning: {source.file}: {warning.message}", err=True)
+    return source, validated
 
 
 def _resolved_yaml(run) -> str:
