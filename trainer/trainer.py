@@ -470,6 +470,15 @@ class Trainer:
         self.should_stop = True
         self.stop_reason = f"stopped by {signals.name(signum)}" + (f", checkpoint {path}" if path else "")
 
+    def stop(self, reason: str) -> None:
+        """End the run at the next optimizer-step boundary (after the step in progress, or at once
+        between steps), as ``max_steps`` would: the final validation and checkpoint follow.
+        ``reason`` becomes ``stop_reason``, which opens the summary line of ``trainer run`` and is the
+        ``reason`` in ``status.json``; when several ask, the first reason given is kept."""
+        self.should_stop = True
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
     def _done(self) -> bool:
         cfg = self.config
         if self.should_stop:

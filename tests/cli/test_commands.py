@@ -533,3 +533,22 @@ def test_old_import_paths_warn_and_still_work(old, name):
     assert proc.returncode == 0, proc.stderr
     assert f"DeprecationWarning: trainer.{old} moved to trainer.cli.{old}" in proc.stderr
 
+
+def test_stop_from_a_callback_ends_the_run_and_the_reason_is_reported(project, run_cli):
+    project.write("""\
+        from trainer import Callback
+
+
+        class StopAt(Callback):
+            def on_train_batch_end(self, trainer, outputs, batch):
+                if trainer.global_step == 3:
+                    trainer.stop("enough: step 3 looked fine")
+        """, name="stopper.py")
+    cfg = project.write(project.text.replace("max_steps: 4", "max_steps: 20")
+                        + "callbacks: [{_target_: stopper.StopAt}]\n")
+    proc = run_cli("run", cfg, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("enough: step 3 looked fine: step 3, "), proc.stdout
+    status = json.loads((project.runs / "t" / "status.json").read_text())
+    assert (status["status"], status["step"], status["reason"]) == ("finished", 3, "enough: step 3 looked fine")
+    assert (project.runs / "t" / "checkpoints" / "step-00000003.pt").exists()  # the final checkpoint follows

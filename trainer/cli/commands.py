@@ -279,7 +279,7 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
         signum = built.trainer.stopped_by_signal
         try:
             write_status(run_dir, "interrupted" if signum else "finished", step=built.trainer.global_step,
-                         reason=built.trainer.stop_reason or "finished")
+                         reason=_ending(built.trainer))
         except OSError as exc:
             raise UserError(_unwritable(run_dir, exc)) from None
     built.trainer.close()  # leave the process group (under torchrun)
@@ -328,6 +328,13 @@ def _finished_at(run_dir: Path, cfg) -> int | None:
     return step if reached else None
 
 
+def _ending(trainer) -> str:
+    """Why the run ended, for the summary line and ``status.json``."""
+    if trainer.stop_reason:
+        return trainer.stop_reason
+    return "stopped (should_stop set, no reason given)" if trainer.should_stop else "finished"
+
+
 def _report(trainer, run_dir: Path) -> None:
     if not trainer.is_main_process:
         return
@@ -335,7 +342,7 @@ def _report(trainer, run_dir: Path) -> None:
     for record in trainer.history:
         last.update({k: v for k, v in record.items() if k.startswith(("train/", "val/"))})
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
-    typer.echo(f"{trainer.stop_reason or 'finished'}: step {trainer.global_step}, epoch {trainer.epoch}; {shown}")
+    typer.echo(f"{_ending(trainer)}: step {trainer.global_step}, epoch {trainer.epoch}; {shown}")
     typer.echo(f"run directory: {run_dir}")
 
 
