@@ -70,6 +70,20 @@ def test_piped_output_shows_one_line_per_log_point_and_per_validation(piped):
     assert "\r" not in proc.stdout + proc.stderr  # no bar drawn into a file
 
 
+def test_epochs_agree_between_lines_summary_and_metric_files(piped):
+    project, proc = piped
+    logged = records(project)
+    # Counted from 0 in the records: the steps of the second epoch (5 to 8) are epoch 1, the record
+    # flushed after that epoch ended included.
+    assert [r["epoch"] for r in logged] == [0, 0, 1, 1, 1]
+    shown = [int(re.search(r"epoch (\d+)/2", line).group(1)) for line in step_lines(proc.stdout)]
+    assert shown == [r["epoch"] + 1 for r in logged]
+    summary = proc.stdout.splitlines()[-2]
+    assert summary.startswith("finished: step 8, epoch 2/2; "), summary
+    csv_epochs = [line.split(",")[1] for line in (project.runs / "t" / "metrics.csv").read_text().splitlines()[1:]]
+    assert csv_epochs == ["0", "0", "1", "1", "1"]
+
+
 def test_lines_reach_the_pipe_as_they_are_written(project):
     """A process killed at step 7 (SIGKILL: nothing is flushed at exit) has already passed on the
     lines of the log points and validation before it; a block-buffered stdout would have lost them."""
@@ -141,6 +155,7 @@ def test_in_a_terminal_the_bar_shows_validation_and_its_metrics(project):
     val_loss = records(project)[-1]["val/loss"]
     assert final.startswith("epoch 3/3: 100%"), final
     assert f"val/loss={val_loss:.4g}" in final and "val/acc=" in final and "loss=" in final, final
+    assert "finished: step 12, epoch 3/3;" in out
 
 
 def test_lines_come_from_rank_zero_only(capsys):

@@ -302,7 +302,7 @@ class Trainer:
                 self._flush_logs()
                 stopped = self.stopped_by_signal is not None
                 if self.val_data is not None and self._last_val_step != self.global_step and not stopped:
-                    self._validate(epoch=self.epoch - (self.batch_in_epoch == 0))  # final metrics
+                    self._validate(epoch=self.last_step_epoch)  # final metrics
                 if cfg.checkpoint.save_final and self.run_dir is not None and not stopped:
                     self.save_checkpoint()
             except BaseException as exc:
@@ -479,6 +479,13 @@ class Trainer:
         if self.stop_reason is None:
             self.stop_reason = reason
 
+    @property
+    def last_step_epoch(self) -> int:
+        """The epoch (from 0) the latest optimizer step belongs to, which its records carry:
+        ``epoch`` during an epoch; between epochs, when ``epoch`` already counts the one that
+        ended, that one."""
+        return self.epoch - 1 if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch
+
     def _done(self) -> bool:
         cfg = self.config
         if self.should_stop:
@@ -526,7 +533,7 @@ class Trainer:
         the ``on_log`` hook and the loggers."""
         if not self._interval.micro_batches and not self._metrics:
             return
-        record: dict[str, float] = {"step": self.global_step, "epoch": self.epoch}
+        record: dict[str, float] = {"step": self.global_step, "epoch": self.last_step_epoch}
         samples_per_sec = self._interval.put(self._metrics)
         self._metrics.put("lr", self.optimizer.param_groups[0]["lr"])
         values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=distributed.mean_over_ranks)

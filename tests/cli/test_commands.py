@@ -548,7 +548,8 @@ def test_stop_from_a_callback_ends_the_run_and_the_reason_is_reported(project, r
                         + "callbacks: [{_target_: stopper.StopAt}]\n")
     proc = run_cli("run", cfg, cwd=project.root)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("enough: step 3 looked fine: step 3, "), proc.stdout
+    # Step 3 is the third of the first epoch's four: epoch 1, counted from 1 as people count.
+    assert proc.stdout.startswith("enough: step 3 looked fine: step 3, epoch 1; train/loss "), proc.stdout
     status = json.loads((project.runs / "t" / "status.json").read_text())
     assert (status["status"], status["step"], status["reason"]) == ("finished", 3, "enough: step 3 looked fine")
     assert (project.runs / "t" / "checkpoints" / "step-00000003.pt").exists()  # the final checkpoint follows

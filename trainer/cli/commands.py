@@ -336,13 +336,18 @@ def _ending(trainer) -> str:
 
 
 def _report(trainer, run_dir: Path) -> None:
+    from trainer.progress import epoch_text
+
     if not trainer.is_main_process:
         return
     last: dict[str, float] = {}
     for record in trainer.history:
         last.update({k: v for k, v in record.items() if k.startswith(("train/", "val/"))})
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
-    typer.echo(f"{_ending(trainer)}: step {trainer.global_step}, epoch {trainer.epoch}; {shown}")
+    # Counted from 1 like the progress bar and lines: the epoch of the last step, which the last
+    # record of metrics.jsonl holds counted from 0.
+    epoch = epoch_text(trainer.last_step_epoch, trainer.total_epochs())
+    typer.echo(f"{_ending(trainer)}: step {trainer.global_step}, {epoch}; {shown}")
     typer.echo(f"run directory: {run_dir}")
 
 
