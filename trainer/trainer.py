@@ -59,6 +59,16 @@ class Trainer:
     step); ``None`` calls ``configure_optimizers()``. ``scheduler``: a scheduler, or a function of
     the optimizer. ``run_config``: the configuration saved in checkpoints (default: ``config``'s
     fields; the command line passes the whole resolved YAML config).
+
+    What callbacks and subclasses may read (README, "Callbacks and subclasses"): ``config``,
+    ``device``, ``module`` (the plain model: its parameters, its state dict) and ``model`` (what
+    steps call: ``module`` wrapped by DDP, sharded by FSDP or compiled), ``optimizer``,
+    ``scheduler``, ``global_step`` (optimizer steps done), ``epoch`` (the epoch in progress, from
+    0; after an epoch ends, the epochs done), ``batch_in_epoch`` (micro-batches of it consumed),
+    ``last_step_epoch``, ``total_steps()``, ``total_epochs()``, ``history`` (every log record),
+    ``run_dir``, ``is_main_process`` (rank 0), ``skipped_steps``, ``stop_reason`` and
+    ``stopped_by_signal``. To end the run, call ``stop(reason)`` (or set ``should_stop``).
+    The rest is internal.
     """
 
     def __init__(
