@@ -37,7 +37,7 @@ def state_of(megabytes: int) -> dict:
     width = 1024
     layers = max(1, round(megabytes * 2**20 / (4 * width * width)))
     model = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [], config={"progress_bar": False})
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [], config={"progress": "off"})
     return trainer.state_dict()
 
 

@@ -105,7 +105,7 @@ def make_trainer(model, optimizer, batches, loss_of, variant: str, device: str =
 
     log = variant in ("logging", "progress")
     config = {
-        "device": device, "max_steps": len(batches), "progress_bar": False, "eval_every_n_epochs": None,
+        "device": device, "max_steps": len(batches), "progress": "off", "eval_every_n_epochs": None,
         "precision": precision, "compile": compile_,
         "log_every_n_steps": LOG_EVERY if log else 10**9,
         "grad_logging": {"every_n_steps": LOG_EVERY, "per_layer": True} if log else {},

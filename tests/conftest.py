@@ -40,7 +40,7 @@ name: t
 seed: 0
 max_steps: 4
 batch_size: 16
-progress_bar: false
+progress: "off"
 log_every_n_steps: 2
 model:
   _target_: trainer.examples.models.MLP

@@ -35,6 +35,6 @@ def classification(n: int = 96, seed: int = 1, features: int = 8, classes: int =
 
 def quiet(**overrides):
     """A TrainerConfig dict with the progress bar off and logging every step."""
-    cfg = {"progress_bar": False, "log_every_n_steps": 1}
+    cfg = {"progress": "off", "log_every_n_steps": 1}
     cfg.update(overrides)
     return cfg

@@ -25,7 +25,7 @@ seed: 5
 max_epochs: 3
 batch_size: {batch}
 log_every_n_steps: 1
-progress_bar: false
+progress: "off"
 checkpoint: {{every_n_steps: 4, keep_last: 2}}
 model:
   _target_: trainer.examples.models.MLP
@@ -254,7 +254,7 @@ max_epochs: 2
 batch_size: {batch}
 grad_accum_steps: 2
 log_every_n_steps: 3
-progress_bar: false
+progress: "off"
 grad_logging: {{every_n_steps: 3}}
 checkpoint: {checkpoint}
 model:

@@ -42,7 +42,7 @@ def test_at_most_one_conversion_per_log_point(accum):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     config = {"max_steps": 20, "batch_size": 8, "grad_accum_steps": accum, "log_every_n_steps": 5,
               "grad_logging": {"every_n_steps": 5, "per_layer": True}, "clip_grad_norm": 1.0,
-              "eval_every_n_epochs": None, "progress_bar": False}
+              "eval_every_n_epochs": None, "progress": "off"}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
     # The path a CUDA run with a fused optimizer takes (on CPU the Trainer reads the loss each step,
     # which costs nothing there): the non-finite check stays on the device.
@@ -62,8 +62,31 @@ def test_the_count_catches_a_per_step_read():
     x, y = classification(20 * 8)
     model = mlp()
     t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), (x, y), loss_fn=F.cross_entropy,
-                config={"max_steps": 20, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False,
+                config={"max_steps": 20, "batch_size": 8, "log_every_n_steps": 5, "progress": "off",
                         "eval_every_n_epochs": None})
     with count_conversions() as counts:
         t.fit()
     assert counts["item"] >= 20
+
+
+@pytest.mark.parametrize("progress", ["bar", "lines"])
+def test_progress_adds_no_conversion_in_training_or_validation(progress, capsys):
+    """The bar and the lines show only what the log point and the evaluation already read: a run
+    with validation every 5 steps converts exactly as often with them as without."""
+
+    def conversions(mode):
+        x, y = classification(20 * 8)
+        model = mlp()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        t = Trainer(model, optimizer, (x, y), val_data=(x[:40], y[:40]), loss_fn=F.cross_entropy,
+                    config={"max_steps": 20, "batch_size": 8, "log_every_n_steps": 5, "eval_every_n_steps": 5,
+                            "eval_every_n_epochs": None, "nonfinite_check": "device", "progress": mode})
+        with count_conversions() as counts:
+            t.fit()
+        return counts
+
+    shown = conversions(progress)
+    assert shown == conversions("off")
+    assert shown["tolist"] == 8  # four log points and four evaluations, one read each
+    captured = capsys.readouterr()
+    assert ("val/loss" in captured.err) if progress == "bar" else (captured.out.count("val/loss") == 4)

@@ -756,3 +756,32 @@ def test_a_second_run_in_a_run_dir_is_refused_unless_it_resumes_or_overwrites(tm
     records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2  # this run's two log points alone
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001.pt", "step-00000002.pt"]
+
+
+def test_stop_ends_the_run_at_the_next_optimizer_step_boundary_with_the_first_reason():
+    class StopMidWindow(Callback):
+        def on_train_batch_start(self, trainer, batch):
+            if trainer.global_step == 2 and trainer.batch_in_epoch == 5:  # step 3's first micro-batch of two
+                trainer.stop("asked mid-window")
+                trainer.stop("asked again")
+
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(20, 4), loss_fn=F.cross_entropy,
+                callbacks=[StopMidWindow()], config=quiet(max_steps=10, grad_accum_steps=2))
+    t.fit()
+    assert (t.global_step, t.batch_in_epoch) == (3, 6)  # the window finished with its step, then no more
+    assert t.should_stop and t.stop_reason == "asked mid-window"
+    assert [r["step"] for r in t.history] == [1, 2, 3]
+
+
+def test_setting_should_stop_directly_still_stops():
+    class Halt(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch):
+            if trainer.global_step == 2:
+                trainer.should_stop = True
+
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(20, 4), loss_fn=F.cross_entropy,
+                callbacks=[Halt()], config=quiet(max_steps=10))
+    t.fit()
+    assert t.global_step == 2 and t.stop_reason is None

@@ -26,6 +26,7 @@ _EXPORTS = {
     "WarmupDecay": "trainer.schedules",
     "TensorBoardLogger": "trainer.tensorboard",
     "ProgressBar": "trainer.progress",
+    "ProgressLines": "trainer.progress",
     "eval_mode": "trainer.freezing",
     "detach": "trainer.freezing",
     "freeze": "trainer.freezing",
@@ -70,5 +71,5 @@ if TYPE_CHECKING:
     from trainer.hooks import HOOKS, Callback
     from trainer.metrics import CsvLogger, JsonlLogger, Logger
     from trainer.freezing import detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
-    from trainer.progress import ProgressBar
+    from trainer.progress import ProgressBar, ProgressLines
     from trainer.trainer import Trainer

@@ -71,8 +71,8 @@ class GradNormLogger(Callback):
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` evaluations.
 
-    The run ends at the optimizer-step boundary after that evaluation, with its final checkpoint,
-    and ``trainer.stop_reason`` says why.
+    The run ends (``trainer.stop``) at the optimizer-step boundary after that evaluation, with its
+    final checkpoint, and ``trainer.stop_reason`` says why.
     """
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
@@ -99,8 +99,7 @@ class EarlyStopping(Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            trainer.should_stop = True
-            trainer.stop_reason = (
+            trainer.stop(
                 f"early stopping: {self.monitor} did not improve by more than {self.min_delta} for "
                 f"{self.patience} evaluations (best {self.best:.6g} at step {self.best_step})"
             )

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 import typing
+import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -24,6 +25,11 @@ def _number_kind(annotation: Any) -> str | None:
     """'an integer' or 'a number' for an int or float field (optional or not), else None."""
     kinds = typing.get_args(annotation) or (annotation,)
     return "an integer" if int in kinds else "a number" if float in kinds else None
+
+
+def _progress_mode(value: Any) -> Any:
+    # YAML 1.1, as PyYAML reads it, makes an unquoted `progress: off` the boolean false.
+    return {False: "off", True: "auto"}[value] if isinstance(value, bool) else value
 
 
 class StrictModel(BaseModel):
@@ -130,8 +136,18 @@ class TrainerConfig(StrictModel):
     grad_logging: GradLoggingConfig = Field(
         default_factory=GradLoggingConfig, description="Gradient-norm logging."
     )
-    progress_bar: bool = Field(
-        True, description="Show a progress bar over optimizer steps (only when stderr is a terminal)."
+    progress: Literal["auto", "bar", "lines", "off"] = Field(
+        "auto",
+        description="How training shows its progress (rank 0 only): 'bar', a bar on stderr with the latest loss "
+        "and validation metrics; 'lines', one plain line on stdout per log point and per validation (for "
+        "nohup, batch schedulers, | tee); 'auto', the bar when stderr is a terminal, else lines; 'off' (YAML "
+        "reads an unquoted off as false, which means 'off' here too).",
+    )
+    progress_bar: bool | None = Field(
+        None,
+        exclude=True,  # its meaning lives on in progress, which resolved configs and checkpoints record
+        deprecated="use progress: off or progress: auto",
+        description="Deprecated: use progress. false is progress: off, true is progress: auto.",
     )
     deterministic: bool = Field(
         False, description="Use torch's deterministic algorithms (slower; errors on ops without one)."
@@ -167,6 +183,30 @@ class TrainerConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="When checkpoints are written and how many are kept."
     )
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress_from_boolean(cls, value: Any) -> Any:
+        return _progress_mode(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _progress_from_progress_bar(cls, data: Any) -> Any:
+        # Configs written before `progress` existed keep their meaning, with a warning that says what to write.
+        if not isinstance(data, dict) or data.get("progress_bar") is None:
+            return data
+        old = data["progress_bar"]
+        if not isinstance(old, bool):
+            return data  # the field's own validation reports it
+        meant = "auto" if old else "off"
+        new = _progress_mode(data.get("progress", "auto"))
+        if new not in ("auto", meant):
+            raise PydanticCustomError(
+                "progress_conflict", "progress_bar: {old} (deprecated) disagrees with progress: {new}; "
+                "remove progress_bar", {"old": str(old).lower(), "new": str(new)})
+        warnings.warn(f"progress_bar is deprecated: write progress: {meant} instead", DeprecationWarning,
+                      stacklevel=3)  # the caller of TrainerConfig(...), past pydantic's __init__
+        return {**data, "progress": meant}
 
     @field_validator("device")
     @classmethod

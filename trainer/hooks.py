@@ -35,7 +35,11 @@ class Callback:
     its ``state_key`` (the class name unless the attribute is set; two callbacks of one class that
     keep state need distinct keys). A callback that changes the weights evaluation should use (an
     average, say) defines ``evaluation_weights(trainer)``, a context manager that ``evaluate``
-    enters around every evaluation, the run's validation and any other data alike.
+    enters around every evaluation, the run's validation and any other data alike. A callback that
+    follows the run's validation batch by batch (the progress bar) defines
+    ``validation_batches(trainer, batches, total)``, returning an iterable that yields ``batches``'
+    items unchanged (``total``: their number, or None). Neither is a hook: they wrap rather than
+    notify, and only callbacks define them.
     """
 
     def on_fit_start(self, trainer) -> None: ...

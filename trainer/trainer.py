@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import distributed, evaluation, sanity, signals
+from trainer import distributed, evaluation, progress, sanity, signals
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
@@ -35,11 +35,17 @@ from trainer.freezing import UnfrozenGroups, detach, eval_mode, matching_names
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricBuffer
 from trainer.nonfinite import NonFiniteGuard
-from trainer.progress import ProgressBar
 
 
 def _same_batch(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     return batch
+
+
+def _length(source: Any) -> int | None:
+    try:
+        return len(source)
+    except TypeError:
+        return None
 
 
 class Trainer:
@@ -57,6 +63,16 @@ class Trainer:
     step); ``None`` calls ``configure_optimizers()``. ``scheduler``: a scheduler, or a function of
     the optimizer. ``run_config``: the configuration saved in checkpoints (default: ``config``'s
     fields; the command line passes the whole resolved YAML config).
+
+    What callbacks and subclasses may read (README, "Callbacks and subclasses"): ``config``,
+    ``device``, ``module`` (the plain model: its parameters, its state dict) and ``model`` (what
+    steps call: ``module`` wrapped by DDP, sharded by FSDP or compiled), ``optimizer``,
+    ``scheduler``, ``global_step`` (optimizer steps done), ``epoch`` (the epoch in progress, from
+    0; after an epoch ends, the epochs done), ``batch_in_epoch`` (micro-batches of it consumed),
+    ``last_step_epoch``, ``total_steps()``, ``total_epochs()``, ``history`` (every log record),
+    ``run_dir``, ``is_main_process`` (rank 0), ``skipped_steps``, ``stop_reason`` and
+    ``stopped_by_signal``. To end the run, call ``stop(reason)`` (or set ``should_stop``).
+    The rest is internal.
     """
 
     def __init__(
@@ -127,8 +143,9 @@ class Trainer:
         if cfg.grad_logging.every_n_steps:
             grad = cfg.grad_logging
             self.callbacks.append(GradNormLogger(grad.every_n_steps, grad.per_layer, grad.histograms))
-        if cfg.progress_bar:
-            self.callbacks.append(ProgressBar())
+        shown = progress.for_mode(cfg.progress)
+        if shown is not None:
+            self.callbacks.append(shown)
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
 
         self.loggers: list[Logger] = list(loggers) if self.is_main_process else []
@@ -365,7 +382,7 @@ class Trainer:
                 self._flush_logs()
                 stopped = self.stopped_by_signal is not None
                 if self.val_data is not None and self.validated_step != self.global_step and not stopped:
-                    self._validate(epoch=self.epoch - (self.batch_in_epoch == 0))  # final metrics
+                    self._validate(epoch=self.last_step_epoch)  # final metrics
                 if cfg.checkpoint.save_final and self.run_dir is not None and not stopped:
                     self.save_checkpoint()
             except BaseException as exc:
@@ -560,16 +577,33 @@ class Trainer:
         self.should_stop = True
         self.stop_reason = f"stopped by {signals.name(signum)}" + (f", checkpoint {path}" if path else "")
 
+    def stop(self, reason: str) -> None:
+        """End the run at the next optimizer-step boundary (after the step in progress, or at once
+        between steps), as ``max_steps`` would: the final validation and checkpoint follow.
+        ``reason`` becomes ``stop_reason``, which opens the summary line of ``trainer run`` and is the
+        ``reason`` in ``status.json``; when several ask, the first reason given is kept."""
+        self.should_stop = True
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    @property
+    def last_step_epoch(self) -> int:
+        """The epoch (from 0) the latest optimizer step belongs to, which its records carry:
+        ``epoch`` during an epoch; between epochs, when ``epoch`` already counts the one that
+        ended, that one."""
+        return self.epoch - 1 if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch
+
     def _done(self) -> bool:
         cfg = self.config
         if self.should_stop:
             return True
         if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
             return True
-        return self._max_epochs() is not None and self.epoch >= self._max_epochs()
+        return self.total_epochs() is not None and self.epoch >= self.total_epochs()
 
-    def _max_epochs(self) -> int | None:
-        """``max_epochs``, or one epoch when neither limit is set."""
+    def total_epochs(self) -> int | None:
+        """Epochs this run may take: ``max_epochs``, or one when neither limit is set (None: only
+        ``max_steps`` limits the run)."""
         cfg = self.config
         return cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
 
@@ -580,7 +614,7 @@ class Trainer:
             per_epoch = math.ceil(len(self._train_source()) / cfg.grad_accum_steps)
         except TypeError:
             per_epoch = None
-        max_epochs = self._max_epochs()
+        max_epochs = self.total_epochs()
         by_epochs = per_epoch * max_epochs if per_epoch is not None and max_epochs is not None else None
         limits = [n for n in (cfg.max_steps, by_epochs) if n is not None]
         return min(limits) if limits else None
@@ -606,7 +640,7 @@ class Trainer:
         the ``on_log`` hook and the loggers."""
         if not self._interval.micro_batches and not self._metrics:
             return
-        record: dict[str, float] = {"step": self.global_step, "epoch": self.epoch}
+        record: dict[str, float] = {"step": self.global_step, "epoch": self.last_step_epoch}
         samples_per_sec = self._interval.put(self._metrics)
         self._metrics.put("lr", self.optimizer.param_groups[0]["lr"])
         values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=distributed.mean_over_ranks)
@@ -710,6 +744,11 @@ class Trainer:
             self._call("on_validation_start")
         else:
             source = self._make_source(data, shuffle=False, pad=False)
+        batches = self.strategy.eval_batches(source)
+        if own:  # callbacks that watch validation's batches (the progress bar counts them)
+            for cb in self.callbacks:
+                if hasattr(cb, "validation_batches"):
+                    batches = cb.validation_batches(self, batches, _length(source))
         stepped, self.model = self.model, self.strategy.eval_module(self.model, self.module)
         try:
             with contextlib.ExitStack() as stack:
@@ -719,7 +758,7 @@ class Trainer:
                         stack.enter_context(cb.evaluation_weights(self))
                 stack.enter_context(eval_mode(self.module))
                 stack.enter_context(self.precision.autocast)
-                values = evaluation.evaluate(self.validation_step, self.strategy.eval_batches(source), self.device)
+                values = evaluation.evaluate(self.validation_step, batches, self.device)
         finally:
             self.model = stepped
         metrics = {f"{prefix}/{name}": value for name, value in values.items()}

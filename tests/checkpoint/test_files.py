@@ -39,7 +39,7 @@ grad_accum_steps: 2
 deterministic: true
 log_every_n_steps: 1
 eval_every_n_epochs: 2
-progress_bar: false
+progress: "off"
 checkpoint: {every_n_steps: 3, keep_last: 2}
 model:
   _target_: trainer.examples.models.MLP

@@ -102,7 +102,7 @@ def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path, project,
 
 
 def test_quickstart_config_runs(tmp_path, run_cli):
-    proc = run_cli("run", ROOT / "configs" / "quickstart.yaml", f"out_dir={tmp_path}", "progress_bar=false")
+    proc = run_cli("run", ROOT / "configs" / "quickstart.yaml", f"out_dir={tmp_path}", "progress=off")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.splitlines()[0]
     assert line.startswith("finished: step 160, epoch 5")
@@ -113,7 +113,7 @@ def test_quickstart_config_runs(tmp_path, run_cli):
 def test_digits_config_runs_for_a_few_epochs(tmp_path):
     pytest.importorskip("sklearn")
     code, out = invoke("run", ROOT / "configs" / "digits.yaml", f"out_dir={tmp_path}", "max_epochs=3",
-                       "progress_bar=false")
+                       "progress=off")
     assert code == 0, out
     acc = float(out.split("val/acc ")[1].split()[0].rstrip(","))
     assert acc > 0.8
@@ -122,7 +122,7 @@ def test_digits_config_runs_for_a_few_epochs(tmp_path):
 @pytest.mark.slow
 def test_digits_full_run_reaches_95_percent(tmp_path):
     pytest.importorskip("sklearn")
-    code, out = invoke("run", ROOT / "configs" / "digits.yaml", f"out_dir={tmp_path}", "progress_bar=false")
+    code, out = invoke("run", ROOT / "configs" / "digits.yaml", f"out_dir={tmp_path}", "progress=off")
     assert code == 0, out
     assert float(out.split("val/acc ")[1].split()[0].rstrip(",")) >= 0.95
 
@@ -130,7 +130,7 @@ def test_digits_full_run_reaches_95_percent(tmp_path):
 def test_char_lm_config_takes_a_few_steps(tmp_path):
     code, out = invoke("run", ROOT / "configs" / "char_lm.yaml", f"out_dir={tmp_path}", "max_steps=3",
                        "batch_size=4", "data.max_bytes=20000", "model.n_layers=1", "eval_every_n_steps=3",
-                       "log_every_n_steps=1", "progress_bar=false", "scheduler.T_max=3")
+                       "log_every_n_steps=1", "progress=off", "scheduler.T_max=3")
     assert code == 0, out
     assert "finished: step 3" in out and "val/loss" in out
 
@@ -369,9 +369,9 @@ def test_override_of_a_key_that_does_not_exist(tmp_path, project):
 
 def test_override_values_are_yaml_scalars(tmp_path, project):
     cfg = project.write(project.text + "scheduler:\n  _target_: torch.optim.lr_scheduler.StepLR\n  step_size: 2\n")
-    code, out = invoke("check", cfg, "scheduler=null", "clip_grad_norm=1e0", "progress_bar=true")
+    code, out = invoke("check", cfg, "scheduler=null", "clip_grad_norm=1e0", "progress=lines")
     assert code == 0, out
-    assert "scheduler: null" in out and "clip_grad_norm: 1.0" in out and "progress_bar: true" in out
+    assert "scheduler: null" in out and "clip_grad_norm: 1.0" in out and "progress: lines" in out
 
 
 # What the reader refuses: each case a real `trainer check` with a hostile file or override; the
@@ -582,3 +582,24 @@ def test_old_import_paths_warn_and_still_work(old, name):
                            f"assert {name} is new.{name}"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert f"DeprecationWarning: trainer.{old} moved to trainer.cli.{old}" in proc.stderr
+
+
+def test_stop_from_a_callback_ends_the_run_and_the_reason_is_reported(project, run_cli):
+    project.write("""\
+        from trainer import Callback
+
+
+        class StopAt(Callback):
+            def on_train_batch_end(self, trainer, outputs, batch):
+                if trainer.global_step == 3:
+                    trainer.stop("enough: step 3 looked fine")
+        """, name="stopper.py")
+    cfg = project.write(project.text.replace("max_steps: 4", "max_steps: 20")
+                        + "callbacks: [{_target_: stopper.StopAt}]\n")
+    proc = run_cli("run", cfg, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    # Step 3 is the third of the first epoch's four: epoch 1, counted from 1 as people count.
+    assert proc.stdout.startswith("enough: step 3 looked fine: step 3, epoch 1; train/loss "), proc.stdout
+    status = json.loads((project.runs / "t" / "status.json").read_text())
+    assert (status["status"], status["step"], status["reason"]) == ("finished", 3, "enough: step 3 looked fine")
+    assert (project.runs / "t" / "checkpoints" / "step-00000003.pt").exists()  # the final checkpoint follows

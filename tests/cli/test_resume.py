@@ -17,7 +17,7 @@ max_epochs: 3
 batch_size: 16
 log_every_n_steps: 4
 eval_every_n_epochs: 1
-progress_bar: false
+progress: "off"
 checkpoint: {{every_n_steps: 5, keep_last: 10}}
 model: {{_target_: trainer.examples.models.MLP, in_features: 16, hidden: 16, out_features: 4, dropout: 0.2}}
 data: {{_target_: trainer.examples.synthetic.classification, n_train: 96, n_val: 32}}

@@ -22,7 +22,7 @@ def main(mode: str = "eager") -> None:
     y = (x[:, 0] > 0).long()
     model = torch.nn.Linear(8, 2)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
-                      config={"max_steps": 4, "batch_size": 8, "log_every_n_steps": 2, "progress_bar": False,
+                      config={"max_steps": 4, "batch_size": 8, "log_every_n_steps": 2, "progress": "off",
                               "compile": mode == "compile"})
     trainer.fit()
     wrapper = weakref.ref(trainer.strategy.ddp)

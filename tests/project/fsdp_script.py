@@ -37,7 +37,7 @@ def main(run_dir: str, precision: str, optimizer_name: str = "adamw") -> None:
         model, train_data=data["train"], val_data=data["val"], loss_fn=lm_loss, run_dir=run_dir,
         optimizer_name=optimizer_name,
         config={"strategy": "fsdp", "precision": precision, "batch_size": 4, "max_steps": 6,
-                "log_every_n_steps": 2, "on_nonfinite": "skip", "progress_bar": False},
+                "log_every_n_steps": 2, "on_nonfinite": "skip", "progress": "off"},
     )
     trainer.fit()
     trainer.close()

@@ -30,7 +30,7 @@ if __name__ == "__main__":
     timeout = float(sys.argv[1]) if len(sys.argv) > 1 else None
     model = torch.nn.Linear(8, 3)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), Hangs(), loss_fn=F.cross_entropy,
-                      config={"batch_size": 4, "num_workers": 1, "progress_bar": False, "log_every_n_steps": 1,
+                      config={"batch_size": 4, "num_workers": 1, "progress": "off", "log_every_n_steps": 1,
                               "eval_every_n_epochs": None, "data_timeout": timeout})
     print("training", flush=True)
     trainer.fit()

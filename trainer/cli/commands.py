@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -80,7 +81,14 @@ def _load(config: Path, overrides: Optional[list[str]]):
     source = Source.load(config)
     for text in overrides or []:
         source.apply_override(text)
-    return source, validate(source)
+    # A deprecated setting still works; the user hears about it once, as one line, not as a
+    # DeprecationWarning that Python's filters hide outside __main__.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validated = validate(source)
+    for warning in caught:
+        typer.echo(f"warning: {source.file}: {warning.message}", err=True)
+    return source, validated
 
 
 def _resolved_yaml(run) -> str:
@@ -287,7 +295,7 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
         signum = built.trainer.stopped_by_signal
         try:
             write_status(run_dir, "interrupted" if signum else "finished", step=built.trainer.global_step,
-                         reason=built.trainer.stop_reason or "finished")
+                         reason=_ending(built.trainer))
         except OSError as exc:
             raise UserError(_unwritable(run_dir, exc)) from None
     built.trainer.close()  # leave the process group (under torchrun)
@@ -388,14 +396,26 @@ def _finished_at(run_dir: Path, cfg) -> int | None:
     return step if reached else None
 
 
+def _ending(trainer) -> str:
+    """Why the run ended, for the summary line and ``status.json``."""
+    if trainer.stop_reason:
+        return trainer.stop_reason
+    return "stopped (should_stop set, no reason given)" if trainer.should_stop else "finished"
+
+
 def _report(trainer, run_dir: Path) -> None:
+    from trainer.progress import epoch_text
+
     if not trainer.is_main_process:
         return
     last: dict[str, float] = {}
     for record in trainer.history:
         last.update({k: v for k, v in record.items() if k.startswith(("train/", "val/"))})
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
-    typer.echo(f"{trainer.stop_reason or 'finished'}: step {trainer.global_step}, epoch {trainer.epoch}; {shown}")
+    # Counted from 1 like the progress bar and lines: the epoch of the last step, which the last
+    # record of metrics.jsonl holds counted from 0.
+    epoch = epoch_text(trainer.last_step_epoch, trainer.total_epochs())
+    typer.echo(f"{_ending(trainer)}: step {trainer.global_step}, {epoch}; {shown}")
     typer.echo(f"run directory: {run_dir}")
 
 

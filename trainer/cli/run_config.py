@@ -103,7 +103,9 @@ _UNIONS = {
 
 def trainer_config(run: RunConfig) -> TrainerConfig:
     """The loop settings alone, as the Trainer takes them."""
-    return TrainerConfig(**{name: getattr(run, name) for name in TrainerConfig.model_fields})
+    # Excluded fields (the deprecated progress_bar) have already been folded into their successors.
+    return TrainerConfig(**{name: getattr(run, name) for name, field in TrainerConfig.model_fields.items()
+                            if not field.exclude})
 
 
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
