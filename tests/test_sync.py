@@ -47,6 +47,9 @@ def test_at_most_one_conversion_per_log_point(accum):
     # The path a CUDA run with a fused optimizer takes (on CPU the Trainer reads the loss each step,
     # which costs nothing there): the non-finite check stays on the device.
     config["nonfinite_check"] = "device"
+    # The sanity pass before the first step copies the random generators' states to the host and
+    # back, once; this test counts what the loop does.
+    config["sanity_check"] = False
     t = Trainer(model, optimizer, (x, y), loss_fn=F.cross_entropy, scheduler=scheduler,
                 callbacks=[ProgressBar(force=True)], config=config)
     with count_conversions() as counts:
@@ -80,7 +83,8 @@ def test_progress_adds_no_conversion_in_training_or_validation(progress, capsys)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         t = Trainer(model, optimizer, (x, y), val_data=(x[:40], y[:40]), loss_fn=F.cross_entropy,
                     config={"max_steps": 20, "batch_size": 8, "log_every_n_steps": 5, "eval_every_n_steps": 5,
-                            "eval_every_n_epochs": None, "nonfinite_check": "device", "progress": mode})
+                            "eval_every_n_epochs": None, "nonfinite_check": "device", "progress": mode,
+                            "sanity_check": False})
         with count_conversions() as counts:
             t.fit()
         return counts
