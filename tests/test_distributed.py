@@ -114,8 +114,8 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     ddp_val = [r["val/loss"] for r in ddp_records if "val/loss" in r]
     single_val = [r["val/loss"] for r in single_records if "val/loss" in r]
     assert ddp_val == pytest.approx(single_val, rel=1e-5)
-    assert sorted(p.name for p in ddp_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "metrics.jsonl",
-                                                        "status.json"]
+    assert sorted(p.name for p in ddp_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.csv",
+                                                        "metrics.jsonl", "status.json"]
     assert sorted(p.name for p in (ddp_dir / "checkpoints").iterdir()) == ["step-00000020.pt", "step-00000024.pt"]
     # A DDP checkpoint holds the plain module's keys, so it loads in a single process.
     assert not any(k.startswith("module.") for k in a["model"])

@@ -14,8 +14,17 @@ PROJECT = Path(__file__).parent / "project"
 
 def start(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
+    # A session of its own: the worker stuck in sleep never notices its parent died, so the test ends
+    # the whole group, not the main process alone.
     return subprocess.Popen([sys.executable, str(PROJECT / "hanging.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+def end(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.mark.slow
@@ -30,7 +39,7 @@ def test_a_second_sigterm_ends_a_run_whose_data_worker_hangs():
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
-        proc.kill()
+        end(proc)
     err = proc.stderr.read()
     assert "SIGTERM received; stopping after the current optimizer step" in err
     assert "stopped at once by a second SIGTERM" in err
@@ -43,7 +52,7 @@ def test_data_timeout_turns_a_hanging_worker_into_an_error():
     try:
         proc.wait(timeout=60)
     finally:
-        proc.kill()
+        end(proc)
     err = proc.stderr.read()
     assert "DataError: a DataLoader worker took longer than data_timeout (2 s) to deliver a batch" in err
     assert proc.returncode == 1
@@ -69,7 +78,7 @@ optimizer: {{_target_: torch.optim.SGD, lr: 0.1}}
 """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     run_dir = tmp_path / "runs" / "hang"
     try:
         deadline = time.time() + 60
@@ -83,7 +92,7 @@ optimizer: {{_target_: torch.optim.SGD, lr: 0.1}}
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
-        proc.kill()
+        end(proc)
     assert proc.returncode == 143, proc.stderr.read()
     assert "stopped at once by a second SIGTERM" in proc.stderr.read()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"

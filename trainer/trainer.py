@@ -678,8 +678,8 @@ class Trainer:
         """Restore everything ``state_dict`` saved, from a checkpoint (file or sharded directory) or an
         already loaded one; ``fit()`` then continues from it.
 
-        A checkpoint written with another seed, batch size, accumulation, world size, precision,
-        model, data or optimizer is refused with every difference listed, unless ``accept_changes``:
+        A checkpoint written with another seed, global batch (batch size x world size),
+        accumulation, precision, model, data or optimizer is refused with every difference listed, unless ``accept_changes``:
         then this Trainer's values apply from here on (the optimizer's hyperparameters, a new
         optimizer class with fresh state, the data position mapped by samples seen). Returns the
         differences, one line each."""

@@ -25,9 +25,11 @@ from trainer.checkpoint.files import CheckpointError
 _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written before state keys
 
 # Config entries whose change breaks exact resume: the data order, what a step computes, what the
-# saved state means. A change to any other entry (limits, logging, checkpoints, callbacks) is fine.
-EXACT = ("seed", "batch_size", "grad_accum_steps", "precision", "strategy", "world_size", "model", "optimizer",
-         "scheduler", "data", "loss", "trainer")
+# saved state means. A change to any other entry (limits, logging, checkpoints, callbacks, how the
+# ranks hold the model) is fine. batch_size and world_size count as one: their product, the global
+# batch, fixes which samples make a step.
+EXACT = ("seed", "grad_accum_steps", "precision", "model", "optimizer", "scheduler", "data",
+         "loss", "trainer")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -219,6 +221,8 @@ class Checkpointer:
         changes = config_changes(saved, current)
         resumed = Resumed(changes, saved_config.get("batch_size"), saved["world_size"])
         breaking = [c for c in changes if c[0].split(".")[0] in EXACT]
+        if _global_batch(saved) != _global_batch(current):
+            breaking += [c for c in changes if c[0] in ("batch_size", "world_size")]
         if breaking and not accept_changes:
             lines = "; ".join(f"{line}{' (breaks exact resume)' if c in breaking else ''}"
                               for c, line in zip(changes, resumed.describe()))
@@ -385,3 +389,8 @@ def _optimizer_summary(param_groups: list[dict[str, Any]], name: str | None) -> 
         if "initial_lr" in group:
             summary[f"{i}.lr"] = group["initial_lr"]
     return summary
+
+
+def _global_batch(config: dict[str, Any]) -> Any:
+    batch, world = config.get("batch_size"), config.get("world_size")
+    return batch * world if isinstance(batch, int) and isinstance(world, int) else batch
