@@ -78,7 +78,7 @@ def main() -> None:
 
     def bookkeeping():
         interval.track(loss, loss, (x, y))
-        interval.end_step(guard.check(interval.step_loss, 8))
+        interval.end_step(guard.check(interval.step_loss, None, 8, interval.step_loss))
         trainer._after_step()
 
     per_call = min(timeit.repeat(bookkeeping, number=20000, repeat=5)) / 20000 * 1e6

@@ -57,25 +57,33 @@ class NonFiniteGuard:
         if self.on_device:
             self._flags = torch.zeros(min(log_every, CAPACITY), device=self.device)
 
-    def check(self, value: torch.Tensor, step: int, loss: torch.Tensor) -> bool | torch.Tensor:
-        """Before optimizer step ``step``: is it skipped? ``value`` is finite only if the step's loss
-        and gradients are (see ``strategy.step_value``). On the host, a bool (or an error under
-        ``on_nonfinite: error``); on the device, a 0/1 flag tensor that the fused optimizer also
-        reads, so the step skips itself without the host waiting."""
+    def check(self, value: torch.Tensor, grads_found: torch.Tensor | None, step: int,
+              loss: torch.Tensor) -> bool | torch.Tensor:
+        """Before optimizer step ``step``: is it skipped? It is when ``value`` is not finite or
+        ``grads_found`` (a 0/1 flag of non-finite gradients, see ``strategy.step_value``) is 1,
+        which is then cleared. On the host, a bool (or an error under ``on_nonfinite: error``); on
+        the device, a 0/1 flag tensor that the fused optimizer also reads, so the step skips itself
+        without the host waiting."""
         if self.on_device:
             if self._unread == len(self._flags):
                 self.read(self.pending().tolist())  # note: CPU-GPU sync point, only if log interval > CAPACITY
             found = self._flags.select(0, self._unread)
             torch.logical_not(torch.isfinite(value), out=found)
+            if grads_found is not None:
+                torch.maximum(found, grads_found, out=found)
+                grads_found.zero_()
             self._unread += 1
             self.optimizer.found_inf = found  # read by fused optimizers: skip this step on the device
             return found
-        number = value.item()  # on CPU this is a plain read, nothing to wait for
+        # On CPU these are plain reads, nothing to wait for.
+        number = value.item()
         self._step = step
-        if math.isfinite(number):
+        if math.isfinite(number) and (grads_found is None or not grads_found.item()):
             self.consecutive = 0
             self._taken += 1
             return False
+        if grads_found is not None:
+            grads_found.zero_()
         self.consecutive += 1
         self.skipped += 1
         loss_value = loss.item()  # the error path only

@@ -40,22 +40,22 @@ class SingleProcess:
         return None
 
     def step_value(self, step_loss: torch.Tensor, params: list[torch.Tensor], grads_too: bool,
-                   need_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The value whose finiteness decides whether a step is taken, and the total gradient norm
-        when ``need_norm`` (clipping) asks for it. Alone: the step's loss, and with ``grads_too`` the
+                   need_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What decides whether a step is taken: ``(value, found, norm)``, the step is bad when
+        ``value`` is not finite or ``found`` (if given) is 1; ``norm`` is the total gradient norm when
+        ``need_norm`` (clipping) asks for it. Alone: the step's loss, and with ``grads_too`` the
         gradients too: when clipping computes their norm anyway, loss + norm (finite only if both
-        are); otherwise the fused check GradScaler uses (one kernel over all gradients, cheaper than
-        a norm), folded in as loss / (1 - found), which is not finite once found is 1."""
+        are); otherwise GradScaler's fused check, one kernel over all gradients that sets ``found``
+        (and never clears it: the non-finite guard does, after a bad step)."""
         if not grads_too:
-            return step_loss, None
+            return step_loss, None, None
         if need_norm:
             norm = _grad_norm(params, self.device)
-            return step_loss + norm, norm
+            return step_loss + norm, None, norm
         grads = [p.grad for p in params if p.grad is not None]
-        self._found.zero_()
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
-        return step_loss / (1 - self._found), None
+        return step_loss, self._found, None
 
     def clip(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor | None) -> None:
         if norm is not None:
@@ -100,7 +100,7 @@ class DDP(SingleProcess):
         # any rank makes them non-finite): checking the gradient norm makes every rank take the same
         # decision without a collective.
         norm = _grad_norm(params, self.device)
-        return norm, norm
+        return norm, None, norm
 
     def eval_module(self, model: nn.Module, module: nn.Module) -> nn.Module:
         # DDP's forward would synchronise buffers across ranks; evaluation runs on the plain module.
@@ -150,7 +150,7 @@ class FSDP(SingleProcess):
 
     def step_value(self, step_loss, params, grads_too, need_norm):
         norm = _grad_norm(params, self.device)  # each rank holds a shard: one scalar all-reduce
-        return norm, norm
+        return norm, None, norm
 
     def clip(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor | None) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # DTensor gradients: torch's own path

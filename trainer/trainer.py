@@ -526,11 +526,12 @@ class Trainer:
         for fn in h["on_after_backward"]:
             fn(self)
         # Under fp16 the scaler owns overflowing gradients (it skips the step and lowers the scale).
-        value, norm = self.strategy.step_value(self._interval.step_loss, self._clip_params, self._check_grads,
-                                               self.config.clip_grad_norm is not None)
-        skipped = self._guard.check(value, self.global_step + 1, self._interval.step_loss)  # may raise
+        clipping = self.config.clip_grad_norm is not None
+        value, found, norm = self.strategy.step_value(self._interval.step_loss, self._clip_params,
+                                                      self._check_grads, clipping)
+        skipped = self._guard.check(value, found, self.global_step + 1, self._interval.step_loss)  # may raise
         self._interval.end_step(skipped)
-        if self.config.clip_grad_norm is not None:
+        if clipping:
             self.strategy.clip(self._clip_params, self.config.clip_grad_norm, norm)
         for fn in h["on_before_optimizer_step"]:
             fn(self, optimizer)
