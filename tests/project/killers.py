@@ -43,7 +43,8 @@ class KillAt(Callback):
     * ``epoch_end``: when epoch ``step`` ends;
     * ``during_save``: half-way through writing the checkpoint of step ``step``;
     * ``after_step``: after optimizer step ``step``;
-    * ``after_validation``: after the validation at optimizer step ``step``.
+    * ``after_validation``: after the validation at optimizer step ``step``;
+    * ``fit_end``: after the final checkpoint, before ``status.json`` says finished.
     """
 
     def __init__(self, where: str, step: int, marker: str, signum: int = int(signal.SIGKILL), twice: bool = False):
@@ -68,6 +69,10 @@ class KillAt(Callback):
 
     def on_train_epoch_end(self, trainer):
         if self.where == "epoch_end" and trainer.epoch == self.step:
+            self._fire()
+
+    def on_fit_end(self, trainer):
+        if self.where == "fit_end":
             self._fire()
 
     def on_validation_end(self, trainer, metrics):
