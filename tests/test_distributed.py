@@ -204,7 +204,9 @@ def _worker_pids(agent_pid):
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes through /proc")
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     cfg = write(tmp_path, "term", batch=8).read_text()
-    cfg = cfg.replace("max_epochs: 3", "max_epochs: 500").replace("log_every_n_steps: 1", "log_every_n_steps: 5")
+    # Far more epochs than it can run before the signal, however late a loaded machine lets the test
+    # look (with 500 a run could finish first, and the signal then hit an exited process).
+    cfg = cfg.replace("max_epochs: 3", "max_epochs: 1000000").replace("log_every_n_steps: 1", "log_every_n_steps: 5")
     cfg = cfg.replace("checkpoint: {every_n_steps: 4, keep_last: 2}", "checkpoint: {every_n_steps: 100000}")
     (tmp_path / "term.yaml").write_text(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -220,7 +222,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     os.kill(workers[1], signal.SIGTERM)  # rank 1 alone is told to stop
     out, err = agent.communicate(timeout=120)
 
-    assert agent.returncode != 0  # each worker exits 143; torchrun reports them
+    assert agent.returncode != 0, out[-2000:] + err[-3000:]  # each worker exits 143; torchrun reports them
     assert "stopped by SIGTERM" in out, out + err[-2000:]  # said by rank 0, which got no signal itself
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     assert len(checkpoints) == 1
