@@ -11,6 +11,7 @@ from trainer.checkpoint.files import (
     link_best,
     load_checkpoint,
     load_sharded,
+    newest_good_checkpoint,
     remove,
     rng_state,
     rotate,
@@ -23,6 +24,6 @@ from trainer.checkpoint.state import Attributes, Checkpointer, state_key
 
 __all__ = [
     "Attributes", "KEYS", "SHARDED_STATE", "VERSION", "CheckpointError", "Checkpointer", "check_model_state", "checkpoint_name",
-    "find_resume_checkpoint", "link_best", "list_checkpoints", "load_checkpoint", "load_sharded", "remove",
+    "find_resume_checkpoint", "link_best", "list_checkpoints", "load_checkpoint", "load_sharded", "newest_good_checkpoint", "remove",
     "rng_state", "rotate", "save_checkpoint", "save_sharded", "set_rng_state", "state_key",
 ]

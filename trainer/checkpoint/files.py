@@ -455,32 +455,40 @@ def load_sharded(tensors: dict[str, Any], path: str | Path) -> None:
 
 
 def find_resume_checkpoint(run_dir: str | Path, resume: str) -> dict[str, Any] | None:
-    """``--resume auto``: the newest checkpoint of the run that loads, falling back past bad ones
-    with a warning; ``None`` (a fresh start) when the run has none. ``--resume PATH``: that file."""
+    """``--resume auto``: the newest checkpoint of the run that loads (``newest_good_checkpoint``);
+    ``None`` (a fresh start) when the run has none. ``--resume PATH``: that file."""
     if resume != "auto":
         state = load_checkpoint(resume)
         state["path"] = str(resume)
         return state
-    files = list_checkpoints(checkpoint_dir(run_dir))
-    if not files:
+    state = newest_good_checkpoint(run_dir, "resume")
+    if state is None:
         print(f"resume: no checkpoint in {checkpoint_dir(run_dir)}; starting from scratch", flush=True)
         return None
+    print(f"resume: continuing from {state['path']} (step {state['trainer_state']['global_step']})", flush=True)
+    return state
+
+
+def newest_good_checkpoint(run_dir: str | Path, purpose: str) -> dict[str, Any] | None:
+    """The newest periodic checkpoint of the run that loads, falling back past damaged ones with a
+    warning (each one's problem, then which one ``purpose`` falls back to); ``None`` when the run has
+    none, and a ``CheckpointError`` when none loads. ``state["path"]`` holds where it came from."""
     bad: list[str] = []
-    for path in reversed(files):
+    for path in reversed(list_checkpoints(checkpoint_dir(run_dir))):
         try:
             state = load_checkpoint(path)
         except CheckpointError as exc:
-            warnings.warn(f"{exc}; trying the previous checkpoint", stacklevel=2)
+            warnings.warn(f"{exc}; trying the previous checkpoint", stacklevel=3)
             bad.append(str(path))
             continue
         state["path"] = str(path)
-        step = state["trainer_state"]["global_step"]
         if bad:
-            warnings.warn(f"resume: {', '.join(bad)} could not be loaded; falling back to {path} (step {step})",
-                          stacklevel=2)
-        print(f"resume: continuing from {path} (step {step})", flush=True)
+            warnings.warn(f"{purpose}: {', '.join(bad)} could not be loaded; falling back to {path} "
+                          f"(step {state['trainer_state']['global_step']})", stacklevel=3)
         return state
-    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: {', '.join(bad)} all failed to load")
+    if bad:
+        raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: {', '.join(bad)} all failed to load")
+    return None
 
 
 def link_best(target: Path, link: Path) -> None:

@@ -486,6 +486,53 @@ def evaluate(
 
 
 @app.command()
+def export(
+    source: Path = typer.Argument(
+        ..., metavar="RUN_DIR_OR_CHECKPOINT", show_default=False,
+        help="A run directory (its newest good checkpoint, as --resume auto picks it), or a checkpoint: a file, "
+             "or a directory under strategy: fsdp."),
+    out: Path = typer.Option(
+        ..., "--out", show_default=False,
+        help="The weights file to write, NAME.safetensors; the model's config goes beside it as NAME.yaml."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", show_default=False,
+        help="bf16, fp16 or fp32 for the floating-point tensors (default: as saved)."),
+    weights: str = typer.Option(
+        "auto", "--weights",
+        help="auto: the EMA when the run kept one (EMAWeights), else the trained weights; ema; trained; "
+             "or the state_key of one EMA callback."),
+    debug: bool = DEBUG,
+) -> None:
+    """Write a checkpoint's weights (the EMA of them under EMAWeights) as one .safetensors file for
+    serving, and the model's config beside it (needs safetensors)."""
+    with _reporting(debug):
+        from trainer.checkpoint import CheckpointError
+        from trainer.export import ExportError, SafetensorsMissing, export_model
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                done = export_model(source, out, dtype=dtype, weights=weights)
+            except (ExportError, CheckpointError, SafetensorsMissing) as exc:
+                raise UserError(str(exc)) from None
+            finally:
+                for warning in caught:  # a damaged newest checkpoint passed over, say
+                    typer.echo(f"warning: {warning.message}", err=True)
+        which = f"the EMA weights ({done.ema})" if done.ema is not None else "the trained weights"
+        typer.echo(f"wrote {done.weights}: {which} of step {done.step}, {done.tensors} tensors, {done.dtype}, "
+                   f"{_bytes(done.bytes)}, from {done.checkpoint}")
+        if done.config is not None:
+            typer.echo(f"wrote {done.config}: the model section of the run's config")
+        else:
+            typer.echo("no model config written: the checkpoint's config has no model section (the Trainer was "
+                       "built in code)")
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+@app.command()
 def runs(out_dir: Path = typer.Argument(Path("runs"), help="The folder that holds run directories.")) -> None:
     """A table of the runs in OUT_DIR: status, steps, best monitored value, newest checkpoint."""
     with _reporting(False):
