@@ -478,3 +478,20 @@ def test_sharded_metadata_that_would_run_code_is_refused(fsdp_checkpoints, tmp_p
     with pytest.raises(CheckpointError, match="posix.system is not allowed.*refused"):
         load_checkpoint(newest)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_export_consolidates_the_two_ranks_shards_into_one_file(fsdp_reference, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.export import build_model
+
+    proc = single("export", fsdp_reference, "--out", tmp_path / "lm.safetensors")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"from {fsdp_reference / 'checkpoints' / 'step-00000022'}" in proc.stdout
+    expected = sharded(fsdp_reference / "checkpoints" / "step-00000022")["model"]
+    exported = load_file(tmp_path / "lm.safetensors")
+    assert exported.keys() == expected.keys() and {"tok.weight", "head.weight"} <= exported.keys()  # tied
+    assert all(torch.equal(exported[key], value) for key, value in expected.items())
+    model = build_model(tmp_path / "lm.yaml")
+    model.load_state_dict(exported, strict=True)
+    assert model.head.weight is model.tok.weight

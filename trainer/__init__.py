@@ -43,6 +43,7 @@ _EXPORTS = {
     "Logger": "trainer.metrics",
     "JsonlLogger": "trainer.metrics",
     "CsvLogger": "trainer.metrics",
+    "export_model": "trainer.export",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from trainer.data import DataError, to_device
     from trainer.sanity import SanityCheckError
     from trainer.device import Precision, resolve_device, seed_everything
+    from trainer.export import export_model
     from trainer.hooks import HOOKS, Callback
     from trainer.metrics import CsvLogger, JsonlLogger, Logger
     from trainer.freezing import detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
