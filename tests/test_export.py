@@ -220,3 +220,14 @@ def test_a_sharded_checkpoint_is_consolidated_into_one_file(tmp_path, one_rank_f
     assert all(torch.equal(exported[k], v.to(torch.float16)) for k, v in expected.items())
     build_model(tmp_path / "lm.yaml").load_state_dict(exported, strict=True)
     assert os.listdir(tmp_path).count("lm.safetensors") == 1
+
+
+def test_a_failed_write_leaves_the_earlier_export_whole(tmp_path):
+    run = mlp_run(tmp_path)
+    export_model(run, tmp_path / "m.safetensors")
+    before = (tmp_path / "m.safetensors").read_bytes()
+    # A folder where the temp file goes makes the writer fail as a full disk would, part-way.
+    (tmp_path / f".m.safetensors.tmp-{os.getpid()}").mkdir()
+    with pytest.raises(ExportError, match=r"could not write .*m.safetensors .*any earlier m.safetensors is intact"):
+        export_model(run, tmp_path / "m.safetensors", dtype="bf16")
+    assert (tmp_path / "m.safetensors").read_bytes() == before

@@ -70,7 +70,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
     the EMA callback to take (for a run with several). Raises ``ExportError`` or
     ``CheckpointError`` with a message that says what to change, and ``SafetensorsMissing`` (an
     ``ImportError``) without the safetensors package."""
-    safetensors_torch = _safetensors()
+    safetensors, safetensors_torch = _safetensors()
     out = Path(out)
     cast = _dtype(dtype)
     _check_out(out)
@@ -86,13 +86,16 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
                 "weights": "ema" if ema_key is not None else "trained", "dtype": shown}
     if ema_key is not None:
         metadata["ema_state_key"] = ema_key
-    if model is not None:
-        metadata["model"] = json.dumps(model)
     config = None
     if model is not None:
+        metadata["model"] = json.dumps(model)
         config = out.with_suffix(".yaml")
         run_files.write_text_atomic(config, _config_text(model, checkpoint, step))
-    _write_atomic(out, lambda tmp: safetensors_torch.save_file(tensors, str(tmp), metadata=metadata))
+    try:
+        _write_atomic(out, lambda tmp: safetensors_torch.save_file(tensors, str(tmp), metadata=metadata))
+    except (OSError, safetensors.SafetensorError) as exc:  # the Rust writer reports I/O as its own error
+        raise ExportError(f"could not write {out} ({exc}); any earlier {out.name} is intact: free some space "
+                          "or pick another --out") from None
     return Exported(out, config, checkpoint, step, ema_key, shown, len(tensors),
                     sum(t.numel() * t.element_size() for t in tensors.values()))
 
@@ -119,12 +122,13 @@ def build_model(config: str | Path) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- the pieces
 
 
-def _safetensors() -> Any:
+def _safetensors() -> tuple[Any, Any]:
     try:
+        import safetensors
         import safetensors.torch
     except ImportError:
         raise SafetensorsMissing(f"exporting writes .safetensors files, which needs the safetensors package: {INSTALL}") from None
-    return safetensors.torch
+    return safetensors, safetensors.torch
 
 
 def _dtype(dtype: str | None) -> torch.dtype | None:

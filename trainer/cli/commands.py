@@ -515,6 +515,9 @@ def export(
                 done = export_model(source, out, dtype=dtype, weights=weights)
             except (ExportError, CheckpointError, SafetensorsMissing) as exc:
                 raise UserError(str(exc)) from None
+            except OSError as exc:  # a full disk, a read-only folder: the earlier files stay whole
+                raise UserError(f"cannot write {exc.filename or out}: {exc.strerror or exc}; free some space or "
+                                "pick another --out") from None
             finally:
                 for warning in caught:  # a damaged newest checkpoint passed over, say
                     typer.echo(f"warning: {warning.message}", err=True)
