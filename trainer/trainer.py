@@ -304,8 +304,8 @@ class Trainer:
         """Load ``config.init_from`` into the model now; returns one line saying what was loaded, or
         ``None`` when there is nothing to load. ``fit``, ``evaluate`` and ``sanity_check`` call it first,
         so it runs once, before the first step, and not at all when a checkpoint's weights were
-        loaded before it (``load_checkpoint``, ``fit(resume_from=...)``, ``load_weights``): a resumed
-        run continues from its checkpoint. Under torchrun every rank calls it together. Raises
+        loaded before it (``load_checkpoint``, ``fit(resume_from=...)``, ``load_weights``,
+        ``load_model_state``): a resumed run continues from its checkpoint. Under torchrun every rank calls it together. Raises
         ``WeightsError`` (prefixed ``init_from:``) for a file that is missing, unreadable or does not fit."""
         if not self._init_pending:
             return None
