@@ -495,3 +495,67 @@ def test_export_consolidates_the_two_ranks_shards_into_one_file(fsdp_reference, 
     model = build_model(tmp_path / "lm.yaml")
     model.load_state_dict(exported, strict=True)
     assert model.head.weight is model.tok.weight
+
+def test_fsdp_init_from_fills_each_ranks_shards_as_one_process_loads(tmp_path):
+    """init_from under fsdp: the model is built on the meta device (from a function and from a YAML
+    config) and each rank fills its own shards from the file; gathered before step 1, the model equals
+    the one a single process loads, exactly, for every kind of file. A resume continues from its checkpoint."""
+    import shutil
+
+    import safetensors.torch
+
+    from trainer import Trainer, read_weights
+    from trainer.examples.char_lm import lm_loss, load
+
+    sys.path.insert(0, str(PROJECT))
+    from fsdp_script import rotary_lm
+
+    files = tmp_path / "weights"
+    files.mkdir()
+    torch.manual_seed(1)
+    tied = rotary_lm().state_dict()
+    assert tied["head.weight"] is not None and torch.equal(tied["head.weight"], tied["tok.weight"])
+    # safetensors stores a tied tensor once (head.weight is tok.weight)
+    safetensors.torch.save_file({k: v for k, v in tied.items() if k != "head.weight"}, files / "weights.safetensors")
+    torch.manual_seed(2)
+    torch.save(rotary_lm().state_dict(), files / "state_dict.pt")
+    torch.manual_seed(3)
+    torch.save({f"old.{k}": v for k, v in rotary_lm().state_dict().items()}, files / "renamed.pt")
+    data = load(block_size=16, max_bytes=2240, val_fraction=0.1)
+    Trainer(rotary_lm, lambda params: torch.optim.AdamW(params, lr=3e-3), data["train"], loss_fn=lm_loss,
+            run_dir=tmp_path / "one", config={"seed": 4, "max_steps": 1, "batch_size": 4, "progress": "off"}).fit()
+    shutil.copy(list_checkpoints(tmp_path / "one" / "checkpoints")[-1], files / "checkpoint.pt")
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(PROJECT / "fsdp_script.py"), "init_from", str(out), str(files)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    names = ["safetensors", "state_dict", "checkpoint", "sharded", "resumed", "yaml"]
+    for name in names:  # every rank built the model without memory and holds shards; the RoPE-like table is set
+        for rank in (0, 1):
+            assert f"rank {rank} {name}: built_on=meta sharded=True angles=True" in proc.stdout, proc.stdout
+
+    def loaded_by_one_process(init_from):
+        trainer = Trainer(rotary_lm, lambda params: torch.optim.AdamW(params, lr=3e-3),
+                          config={"init_from": init_from, "progress": "off"})
+        assert trainer.apply_init_from() is not None
+        return trainer.module.state_dict()
+
+    first = out / "a" / "checkpoints" / "step-00000002"
+    expected = {
+        "safetensors": loaded_by_one_process(str(files / "weights.safetensors")),
+        "state_dict": loaded_by_one_process(str(files / "state_dict.pt")),
+        "checkpoint": loaded_by_one_process(str(files / "checkpoint.pt")),
+        "sharded": loaded_by_one_process(str(first)),
+        "resumed": read_weights(first),  # the checkpoint's weights, not init_from's state_dict.pt
+        "yaml": loaded_by_one_process({"path": str(files / "renamed.pt"), "rename": {"old.": ""}}),
+    }
+    assert not torch.equal(expected["resumed"]["tok.weight"], expected["state_dict"]["tok.weight"])
+    assert not torch.equal(expected["safetensors"]["tok.weight"], expected["state_dict"]["tok.weight"])
+    for name in names:
+        gathered = torch.load(out / f"{name}.pt", weights_only=True)
+        assert sorted(gathered) == sorted(expected[name]), name
+        for key, value in expected[name].items():
+            assert torch.equal(gathered[key], value), (name, key)

@@ -18,6 +18,9 @@ _EXPORTS = {
     "TrainerConfig": "trainer.config",
     "GradLoggingConfig": "trainer.config",
     "CheckpointConfig": "trainer.config",
+    "InitFromConfig": "trainer.config",
+    "read_weights": "trainer.weights",
+    "WeightsError": "trainer.weights",
     "GradNormLogger": "trainer.callbacks",
     "EarlyStopping": "trainer.callbacks",
     "BestCheckpoints": "trainer.callbacks",
@@ -65,7 +68,7 @@ if TYPE_CHECKING:
     from trainer.callbacks import BestCheckpoints, EarlyStopping, EMAWeights, GradNormLogger, ThroughputMonitor
     from trainer.schedules import WarmupDecay
     from trainer.tensorboard import TensorBoardLogger
-    from trainer.config import CheckpointConfig, GradLoggingConfig, TrainerConfig
+    from trainer.config import CheckpointConfig, GradLoggingConfig, InitFromConfig, TrainerConfig
     from trainer.data import DataError, to_device
     from trainer.sanity import SanityCheckError
     from trainer.device import Precision, resolve_device, seed_everything
@@ -75,3 +78,4 @@ if TYPE_CHECKING:
     from trainer.freezing import detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
     from trainer.progress import ProgressBar, ProgressLines
     from trainer.trainer import Trainer
+    from trainer.weights import WeightsError, read_weights

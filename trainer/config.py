@@ -6,6 +6,7 @@ config file and print its schema without paying for ``import torch``.
 
 from __future__ import annotations
 
+import os
 import re
 import typing
 import warnings
@@ -84,6 +85,43 @@ class CheckpointConfig(StrictModel):
         description="Keep the newest K periodic checkpoints (null keeps all); the final one is never rotated away.",
     )
     save_final: bool = Field(True, description="Write a checkpoint when training ends.")
+
+
+class InitFromConfig(StrictModel):
+    """Weights to start from: loaded into the model before the first step of a fresh run (a resumed
+    run takes its weights from its checkpoint instead)."""
+
+    path: str = Field(
+        min_length=1,
+        description="A checkpoint of trainer's (a .pt file, or a sharded checkpoint directory written under "
+        "strategy: fsdp), a state dict file (torch.save(model.state_dict())) or a .safetensors file.",
+    )
+    strict: bool = Field(
+        True,
+        description="Every tensor of the model must be in the file and every tensor of the file in the model "
+        "(after renaming). false loads the names both have and warns about the rest; shapes must agree either way.",
+    )
+    rename: dict[str, str] = Field(
+        default_factory=dict,
+        description="Prefixes of the file's names and what they become in the model's, e.g. {'module.': ''} or "
+        "{'backbone.': 'encoder.'}; the longest prefix that fits applies. Applied before rename_regex.",
+    )
+    rename_regex: dict[str, str] = Field(
+        default_factory=dict,
+        description="Regular expressions over the file's names and their replacements (re.sub; \\1 refers to a "
+        "group), e.g. {'^layers\\.(\\d+)\\.attn\\.': 'blocks.\\1.attention.'}; the first pattern that "
+        "matches a name applies, as in Hugging Face's key_mapping.",
+    )
+
+    @field_validator("rename_regex")
+    @classmethod
+    def _compiles(cls, value: dict[str, str]) -> dict[str, str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
 
 
 class TrainerConfig(StrictModel):
@@ -183,6 +221,17 @@ class TrainerConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="When checkpoints are written and how many are kept."
     )
+    init_from: InitFromConfig | None = Field(
+        None,
+        description="Start from these weights (a path, or {path, strict, rename, rename_regex}): loaded into the "
+        "model before the first step, not on resume. Under torchrun with strategy: fsdp a model given as a "
+        "function (or built from a config) is built on the meta device and each rank reads only its shards.",
+    )
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _init_from_path(cls, value: Any) -> Any:
+        return {"path": os.fspath(value)} if isinstance(value, (str, os.PathLike)) else value
 
     @field_validator("progress", mode="before")
     @classmethod

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import distributed, evaluation, progress, sanity, signals
+from trainer import distributed, evaluation, progress, sanity, signals, weights
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
@@ -52,7 +52,9 @@ class Trainer:
     """Trains ``model`` on ``train_data`` with ``optimizer``.
 
     ``model``: a module, or a function that builds one (``lambda: Net(...)``), called after seeding
-    with ``config.seed`` so that the initial weights repeat run to run.
+    with ``config.seed`` so that the initial weights repeat run to run. ``config.init_from`` names
+    weights to start from instead (``apply_init_from``); under torchrun with ``strategy: fsdp`` the
+    function is then called on the meta device and each rank gets memory for its shards only.
 
     ``train_data`` / ``val_data``: a ``Dataset`` (the Trainer builds the DataLoader with a seeded,
     resumable order), a ``TensorDataset`` or tuple/dict of tensors (batched by index slicing on
@@ -96,13 +98,24 @@ class Trainer:
         if not isinstance(self.config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig or a dict of its fields, got {type(config).__name__}")
         cfg = self.config
+        self.layout = distributed.from_env()  # rank 0 of 1 outside torchrun
         if callable(model) and not isinstance(model, nn.Module):
             seed_everything(cfg.seed)  # the initial weights are drawn from the seeded generator
-            model = model()
+            # With init_from under fsdp the weights come from the file, shard by shard: the model
+            # is built without memory and each rank materialises its shards only.
+            with torch.device("meta") if weights.builds_on_meta(cfg, self.layout) else contextlib.nullcontext():
+                model = model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or a function that builds one, got {type(model).__name__}")
+        meta = weights.on_meta(model)
+        if meta and cfg.init_from is None:
+            raise ValueError("the model is on the meta device, without values: set init_from to load its weights, "
+                             "or build it on a real device")
+        if meta and isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("an optimizer built on a model on the meta device holds parameters that are replaced "
+                             "when the model gets its memory; pass a function of the parameters instead "
+                             "(optimizer=lambda params: torch.optim.AdamW(params, lr=...))")
 
-        self.layout = distributed.from_env()  # rank 0 of 1 outside torchrun
         self.device = resolve_device(cfg.device, self.layout.local_rank if self.layout.enabled else None)
         self.precision = Precision(cfg.precision, self.device)
         if self.device.type == "cuda":
@@ -110,8 +123,15 @@ class Trainer:
         self._joined_group = distributed.init(self.layout, self.device)  # close() leaves it then
         self.strategy = strategies.choose(cfg.strategy, self.layout, self.device, self.configure_sharding)
 
-        self.module = model.to(self.device)  # the plain (or, under fsdp, sharded) module
+        self.module = model if meta else model.to(self.device)  # the plain (or, under fsdp, sharded) module
+        if meta and not self.strategy.sharded:
+            weights.materialize(self.module, self.device)
         stepped = self.strategy.wrap(self.module, optimizer)
+        if meta and self.strategy.sharded:
+            weights.materialize(self.module, self.device)  # each rank's shards only
+        self._built_on_meta = meta
+        # init_from is loaded when fit (or evaluate) first needs the weights, unless a checkpoint's came first.
+        self._init_pending = cfg.init_from is not None
         self.model = torch.compile(stepped) if cfg.compile else stepped  # what training steps call
         self.loss_fn = loss_fn
         self.train_data = train_data
@@ -280,6 +300,24 @@ class Trainer:
         a registered one the checkpoint lacks."""
         self._checkpointer.register(name, obj)
 
+    def apply_init_from(self) -> str | None:
+        """Load ``config.init_from`` into the model now; returns one line saying what was loaded, or
+        ``None`` when there is nothing to load. ``fit``, ``evaluate`` and ``sanity_check`` call it first,
+        so it runs once, before the first step, and not at all when a checkpoint's weights were
+        loaded before it (``load_checkpoint``, ``fit(resume_from=...)``, ``load_weights``,
+        ``load_model_state``): a resumed run continues from its checkpoint. Under torchrun every rank calls it together. Raises
+        ``WeightsError`` (prefixed ``init_from:``) for a file that is missing, unreadable or does not fit."""
+        if not self._init_pending:
+            return None
+        spec = self.config.init_from
+        try:
+            loaded = weights.load(self.module, spec.path, strict=spec.strict, rename=spec.rename,
+                                  rename_regex=spec.rename_regex, reset_missing=self._built_on_meta)
+        except weights.WeightsError as exc:
+            raise weights.WeightsError(f"init_from: {exc}") from None
+        self._init_pending = False
+        return f"init_from: {loaded}"
+
     def _warn_unheld(self) -> None:
         """Parameters that require gradients but no optimizer group holds get gradients and never
         change: say so once per parameter (one pass over the parameters, at fit and epoch starts)."""
@@ -355,6 +393,7 @@ class Trainer:
             self._claim_run_dir(overwrite)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        self.apply_init_from()  # a fresh run's starting weights (nothing once a checkpoint's are loaded)
         if cfg.sanity_check and not self._sanity_checked:
             self.sanity_check()  # before the metric files are opened
         self._warn_unheld()
@@ -404,6 +443,7 @@ class Trainer:
         the same with it or without. ``fit()`` runs it first (once) unless ``sanity_check: false``;
         under torchrun every rank runs it. See ``trainer.sanity``."""
         self._check_open()
+        self.apply_init_from()
         sanity.run(self)
         self._sanity_checked = True
 
@@ -685,6 +725,7 @@ class Trainer:
         optimizer class with fresh state, the data position mapped by samples seen). Returns the
         differences, one line each."""
         resumed = self._checkpointer.load(source, accept_changes)
+        self._init_pending = False  # the checkpoint's weights win over init_from
         self._started = True  # the random state is the checkpoint's: fit() must not seed again
         old_batch, old_world = resumed.batch_size, resumed.world_size
         new_batch, new_world = self.config.batch_size, self.layout.world_size
@@ -698,11 +739,13 @@ class Trainer:
         ``states``, also what evaluation uses besides them: the callbacks' state (``EMAWeights``'
         average) and the registered objects' (``register_state``); not the optimizer or progress."""
         self._checkpointer.load_weights(source, states)
+        self._init_pending = False
 
     def load_model_state(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         """A model state dict (a checkpoint's ``"model"``) into the model, naming every missing,
         unexpected or reshaped key first; ``where`` names its origin in the message."""
         self._checkpointer.load_model(saved, where)
+        self._init_pending = False
 
     def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True) -> Path | None:
         """Write ``<run_dir>/checkpoints/step-<step>.pt`` (or ``path``) atomically and rotate old
@@ -735,6 +778,7 @@ class Trainer:
         the evaluation weights of callbacks such as ``EMAWeights`` are used.
         """
         self._check_open()
+        self.apply_init_from()
         own = data is None
         if own and self.val_data is None:
             raise ValueError("evaluate() needs data: evaluate(data) or Trainer(..., val_data=...)")

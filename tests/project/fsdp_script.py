@@ -2,13 +2,19 @@
 
 Rank 1 alone sees a NaN loss at step 3: with ``on_nonfinite: skip`` every rank must skip that same
 step (their shards would drift apart otherwise, and FSDP's next collectives would hang).
+
+``fsdp_script.py init_from RUN_DIR WEIGHTS_DIR`` starts sharded runs from weights files instead
+(see ``init_from`` below).
 """
 
+import math
 import sys
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from trainer import Trainer
+from trainer import Callback, Trainer
 from trainer.examples.char_lm import CharTransformer, lm_loss, load
 
 
@@ -45,5 +51,122 @@ def main(run_dir: str, precision: str, optimizer_name: str = "adamw") -> None:
           f"step={trainer.global_step} val/loss={trainer.history[-1]['val/loss']:.6f}", flush=True)
 
 
+class Rotary(nn.Module):
+    """A table kept out of state dicts (``persistent=False``), as a RoPE cache is: no weights file holds
+    it, so a model built on the meta device gets it from ``reset_parameters()``."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.register_buffer("angles", torch.empty(size), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.angles.copy_(self.expected(self.angles.numel()))
+
+    @staticmethod
+    def expected(size: int) -> torch.Tensor:
+        return 1.0 / 10000 ** (torch.arange(size, dtype=torch.float32) / size) * math.pi
+
+
+class RotaryCharTransformer(CharTransformer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rotary = Rotary(self.block_size)
+        self.built_on = torch.empty(()).device.type  # the device it was built on: "meta" under init_from + fsdp
+
+
+def rotary_lm() -> RotaryCharTransformer:
+    return RotaryCharTransformer(block_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0)
+
+
+class Capture(Callback):
+    """Before step 1: gather the whole model (every rank takes part) and save it as ``path`` on rank 0."""
+
+    def __init__(self, path: str):
+        self.path, self.done = path, False
+
+    def on_train_batch_start(self, trainer, batch):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.done:
+            return
+        self.done = True
+        full = get_model_state_dict(trainer.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if trainer.is_main_process:
+            torch.save(full, self.path)
+
+
+YAML = """\
+name: yaml
+out_dir: {out}
+strategy: fsdp
+batch_size: 4
+max_steps: 1
+progress: "off"
+init_from: {{path: {weights}, rename: {{"old.": ""}}}}
+model: {{_target_: fsdp_script.rotary_lm}}
+data: {{_target_: trainer.examples.char_lm.load, block_size: 16, max_bytes: 2240, val_fraction: 0.1}}
+loss: trainer.examples.char_lm.lm_loss
+optimizer: {{_target_: torch.optim.AdamW, lr: 3.0e-3}}
+callbacks: [{{_target_: fsdp_script.Capture, path: {capture}}}]
+"""
+
+
+def init_from(run_dir: str, weights_dir: str) -> None:
+    """Sharded runs started from each kind of weights file (WEIGHTS_DIR/weights.safetensors, state_dict.pt,
+    checkpoint.pt, renamed.pt, then the sharded checkpoint the first run writes): the model is built on
+    the meta device and each rank fills its own shards. RUN_DIR/<kind>.pt gets the whole model gathered
+    before step 1, for the test to compare with one process's load. Last, a resume from the first
+    run's checkpoint, which must continue from that checkpoint's weights, not init_from's."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from trainer.cli.build import build
+    from trainer.cli.run_config import validate
+    from trainer.cli.yaml_source import Source
+
+    dist.init_process_group("gloo")  # the script's own group, kept across the Trainers below
+    out, files = Path(run_dir), Path(weights_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load(block_size=16, max_bytes=2240, val_fraction=0.1)
+
+    def report(name, trainer):
+        # Once built (after the first forward FSDP may keep the root's parameters gathered until a backward).
+        sharded = all(isinstance(p, DTensor) for p in trainer.module.parameters())
+        angles = torch.equal(trainer.module.rotary.angles, Rotary.expected(16))
+        print(f"rank {dist.get_rank()} {name}: built_on={trainer.module.built_on} sharded={sharded} angles={angles}",
+              flush=True)
+
+    first = out / "a" / "checkpoints" / "step-00000002"
+    for name, path, max_steps, run_dir_, resume in [
+        ("safetensors", files / "weights.safetensors", 2, out / "a", None),
+        ("state_dict", files / "state_dict.pt", 1, None, None),
+        ("checkpoint", files / "checkpoint.pt", 1, None, None),
+        ("sharded", first, 1, None, None),
+        ("resumed", files / "state_dict.pt", 3, out / "b", first),
+    ]:
+        trainer = Trainer(rotary_lm, lambda params: torch.optim.AdamW(params, lr=3e-3), data["train"],
+                          loss_fn=lm_loss, callbacks=[Capture(str(out / f"{name}.pt"))], run_dir=run_dir_,
+                          config={"strategy": "fsdp", "batch_size": 4, "max_steps": max_steps, "progress": "off",
+                                  "init_from": str(path)})
+        report(name, trainer)
+        trainer.fit(resume_from=resume)
+
+    # The YAML builder builds on the meta device too.
+    config = out / "yaml.yaml"
+    if dist.get_rank() == 0:
+        config.write_text(YAML.format(out=out / "runs", weights=files / "renamed.pt", capture=out / "yaml.pt"))
+    dist.barrier()
+    source = Source.load(config)
+    built = build(source, validate(source), None)
+    report("yaml", built.trainer)
+    built.trainer.fit()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "init_from":
+        init_from(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

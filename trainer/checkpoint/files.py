@@ -140,20 +140,32 @@ def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
     )
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; any failure is a ``CheckpointError``.
 
     The file's digest is checked before anything in it is unpickled, and what it holds is checked
     afterwards. For a sharded checkpoint (a directory) this reads its ``trainer.pt`` and checks
     that every shard file is there with its size and digest; the shards themselves load later,
-    into the model (``load_sharded``). ``state["sharded"]`` then holds the directory."""
+    into the model (``load_sharded``). ``state["sharded"]`` then holds the directory. With ``mmap``
+    a file's tensors stay in the file, mapped, and are read when used (for taking the weights alone
+    out of a checkpoint that also holds the optimizer's state)."""
     path = Path(path)
     if path.is_dir():
         return _load_sharded_state(path)
-    return _load_file(path, sharded=False)[0]
+    return _load_file(path, sharded=False, mmap=mmap)[0]
 
 
-def _load_file(path: Path, sharded: bool) -> tuple[dict[str, Any], bool]:
+def signed(path: str | Path) -> bool:
+    """Whether the file ends in the digest comment of a checkpoint written by trainer (not checked here)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < _EOCD_SIZE + _COMMENT_SIZE:
+            return False
+        f.seek(size - _COMMENT_SIZE)
+        return f.read(len(_DIGEST_PREFIX)) == _DIGEST_PREFIX
+
+
+def _load_file(path: Path, sharded: bool, mmap: bool = False) -> tuple[dict[str, Any], bool]:
     """The checkpoint file's state, and whether it carried a digest."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -163,7 +175,7 @@ def _load_file(path: Path, sharded: bool) -> tuple[dict[str, Any], bool]:
         has_digest = _check_digest(path)
         if not has_digest:
             _check_records(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
             raise CheckpointError(
@@ -355,7 +367,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         return found
 
 
-def _check_dcp_metadata(path: Path) -> None:
+def sharded_metadata(directory: str | Path) -> Any:
+    """The DCP index of a sharded checkpoint (``.metadata``), read with DCP's own classes only:
+    ``state_dict_metadata`` maps every saved tensor (``model.<name>``, ``optimizer.<name>.<key>``)
+    to its size and dtype."""
+    return _check_dcp_metadata(Path(directory) / ".metadata")
+
+
+def _check_dcp_metadata(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -371,6 +390,7 @@ def _check_dcp_metadata(path: Path) -> None:
             f"checkpoint {path.parent} stores pickled objects ({', '.join(pickled[:4])}), which could run code "
             "when loaded; refused. Sharded checkpoints written by trainer hold tensors only"
         )
+    return metadata
 
 
 def save_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Path, is_main: bool) -> Path:
@@ -564,22 +584,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- checks on load
 
 
-def check_model_state(module: torch.nn.Module, saved: dict[str, torch.Tensor], where: str) -> None:
-    """Name every missing, unexpected or reshaped key before ``load_state_dict`` would fail."""
-    current = module.state_dict()
-    missing = [k for k in current if k not in saved]
-    unexpected = [k for k in saved if k not in current]
-    reshaped = [f"{k} {tuple(saved[k].shape)} in the checkpoint vs {tuple(v.shape)} now"
-                for k, v in current.items() if k in saved and saved[k].shape != v.shape]
+def mismatch(expected: dict[str, Any], found: dict[str, Any], found_in: str = "the checkpoint",
+             now: str = "now") -> tuple[list[str], list[str], list[str]]:
+    """What keeps a state (``found``: name -> shape) from loading into a model whose state has the
+    shapes ``expected``, as three lists: the names missing from ``found``, those not in the model,
+    and those of another shape (described as "<name> <shape> in <found_in> vs <shape> <now>")."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [f"{k} {tuple(found[k])} in {found_in} vs {tuple(shape)} {now}"
+                for k, shape in expected.items() if k in found and tuple(found[k]) != tuple(shape)]
+    return missing, unexpected, reshaped
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str], reshaped: list[str],
+                      found_in: str = "the checkpoint") -> str:
+    """The lists of ``mismatch`` as one clause for a message (eight names of each at most)."""
+    def shown(names: list[str], sep: str = ", ") -> str:
+        return sep.join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
     problems = []
     if missing:
-        problems.append(f"missing from the checkpoint: {', '.join(missing[:8])}")
+        problems.append(f"missing from {found_in}: {shown(missing)}")
     if unexpected:
-        problems.append(f"not in the model: {', '.join(unexpected[:8])}")
+        problems.append(f"not in the model: {shown(unexpected)}")
     if reshaped:
-        problems.append(f"different shapes: {'; '.join(reshaped[:8])}")
+        problems.append(f"different shapes: {shown(reshaped, '; ')}")
+    return "; ".join(problems)
+
+
+def check_model_state(module: torch.nn.Module, saved: dict[str, torch.Tensor], where: str) -> None:
+    """Name every missing, unexpected or reshaped key before ``load_state_dict`` would fail."""
+    expected = {k: getattr(v, "shape", ()) for k, v in module.state_dict().items()}
+    problems = describe_mismatch(*mismatch(expected, {k: getattr(v, "shape", ()) for k, v in saved.items()}))
     if problems:
         raise CheckpointError(
-            f"checkpoint {where} does not match the model ({'; '.join(problems)}); "
+            f"checkpoint {where} does not match the model ({problems}); "
             "resume with the config the run was started with, or start a new run"
         )

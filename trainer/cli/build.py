@@ -6,6 +6,7 @@ Every failure is a ``ConfigError`` that points at the line of the value responsi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -225,7 +226,12 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     trainer_cls = import_target(trainer_path, source, trainer_at)
     if not (inspect.isclass(trainer_cls) and issubclass(trainer_cls, Trainer)):
         raise source.at(trainer_at, f"'{trainer_path}' is not a subclass of trainer.Trainer")
-    model = instantiate(run.model, source, ("model",))
+    # With init_from under fsdp no rank builds the whole model: it is built on the meta device and
+    # the Trainer gives each rank memory for its own shards, which the weights file then fills.
+    from trainer import distributed, weights
+
+    with torch.device("meta") if weights.builds_on_meta(run, distributed.from_env()) else contextlib.nullcontext():
+        model = instantiate(run.model, source, ("model",))
     if not isinstance(model, torch.nn.Module):
         raise source.at(("model",), f"'{run.model.target}' returned a {type(model).__name__}, not a torch.nn.Module")
     train_data, val_data = split_data(instantiate(run.data, source, ("data",)), source)
@@ -287,6 +293,8 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         )
     except ConfigError:
         raise  # from the optimizer or scheduler factory, already at its own line
+    except weights.WeightsError as exc:  # a model built on the meta device that cannot be given values
+        raise source.at(("model",), str(exc)) from None
     except (TypeError, ValueError) as exc:
         raise source.at(("trainer",), f"building {trainer_path} failed: {exc}") from exc
     return Built(trainer, train_data, val_data)

@@ -255,6 +255,8 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
             raise UserError(str(exc)) from None
         if changes and built.trainer.is_main_process:
             typer.echo(f"resume: changed since the checkpoint: {'; '.join(changes)}")
+    if resume_from is None:
+        _init_from(source, built.trainer)  # a fresh run's starting weights; a resumed run has its checkpoint's
     _sanity_pass(source, cfg, built.trainer)  # before anything in the run directory changes
     main = built.trainer.is_main_process
     if main:
@@ -302,6 +304,19 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     _report(built.trainer, run_dir)
     if built.trainer.stopped_by_signal is not None:
         raise typer.Exit(128 + built.trainer.stopped_by_signal)
+
+
+def _init_from(source: Source, trainer, prefix: str = "") -> None:
+    """Load ``init_from`` (if set); a file that is missing, unreadable or does not fit the model is a
+    config error at ``init_from``. Under torchrun every rank loads; rank 0 says what."""
+    from trainer.weights import WeightsError
+
+    try:
+        loaded = trainer.apply_init_from()
+    except WeightsError as exc:
+        raise source.at(("init_from",), str(exc).removeprefix("init_from: ")) from None
+    if loaded and trainer.is_main_process:
+        typer.echo(f"{prefix}{loaded}")
 
 
 def _entry(source: Source, cfg, part: str | None, callback: int | None) -> tuple[str, tuple]:
@@ -429,6 +444,7 @@ def check(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, deb
         typer.echo(_resolved_yaml(cfg), nl=False)
         built = build(source, cfg, run_dir=None)
         t = built.trainer
+        _init_from(source, t, prefix="# ")
         _sanity_pass(source, cfg, t)
         n_params = sum(p.numel() for p in t.module.parameters())
         n_train = sum(p.numel() for p in t.module.parameters() if p.requires_grad)

@@ -113,6 +113,9 @@ def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
     for part in path:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
+        # an optional section (init_from: X | None) suggests X's keys
+        annotation = next((a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)),
+                          annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         else:
