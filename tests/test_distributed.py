@@ -496,6 +496,7 @@ def test_export_consolidates_the_two_ranks_shards_into_one_file(fsdp_reference, 
     model.load_state_dict(exported, strict=True)
     assert model.head.weight is model.tok.weight
 
+
 def test_fsdp_init_from_fills_each_ranks_shards_as_one_process_loads(tmp_path):
     """init_from under fsdp: the model is built on the meta device (from a function and from a YAML
     config) and each rank fills its own shards from the file; gathered before step 1, the model equals
