@@ -560,3 +560,26 @@ def test_fsdp_init_from_fills_each_ranks_shards_as_one_process_loads(tmp_path):
         assert sorted(gathered) == sorted(expected[name]), name
         for key, value in expected[name].items():
             assert torch.equal(gathered[key], value), (name, key)
+
+
+def test_summed_losses_give_the_gradient_of_the_whole_batchs_token_mean():
+    """Two ranks with different numbers of valid tokens, each over two micro-batches, under DDP
+    and FSDP: the first step's gradients are those of one process's per-token mean over the whole
+    global batch, train/loss and val/loss are that mean, and the run adds exactly one scalar
+    all-reduce per optimizer step. The same runs with per-micro-batch mean losses miss all of it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(PROJECT / "tokens_script.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # (the two ranks share stdout, so their lines may interleave)
+    lines = re.findall(r"rank (\d) (\w+) (\w+): grads_match=(\w+) train_loss=([\d.]+) val_loss=([\d.]+) "
+                       r"mean=([\d.]+) scalar_all_reduces=(\d+)", proc.stdout)
+    assert sorted((r[0], r[1], r[2]) for r in lines) == sorted(
+        (rank, strategy, kind) for rank in "01" for strategy in ("ddp", "fsdp") for kind in ("summed", "mean")), proc.stdout
+    for rank, strategy, kind, match, train, val, mean, reduces in lines:
+        if kind == "summed":
+            assert match == "True", (rank, strategy)
+            assert float(train) == pytest.approx(float(mean), rel=1e-6) and float(val) == pytest.approx(float(mean), rel=1e-6)
+            assert reduces == "3"  # three optimizer steps
+        else:
+            assert match == "False" and float(train) != pytest.approx(float(mean), rel=1e-4) and reduces == "0"

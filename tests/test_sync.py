@@ -60,6 +60,51 @@ def test_at_most_one_conversion_per_log_point(accum):
     assert sum(counts.values()) <= 4, counts
 
 
+@pytest.mark.parametrize("strategy", ["single", "ddp"])
+def test_summed_losses_add_no_conversion(strategy, monkeypatch):
+    """Summed losses (``loss_sum`` and ``count``) keep the count on the device: the division of the
+    gradients, the logged per-item mean and the non-finite check read nothing between log points.
+    Under DDP (one gloo rank here, the same code path) the count is summed over the ranks by one
+    scalar all-reduce per step, whose result stays on the device too."""
+    from trainer import strategy as strategies
+    from trainer.losses import summed_cross_entropy
+
+    reduced = []
+    if strategy == "ddp":
+        import torch.distributed as dist
+
+        from trainer import distributed
+
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        monkeypatch.setattr(distributed, "active", lambda: True)  # a group of one, counted as torchrun's
+        all_reduce = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (reduced.append(t.shape), all_reduce(t, *a, **k))[1])
+        monkeypatch.setattr(strategies, "choose", lambda *a: strategies.DDP(distributed.Layout(0, 1, 0), torch.device("cpu")))
+    try:
+        x, y = classification(20 * 8 * 2)
+        y[::3] = -100  # micro-batches hold different numbers of counted samples
+        model = mlp()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        config = {"max_steps": 20, "batch_size": 8, "grad_accum_steps": 2, "log_every_n_steps": 5,
+                  "clip_grad_norm": 1.0, "eval_every_n_epochs": None, "progress": "off",
+                  "nonfinite_check": "device", "sanity_check": False}
+        t = Trainer(model, optimizer, (x, y), loss_fn=summed_cross_entropy, config=config)
+        with count_conversions() as counts:
+            t.fit()
+    finally:
+        if strategy == "ddp":
+            t.close()
+            dist.destroy_process_group()
+    assert len(t.history) == 4
+    assert all("train/loss" in r and r["train/count"] > 0 for r in t.history)
+    # Under torchrun each log point also reads the ranks' agreement on stop signals.
+    assert sum(counts.values()) <= (8 if strategy == "ddp" else 4), counts
+    if strategy == "ddp":
+        # One scalar all-reduce per step (the count); the rest are the log points' own.
+        assert reduced.count(torch.Size([])) == 20, reduced
+
+
 def test_the_count_catches_a_per_step_read():
     """The counter itself works: on the host path the Trainer reads the loss every step."""
     x, y = classification(20 * 8)

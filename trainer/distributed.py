@@ -1,6 +1,7 @@
 """Running under ``torchrun``: the rank layout from the environment, the process group, the
-few collectives the loop needs (at log points, evaluations and checkpoints only, never per step),
-and FSDP2 sharding (``strategy: fsdp``).
+few collectives the loop needs (at log points, evaluations and checkpoints; per step only a scalar
+or two: the gradient norm of sharded parameters, the item count of summed losses), and FSDP2
+sharding (``strategy: fsdp``).
 
 Outside torchrun every function here is a no-op and nothing changes.
 """

@@ -19,6 +19,7 @@ import torch
 
 from trainer import distributed
 from trainer.data import batch_size_of
+from trainer.losses import COUNT, SUM
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL, write_text_atomic
 
 
@@ -73,14 +74,23 @@ class MetricBuffer:
 class LogInterval:
     """The log interval in progress: the current step's loss, the interval's loss over the steps
     taken, extra metrics over its micro-batches, counts and the clock. Saved in checkpoints (every
-    rank's part), so a resumed run logs the same numbers as an uninterrupted one."""
+    rank's part), so a resumed run logs the same numbers as an uninterrupted one.
+
+    A step's loss is either a mean per micro-batch (``track``; ``train/loss`` is then their mean
+    over the interval) or a sum with its item count (``track_sum``, see ``trainer.losses``;
+    ``train/loss`` is then the interval's sum over every rank divided by its count, logged as
+    ``train/count``). One interval holds one kind."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.step_loss: torch.Tensor | None = None  # summed over the current step's micro-batches
         self.step_micro = 0
+        self.step_count: torch.Tensor | None = None  # summed losses: the current step's items (float64)
+        self.summed: bool | None = None  # whether the interval's losses are sums (None: nothing tracked yet)
         self.loss_sum: torch.Tensor | None = None  # over the interval's steps taken
-        self.loss_count: int | torch.Tensor = 0  # their micro-batches (a device tensor when decided there)
+        # Their micro-batches (a device tensor when decided there); for summed losses their items
+        # on every rank (a float64 device tensor).
+        self.loss_count: int | torch.Tensor = 0
         self.micro_batches = 0  # every micro-batch of the interval, taken or skipped: for throughput
         self.extra_sums: dict[str, Any] = {}
         self.extra_count = 0
@@ -89,6 +99,9 @@ class LogInterval:
 
     def track(self, loss: torch.Tensor, outputs: Any, batch: Any) -> None:
         """One micro-batch's loss and extra metrics (``outputs`` when it is a dict)."""
+        if self.summed:
+            raise _mixed("a mean 'loss'", "'loss_sum'")
+        self.summed = False
         value = loss.detach()
         if value.ndim:
             value = value.mean()  # a non-scalar loss is logged as its mean
@@ -103,14 +116,37 @@ class LogInterval:
                     extra = extra.detach() if isinstance(extra, torch.Tensor) else extra
                     sums[name] = sums[name] + extra if name in sums else extra
 
+    def track_sum(self, loss_sum: torch.Tensor, count: torch.Tensor, outputs: dict[str, Any], batch: Any) -> None:
+        """One micro-batch's summed loss, its item count (scalar tensors) and extra metrics."""
+        if self.summed is False:
+            raise _mixed("'loss_sum'", "a mean 'loss'")
+        self.summed = True
+        value = loss_sum.detach().float()
+        if self.step_loss is None:
+            # A copy: the count is summed over the ranks in place at the step.
+            self.step_loss, self.step_count = value, count.detach().to(self.device, torch.float64, copy=True)
+        else:
+            self.step_loss, self.step_count = self.step_loss + value, self.step_count + count.detach()
+        self.step_micro += 1
+        self.last_batch = batch
+        sums = self.extra_sums
+        self.extra_count += 1
+        for name, extra in outputs.items():
+            if name not in (SUM, COUNT):
+                extra = extra.detach() if isinstance(extra, torch.Tensor) else extra
+                sums[name] = sums[name] + extra if name in sums else extra
+
     def end_step(self, skipped: bool | torch.Tensor) -> None:
         """Close the current step: its loss counts unless it was skipped (``skipped`` is a bool
-        decided on the host, or a bool tensor decided on the device, with no sync)."""
-        loss, micro = self.step_loss, self.step_micro
-        self.step_loss, self.step_micro = None, 0
+        decided on the host, or a bool tensor decided on the device, with no sync). For summed
+        losses ``step_count`` must hold the step's items over every rank by now (``_step`` sums it)."""
+        loss, micro, count = self.step_loss, self.step_micro, self.step_count
+        self.step_loss, self.step_micro, self.step_count = None, 0, None
         self.micro_batches += micro
         if skipped is True:
             return
+        if count is not None:
+            micro = count
         if skipped is not False:  # decided on the device (a 0/1 flag): a skipped step adds zeros
             taken = skipped == 0
             loss = torch.where(taken, loss, 0.0)
@@ -122,7 +158,14 @@ class LogInterval:
         """Put ``train/loss`` and ``train/<extra>`` into ``metrics``, start a new interval, and return
         the closed one's samples per second (micro-batches times the last one's size, exact but for
         an epoch's short last batch)."""
-        if self.loss_sum is not None:
+        if self.loss_sum is not None and self.summed:
+            # Each rank's sum over the count of every rank: the mean over ranks at the log point
+            # makes it the sum over every rank's items divided by their count. A count of 0 (no
+            # item in the interval) logs no loss (see Trainer._flush_logs).
+            count = self.loss_count
+            metrics.put("train/loss", self.loss_sum * (distributed.world_size() / torch.where(count > 0, count, 1.0)))
+            metrics.put("train/count", count)
+        elif self.loss_sum is not None:
             metrics.put("train/loss", self.loss_sum / self.loss_count)
         for name, total in self.extra_sums.items():
             metrics.put(f"train/{name}", total / self.extra_count)
@@ -130,7 +173,7 @@ class LogInterval:
         now = time.perf_counter()
         rate = samples / max(now - self.clock, 1e-9)
         self.loss_sum, self.loss_count, self.micro_batches, self.clock = None, 0, 0, now
-        self.extra_sums, self.extra_count = {}, 0
+        self.extra_sums, self.extra_count, self.summed = {}, 0, None
         return rate
 
     def state_dict(self) -> dict[str, Any]:
@@ -142,7 +185,9 @@ class LogInterval:
         ranks = distributed.all_gather_floats([float(self.loss_sum is not None), *mine], self.device)
         return {
             "loss_sums": [r[1] if r[0] else None for r in ranks],
-            "loss_count": int(self.loss_count),
+            "loss_count": 0 if self.summed else int(self.loss_count),  # micro-batches, of mean losses
+            "summed": self.summed,
+            "item_count": float(self.loss_count) if self.summed else 0.0,  # items, of summed losses
             "micro_batches": self.micro_batches,
             "extra_sums": [dict(zip(names, r[2:])) for r in ranks],
             "extra_types": {n: str(v.dtype) if isinstance(v, torch.Tensor) else "float" for n, v in self.extra_sums.items()},
@@ -154,7 +199,9 @@ class LogInterval:
         rank = rank if rank < len(state["loss_sums"]) else 0  # fewer ranks than saved
         loss = state["loss_sums"][rank]
         self.loss_sum = torch.tensor(loss, device=self.device) if loss is not None else None
-        self.loss_count = state["loss_count"]
+        self.summed = state.get("summed")
+        self.loss_count = (torch.tensor(state["item_count"], dtype=torch.float64, device=self.device) if self.summed
+                           else state["loss_count"])
         self.micro_batches = state.get("micro_batches", state["loss_count"])
         self.extra_sums = {
             name: value if state["extra_types"][name] == "float"
@@ -163,6 +210,13 @@ class LogInterval:
             for name, value in state["extra_sums"][rank].items()
         }
         self.extra_count = state["extra_count"]
+
+
+def _mixed(this: str, earlier: str) -> TypeError:
+    return TypeError(
+        f"training_step returned {this} after {earlier} in the same log interval; return one kind on every "
+        "micro-batch (a mean 'loss', or 'loss_sum' with 'count' for a mean over items)"
+    )
 
 
 def _jsonable(value: float) -> float | str:

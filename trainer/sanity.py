@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
+from trainer import losses
 from trainer.checkpoint.files import rng_state, set_rng_state
 from trainer.data import IterableSource, describe, to_device
 from trainer.device import out_of_memory_message, torch_settings
@@ -105,11 +106,15 @@ def _training_batch(trainer: Trainer) -> None:
         batch = to_device(batch, trainer.device)
         with trainer.precision.autocast:
             outputs = trainer.training_step(batch)
-        loss = outputs["loss"] if isinstance(outputs, dict) and "loss" in outputs else outputs
+        _check_summed(trainer, outputs, "training_step", "the first training batch")
+        if isinstance(outputs, dict) and losses.SUM in outputs:
+            loss = outputs[losses.SUM]
+        else:
+            loss = outputs["loss"] if isinstance(outputs, dict) and "loss" in outputs else outputs
         if not isinstance(loss, torch.Tensor):
             part, subject = _step(trainer, "training_step")
             raise SanityCheckError(part, subject, f"returned {describe(outputs)}, not a loss Tensor (or a dict with "
-                                   "a 'loss' Tensor) on the first training batch")
+                                   "a 'loss' Tensor, or 'loss_sum' and 'count' Tensors) on the first training batch")
         trainer.backward(loss)
     except torch.OutOfMemoryError as exc:
         cfg = trainer.config
@@ -148,7 +153,17 @@ def _validation_batch(trainer: Trainer) -> None:
         part, subject = _step(trainer, "validation_step")
         raise SanityCheckError(part, subject, f"returned {describe(outputs)}, not a dict of metric tensors, on the "
                                "first validation batch")
-    _check_monitors(trainer, sorted(f"val/{name}" for name in outputs))
+    _check_summed(trainer, outputs, "validation_step", "the first validation batch")
+    names = set(outputs) - {losses.SUM, losses.COUNT} | ({"loss"} if losses.SUM in outputs else set())
+    _check_monitors(trainer, sorted(f"val/{name}" for name in names))
+
+
+def _check_summed(trainer: Trainer, outputs: Any, step: str, what: str) -> None:
+    """A step's ``loss_sum`` without its ``count``, or of the wrong kind (``trainer.losses``)."""
+    problem = losses.problem(outputs) if isinstance(outputs, dict) and losses.SUM in outputs else None
+    if problem is not None:
+        part, subject = _step(trainer, step)
+        raise SanityCheckError(part, subject, f"returned {problem} on {what}: return {losses.EXAMPLE}")
 
 
 def _check_monitors(trainer: Trainer, reported: list[str]) -> None:

@@ -57,6 +57,21 @@ class SingleProcess:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
         return step_loss, self._found, None
 
+    def mean_over_items(self, params: list[torch.Tensor], count: torch.Tensor) -> torch.Tensor:
+        """Turn the gradients of summed losses (``trainer.losses``) into those of the mean over every
+        item of the step on every rank, and return the factor they were multiplied by.
+
+        ``count`` (this rank's items, a float64 scalar on the device) is summed over the ranks in
+        place: one scalar all-reduce, no host sync. DDP and FSDP have already averaged the gradients
+        over the ranks, so the factor is world size / total, applied by one foreach kernel (sharded
+        DTensor gradients included). A total of 0 counts as 1: the gradient of no items stays zero."""
+        total = distributed.all_sum(count)
+        factor = (self.layout.world_size / torch.where(total > 0, total, 1.0)).float()
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+        return factor
+
     def clip(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor | None) -> None:
         if norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)

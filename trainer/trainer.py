@@ -33,6 +33,7 @@ from trainer.data import DataError, EpochSource, describe, make_source, to_devic
 from trainer.device import Precision, out_of_memory_message, resolve_device, seed_everything, torch_settings
 from trainer.freezing import UnfrozenGroups, detach, eval_mode, matching_names
 from trainer.hooks import HOOKS, collect_hooks
+from trainer.losses import SUM, summed
 from trainer.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricBuffer
 from trainer.nonfinite import NonFiniteGuard
 
@@ -231,24 +232,34 @@ class Trainer:
         distributed.shard_model(module, policy)
 
     def training_step(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Return the loss, or a dict with ``"loss"`` and extra metrics (logged as ``train/<name>``)."""
+        """Return the mean loss, or a dict with ``"loss"`` and extra metrics (logged as
+        ``train/<name>``), or a dict with ``"loss_sum"`` (summed over the batch's items: tokens,
+        samples) and ``"count"`` (their number, a tensor) instead of ``"loss"``: each step's
+        gradient is then that of the mean over every item of the step, across micro-batches and
+        ranks, and ``train/loss`` the mean over the items of the log interval (``trainer.losses``)."""
         x, y = self._unpack(batch, "training_step")
         return self._loss(self.model(x), y)
 
     def validation_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Return per-batch mean metrics; they are averaged over samples as ``val/<name>``.
+        """Return per-batch mean metrics; they are averaged over samples as ``val/<name>``. A
+        ``"loss_sum"`` with its ``"count"`` gives ``val/loss``: the sum over the whole set and every
+        rank divided by the total count.
 
-        The default reports ``loss`` and, for class logits ``(N, C)`` with integer targets, ``acc``.
+        The default reports the loss (a ``loss_fn`` may return ``loss_sum`` and ``count``, as
+        ``trainer.losses.summed_cross_entropy`` does) and, for class logits ``(N, C)`` with integer
+        targets, ``acc``.
         """
         x, y = self._unpack(batch, "validation_step")
         out = self.model(x)
-        metrics = {"loss": self._loss(out, y)}
+        loss = self._loss(out, y)
+        metrics = dict(loss) if isinstance(loss, dict) else {"loss": loss}
         if out.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
             metrics["acc"] = (out.argmax(dim=-1) == y).float().mean()
         return metrics
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Fill ``.grad``. ``loss`` is already divided by ``grad_accum_steps`` and, for fp16, scaled.
+        """Fill ``.grad``. ``loss`` is already divided by ``grad_accum_steps`` (a ``loss_sum`` is not:
+        the step divides the gradients by the count) and, for fp16, scaled.
 
         Override to call ``loss.backward(v)`` for a non-scalar loss.
         """
@@ -499,7 +510,7 @@ class Trainer:
         h = self._hooks
         autocast = self.precision.autocast
         scale = self._scale
-        track = self._interval.track
+        track, track_sum = self._interval.track, self._interval.track_sum
         non_blocking = self.device.type == "cuda"
         # On CPU, batches are already where they belong: no per-step walk over them.
         move = to_device if self.device.type != "cpu" else _same_batch
@@ -520,17 +531,28 @@ class Trainer:
                 fn(self, batch)
             with autocast:
                 outputs = self.training_step(batch)
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            if not isinstance(loss, torch.Tensor):
-                raise TypeError(
-                    f"training_step must return a loss Tensor or a dict with a 'loss' Tensor, got {describe(outputs)}"
-                )
+            is_dict = isinstance(outputs, dict)
+            if is_dict and SUM in outputs:
+                # A sum over items: its gradient is divided by the step's count of items at the step.
+                loss, count = summed(outputs, "training_step")
+                divided = loss
+            else:
+                loss = outputs["loss"] if is_dict else outputs
+                if not isinstance(loss, torch.Tensor):
+                    raise TypeError(
+                        f"training_step must return a loss Tensor, a dict with a 'loss' Tensor, or a dict with "
+                        f"'loss_sum' and 'count' Tensors, got {describe(outputs)}"
+                    )
+                divided, count = (loss / accum if accum > 1 else loss), None
             for fn in h["on_before_backward"]:
                 fn(self, loss)
             # Under DDP / FSDP the micro-batches before the step skip the gradient all-reduce.
             with no_sync() if no_sync is not None and not step_now else nullcontext:
-                self.backward(scale(loss / accum if accum > 1 else loss))
-            track(loss, outputs, batch)
+                self.backward(scale(divided))
+            if count is None:
+                track(loss, outputs, batch)
+            else:
+                track_sum(loss, count, outputs, batch)
             if step_now:
                 self._step()
             if h["on_train_batch_end"]:
@@ -563,13 +585,17 @@ class Trainer:
         h = self._hooks
         optimizer = self.optimizer
         self._unscale(optimizer)  # fp16: unscale so the hooks, the check and clipping see true gradients
+        loss = self._interval.step_loss
+        if self._interval.step_count is not None:
+            # Summed losses: from here on the gradients are those of the mean over every item of the
+            # step on every rank (one scalar all-reduce of the count), and the loss the step's mean.
+            loss = loss * self.strategy.mean_over_items(self._clip_params, self._interval.step_count)
         for fn in h["on_after_backward"]:
             fn(self)
         # Under fp16 the scaler owns overflowing gradients (it skips the step and lowers the scale).
         clipping = self.config.clip_grad_norm is not None
-        value, found, norm = self.strategy.step_value(self._interval.step_loss, self._clip_params,
-                                                      self._check_grads, clipping)
-        skipped = self._guard.check(value, found, self.global_step + 1, self._interval.step_loss)  # may raise
+        value, found, norm = self.strategy.step_value(loss, self._clip_params, self._check_grads, clipping)
+        skipped = self._guard.check(value, found, self.global_step + 1, loss)  # may raise
         self._interval.end_step(skipped)
         if clipping:
             self.strategy.clip(self._clip_params, self.config.clip_grad_norm, norm)
@@ -689,8 +715,10 @@ class Trainer:
         record.update(values)
         if flags is not None:
             self._guard.read(flags)
-        if not self._guard.took_steps():
-            record.pop("train/loss", None)  # every step of the interval was skipped: no loss to show
+        if not self._guard.took_steps() or record.get("train/count") == 0:
+            # Every step of the interval was skipped, or (summed losses) its steps held no item:
+            # no loss to show.
+            record.pop("train/loss", None)
         record["samples_per_sec"] = samples_per_sec
         if self.device.type == "cuda":
             record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
