@@ -54,6 +54,18 @@ def checkpointed(module: nn.Module) -> list[str]:
     return [name for name, sub in module.named_modules() if _is_ours(sub.__dict__.get("forward"))]
 
 
+def suggestion(module: nn.Module, patterns: Sequence[str]) -> str | None:
+    """What to suggest for ``activation_checkpointing`` when memory runs out: ``None`` when
+    ``patterns`` checkpoint something already, else the blocks of the model's first ``nn.ModuleList``
+    (``"blocks.*"``), or a placeholder for a model without one."""
+    if patterns:
+        return None
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.ModuleList) and len(sub):
+            return f"{name}.*" if name else "*"
+    return "<block class>"
+
+
 def matching_modules(module: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """The outermost submodules (``(name, module)``, in the model's order) whose name or class name
     matches a pattern; a pattern that matches none is an error naming it."""

@@ -384,7 +384,7 @@ class Trainer:
                 except torch.OutOfMemoryError as exc:
                     raise torch.OutOfMemoryError(out_of_memory_message(
                         exc, self.device, self.global_step + 1, cfg.batch_size, cfg.grad_accum_steps,
-                        cfg.precision)) from exc
+                        cfg.precision, memory.suggestion(self.module, cfg.activation_checkpointing))) from exc
                 self._flush_logs()
                 stopped = self.stopped_by_signal is not None
                 if self.val_data is not None and self.validated_step != self.global_step and not stopped:
