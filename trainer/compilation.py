@@ -62,6 +62,8 @@ def compile_step(optimizer: torch.optim.Optimizer, settings: CompileConfig, shar
         groups = optimizer.param_groups
         floats = [group["lr"] for group in groups]
         for group, lr in zip(groups, floats):
+            if isinstance(lr, torch.Tensor):
+                continue  # built with a tensor learning rate, as the recipe has it: nothing to do
             tensor = tensors.get(id(group))
             if tensor is None:
                 # float32 on the CPU, as in PyTorch's recipe (Dynamo's guards read a float64 scalar's
