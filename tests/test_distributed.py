@@ -302,8 +302,11 @@ def sharded(directory):
 def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     # Per rank 3 samples a batch, 2 micro-batches a step; 126 training blocks, 13 validation blocks
     # (7 and 6 per rank: 3 and 2 batches, so one rank runs an uncounted forward to keep FSDP in step).
+    # The sharded run also recomputes its blocks' activations in backward (applied before sharding,
+    # each block gathers its parameters again for the recompute): the same gradients, the same names.
     best = "callbacks: [{_target_: trainer.callbacks.BestCheckpoints, monitor: val/loss}]\n"
-    two = torchrun("run", write_lm(tmp_path, "fsdp", batch=3, strategy="fsdp", optimizer=SGD, extra=best))
+    extra = best + "activation_checkpointing: [Block]\n"
+    two = torchrun("run", write_lm(tmp_path, "fsdp", batch=3, strategy="fsdp", optimizer=SGD, extra=extra))
     assert two.returncode == 0, two.stderr[-3000:]
     one = single("run", write_lm(tmp_path, "single", batch=6, optimizer=SGD))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -367,12 +370,15 @@ def test_fsdp_from_a_users_script(tmp_path, precision):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # (the two ranks share stdout, so their lines may interleave)
-    reports = sorted(re.findall(r"rank (\d): sharded=(\w+) skipped=(\d+) step=(\d+) val/loss=([\d.]+)", proc.stdout))
+    reports = sorted(re.findall(r"rank (\d): sharded=(\w+) skipped=(\d+) step=(\d+) val/loss=([\d.]+) "
+                                r"checkpointed=(\S+) as (\S+)", proc.stdout))
     assert [r[0] for r in reports] == ["0", "1"], proc.stdout
     # Both ranks sharded, both skipped the step whose loss only rank 1 saw as NaN, and both
     # reported the same validation loss (reduced over the ranks' shares).
     assert all(r[1:4] == ("True", "1", "6") for r in reports), reports
     assert reports[0][4] == reports[1][4]
+    # Each sharded block (FSDP2's own class for it) recomputes its activations in backward.
+    assert all(r[5:] == ("blocks.0,blocks.1", "FSDPBlock,FSDPBlock") for r in reports), reports
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000006"]
 
 

@@ -512,6 +512,17 @@ def test_out_of_memory_is_reraised_with_what_to_try():
     message = str(info.value)
     assert "batch_size 256" in message and "grad_accum_steps 2" in message and "bf16" in message
     assert "Try a smaller batch_size" in message and "Tried to allocate 2.00 GiB" in message
+    assert "activation_checkpointing: [<block class>]" in message  # an MLP has no list of blocks to name
+
+    from trainer.examples.char_lm import CharTransformer
+
+    for patterns, suggested in ([], "activation_checkpointing: [blocks.*]"), (["Block"], None):
+        model = CharTransformer(block_size=8, d_model=8, n_layers=1, n_heads=1)
+        t = Oom(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4),
+                config=quiet(activation_checkpointing=patterns, sanity_check=False))
+        with pytest.raises(torch.OutOfMemoryError) as info:
+            t.fit()
+        assert (suggested in str(info.value)) if suggested else "activation_checkpointing" not in str(info.value)
 
 
 @pytest.mark.slow

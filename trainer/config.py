@@ -124,6 +124,53 @@ class InitFromConfig(StrictModel):
         return value
 
 
+class CompileConfig(StrictModel):
+    """``compile:`` as a mapping: torch.compile's settings, and whether the optimizer step is compiled too."""
+
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile's mode: 'default'; 'reduce-overhead' (CUDA graphs: less launch overhead, more "
+        "memory); 'max-autotune' (autotuned kernels and CUDA graphs, a long first step); "
+        "'max-autotune-no-cudagraphs'.",
+    )
+    fullgraph: bool = Field(
+        False, description="Fail on a graph break instead of running that part eagerly (finds graph breaks)."
+    )
+    dynamic: bool | None = Field(
+        None,
+        description="Shapes: null compiles for the first shapes and recompiles with dynamic ones when they "
+        "change; true is dynamic from the start; false recompiles for every new shape.",
+    )
+    backend: str = Field(
+        "inductor", min_length=1,
+        description="torch.compile's backend: 'inductor' (generates kernels), 'aot_eager' or 'eager' (no code "
+        "generation: for finding graph breaks and recompilations quickly).",
+    )
+    optimizer: bool = Field(
+        False,
+        description="Also compile the optimizer step (PyTorch's 'compiling the optimizer' recipe: one generated "
+        "kernel from the optimizer's foreach code). Needs an optimizer that is not fused (configs then build "
+        "Adam, AdamW and SGD unfused), and no fp16; the learning rate goes in as a tensor, so a schedule "
+        "causes no recompilation.",
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _mode_is_inductors(cls, value: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode", "default")
+        if value != "inductor" and mode != "default":
+            raise ValueError(f"mode {mode!r} is a setting of the inductor backend, not of {value!r}; "
+                             "use backend: inductor, or leave mode at default")
+        return value
+
+
+def compile_settings(value: bool | CompileConfig) -> CompileConfig | None:
+    """``compile:`` as settings: ``true`` is torch's defaults, ``false`` is ``None`` (not compiled)."""
+    if isinstance(value, CompileConfig):
+        return value
+    return CompileConfig() if value else None
+
+
 class TrainerConfig(StrictModel):
     """Every setting of the training loop. The same names are the top-level keys of a YAML config."""
 
@@ -190,7 +237,18 @@ class TrainerConfig(StrictModel):
     deterministic: bool = Field(
         False, description="Use torch's deterministic algorithms (slower; errors on ops without one)."
     )
-    compile: bool = Field(False, description="Wrap the model with torch.compile.")
+    compile: bool | CompileConfig = Field(
+        False,
+        description="Wrap the model with torch.compile: true (torch's defaults), false, or a mapping of settings "
+        "{mode, fullgraph, dynamic, backend, optimizer}. Recompilations are logged as compile/recompiles.",
+    )
+    activation_checkpointing: list[str] = Field(
+        default_factory=list,
+        description="Submodules whose activations are recomputed in backward instead of kept from forward "
+        "(less memory, about one more forward of them): module-name glob patterns ('blocks.*') or class names "
+        "('Block'). The outermost matching modules are checkpointed; names and state dicts do not change. "
+        "Empty: off.",
+    )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: 'ddp' keeps a full copy of the model on every rank; 'fsdp' shards "
@@ -256,6 +314,37 @@ class TrainerConfig(StrictModel):
         warnings.warn(f"progress_bar is deprecated: write progress: {meant} instead", DeprecationWarning,
                       stacklevel=3)  # the caller of TrainerConfig(...), past pydantic's __init__
         return {**data, "progress": meant}
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _one_pattern(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # `activation_checkpointing: Block` reads as one
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _no_empty_pattern(cls, value: list[str]) -> list[str]:
+        if any(not p.strip() for p in value):
+            raise ValueError("an empty pattern matches no module; write a module name pattern ('blocks.*') or a "
+                             "class name ('Block')")
+        return value
+
+    @field_validator("compile")
+    @classmethod
+    def _optimizer_compile_without_fp16(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, CompileConfig) and value.optimizer and info.data.get("precision") == "fp16":
+            raise ValueError("optimizer: true cannot be used with precision: fp16 (the gradient scaler unscales, "
+                             "checks and steps the optimizer itself, eagerly); use precision: bf16, or optimizer: false")
+        return value
+
+    @field_validator("nonfinite_check")
+    @classmethod
+    def _device_check_needs_fused(cls, value: str, info: ValidationInfo) -> str:
+        settings = info.data.get("compile")
+        if value == "device" and isinstance(settings, CompileConfig) and settings.optimizer:
+            raise ValueError("device needs a fused optimizer and compile: {optimizer: true} an unfused one, whose "
+                             "step torch.compile generates; use nonfinite_check: auto (checked on the host), or "
+                             "compile the model only")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -161,9 +161,10 @@ def _tf32_set(values: tuple) -> None:
 
 
 def out_of_memory_message(exc: BaseException, device: torch.device, step: int, batch_size: int, accum: int,
-                          precision: str) -> str:
+                          precision: str, checkpointing: str | None = None) -> str:
     """A CUDA out-of-memory error, restated with the run's batch, accumulation, precision, the
-    device's memory figures and what to try."""
+    device's memory figures and what to try. ``checkpointing``: the ``activation_checkpointing``
+    patterns to suggest (``"blocks.*"``), or ``None`` when the run checkpoints already."""
     figures = ""
     if device.type == "cuda":
         gib = 2**30
@@ -172,9 +173,11 @@ def out_of_memory_message(exc: BaseException, device: torch.device, step: int, b
                    f"{torch.cuda.memory_allocated(device) / gib:.1f} GiB allocated by tensors, "
                    f"{torch.cuda.memory_reserved(device) / gib:.1f} GiB reserved, "
                    f"peak {torch.cuda.max_memory_allocated(device) / gib:.1f} GiB, {free / gib:.1f} GiB free.")
-    hint = "precision: bf16" if precision == "fp32" else "a smaller model"
+    hints = ["precision: bf16" if precision == "fp32" else "a smaller model"]
+    if checkpointing is not None:
+        hints.append(f"activation_checkpointing: [{checkpointing}] (activations recomputed in backward, not kept)")
     return (
         f"out of memory at step {step} with batch_size {batch_size} (x grad_accum_steps {accum}) in "
         f"{precision}.{figures} Try a smaller batch_size with a larger grad_accum_steps (same effective batch), "
-        f"{hint}, or compile: true. ({str(exc).splitlines()[0]})"
+        f"{', '.join(hints)}, or compile: true. ({str(exc).splitlines()[0]})"
     )

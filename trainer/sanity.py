@@ -37,6 +37,7 @@ from trainer.checkpoint.files import rng_state, set_rng_state
 from trainer.data import IterableSource, describe, to_device
 from trainer.device import out_of_memory_message, torch_settings
 from trainer.freezing import eval_mode
+from trainer.memory import suggestion
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer
@@ -119,7 +120,8 @@ def _training_batch(trainer: Trainer) -> None:
     except torch.OutOfMemoryError as exc:
         cfg = trainer.config
         raise torch.OutOfMemoryError(out_of_memory_message(
-            exc, trainer.device, trainer.global_step + 1, cfg.batch_size, cfg.grad_accum_steps, cfg.precision)) from exc
+            exc, trainer.device, trainer.global_step + 1, cfg.batch_size, cfg.grad_accum_steps, cfg.precision,
+            suggestion(trainer.module, cfg.activation_checkpointing))) from exc
     except SanityCheckError:
         raise
     except Exception as exc:

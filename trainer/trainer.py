@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import distributed, evaluation, progress, sanity, signals, weights
+from trainer import compilation, distributed, evaluation, memory, progress, sanity, signals, weights
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
-from trainer.config import TrainerConfig
+from trainer.config import TrainerConfig, compile_settings
 from trainer.data import DataError, EpochSource, describe, make_source, to_device
 from trainer.device import Precision, out_of_memory_message, resolve_device, seed_everything, torch_settings
 from trainer.freezing import UnfrozenGroups, detach, eval_mode, matching_names
@@ -125,6 +125,8 @@ class Trainer:
         self.strategy = strategies.choose(cfg.strategy, self.layout, self.device, self.configure_sharding)
 
         self.module = model if meta else model.to(self.device)  # the plain (or, under fsdp, sharded) module
+        if cfg.activation_checkpointing:  # before sharding and compiling, which then see it (trainer.memory)
+            memory.checkpoint_activations(self.module, cfg.activation_checkpointing)
         if meta and not self.strategy.sharded:
             weights.materialize(self.module, self.device)
         stepped = self.strategy.wrap(self.module, optimizer)
@@ -133,7 +135,8 @@ class Trainer:
         self._built_on_meta = meta
         # init_from is loaded when fit (or evaluate) first needs the weights, unless a checkpoint's came first.
         self._init_pending = cfg.init_from is not None
-        self.model = torch.compile(stepped) if cfg.compile else stepped  # what training steps call
+        compiled = compile_settings(cfg.compile)
+        self.model = compilation.compile_model(stepped, compiled)  # what training steps call
         self.loss_fn = loss_fn
         self.train_data = train_data
         self.val_data = val_data
@@ -188,6 +191,9 @@ class Trainer:
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizer, self.device,
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
         self._scale, self._unscale, self._step_optimizer, self._skip_optimizer = self.precision.steps(self.optimizer)
+        if compiled is not None and compiled.optimizer:  # fp16 is refused by the config: the scaler steps eagerly
+            self._step_optimizer = compilation.compile_step(self.optimizer, compiled, self.strategy.sharded)
+        self._recompiles = compilation.Recompiles() if compiled is not None else None
         self._clip_params = self.trainable_parameters()
         self._check_grads = cfg.precision != "fp16"
         self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler)
@@ -428,7 +434,7 @@ class Trainer:
                 except torch.OutOfMemoryError as exc:
                     raise torch.OutOfMemoryError(out_of_memory_message(
                         exc, self.device, self.global_step + 1, cfg.batch_size, cfg.grad_accum_steps,
-                        cfg.precision)) from exc
+                        cfg.precision, memory.suggestion(self.module, cfg.activation_checkpointing))) from exc
                 self._flush_logs()
                 stopped = self.stopped_by_signal is not None
                 if self.val_data is not None and self.validated_step != self.global_step and not stopped:
@@ -623,6 +629,7 @@ class Trainer:
             self.log("time/first_step_s", time.perf_counter() - self._first_step_clock)
             self._first_step_clock = None
             self._interval.clock = time.perf_counter()  # throughput without the compile
+            self._recompiles.start()  # compilations from here on are recompilations
         log_point = step % cfg.log_every_n_steps == 0
         if log_point:
             self._flush_logs()
@@ -722,6 +729,8 @@ class Trainer:
         record["samples_per_sec"] = samples_per_sec
         if self.device.type == "cuda":
             record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self._recompiles is not None:
+            record["compile/recompiles"] = self._recompiles.count()
         self._emit(record)
 
     def _emit(self, record: dict[str, float]) -> None:

@@ -80,6 +80,9 @@ def test_plain_parameters_get_fused_kernels_unless_the_config_chose():
     assert built.param_groups[0]["fused"] is True
     built = optimizer_factory(component(_target_="torch.optim.SGD", lr=0.1, foreach=False), source)(params)
     assert not built.param_groups[0]["fused"] and built.param_groups[0]["foreach"] is False
+    # compile: {optimizer: true} generates the kernel from the optimizer's own code: torch's default
+    built = optimizer_factory(component(_target_="torch.optim.AdamW", lr=0.1), source, compiled=True)(params)
+    assert not built.param_groups[0]["fused"] and built.param_groups[0]["foreach"] is None
 
 
 @pytest.fixture

@@ -517,6 +517,9 @@ def torch_load(path):
      "{_target_: torch.nn.CrossEntropyLoss, ...arguments}, found a list"),
     ("loss: torch.nn.functional.cross_entropy", "loss: cross_entropy",
      "loss: expected a dotted path such as torch.nn.functional.cross_entropy, got 'cross_entropy'"),
+    ("seed: 0", "seed: 0\ncompile: max-autotune",
+     "compile: expected true, false or a mapping of settings such as {mode: max-autotune, optimizer: true}, "
+     "found 'max-autotune'"),
 ])
 def test_a_value_no_branch_of_a_union_takes_gets_one_line(project, old, new, expected):
     cfg = project.write(with_line(project.text, old, new))
@@ -525,6 +528,32 @@ def test_a_value_no_branch_of_a_union_takes_gets_one_line(project, old, new, exp
     column = line.index(": ") + 3 + line.startswith("loggers")  # the value; a list's first item
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, line)}:{column}: {expected}\n")
     assert "Component" not in out and "literal" not in out and "more problem" not in out
+
+
+def test_compile_settings_are_checked_like_a_section(project):
+    cfg = project.write(project.text + "compile:\n  mod: max-autotune\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'mod:')}:", "compile.mod: unknown key 'mod'; did you mean 'mode'?")
+    cfg = project.write(project.text + "compile: {mode: max-autotune, backend: eager}\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'compile:')}:", "compile.backend: mode 'max-autotune' is a "
+                      "setting of the inductor backend, not of 'eager'")
+    assert "CompileConfig" not in out and "more problem" not in out
+
+
+def test_an_activation_checkpointing_pattern_that_matches_nothing_points_at_itself(project):
+    cfg = project.write(project.text + "activation_checkpointing:\n  - Linear\n  - blocks.*\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, '- blocks.*')}:",
+                      "activation_checkpointing[1]: pattern 'blocks.*' matches no module name or class; "
+                      "modules are: 0, 1, 2, 3, 4; classes are: MLP, Linear, ReLU")
+
+
+def test_a_compiled_optimizer_step_gets_an_unfused_optimizer(project):
+    cfg = project.write(with_line(project.text, "lr: 0.1", "lr: 0.1\n  fused: true") + "compile: {optimizer: true}\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'fused:')}:", "optimizer.fused: compile: {optimizer: true} "
+                      "compiles the optimizer's own code, which a fused kernel replaces")
 
 
 def test_a_component_written_as_a_bare_path_is_shown_the_mapping_to_write(project):

@@ -1,7 +1,8 @@
 """A user's own script, launched by torchrun, that builds a sharded Trainer in code.
 
 Rank 1 alone sees a NaN loss at step 3: with ``on_nonfinite: skip`` every rank must skip that same
-step (their shards would drift apart otherwise, and FSDP's next collectives would hang).
+step (their shards would drift apart otherwise, and FSDP's next collectives would hang). The blocks
+recompute their activations in backward (activation checkpointing, applied before sharding).
 
 ``fsdp_script.py init_from RUN_DIR WEIGHTS_DIR`` starts sharded runs from weights files instead
 (see ``init_from`` below).
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from trainer import Callback, Trainer
+from trainer.memory import checkpointed
 from trainer.examples.char_lm import CharTransformer, lm_loss, load
 
 
@@ -43,12 +45,15 @@ def main(run_dir: str, precision: str, optimizer_name: str = "adamw") -> None:
         model, train_data=data["train"], val_data=data["val"], loss_fn=lm_loss, run_dir=run_dir,
         optimizer_name=optimizer_name,
         config={"strategy": "fsdp", "precision": precision, "batch_size": 4, "max_steps": 6,
-                "log_every_n_steps": 2, "on_nonfinite": "skip", "progress": "off"},
+                "log_every_n_steps": 2, "on_nonfinite": "skip", "progress": "off",
+                "activation_checkpointing": ["Block"]},
     )
     trainer.fit()
     trainer.close()
+    blocks = [type(b).__name__ for b in trainer.module.blocks]
     print(f"rank {trainer.layout.rank}: sharded={trainer.sharded} skipped={trainer.skipped_steps} "
-          f"step={trainer.global_step} val/loss={trainer.history[-1]['val/loss']:.6f}", flush=True)
+          f"step={trainer.global_step} val/loss={trainer.history[-1]['val/loss']:.6f} "
+          f"checkpointed={','.join(checkpointed(trainer.module))} as {','.join(blocks)}", flush=True)
 
 
 class Rotary(nn.Module):

@@ -19,6 +19,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from trainer.cli.run_config import Component, RunConfig, trainer_config
 from trainer.cli.yaml_source import ConfigError, Path_, Source
+from trainer.config import compile_settings
 from trainer.run_dir import TENSORBOARD
 
 _ARBITRARY = ConfigDict(arbitrary_types_allowed=True)
@@ -181,20 +182,37 @@ def kernel_defaults(target: Any, params: list[Any]) -> dict[str, Any]:
     return {}
 
 
-def optimizer_factory(component: Component, source: Source) -> Callable[[Any], Any]:
+def optimizer_factory(component: Component, source: Source, compiled: bool = False) -> Callable[[Any], Any]:
     """The optimizer as a function of the parameters, checked now and called by the Trainer on the
     parameters it will step (after DDP wrapping or FSDP sharding). The kernel is chosen from those
-    parameters unless the config chose one."""
+    parameters unless the config chose one; with ``compiled`` (``compile: {optimizer: true}``)
+    torch.compile generates it from the optimizer's own code, which a fused kernel would hide."""
     path = ("optimizer",)
     call = bind(component, source, path, skip=1)
     target = import_target(component.target, source, path + ("_target_",))
     chosen = bool(KERNEL_CHOICES & set(component.kwargs))
+    if compiled and component.kwargs.get("fused"):
+        raise source.at(path + ("fused",), "compile: {optimizer: true} compiles the optimizer's own code, which a "
+                        "fused kernel replaces; remove fused: true, or set compile.optimizer: false")
 
     def build_optimizer(params: Any) -> Any:
         params = list(params)
-        return call(params, **({} if chosen else kernel_defaults(target, params)))
+        return call(params, **({} if chosen or compiled else kernel_defaults(target, params)))
 
     return build_optimizer
+
+
+def check_patterns(model: Any, patterns: list[str], source: Source) -> None:
+    """Each ``activation_checkpointing`` pattern matches a module of the model, or the error points at it."""
+    from trainer.memory import matching_modules
+
+    listed = isinstance(source.data.get("activation_checkpointing"), list)
+    for i, pattern in enumerate(patterns):
+        try:
+            matching_modules(model, [pattern])
+        except ValueError as exc:
+            path = ("activation_checkpointing", i) if listed else ("activation_checkpointing",)
+            raise source.at(path, str(exc).removeprefix("activation_checkpointing ")) from None
 
 
 @dataclass
@@ -234,6 +252,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         model = instantiate(run.model, source, ("model",))
     if not isinstance(model, torch.nn.Module):
         raise source.at(("model",), f"'{run.model.target}' returned a {type(model).__name__}, not a torch.nn.Module")
+    check_patterns(model, run.activation_checkpointing, source)
     train_data, val_data = split_data(instantiate(run.data, source, ("data",)), source)
 
     if train_data is None:
@@ -263,7 +282,8 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
 
     optimizer = scheduler = None
     if run.optimizer is not None:
-        optimizer = optimizer_factory(run.optimizer, source)
+        settings = compile_settings(run.compile)
+        optimizer = optimizer_factory(run.optimizer, source, compiled=settings is not None and settings.optimizer)
         if run.scheduler is not None:
             scheduler = bind(run.scheduler, source, ("scheduler",), skip=1)
     elif run.scheduler is not None:

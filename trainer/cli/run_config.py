@@ -98,6 +98,7 @@ _UNIONS = {
     "loss": ("loss", "a dotted path such as torch.nn.functional.cross_entropy or "
                      "{_target_: torch.nn.CrossEntropyLoss, ...arguments}"),
     "loggers": ("logger", f"'tensorboard' or {_COMPONENT}"),
+    "compile": ("compile setting", "true, false or a mapping of settings such as {mode: max-autotune, optimizer: true}"),
 }
 
 
@@ -113,20 +114,18 @@ def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
     for part in path:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
-        # an optional section (init_from: X | None) suggests X's keys
-        annotation = next((a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)),
-                          annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        # a section, or a union with one (compile: true or its settings)
+        models = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
             return []
+        model = models[0]
     return list(model.model_fields)
 
 
 def _is_branch(part: Any) -> bool:
     """Whether a part of an error's location names a union branch (Component, str, literal['x'],
     function-after[...]) rather than a key or an index."""
-    return isinstance(part, str) and (part[:1].isupper() or part == "str" or "[" in part)
+    return isinstance(part, str) and (part[:1].isupper() or part in ("str", "bool") or "[" in part)
 
 
 def _names(annotation: Any) -> list[str]:
@@ -171,8 +170,9 @@ def validate(source: Source) -> RunConfig:
         value = _value_at(source.data, union)
         if not isinstance(value, dict):
             raise source.at(union, _union_message(union, value) + _more(errors))
-        # a mapping is meant as a component: its branch's problem is the one to report
-        error = next(e for e in errors if tuple(e["loc"])[:branch + 1] == union + ("Component",))
+        # a mapping is meant as the mapping branch (a component, compile's settings): its problem is the one to report
+        error = next(e for e in errors if tuple(e["loc"])[:branch] == union and len(e["loc"]) > branch
+                     and str(e["loc"][branch])[:1].isupper())
     path = tuple(p for p in error["loc"] if not _is_branch(p))
     if error["type"] == "extra_forbidden":
         key = path[-1]
