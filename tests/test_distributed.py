@@ -396,6 +396,8 @@ def fsdp_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_reference")
     proc = torchrun("run", write_lm(tmp, "ref", batch=3, strategy="fsdp", dropout=0.1, checkpoint=EVERY_2))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Validation (and the sanity pass's validation batch) leaves every parameter sharded: the optimizer's.
+    assert "the optimizer does not hold them" not in proc.stderr, proc.stderr[-3000:]
     return tmp / "runs" / "ref"
 
 

@@ -145,8 +145,11 @@ def _validation_batch(trainer: Trainer) -> None:
         if first is None:
             return
         batch = to_device(first[0], trainer.device)
-        with eval_mode(trainer.module), trainer.precision.autocast:
-            outputs = trainer.validation_step(batch)
+        try:
+            with eval_mode(trainer.module), trainer.precision.autocast:
+                outputs = trainer.validation_step(batch)
+        finally:
+            trainer.strategy.end_evaluation(trainer.module)
     except SanityCheckError:
         raise
     except Exception as exc:

@@ -85,6 +85,9 @@ class SingleProcess:
         """What evaluation calls (``model`` is what training steps call)."""
         return model
 
+    def end_evaluation(self, module: nn.Module) -> None:
+        """After forwards without a backward (evaluation, the sanity pass's validation batch)."""
+
     def eval_batches(self, source: Any) -> Iterator[tuple[Any, bool]]:
         """``(batch, counted)`` pairs of one pass over ``source``."""
         for batch in source.epoch(0, 0):
@@ -142,6 +145,16 @@ class FSDP(SingleProcess):
         super().__init__(layout, device)
         self.shard = shard
         self.module: nn.Module | None = None
+
+    def end_evaluation(self, module: nn.Module) -> None:
+        # FSDP keeps the root unit's parameters gathered after its forward, for the backward that
+        # follows in training; after evaluation none follows, and the module would hold unsharded
+        # parameters, not the ones the optimizer steps, until the next training forward.
+        from torch.distributed.fsdp import FSDPModule
+
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
 
     def wrap(self, module: nn.Module, optimizer: Any) -> nn.Module:
         # fully_shard replaces each parameter with a sharded one; an optimizer built from the

@@ -843,6 +843,7 @@ class Trainer:
                 values = evaluation.evaluate(self.validation_step, batches, self.device)
         finally:
             self.model = stepped
+            self.strategy.end_evaluation(self.module)
         metrics = {f"{prefix}/{name}": value for name, value in values.items()}
         if own:
             self._call("on_validation_end", metrics)
