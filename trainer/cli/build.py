@@ -207,7 +207,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     """Build the model, data, loss, optimizer, scheduler, callbacks and Trainer of a run."""
     import torch
 
-    from trainer.device import resolve_device, seed_everything
+    from trainer.device import model_init, resolve_device, seed_everything
     from trainer.trainer import Trainer
 
     try:
@@ -225,7 +225,8 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     trainer_cls = import_target(trainer_path, source, trainer_at)
     if not (inspect.isclass(trainer_cls) and issubclass(trainer_cls, Trainer)):
         raise source.at(trainer_at, f"'{trainer_path}' is not a subclass of trainer.Trainer")
-    model = instantiate(run.model, source, ("model",))
+    with model_init(run.precision):  # bf16-true: the weights are made in bf16, as a model factory's are
+        model = instantiate(run.model, source, ("model",))
     if not isinstance(model, torch.nn.Module):
         raise source.at(("model",), f"'{run.model.target}' returned a {type(model).__name__}, not a torch.nn.Module")
     train_data, val_data = split_data(instantiate(run.data, source, ("data",)), source)
