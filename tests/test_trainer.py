@@ -592,6 +592,7 @@ def test_out_of_memory_is_reraised_with_what_to_try():
     message = str(info.value)
     assert "batch_size 256" in message and "grad_accum_steps 2" in message and "bf16" in message
     assert "Try a smaller batch_size" in message and "Tried to allocate 2.00 GiB" in message
+    assert "precision: bf16-true (weights, gradients and optimizer state in bf16" in message  # bf16's next lever
 
 
 @pytest.mark.slow
