@@ -114,8 +114,8 @@ class Trainer:
         self.strategy = strategies.choose(cfg.strategy, self.layout, self.device, self.configure_sharding)
 
         # The plain (or, under fsdp, sharded) module. bf16-true converts it here, before the optimizer
-        # is built, so that the optimizer's state is bf16 too (an optimizer built already holds the
-        # same parameters, converted in place, and no state yet).
+        # is built, so that the optimizer's state is bf16 too (an optimizer built before the Trainer
+        # holds the same parameters, converted in place; its state, made at its first step, follows).
         self.module = model.to(device=self.device, dtype=self.precision.param_dtype)
         stepped = self.strategy.wrap(self.module, optimizer)
         self.model = torch.compile(stepped) if cfg.compile else stepped  # what training steps call
