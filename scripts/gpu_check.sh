@@ -26,9 +26,29 @@ timeout 200 python scripts/bench_overhead.py --device cuda --precision bf16 --co
 echo "== char_lm, bf16: peak memory with and without activation checkpointing; tokens/s per compile mode"
 timeout 420 python scripts/bench_memory.py --device cuda --precision bf16 --timeout 150 2>/dev/null | tee "$out/memory.txt"
 
+# bf16 keeps fp32 weights, gradients and AdamW state (16 bytes a parameter); bf16-true holds them in
+# bf16 (8). A model large enough for that to show: 12 x 1024, about 150 M parameters. The runs' own
+# records give the peak memory and the throughput of the last log interval (steps 51-100).
+echo "== char_lm 12 x 1024 (~150 M parameters), bf16 vs bf16-true: peak memory, tokens/s"
+for p in bf16 bf16-true; do
+  timeout 180 python -m trainer run configs/char_lm.yaml device=cuda precision=$p batch_size=64 max_steps=100 \
+    scheduler.T_max=100 model.d_model=1024 model.n_layers=12 model.n_heads=16 eval_every_n_steps=null \
+    checkpoint.every_n_steps=null checkpoint.save_final=false progress=off out_dir="$out/runs" name="$p" \
+    >"$out/run_$p.txt" 2>&1 || { echo "char_lm 150M $p failed:"; tail -n 3 "$out/run_$p.txt"; }
+  python - "$out/runs/$p/metrics.jsonl" "$p" <<'EOF' 2>/dev/null | tee -a "$out/precision.txt"
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+last = [r for r in records if "samples_per_sec" in r][-1]
+val = [r["val/loss"] for r in records if "val/loss" in r][-1]
+print(f"char_lm 150M {sys.argv[2]:<9} peak {last.get('cuda_peak_mem_gb', float('nan')):6.2f} GiB  "
+      f"tokens/s {last['samples_per_sec'] * 128:>9,.0f}  val/loss {val:.3f} after {last['step']} steps")
+EOF
+done
+
 echo
 echo "================ summary"
 cat "$out/gpu.txt" "$out/torch.txt"
 tail -n 1 "$out/pytest.txt"
 grep -h char_lm "$out/bench.txt" "$out/bench_compile.txt"
 cat "$out/memory.txt"
+cat "$out/precision.txt"

@@ -120,6 +120,16 @@ def test_to_device_leaves_a_tensor_already_there_untouched():
     assert to_device([t], CPU)[0] is t
 
 
+def test_to_device_with_a_dtype_converts_floating_point_tensors_only():
+    batch = {"x": torch.ones(2), "x64": [torch.ones(2, dtype=torch.float64)], "ids": torch.arange(3),
+             "mask": torch.ones(2, dtype=torch.bool), "dc": Batch(torch.ones(1), [torch.arange(2)], name="n")}
+    moved = to_device(batch, CPU, dtype=torch.bfloat16)
+    assert moved["x"].dtype == moved["x64"][0].dtype == moved["dc"].x.dtype == torch.bfloat16
+    assert moved["ids"] is batch["ids"] and moved["mask"] is batch["mask"]  # token ids and masks as they were
+    assert moved["dc"].mask[0] is batch["dc"].mask[0]
+    assert batch["x"].dtype == torch.float32  # the input is not modified
+
+
 def test_to_device_moves_a_defaultdict_and_keeps_its_factory():
     batch = defaultdict(list, x=torch.ones(2))
     moved = to_device(batch, META)

@@ -41,7 +41,14 @@ def test_precision_objects():
     assert Precision("fp16", cpu).scaler.is_enabled()
     with Precision("bf16", cpu).autocast:
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="fp8"):
+    true = Precision("bf16-true", cpu)
+    assert not true.scaler.is_enabled() and true.param_dtype is torch.bfloat16
+    assert Precision("bf16", cpu).param_dtype is None
+    with true.autocast:  # no autocast: fp32 stays fp32; what a step makes without a dtype is bf16
+        assert torch.mm(torch.ones(2, 2, dtype=torch.float32), torch.ones(2, 2, dtype=torch.float32)).dtype == torch.float32
+        assert torch.zeros(2).dtype == torch.bfloat16
+    assert torch.get_default_dtype() == torch.float32
+    with pytest.raises(ValueError, match="fp8.*'bf16-true'"):
         Precision("fp8", cpu)
 
 

@@ -363,15 +363,16 @@ def test_close_drops_the_ddp_wrapper_before_destroying_the_group(mode):
         assert f"rank {rank}: wrapper gone at destroy [True], initialized False" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fsdp_from_a_users_script(tmp_path, precision):
+@pytest.mark.parametrize("precision,held", [("fp32", "torch.float32"), ("bf16", "torch.float32"),
+                                            ("bf16-true", "torch.bfloat16")])
+def test_fsdp_from_a_users_script(tmp_path, precision, held):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "fsdp_script.py"), str(tmp_path / "run"), precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # (the two ranks share stdout, so their lines may interleave)
     reports = sorted(re.findall(r"rank (\d): sharded=(\w+) skipped=(\d+) step=(\d+) val/loss=([\d.]+) "
-                                r"checkpointed=(\S+) as (\S+)", proc.stdout))
+                                r"checkpointed=(\S+) as (\S+) held=([\w.,]+)", proc.stdout))
     assert [r[0] for r in reports] == ["0", "1"], proc.stdout
     # Both ranks sharded, both skipped the step whose loss only rank 1 saw as NaN, and both
     # reported the same validation loss (reduced over the ranks' shares).
@@ -379,6 +380,9 @@ def test_fsdp_from_a_users_script(tmp_path, precision):
     assert reports[0][4] == reports[1][4]
     # Each sharded block (FSDP2's own class for it) recomputes its activations in backward.
     assert all(r[5:] == ("blocks.0,blocks.1", "FSDPBlock,FSDPBlock") for r in reports), reports
+    # bf16 keeps fp32 shards (FSDP gathers them in bf16); bf16-true shards bf16 parameters, and the
+    # optimizer's state follows them.
+    assert all(r[7] == held for r in reports), reports
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000006"]
 
 

@@ -35,14 +35,15 @@ def count_conversions():
             setattr(torch.Tensor, name, original)
 
 
-@pytest.mark.parametrize("accum, checkpointed", [(1, False), (2, False), (1, True)])
-def test_at_most_one_conversion_per_log_point(accum, checkpointed):
+@pytest.mark.parametrize("accum, precision, checkpointed",
+                         [(1, "fp32", False), (2, "fp32", False), (2, "bf16-true", False), (1, "fp32", True)])
+def test_at_most_one_conversion_per_log_point(accum, precision, checkpointed):
     x, y = classification(20 * 8 * accum)
     model = mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     config = {"max_steps": 20, "batch_size": 8, "grad_accum_steps": accum, "log_every_n_steps": 5,
               "grad_logging": {"every_n_steps": 5, "per_layer": True}, "clip_grad_norm": 1.0,
-              "eval_every_n_epochs": None, "progress": "off",
+              "eval_every_n_epochs": None, "progress": "off", "precision": precision,
               "activation_checkpointing": ["Linear"] if checkpointed else []}  # recomputed in backward
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
     # The path a CUDA run with a fused optimizer takes (on CPU the Trainer reads the loss each step,

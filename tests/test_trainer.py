@@ -418,6 +418,86 @@ def test_fp16_goes_through_the_grad_scaler_and_gradients_are_unscaled_at_the_log
     torch.testing.assert_close(grads["fp16"], ref[0].weight.grad, rtol=1e-2, atol=1e-3)
 
 
+class DtypesAtStep(Callback):
+    """The gradients' dtypes just before each optimizer step."""
+
+    def __init__(self):
+        self.grads = set()
+
+    def on_before_optimizer_step(self, trainer, optimizer):
+        self.grads |= {p.grad.dtype for p in trainer.module.parameters()}
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "foreach", "built before the Trainer"])
+def test_bf16_true_holds_weights_gradients_and_optimizer_state_in_bfloat16(tmp_path, optimizer):
+    from trainer.checkpoint import list_checkpoints, load_checkpoint
+
+    model = mlp()
+    if optimizer == "built before the Trainer":  # on the fp32 parameters, which are converted in place
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    else:
+        opt = lambda params: torch.optim.AdamW(params, lr=1e-2, **{optimizer: True})  # noqa: E731
+    seen = DtypesAtStep()
+    t = Trainer(model, opt, batches(4, 8), val_data=batches(1, 8), loss_fn=F.cross_entropy, run_dir=tmp_path,
+                callbacks=[seen], config=quiet(precision="bf16-true", clip_grad_norm=1.0,
+                                               grad_logging={"every_n_steps": 1}))
+    t.fit()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert seen.grads == {torch.bfloat16}
+    state = t.optimizer.state
+    assert len(state) == 4 and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16
+                                   for s in state.values())  # ("step" is torch's fp32 counter)
+    assert not t.precision.scaler.is_enabled()
+    assert torch.get_default_dtype() == torch.float32  # the steps' bf16 default is not left behind
+    # Logged as numbers summed in fp32, as in any precision.
+    assert all(type(r[k]) is float for r in t.history for k in ("train/loss", "grad_norm/total") if k in r)
+    saved = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert {v.dtype for v in saved["model"].values()} == {torch.bfloat16}
+    assert {v["exp_avg"].dtype for v in saved["optimizer"]["state"].values()} == {torch.bfloat16}
+
+
+def test_bf16_true_builds_a_model_factory_in_bfloat16():
+    made = []
+
+    def build():
+        made.append(torch.get_default_dtype())
+        return nn.Linear(8, 3)
+
+    t = Trainer(build, lambda params: torch.optim.SGD(params, lr=0.1), batches(1, 4), loss_fn=F.cross_entropy,
+                config=quiet(precision="bf16-true"))
+    assert made == [torch.bfloat16] and t.module.weight.dtype == torch.bfloat16
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_bf16_true_steps_see_float_inputs_in_bfloat16_and_integer_inputs_untouched():
+    seen = {"train": [], "val": []}
+
+    class Peek(Trainer):
+        def record(self, where, batch):
+            seen[where].append((batch["x"].dtype, batch["ids"].dtype, torch.zeros(1).dtype))
+
+        def training_step(self, batch):
+            self.record("train", batch)
+            out = self.model(batch["x"] + batch["ids"].unsqueeze(1))
+            return F.cross_entropy(out, batch["y"])
+
+        def validation_step(self, batch):
+            self.record("val", batch)
+            return {"loss": F.cross_entropy(self.model(batch["x"]), batch["y"])}
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(4, 8, generator=g), "ids": torch.arange(4), "y": torch.arange(4) % 3} for _ in range(2)]
+    model = mlp()
+    t = Peek(model, torch.optim.SGD(model.parameters(), lr=0.1), data, val_data=data,
+             config=quiet(precision="bf16-true"))
+    history = t.fit()
+    expected = (torch.bfloat16, torch.int64, torch.bfloat16)  # a tensor made in the step is bf16 too
+    assert seen["train"] == [expected] * 3  # the sanity pass's batch, then two steps
+    assert seen["val"] == [expected] * 3  # the sanity pass's batch, then the two of the validation
+    assert data[0]["x"].dtype == torch.float32  # the user's data is left as it was
+    assert type(history[-1]["val/loss"]) is float
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -512,6 +592,7 @@ def test_out_of_memory_is_reraised_with_what_to_try():
     message = str(info.value)
     assert "batch_size 256" in message and "grad_accum_steps 2" in message and "bf16" in message
     assert "Try a smaller batch_size" in message and "Tried to allocate 2.00 GiB" in message
+    assert "precision: bf16-true (weights, gradients and optimizer state in bf16" in message  # bf16's next lever
     assert "activation_checkpointing: [<block class>]" in message  # an MLP has no list of blocks to name
 
     from trainer.examples.char_lm import CharTransformer

@@ -181,9 +181,11 @@ class TrainerConfig(StrictModel):
         "auto",
         description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.",
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
+    precision: Literal["fp32", "bf16", "fp16", "bf16-true"] = Field(
         "fp32",
-        description="fp32; bf16 autocast; or fp16 autocast with a gradient scaler.",
+        description="fp32; bf16 autocast (fp32 weights); fp16 autocast with a gradient scaler; or bf16-true: "
+        "weights, gradients and optimizer state all in bf16, no fp32 copy (half the memory; updates smaller "
+        "than about 1/256 of a weight are rounded away).",
     )
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (null: no step limit)."

@@ -29,17 +29,21 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, TensorD
 from trainer.device import seed_worker
 
 
-def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """Move every tensor inside tuples, lists, dicts and dataclasses to ``device``."""
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor inside tuples, lists, dicts and dataclasses to ``device``; with ``dtype``
+    (bf16-true), floating-point tensors become ``dtype`` too, in the same copy. Integer tensors
+    (token ids, labels) stay as they are."""
     if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device, dtype, non_blocking=non_blocking)
         return obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, tuple):
-        moved = [to_device(v, device, non_blocking) for v in obj]
+        moved = [to_device(v, device, non_blocking, dtype) for v in obj]
         return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
     if isinstance(obj, list):
-        return [to_device(v, device, non_blocking) for v in obj]
+        return [to_device(v, device, non_blocking, dtype) for v in obj]
     if isinstance(obj, dict):
-        moved = {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        moved = {k: to_device(v, device, non_blocking, dtype) for k, v in obj.items()}
         if type(obj) is dict:
             return moved
         # A subclass's constructor may not take pairs (defaultdict takes its factory first), so the
@@ -54,7 +58,8 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(
             obj,
-            **{f.name: to_device(getattr(obj, f.name), device, non_blocking) for f in dataclasses.fields(obj) if f.init},
+            **{f.name: to_device(getattr(obj, f.name), device, non_blocking, dtype)
+               for f in dataclasses.fields(obj) if f.init},
         )
     return obj
 

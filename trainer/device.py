@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-true": torch.bfloat16}
 
 
 def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -46,19 +47,25 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
 
 
 class Precision:
-    """The autocast context and the gradient scaler for one precision on one device.
+    """How one precision runs on one device, resolved once so the training step has no branch on it.
 
-    Built once, so the training step has no branch on the precision: ``autocast`` is a
-    ``nullcontext`` for fp32, and ``scaler`` is only enabled for fp16.
+    ``autocast`` is the context steps run in: a ``nullcontext`` for fp32, autocast for bf16 and
+    fp16, and for bf16-true torch's default dtype set to bf16 (no autocast: the weights are bf16
+    already, and a tensor a step makes without a dtype is bf16 like them, as Lightning's
+    ``bf16-true`` does). ``scaler`` is only enabled for fp16. ``param_dtype`` is what bf16-true
+    converts the model to, and the floating-point tensors of every batch (``None``: left as they are).
     """
 
     def __init__(self, name: str, device: torch.device):
-        if name not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision {name!r} is not one of 'fp32', 'bf16', 'fp16'")
+        if name not in PRECISIONS:
+            raise ValueError(f"precision {name!r} is not one of {', '.join(map(repr, PRECISIONS))}")
         self.name = name
         self.dtype = _DTYPES.get(name, torch.float32)
+        self.param_dtype = torch.bfloat16 if name == "bf16-true" else None
         if name == "fp32":
             self.autocast = contextlib.nullcontext()
+        elif name == "bf16-true":
+            self.autocast = DefaultDtype(torch.bfloat16)
         else:
             self.autocast = torch.autocast(device_type=device.type, dtype=self.dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
@@ -79,6 +86,28 @@ class Precision:
 
     def __repr__(self) -> str:
         return f"Precision({self.name!r})"
+
+
+class DefaultDtype:
+    """Inside, ``dtype`` is torch's default floating-point dtype (what ``torch.zeros(n)`` makes);
+    on exit the one before is back, also on an error. Reusable and re-entrant, like autocast."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._saved: list[torch.dtype] = []
+
+    def __enter__(self) -> None:
+        self._saved.append(torch.get_default_dtype())
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_default_dtype(self._saved.pop())
+
+
+def model_init(precision: str) -> contextlib.AbstractContextManager:
+    """The context a model is built in: under bf16-true its weights are made in bf16 from the
+    start (no fp32 copy first, as Lightning's ``init_module``); otherwise nothing changes."""
+    return DefaultDtype(torch.bfloat16) if precision == "bf16-true" else contextlib.nullcontext()
 
 
 def _same(value: Any) -> Any:
@@ -173,7 +202,11 @@ def out_of_memory_message(exc: BaseException, device: torch.device, step: int, b
                    f"{torch.cuda.memory_allocated(device) / gib:.1f} GiB allocated by tensors, "
                    f"{torch.cuda.memory_reserved(device) / gib:.1f} GiB reserved, "
                    f"peak {torch.cuda.max_memory_allocated(device) / gib:.1f} GiB, {free / gib:.1f} GiB free.")
-    hints = ["precision: bf16" if precision == "fp32" else "a smaller model"]
+    hints = {"fp32": "precision: bf16",
+             # bf16 keeps fp32 weights, gradients and optimizer state: bf16-true holds them in half the memory.
+             "bf16": "precision: bf16-true (weights, gradients and optimizer state in bf16: half their memory, "
+                     "less accurate)"}
+    hints = [hints.get(precision, "a smaller model")]
     if checkpointing is not None:
         hints.append(f"activation_checkpointing: [{checkpointing}] (activations recomputed in backward, not kept)")
     return (

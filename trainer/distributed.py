@@ -138,13 +138,15 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of each tensor, as one 1-D tensor on the device. Sharded tensors contribute their
-    local shards' squares, summed over ranks in one all-reduce; no host sync either way."""
+    """The 2-norm of each tensor, as one 1-D tensor on the device; in fp32 for bf16 or fp16 tensors
+    (bf16-true), whose own dtype would round it. Sharded tensors contribute their local shards'
+    squares, summed over ranks in one all-reduce; no host sync either way."""
     if not tensors:
         return torch.zeros(0)
+    dtype = torch.float32 if tensors[0].itemsize < 4 else None
     if not any(isinstance(t, DTensor) for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors))
-    squares = torch.stack(torch._foreach_norm([local(t) for t in tensors])).double().square()
+        return torch.stack(torch._foreach_norm(tensors, dtype=dtype))
+    squares = torch.stack(torch._foreach_norm([local(t) for t in tensors], dtype=dtype)).double().square()
     return all_sum(squares).sqrt().float()
 
 

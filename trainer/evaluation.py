@@ -17,15 +17,17 @@ from trainer.data import batch_size_of, describe, to_device
 from trainer.losses import COUNT, SUM, summed
 
 
-def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, device: torch.device) -> dict[str, float]:
+def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, device: torch.device,
+             dtype: torch.dtype | None = None) -> dict[str, float]:
     """``{name: mean over samples}`` of ``step``'s per-batch means, and ``loss`` of its summed
     losses. ``batches`` yields ``(batch, counted)`` pairs (an uncounted batch keeps ranks in lockstep,
-    see ``strategy.FSDP``). The caller sets eval mode, no_grad and autocast."""
+    see ``strategy.FSDP``); ``dtype`` (bf16-true) is what their floating-point tensors become. The
+    caller sets eval mode, no_grad and autocast."""
     sums: dict[str, torch.Tensor] = {}
     count = 0
     kind: bool | None = None  # whether the batches return summed losses
     for batch, counted in batches:
-        batch = to_device(batch, device, device.type == "cuda")
+        batch = to_device(batch, device, device.type == "cuda", dtype)
         out = step(batch)
         if not isinstance(out, dict):
             raise TypeError(f"validation_step must return a dict of metric tensors, got {describe(out)}")
@@ -46,7 +48,8 @@ def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, devic
                 sums[name] = sums[name] + value if name in sums else value
         n = batch_size_of(batch)
         for name, value in out.items():
-            value = torch.as_tensor(value, device=device).double().mean() * n
+            # float64 whatever the default dtype (bf16 inside bf16-true's context) would make of a number
+            value = torch.as_tensor(value, dtype=torch.float64, device=device).mean() * n
             sums[name] = sums[name] + value if name in sums else value
         count += n
     # The same names in the same order on every rank, even on one whose share was empty (fewer

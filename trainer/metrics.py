@@ -105,6 +105,9 @@ class LogInterval:
         value = loss.detach()
         if value.ndim:
             value = value.mean()  # a non-scalar loss is logged as its mean
+        if value.itemsize < 4:
+            # A bf16 loss (bf16-true) is summed in fp32: bf16 sums would round, and a resume restores fp32.
+            value = value.float()
         self.step_loss = value if self.step_loss is None else self.step_loss + value
         self.step_micro += 1
         self.last_batch = batch
@@ -113,7 +116,10 @@ class LogInterval:
             self.extra_count += 1
             for name, extra in outputs.items():
                 if name != "loss":
-                    extra = extra.detach() if isinstance(extra, torch.Tensor) else extra
+                    if isinstance(extra, torch.Tensor):
+                        extra = extra.detach()
+                        if extra.is_floating_point() and extra.itemsize < 4:
+                            extra = extra.float()  # summed in fp32, as the loss
                     sums[name] = sums[name] + extra if name in sums else extra
 
     def track_sum(self, loss_sum: torch.Tensor, count: torch.Tensor, outputs: dict[str, Any], batch: Any) -> None:

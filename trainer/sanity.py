@@ -104,7 +104,7 @@ def _training_batch(trainer: Trainer) -> None:
         batch = next(iter(source.epoch(0, 0)), None)
         if batch is None:
             return  # empty: fit() raises its DataError
-        batch = to_device(batch, trainer.device)
+        batch = to_device(batch, trainer.device, dtype=trainer.precision.param_dtype)
         with trainer.precision.autocast:
             outputs = trainer.training_step(batch)
         _check_summed(trainer, outputs, "training_step", "the first training batch")
@@ -144,7 +144,7 @@ def _validation_batch(trainer: Trainer) -> None:
         first = next(iter(trainer.strategy.eval_batches(trainer._val_source)), None)
         if first is None:
             return
-        batch = to_device(first[0], trainer.device)
+        batch = to_device(first[0], trainer.device, dtype=trainer.precision.param_dtype)
         try:
             with eval_mode(trainer.module), trainer.precision.autocast:
                 outputs = trainer.validation_step(batch)

@@ -30,7 +30,9 @@ from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig, compile_settings
 from trainer.data import DataError, EpochSource, describe, make_source, to_device
-from trainer.device import Precision, out_of_memory_message, resolve_device, seed_everything, torch_settings
+from trainer.device import (
+    Precision, model_init, out_of_memory_message, resolve_device, seed_everything, torch_settings,
+)
 from trainer.freezing import UnfrozenGroups, detach, eval_mode, matching_names
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.losses import SUM, summed
@@ -38,7 +40,7 @@ from trainer.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricB
 from trainer.nonfinite import NonFiniteGuard
 
 
-def _same_batch(batch: Any, device: torch.device, non_blocking: bool) -> Any:
+def _same_batch(batch: Any, device: torch.device, non_blocking: bool, dtype: torch.dtype | None) -> Any:
     return batch
 
 
@@ -103,8 +105,10 @@ class Trainer:
         if callable(model) and not isinstance(model, nn.Module):
             seed_everything(cfg.seed)  # the initial weights are drawn from the seeded generator
             # With init_from under fsdp the weights come from the file, shard by shard: the model
-            # is built without memory and each rank materialises its shards only.
-            with torch.device("meta") if weights.builds_on_meta(cfg, self.layout) else contextlib.nullcontext():
+            # is built without memory and each rank materialises its shards only. bf16-true: made
+            # in bf16, never in fp32 first.
+            on_meta = torch.device("meta") if weights.builds_on_meta(cfg, self.layout) else contextlib.nullcontext()
+            with on_meta, model_init(cfg.precision):
                 model = model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or a function that builds one, got {type(model).__name__}")
@@ -124,7 +128,10 @@ class Trainer:
         self._joined_group = distributed.init(self.layout, self.device)  # close() leaves it then
         self.strategy = strategies.choose(cfg.strategy, self.layout, self.device, self.configure_sharding)
 
-        self.module = model if meta else model.to(self.device)  # the plain (or, under fsdp, sharded) module
+        # The plain (or, under fsdp, sharded) module. bf16-true converts it here, before the optimizer
+        # is built, so that the optimizer's state is bf16 too (an optimizer built before the Trainer
+        # holds the same parameters, converted in place; its state, made at its first step, follows).
+        self.module = model if meta else model.to(device=self.device, dtype=self.precision.param_dtype)
         if cfg.activation_checkpointing:  # before sharding and compiling, which then see it (trainer.memory)
             memory.checkpoint_activations(self.module, cfg.activation_checkpointing)
         if meta and not self.strategy.sharded:
@@ -227,8 +234,9 @@ class Trainer:
         """Apply ``torch.distributed.fsdp.fully_shard`` to ``module`` (``strategy: fsdp`` under torchrun).
 
         The default makes every block of every ``nn.ModuleList`` a unit, then the root; with
-        ``precision: bf16`` parameters are gathered in bf16 and gradients reduced in fp32. Override
-        to choose other units; the root must be sharded last.
+        ``precision: bf16`` parameters are gathered in bf16 and gradients reduced in fp32; with
+        ``bf16-true`` the parameters are bf16 already, and are sharded, gathered and reduced in bf16.
+        Override to choose other units; the root must be sharded last.
         """
         policy = None
         if self.config.precision == "bf16":
@@ -518,8 +526,10 @@ class Trainer:
         scale = self._scale
         track, track_sum = self._interval.track, self._interval.track_sum
         non_blocking = self.device.type == "cuda"
-        # On CPU, batches are already where they belong: no per-step walk over them.
-        move = to_device if self.device.type != "cpu" else _same_batch
+        dtype = self.precision.param_dtype  # bf16-true: floating-point inputs become bf16 on the way in
+        # On CPU, batches are already where they belong: no per-step walk over them, unless bf16-true
+        # has floating-point tensors to convert.
+        move = to_device if self.device.type != "cpu" or dtype is not None else _same_batch
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
         nullcontext = contextlib.nullcontext()
         try:
@@ -532,7 +542,7 @@ class Trainer:
         for batch in self._source.epoch(self.epoch, self.batch_in_epoch):
             self.batch_in_epoch += 1
             step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len
-            batch = move(batch, self.device, non_blocking)
+            batch = move(batch, self.device, non_blocking, dtype)
             for fn in h["on_train_batch_start"]:
                 fn(self, batch)
             with autocast:
@@ -840,7 +850,7 @@ class Trainer:
                         stack.enter_context(cb.evaluation_weights(self))
                 stack.enter_context(eval_mode(self.module))
                 stack.enter_context(self.precision.autocast)
-                values = evaluation.evaluate(self.validation_step, batches, self.device)
+                values = evaluation.evaluate(self.validation_step, batches, self.device, self.precision.param_dtype)
         finally:
             self.model = stepped
             self.strategy.end_evaluation(self.module)

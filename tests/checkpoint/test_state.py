@@ -149,6 +149,28 @@ def test_accepted_changes_apply_for_real(tmp_path):
     assert "momentum_buffer" in t.optimizer.state[group["params"][0]]  # the state itself is kept
 
 
+def test_a_resume_into_bf16_true_is_a_change_and_once_accepted_rounds_weights_and_state_to_bf16(tmp_path):
+    x, y = classification(64)
+
+    def trainer(run_dir, precision, max_steps=6):
+        return Trainer(mlp(), lambda ps: torch.optim.AdamW(ps, lr=1e-2), (x, y), loss_fn=F.cross_entropy,
+                       run_dir=run_dir, config=quiet(max_steps=max_steps, batch_size=8, eval_every_n_epochs=None,
+                                                     precision=precision))
+
+    trainer(tmp_path / "a", "fp32", max_steps=3).fit()
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    with pytest.raises(CheckpointError, match=r"precision: 'fp32' -> 'bf16-true' \(breaks exact resume\)"):
+        trainer(tmp_path / "b", "bf16-true").load_checkpoint(checkpoint)
+    t = trainer(tmp_path / "c", "bf16-true")
+    assert "precision: 'fp32' -> 'bf16-true'" in t.load_checkpoint(checkpoint, accept_changes=True)
+    saved = load_checkpoint(checkpoint)
+    for name, value in t.module.state_dict().items():
+        assert torch.equal(value, saved["model"][name].to(torch.bfloat16)), name
+    assert {v["exp_avg"].dtype for v in t.optimizer.state.values()} == {torch.bfloat16}
+    t.fit()
+    assert t.global_step == 6 and {p.dtype for p in t.module.parameters()} == {torch.bfloat16}
+
+
 def test_an_accepted_batch_size_keeps_the_place_in_the_epoch_by_samples(tmp_path):
     resumable(tmp_path / "a", max_steps=3).fit()  # 3 batches of 8 into an epoch of 64 samples
     checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]

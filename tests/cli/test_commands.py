@@ -155,8 +155,9 @@ def test_check_accepts_every_shipped_config(name):
     assert "# config OK" in out
 
 
-def test_eval_prints_metrics_of_a_checkpoint(tmp_path, project):
-    cfg = project.write(project.text + "out_dir: " + str(tmp_path / "runs") + "\n")
+@pytest.mark.parametrize("precision", ["fp32", "bf16-true"])
+def test_eval_prints_metrics_of_a_checkpoint(tmp_path, project, precision):
+    cfg = project.write(project.text + "out_dir: " + str(tmp_path / "runs") + f"\nprecision: {precision}\n")
     assert invoke("run", cfg)[0] == 0
     ckpt = tmp_path / "runs" / "t" / "checkpoints" / "step-00000004.pt"
     code, out = invoke("eval", cfg, "--checkpoint", ckpt)
@@ -263,7 +264,7 @@ def test_yaml_syntax_error_has_file_and_line(tmp_path, project, run_cli):
 @pytest.mark.parametrize("old,new,field,expected", [
     ("max_steps: 4", "max_steps: ten", "max_steps", "valid integer"),
     ("seed: 0", "seed: 0\ndevice: gpu", "device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
-    ("seed: 0", "seed: 0\nprecision: fp8", "precision", "'fp32', 'bf16' or 'fp16'"),
+    ("seed: 0", "seed: 0\nprecision: fp8", "precision", "'fp32', 'bf16', 'fp16' or 'bf16-true'"),
     ("batch_size: 16", "batch_size: -4", "batch_size", "greater than or equal to 1"),
 ])
 def test_wrong_framework_field_points_at_its_line(tmp_path, old, new, field, expected, project):

@@ -1,4 +1,7 @@
-"""The metric files after stops and resumes equal those of an uninterrupted run, record for record."""
+"""The metric files after stops and resumes equal those of an uninterrupted run, record for record.
+
+The runs train in bf16-true (weights, gradients and optimizer state in bf16); the fp32 path is
+held bit for bit by tests/checkpoint/test_files.py."""
 
 import json
 import os
@@ -18,6 +21,7 @@ batch_size: 16
 log_every_n_steps: 4
 eval_every_n_epochs: 1
 progress: "off"
+precision: bf16-true
 checkpoint: {{every_n_steps: 5, keep_last: 10}}
 model: {{_target_: trainer.examples.models.MLP, in_features: 16, hidden: 16, out_features: 4, dropout: 0.2}}
 data: {{_target_: trainer.examples.synthetic.classification, n_train: 96, n_val: 32}}

@@ -51,9 +51,13 @@ def main(run_dir: str, precision: str, optimizer_name: str = "adamw") -> None:
     trainer.fit()
     trainer.close()
     blocks = [type(b).__name__ for b in trainer.module.blocks]
+    # What the sharded parameters and the optimizer's state (its step counters aside) are held in.
+    held = {p.dtype for p in trainer.module.parameters()}
+    held |= {v.dtype for s in trainer.optimizer.state.values() for k, v in s.items() if k != "step"}
     print(f"rank {trainer.layout.rank}: sharded={trainer.sharded} skipped={trainer.skipped_steps} "
           f"step={trainer.global_step} val/loss={trainer.history[-1]['val/loss']:.6f} "
-          f"checkpointed={','.join(checkpointed(trainer.module))} as {','.join(blocks)}", flush=True)
+          f"checkpointed={','.join(checkpointed(trainer.module))} as {','.join(blocks)} "
+          f"held={','.join(sorted(str(d) for d in held))}", flush=True)
 
 
 class Rotary(nn.Module):

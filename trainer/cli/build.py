@@ -226,7 +226,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     """Build the model, data, loss, optimizer, scheduler, callbacks and Trainer of a run."""
     import torch
 
-    from trainer.device import resolve_device, seed_everything
+    from trainer.device import model_init, resolve_device, seed_everything
     from trainer.trainer import Trainer
 
     try:
@@ -248,7 +248,8 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     # the Trainer gives each rank memory for its own shards, which the weights file then fills.
     from trainer import distributed, weights
 
-    with torch.device("meta") if weights.builds_on_meta(run, distributed.from_env()) else contextlib.nullcontext():
+    on_meta = torch.device("meta") if weights.builds_on_meta(run, distributed.from_env()) else contextlib.nullcontext()
+    with on_meta, model_init(run.precision):  # bf16-true: the weights are made in bf16, as a model factory's are
         model = instantiate(run.model, source, ("model",))
     if not isinstance(model, torch.nn.Module):
         raise source.at(("model",), f"'{run.model.target}' returned a {type(model).__name__}, not a torch.nn.Module")
