@@ -108,16 +108,21 @@ def trainer_config(run: RunConfig) -> TrainerConfig:
                             if not field.exclude})
 
 
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields by the key a config file uses: the alias where one is set (``async``)."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
     """The valid keys at ``path`` (for suggestions)."""
     for part in path:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+        field = _keys(model).get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         else:
             return []
-    return list(model.model_fields)
+    return list(_keys(model))
 
 
 def _is_branch(part: Any) -> bool:
