@@ -121,6 +121,33 @@ class KillAt(Callback):
         torch.save = save
 
 
+class HoldShards(Callback):
+    """Under ``strategy: fsdp`` with ``checkpoint.async``: the shards of the checkpoint of ``step``
+    are written (by DCP's thread) only once this rank's loop has finished step ``step + 1``, so the
+    copy it writes must be the state at ``step`` although the weights have changed since. Each rank
+    that held its write touches ``<marker>.<rank>``."""
+
+    def __init__(self, step: int, marker: str):
+        import torch.distributed.checkpoint as dcp
+
+        self.step, self.marker, self.trained_on = step, marker, threading.Event()
+        real = dcp.FileSystemWriter.write_data
+        callback = self
+
+        def write_data(writer, plan, planner):
+            if f"step-{callback.step:08d}" in str(writer.path):
+                assert threading.current_thread() is not threading.main_thread(), "not a background write"
+                assert callback.trained_on.wait(60), "the loop never finished the step after the checkpoint"
+                Path(f"{callback.marker}.{os.environ.get('RANK', '0')}").touch()
+            return real(writer, plan, planner)
+
+        dcp.FileSystemWriter.write_data = write_data
+
+    def on_train_batch_end(self, trainer, outputs, batch):
+        if trainer.global_step == self.step + 1:
+            self.trained_on.set()
+
+
 class FailOnRank(Trainer):
     """Rank ``rank`` raises at optimizer step ``step``; the others carry on into the next collective."""
 
