@@ -390,10 +390,10 @@ class Trainer:
                 if cfg.checkpoint.save_final and self.run_dir is not None and not stopped:
                     self.save_checkpoint()
                 with self._signals.deferred():
-                    self._checkpointer.writer.release()  # the last background write is on disk, or raises
+                    self._checkpointer.release()  # the last background write is on disk, or raises
             except BaseException as exc:
                 self._background_saves = False
-                self._finish_write(exc)
+                self._finish_write()
                 self._call("on_exception", exc)
                 raise
             finally:
@@ -403,15 +403,15 @@ class Trainer:
         self._call("on_fit_end")
         return self.history
 
-    def _finish_write(self, exc: BaseException) -> None:
-        """On the way out of fit with ``exc``: a checkpoint being written in the background is finished
-        (a stop signal meanwhile waits for it), and its own failure is reported beside ``exc``."""
+    def _finish_write(self) -> None:
+        """On the way out of fit with an exception: a checkpoint being written in the background is
+        finished (a stop signal meanwhile waits for it), and its own failure is reported beside the
+        exception that ends the run."""
         try:
             with self._signals.deferred():
-                self._checkpointer.writer.release()
+                self._checkpointer.release()
         except Exception as error:
-            if error is not exc and error is not exc.__cause__:
-                print(f"trainer: {error}", file=sys.stderr, flush=True)
+            print(f"trainer: {error}", file=sys.stderr, flush=True)
 
     def sanity_check(self) -> None:
         """One training micro-batch forward and backward (no optimizer step) and one validation batch
@@ -433,7 +433,7 @@ class Trainer:
         torch's registry, never from the wrapper (see ``strategy.DDP.unwrap``). With ``compile:
         true`` under DDP this clears torch.compile's caches, which hold the wrapper too.
         """
-        self._checkpointer.writer.close()  # a write in flight first; then its process group goes
+        self._checkpointer.close()  # a write in flight first; then its process group goes
         if self.strategy.unwrap():
             self.model = self.module
             if self.config.compile:

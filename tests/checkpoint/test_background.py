@@ -220,6 +220,22 @@ def test_a_failed_background_write_is_raised_by_the_next_save_or_by_fit(tmp_path
     assert load_checkpoint(folder / "step-00000002.pt")["trainer_state"]["global_step"] == 2
 
 
+def test_a_failed_background_write_is_reported_beside_the_exception_that_ends_the_run(tmp_path, small_disk,
+                                                                                      capsys):
+    run_dir = tmp_path / "run"
+    folder = small_disk(run_dir / "checkpoints")
+
+    def boom(trainer):
+        raise RuntimeError("boom")
+
+    trainer = build(run_dir, True, callbacks=[At(3, fill), At(5, boom)], save_final=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit()
+    assert (f"trainer: checkpoint.async: the background write of step 4 failed: could not write checkpoint "
+            f"{folder}/step-00000004.pt: [Errno 28] No space left on device") in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["filler", "step-00000002.pt"]
+
+
 # ------------------------------------------------------------------ the key is `async`
 
 

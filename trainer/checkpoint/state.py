@@ -132,7 +132,7 @@ class Checkpointer:
         self.config = config
         self.unfrozen = unfrozen  # parameter groups added after the optimizer was built (UnfrozenGroups)
         self.states: dict[str, Any] = {}  # objects registered by name (Trainer.register_state)
-        self.writer = BackgroundWriter(strategy.device)
+        self._writer = BackgroundWriter(strategy.device)
 
     def register(self, name: str, obj: Any) -> None:
         """Keep ``obj``'s ``state_dict()`` in checkpoints under ``name`` and give it back on resume."""
@@ -177,7 +177,7 @@ class Checkpointer:
         then call ``on_written`` (rank 0's rotation, a link to it). The write in flight, if any, is
         finished first. ``background``: return once the state is copied into CPU memory; a thread
         writes it and calls ``on_written``, and ``wait`` (or the next save) raises its error."""
-        self.writer.wait(at_step=step if background else None)  # at most one write in flight, in step order
+        self._writer.wait(at_step=step if background else None)  # at most one write in flight, in step order
         params = [p.detach() for p in self.module.parameters() if p.is_floating_point()]
         if params and not all(math.isfinite(n) for n in distributed.norms(params).tolist()):
             raise FloatingPointError(f"step {step}: the weights hold NaN/Inf; refusing to write a checkpoint of them")
@@ -190,23 +190,31 @@ class Checkpointer:
                 files.save_sharded(state, tensors, path, is_main)
                 then()
                 return
-            if self.writer.group is None:  # the writes' collectives run beside the loop's: a group of their own
+            if self._writer.group is None:  # the writes' collectives run beside the loop's: a group of their own
                 import torch.distributed as dist
 
-                self.writer.group = dist.new_group(backend="gloo")
-            state = self.writer.snapshot(state) if is_main else state
-            finish = files.start_sharded(state, tensors, path, is_main, self.writer.group, self.writer.stager)
-            self.writer.start(step, lambda: (finish(), then()))
+                self._writer.group = dist.new_group(backend="gloo")
+            state = self._writer.snapshot(state) if is_main else state
+            finish = files.start_sharded(state, tensors, path, is_main, self._writer.group, self._writer.stager)
+            self._writer.start(step, lambda: (finish(), then()))
         elif is_main and not background:
             files.save_checkpoint(state, path)
             then()
         elif is_main:
-            staged = self.writer.snapshot(state)
-            self.writer.start(step, lambda: (files.save_checkpoint(staged, path), then()))
+            staged = self._writer.snapshot(state)
+            self._writer.start(step, lambda: (files.save_checkpoint(staged, path), then()))
 
     def wait(self) -> None:
         """Block until the checkpoint being written in the background is on disk; raise its error."""
-        self.writer.wait()
+        self._writer.wait()
+
+    def release(self) -> None:
+        """``wait``, then free the CPU copy of the state that background writes reuse (end of a fit)."""
+        self._writer.release()
+
+    def close(self) -> None:
+        """``release``, and leave the process group of the background writes (fsdp)."""
+        self._writer.close()
 
     # ------------------------------------------------------------------ read and restore
 
