@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import batches, classification, mlp, quiet
+from helpers import classification, mlp, quiet
 from trainer import Callback, Trainer, TrainerConfig
 from trainer.callbacks import BestCheckpoints
 from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint

@@ -88,7 +88,8 @@ class BackgroundWriter:
             self._thread = None
         error, self._error = self._error, None
         if isinstance(error, CheckpointError):
-            raise CheckpointError(f"checkpoint.async: the background write of step {self._step} failed: {error}") from error
+            raise CheckpointError(
+                f"checkpoint.async: the background write of step {self._step} failed: {error}") from error
         if error is not None:
             raise error
 
