@@ -22,6 +22,11 @@ timeout 150 python scripts/bench_overhead.py --device cuda --precision bf16 --wo
 echo "== char_lm, bf16, compiled"
 timeout 200 python scripts/bench_overhead.py --device cuda --precision bf16 --compile --workload char_lm \
   --variant logging --repeats 2 2>/dev/null | tee "$out/bench_compile.txt"
+# The loop's stall per checkpoint, synchronous vs checkpoint.async (a copy into pinned memory), 1 GiB of
+# weights + AdamW (3 GiB checkpoints). Here in reduced CPU form: --device cpu --mb 20 --runs 2 --saves 2
+echo "== checkpoint stall, sync vs async"
+timeout 150 python scripts/bench_checkpoint.py --stall --device cuda --mb 1024 --runs 2 --saves 2 2>/dev/null \
+  | tee "$out/ckpt_stall.txt"
 
 echo "== char_lm, bf16: peak memory with and without activation checkpointing; tokens/s per compile mode"
 timeout 420 python scripts/bench_memory.py --device cuda --precision bf16 --timeout 150 2>/dev/null | tee "$out/memory.txt"
@@ -52,3 +57,4 @@ tail -n 1 "$out/pytest.txt"
 grep -h char_lm "$out/bench.txt" "$out/bench_compile.txt"
 cat "$out/memory.txt"
 cat "$out/precision.txt"
+grep -h "stall per save\|first save\|MiB of weights" "$out/ckpt_stall.txt"

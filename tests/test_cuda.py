@@ -114,3 +114,29 @@ def test_compile_on_cuda():
                              log_every_n_steps=10))
     t.fit()
     assert t.history[0]["time/first_step_s"] > 0
+
+
+def test_async_checkpoints_copy_into_pinned_memory_and_equal_sync_ones(tmp_path, monkeypatch):
+    # The copy off the device lands in pinned CPU memory, and the files equal a synchronous run's.
+    from trainer.checkpoint import list_checkpoints, load_checkpoint
+
+    import threading
+
+    pinned = []  # for each write in a background thread: whether the weights it writes are pinned
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (
+        pinned.append(obj["model"]["0.weight"].is_pinned())
+        if threading.current_thread() is not threading.main_thread() else None, real(obj, f, *a, **k)))
+    for mode in (False, True):
+        model = mlp()
+        Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batches(8, 8), loss_fn=F.cross_entropy,
+                run_dir=tmp_path / str(mode),
+                config=quiet(device="cuda", checkpoint={"every_n_steps": 2, "keep_last": None, "async": mode})).fit()
+    assert pinned == [True] * 4  # the async run's periodic checkpoints; its final one is synchronous
+    for path in list_checkpoints(tmp_path / "False" / "checkpoints"):
+        a, b = load_checkpoint(path), load_checkpoint(tmp_path / "True" / "checkpoints" / path.name)
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), key
+        for index, state in a["optimizer"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, b["optimizer"]["state"][index][key]), (index, key)

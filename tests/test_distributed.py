@@ -409,11 +409,13 @@ def fsdp_reference(tmp_path_factory):
 @pytest.mark.parametrize("where,step,resumes_from", [
     ("after_step", 10, 8),  # step 8 is inside the log interval (6, 9]: each rank's partial loss sum counts
     ("during_save", 8, 6),  # rank 0 killed half-way through trainer.pt: the step-8 directory never appears
+    ("during_async_write", 8, 6),  # the same in the background (checkpoint.async), the loop at step 9
 ])
 def test_killed_fsdp_run_resumes_bit_identically(fsdp_reference, tmp_path, where, step, resumes_from):
     marker = tmp_path / "killed"
     kill = f"callbacks:\n  - {{_target_: killers.KillAt, where: {where}, step: {step}, marker: '{marker}'}}\n"
-    cfg = write_lm(tmp_path, "ref2", batch=3, strategy="fsdp", dropout=0.1, checkpoint=EVERY_2, extra=kill)
+    every = ASYNC_EVERY_2 if where == "during_async_write" else EVERY_2
+    cfg = write_lm(tmp_path, "ref2", batch=3, strategy="fsdp", dropout=0.1, checkpoint=every, extra=kill)
     first = torchrun("run", cfg)
     assert first.returncode != 0 and marker.exists()
     checkpoints = tmp_path / "runs" / "ref2" / "checkpoints"
@@ -433,6 +435,34 @@ def test_killed_fsdp_run_resumes_bit_identically(fsdp_reference, tmp_path, where
             assert torch.equal(value, b["optimizer"][name][key]), (name, key)
     loss = lambda d: [(r["step"], r["train/loss"]) for r in records(d) if "train/loss" in r]
     assert loss(tmp_path / "runs" / "ref2") == loss(fsdp_reference)
+
+
+ASYNC_EVERY_2 = "{every_n_steps: 2, keep_last: null, async: true}"
+
+
+def test_fsdp_checkpoints_written_in_the_background_are_the_state_at_their_step(fsdp_reference, tmp_path):
+    # dcp.async_save copies each rank's shards; the files of step 4 are written only after step 5,
+    # and every checkpoint equals the synchronous run's, with the digests of every shard.
+    hold = f"callbacks: [{{_target_: killers.HoldShards, step: 4, marker: '{tmp_path / 'held'}'}}]\n"
+    proc = torchrun("run", write_lm(tmp_path, "ref", batch=3, strategy="fsdp", dropout=0.1, checkpoint=ASYNC_EVERY_2,
+                                    extra=hold))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("held.*")) == ["held.0", "held.1"]
+    checkpoints = tmp_path / "runs" / "ref" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in list_checkpoints(checkpoints)] == [
+        p.name for p in list_checkpoints(fsdp_reference / "checkpoints")]
+    for step in (4, 22):
+        name = f"step-{step:08d}"
+        a, b = sharded(fsdp_reference / "checkpoints" / name), sharded(checkpoints / name)
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (step, key)
+        for param, state in a["optimizer"].items():
+            for key, value in state.items():
+                assert torch.equal(value, b["optimizer"][param][key]), (step, param, key)
+        saved = load_checkpoint(checkpoints / name)  # checks every shard against its digest
+        assert sorted(saved["shard_sha256"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert saved["trainer_state"] == load_checkpoint(fsdp_reference / "checkpoints" / name)["trainer_state"]
 
 
 @pytest.fixture

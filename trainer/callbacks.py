@@ -144,12 +144,13 @@ class BestCheckpoints(Callback):
         keep, drop = ranked[: self.top_k], ranked[self.top_k :]
         if entry in drop:
             return
-        trainer.save_checkpoint(directory / name, rotate=False)
-        self.kept = keep
-        if trainer.is_main_process:
+        def written(path) -> None:  # once the new file is complete (checkpoint.async writes it later)
             for _, _, dropped in drop:
                 ckpt.remove(directory / dropped)
             ckpt.link_best(directory / keep[0][2], directory / best_link(trainer.sharded))
+
+        trainer.save_checkpoint(directory / name, rotate=False, on_written=written)
+        self.kept = keep
 
     def state_dict(self) -> dict[str, Any]:
         return {"kept": [list(k) for k in self.kept]}

@@ -35,9 +35,12 @@ def _progress_mode(value: Any) -> Any:
 
 class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, assignments are validated, and a number
-    is a number: pydantic's lax mode would read true as 1 (YAML's yes and on are true too)."""
+    is a number: pydantic's lax mode would read true as 1 (YAML's yes and on are true too). A key
+    that is a Python keyword (``checkpoint.async``) is the alias of a field named with a trailing
+    underscore: config files and dumps use the key, code may use either name."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -85,6 +88,14 @@ class CheckpointConfig(StrictModel):
         description="Keep the newest K periodic checkpoints (null keeps all); the final one is never rotated away.",
     )
     save_final: bool = Field(True, description="Write a checkpoint when training ends.")
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Write the checkpoints of fit in the background: the loop waits only while the state is "
+        "copied into CPU memory (pinned on CUDA), then trains on while a thread writes the file, with the same "
+        "atomic write and digest. At most one write is in flight: the next save waits for it. Costs CPU memory "
+        "for one copy of the state. The final checkpoint is written before fit returns. In code: async_=True.",
+    )
 
 
 class InitFromConfig(StrictModel):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -194,6 +195,7 @@ class Trainer:
         self.stopped_by_signal: int | None = None
         self._signals = signals.StopSignals()
         self._closed = False
+        self._background_saves = False  # checkpoint.async, while fit's loop runs
 
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizer, self.device,
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
@@ -435,6 +437,7 @@ class Trainer:
         with self._signals.installed(), torch_settings(self.device, cfg.deterministic):
             try:
                 self._call("on_fit_start")
+                self._background_saves = cfg.checkpoint.async_
                 try:
                     while not self._done():
                         self._train_epoch()
@@ -447,9 +450,14 @@ class Trainer:
                 stopped = self.stopped_by_signal is not None
                 if self.val_data is not None and self.validated_step != self.global_step and not stopped:
                     self._validate(epoch=self.last_step_epoch)  # final metrics
+                self._background_saves = False  # the final checkpoint is on disk when fit returns
                 if cfg.checkpoint.save_final and self.run_dir is not None and not stopped:
                     self.save_checkpoint()
+                with self._signals.deferred():
+                    self._checkpointer.release()  # the last background write is on disk, or raises
             except BaseException as exc:
+                self._background_saves = False
+                self._finish_write()
                 self._call("on_exception", exc)
                 raise
             finally:
@@ -458,6 +466,16 @@ class Trainer:
                     self.loggers.remove(logger)
         self._call("on_fit_end")
         return self.history
+
+    def _finish_write(self) -> None:
+        """On the way out of fit with an exception: a checkpoint being written in the background is
+        finished (a stop signal meanwhile waits for it), and its own failure is reported beside the
+        exception that ends the run."""
+        try:
+            with self._signals.deferred():
+                self._checkpointer.release()
+        except Exception as error:
+            print(f"trainer: {error}", file=sys.stderr, flush=True)
 
     def sanity_check(self) -> None:
         """One training micro-batch forward and backward (no optimizer step) and one validation batch
@@ -480,6 +498,7 @@ class Trainer:
         torch's registry, never from the wrapper (see ``strategy.DDP.unwrap``). With ``compile:
         true`` under DDP this clears torch.compile's caches, which hold the wrapper too.
         """
+        self._checkpointer.close()  # a write in flight first; then its process group goes
         if self.strategy.unwrap():
             self.model = self.module
             if self.config.compile:
@@ -794,23 +813,36 @@ class Trainer:
         self._checkpointer.load_model(saved, where)
         self._init_pending = False
 
-    def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True) -> Path | None:
+    def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True,
+                        on_written: Callable[[Path], None] | None = None) -> Path | None:
         """Write ``<run_dir>/checkpoints/step-<step>.pt`` (or ``path``) atomically and rotate old
         periodic ones; under ``strategy: fsdp``, the directory ``step-<step>/``. Under torchrun every
         rank calls it together: rank 0 writes the file (with fsdp, each rank its shards) and the
-        others get ``None``."""
+        others get ``None``. ``on_written(path)`` runs on rank 0 once the checkpoint is complete.
+
+        With ``checkpoint.async`` a save inside ``fit`` returns once the state is copied into CPU
+        memory; a thread writes it, then rotates and calls ``on_written``. A save waits for the write
+        before it, and ``fit`` for the last; a failed write is raised by the save or fit that waits
+        for it. Outside ``fit`` a save returns with the checkpoint on disk."""
         if self.run_dir is None:
             raise ValueError("save_checkpoint() needs a run_dir: Trainer(..., run_dir='runs/my-run')")
         self._guard.flush()
         directory = run_files.checkpoint_dir(self.run_dir)
         path = Path(path) if path is not None else directory / run_files.checkpoint_name(self.global_step, self.sharded)
+        keep_last = self.config.checkpoint.keep_last
+
+        def written() -> None:  # rank 0, once the checkpoint is complete: rotation never meets a partial one
+            if rotate:
+                ckpt.rotate(directory, keep_last)
+            if on_written is not None:
+                on_written(path)
+
         try:
-            with self._signals.deferred():  # a second stop signal lets the checkpoint finish first
-                self._checkpointer.save(path, self.is_main_process, self.global_step)
-                if rotate and self.is_main_process:
-                    ckpt.rotate(directory, self.config.checkpoint.keep_last)
+            with self._signals.deferred():  # a second stop signal lets the checkpoint (or its copy) finish first
+                self._checkpointer.save(path, self.is_main_process, self.global_step, background=self._background_saves,
+                                        on_written=written if self.is_main_process else None)
         finally:
-            distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete
+            distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete (or copied)
         return path if self.is_main_process else None
 
     # ----------------------------------------------------------------- evaluation

@@ -190,6 +190,66 @@ def test_second_signal_during_the_save_corrupts_nothing(tmp_path):
         assert load_checkpoint(run_dir / "checkpoints" / name)["trainer_state"]["global_step"] == step
 
 
+# ------------------------------------------------------------------ checkpoint.async: a write in flight
+
+ASYNC = EXACT.replace("checkpoint: {every_n_steps: 3, keep_last: 2}",
+                      "checkpoint: {every_n_steps: 3, keep_last: 2, async: true}")
+
+
+def async_kill(tmp_path, step, signum=signal.SIGKILL, twice=False, workers=2):
+    text = ASYNC.replace("num_workers: 2", f"num_workers: {workers}") + (
+        f"callbacks:\n  - {{_target_: killers.KillAt, where: during_async_write, step: {step}, "
+        f"marker: '{tmp_path / 'sent'}', signum: {int(signum)}, twice: {str(twice).lower()}}}\n")
+    return config(tmp_path, text)
+
+
+def temp_files(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_background_write_resumes_from_the_checkpoint_before(reference, tmp_path):
+    # Killed half-way through writing step 9 in the background, with the loop at step 10: the step-9
+    # file is a temp file that nothing takes for a checkpoint, step 6 is whole, and the resumed run
+    # (async too) ends bit-identical to the uninterrupted run with synchronous checkpoints.
+    cfg = async_kill(tmp_path, step=9)
+    first = cli("run", cfg)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    run_dir = tmp_path / "runs" / "exact"
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-00000003.pt", "step-00000006.pt"]
+    assert [name.split(".tmp-")[0] for name in temp_files(run_dir)] == [".step-00000009.pt"]
+    second = cli("run", cfg, "--resume", "auto")
+    assert second.returncode == 0, second.stderr
+    assert f"continuing from {run_dir / 'checkpoints' / 'step-00000006.pt'} (step 6)" in second.stdout
+    assert temp_files(run_dir) == []
+    assert_same_as_reference(reference, run_dir)
+
+
+def test_sigterm_during_a_background_write_finishes_it_and_stops_as_a_signal_does(tmp_path):
+    # SIGTERM arrives while step 3 is written in the background and the loop has done step 4: the
+    # write completes, step 4 is the stop checkpoint (it waits for the write before it), exit 143.
+    proc = cli("run", async_kill(tmp_path, step=3, signum=signal.SIGTERM, workers=0))
+    assert proc.returncode == 143, proc.stderr
+    assert "stopped by SIGTERM" in proc.stdout
+    run_dir = tmp_path / "runs" / "exact"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003.pt", "step-00000004.pt"]
+    for step in (3, 4):
+        assert load_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}.pt")["trainer_state"]["global_step"] == step
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+
+
+def test_a_second_sigterm_during_a_background_write_finishes_it_then_stops_at_once(tmp_path):
+    proc = cli("run", async_kill(tmp_path, step=3, signum=signal.SIGTERM, twice=True, workers=0))
+    assert proc.returncode == 143, proc.stderr
+    assert "stopped at once by a second SIGTERM" in proc.stderr
+    run_dir = tmp_path / "runs" / "exact"
+    # No stop checkpoint after a second signal; the one being written is whole, and no temp file is left.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003.pt"]
+    assert load_checkpoint(run_dir / "checkpoints" / "step-00000003.pt")["trainer_state"]["global_step"] == 3
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("interrupted", 4)
+
+
 def test_original_signal_handlers_are_restored():
     def mine(signum, frame):
         pass

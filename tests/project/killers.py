@@ -5,6 +5,8 @@ import io
 import os
 import random
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +46,17 @@ class KillAt(Callback):
     * ``during_save``: half-way through writing the checkpoint of step ``step``;
     * ``after_step``: after optimizer step ``step``;
     * ``after_validation``: after the validation at optimizer step ``step``;
-    * ``fit_end``: after the final checkpoint, before ``status.json`` says finished.
+    * ``fit_end``: after the final checkpoint, before ``status.json`` says finished;
+    * ``during_async_write``: half-way through the background write (``checkpoint.async``) of the
+      checkpoint of step ``step``, once the loop has finished step ``step + 1`` (and before it goes
+      on: the loop waits there until the signal is sent, so the step it stops at is always the same).
     """
 
     def __init__(self, where: str, step: int, marker: str, signum: int = int(signal.SIGKILL), twice: bool = False):
         self.where, self.step, self.marker, self.signum, self.twice = where, step, Path(marker), signum, twice
-        if where == "during_save" and not self.marker.exists():
+        self.trainer = None
+        self.trained_on, self.fired = threading.Event(), threading.Event()
+        if where in ("during_save", "during_async_write") and not self.marker.exists():
             self._patch_save()
 
     def _fire(self):
@@ -58,10 +65,21 @@ class KillAt(Callback):
         self.marker.touch()
         os.kill(os.getpid(), self.signum)
         if self.twice:
+            if threading.current_thread() is not threading.main_thread():
+                # From another thread: the main thread's handler must see the first before the second
+                # (two pending signals of one kind are one).
+                deadline = time.time() + 60
+                while self.trainer._signals.received is None and time.time() < deadline:
+                    time.sleep(0.01)
             os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, outputs, batch):
+        self.trainer = trainer
         accum = trainer.config.grad_accum_steps
+        if (self.where == "during_async_write" and trainer.global_step == self.step + 1
+                and trainer.batch_in_epoch % accum == 0 and trainer.is_main_process and not self.marker.exists()):
+            self.trained_on.set()
+            assert self.fired.wait(60), "the background write of the checkpoint never reached its middle"
         if self.where == "mid_accum" and trainer.global_step == self.step and trainer.batch_in_epoch % accum == 1:
             self._fire()
         if self.where == "after_step" and trainer.global_step == self.step and trainer.batch_in_epoch % accum == 0:
@@ -91,12 +109,43 @@ class KillAt(Callback):
                 f.write(data[: len(data) // 2])
                 f.flush()
                 os.fsync(f.fileno())
+                if callback.where == "during_async_write":
+                    assert threading.current_thread() is not threading.main_thread(), "not a background write"
+                    callback.trained_on.wait(60)  # the loop trains on meanwhile
                 callback._fire()  # SIGKILL: never returns; another signal: the write goes on
+                callback.fired.set()
                 f.write(data[len(data) // 2 :])
                 return None
             return real_save(obj, f, *args, **kwargs)
 
         torch.save = save
+
+
+class HoldShards(Callback):
+    """Under ``strategy: fsdp`` with ``checkpoint.async``: the shards of the checkpoint of ``step``
+    are written (by DCP's thread) only once this rank's loop has finished step ``step + 1``, so the
+    copy it writes must be the state at ``step`` although the weights have changed since. Each rank
+    that held its write touches ``<marker>.<rank>``."""
+
+    def __init__(self, step: int, marker: str):
+        import torch.distributed.checkpoint as dcp
+
+        self.step, self.marker, self.trained_on = step, marker, threading.Event()
+        real = dcp.FileSystemWriter.write_data
+        callback = self
+
+        def write_data(writer, plan, planner):
+            if f"step-{callback.step:08d}" in str(writer.path):
+                assert threading.current_thread() is not threading.main_thread(), "not a background write"
+                assert callback.trained_on.wait(60), "the loop never finished the step after the checkpoint"
+                Path(f"{callback.marker}.{os.environ.get('RANK', '0')}").touch()
+            return real(writer, plan, planner)
+
+        dcp.FileSystemWriter.write_data = write_data
+
+    def on_train_batch_end(self, trainer, outputs, batch):
+        if trainer.global_step == self.step + 1:
+            self.trained_on.set()
 
 
 class FailOnRank(Trainer):

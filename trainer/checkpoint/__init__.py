@@ -1,5 +1,6 @@
 """Checkpoints: ``files`` writes and reads them (atomic, verified, sharded under fsdp), ``state``
-decides what they hold and gives it back to the run's parts."""
+decides what they hold and gives it back to the run's parts, ``background`` writes them in a thread
+(``checkpoint.async``)."""
 
 from trainer.checkpoint.files import (
     KEYS,

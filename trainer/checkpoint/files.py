@@ -38,6 +38,7 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -399,51 +400,95 @@ def save_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pat
     ``tensors`` (model and optimizer state, sharded) go through DCP; ``state`` (the rest) is rank 0's
     ``trainer.pt``. The directory is assembled under a temporary name and renamed when complete, so
     a kill at any instant leaves earlier checkpoints and no half-written one under a final name."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
+    tmp = _begin_sharded(tensors, path, is_main)
+    with _writing_sharded(path, tmp, is_main):
+        dcp.save(tensors, checkpoint_id=tmp)  # collective; fsyncs its files
+        _finish_sharded(state, path, tmp, is_main, group=None)
+    return path
+
+
+def start_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Path, is_main: bool, group: Any,
+                  stager: Any) -> Callable[[], None]:
+    """The background form of ``save_sharded``, called by every rank at once: ``dcp.async_save``
+    copies this rank's shards into CPU memory with ``stager`` and starts writing them; the function
+    returned (for the writer thread) waits for that, then hashes, gathers the digests and renames as
+    ``save_sharded`` does, with collectives on ``group`` only. ``state`` must be a copy already."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = _begin_sharded(tensors, path, is_main)
+    with _writing_sharded(path, tmp, is_main):
+        written = dcp.async_save(tensors, checkpoint_id=tmp, process_group=group, async_stager=stager)
+
+    def finish() -> None:
+        with _writing_sharded(path, tmp, is_main):
+            written.result()  # DCP's thread has written and fsync'ed this rank's files
+            _finish_sharded(state, path, tmp, is_main, group)
+
+    return finish
+
+
+def _begin_sharded(tensors: dict[str, Any], path: Path, is_main: bool) -> Path:
+    """The checks and the empty temporary directory, on every rank; returns the directory."""
+    import torch.distributed as dist
+
     others = [key for key, value in _leaves(tensors) if not isinstance(value, torch.Tensor)]
     if others:
         # DCP would pickle them, and loading pickles could run code.
         raise CheckpointError(f"a sharded checkpoint holds tensors only; {', '.join(others[:4])} are not tensors")
     tmp = path.with_name(f".{path.name}.tmp")  # the same name on every rank
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    try:
+    with _writing_sharded(path, tmp, is_main):
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
             tmp.mkdir(parents=True)
-        if world > 1:
+        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
-        dcp.save(tensors, checkpoint_id=tmp)  # collective; fsyncs its files
-        rank = dist.get_rank() if world > 1 else 0
-        # Each rank hashes the files it wrote, in parallel and while they are likely still in its page cache.
-        mine = {p.name: _sha256_file(p) for p in tmp.iterdir() if p.is_file() and _hashed_by(p.name, world) == rank}
-        gathered: list[Any] = [mine]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, mine)
-        if is_main:
-            shards = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-            digests = {name: digest for part in gathered for name, digest in part.items()}
-            digests = {name: digests.get(name) or _sha256_file(tmp / name) for name in shards}
-            save_checkpoint({**state, "shards": shards, "shard_sha256": digests}, tmp / SHARDED_STATE)
-            if path.exists():  # the same step saved again: swap the old one out, then drop it
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-            _fsync_dir(path.parent)
+    return tmp
+
+
+@contextlib.contextmanager
+def _writing_sharded(path: Path, tmp: Path, is_main: bool) -> Iterator[None]:
+    """A failure removes the temporary directory (rank 0) and becomes a ``CheckpointError``."""
+    try:
+        yield
     except BaseException as exc:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OSError, RuntimeError)):
             raise _write_failed(path, exc) from exc
         raise
-    return path
+
+
+def _finish_sharded(state: dict[str, Any], path: Path, tmp: Path, is_main: bool, group: Any) -> None:
+    """Once DCP's files are on disk: the digests, ``trainer.pt`` and the rename."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    rank = dist.get_rank(group) if world > 1 else 0
+    # Each rank hashes the files it wrote, in parallel and while they are likely still in its page cache.
+    mine = {p.name: _sha256_file(p) for p in tmp.iterdir() if p.is_file() and _hashed_by(p.name, world) == rank}
+    gathered: list[Any] = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine, group=group)
+    if not is_main:
+        return
+    shards = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+    digests = {name: digest for part in gathered for name, digest in part.items()}
+    digests = {name: digests.get(name) or _sha256_file(tmp / name) for name in shards}
+    save_checkpoint({**state, "shards": shards, "shard_sha256": digests}, tmp / SHARDED_STATE)
+    if path.exists():  # the same step saved again: swap the old one out, then drop it
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _hashed_by(name: str, world: int) -> int:

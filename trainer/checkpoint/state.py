@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from trainer import distributed
 from trainer.checkpoint import files
+from trainer.checkpoint.background import BackgroundWriter
 from trainer.checkpoint.files import CheckpointError
 
 _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written before state keys
@@ -130,6 +132,7 @@ class Checkpointer:
         self.config = config
         self.unfrozen = unfrozen  # parameter groups added after the optimizer was built (UnfrozenGroups)
         self.states: dict[str, Any] = {}  # objects registered by name (Trainer.register_state)
+        self._writer = BackgroundWriter(strategy.device)
 
     def register(self, name: str, obj: Any) -> None:
         """Keep ``obj``'s ``state_dict()`` in checkpoints under ``name`` and give it back on resume."""
@@ -168,18 +171,50 @@ class Checkpointer:
             "config": self.config,
         }
 
-    def save(self, path: Path, is_main: bool, step: int) -> None:
-        """Write the checkpoint to ``path`` (a file, or under fsdp a directory every rank writes to)."""
+    def save(self, path: Path, is_main: bool, step: int, background: bool = False,
+             on_written: Callable[[], None] | None = None) -> None:
+        """Write the checkpoint to ``path`` (a file, or under fsdp a directory every rank writes to),
+        then call ``on_written`` (rank 0's rotation, a link to it). The write in flight, if any, is
+        finished first. ``background``: return once the state is copied into CPU memory; a thread
+        writes it and calls ``on_written``, and ``wait`` (or the next save) raises its error."""
+        self._writer.wait(at_step=step if background else None)  # at most one write in flight, in step order
         params = [p.detach() for p in self.module.parameters() if p.is_floating_point()]
         if params and not all(math.isfinite(n) for n in distributed.norms(params).tolist()):
             raise FloatingPointError(f"step {step}: the weights hold NaN/Inf; refusing to write a checkpoint of them")
         state = self.state_dict()
+        then = on_written or (lambda: None)
         if self.strategy.sharded:
             tensors = {"model": state["model"], "optimizer": state["optimizer"]["state"]}
             state = {**state, "model": None, "optimizer": {"param_groups": state["optimizer"]["param_groups"]}}
-            files.save_sharded(state, tensors, path, is_main)
-        elif is_main:
+            if not background:
+                files.save_sharded(state, tensors, path, is_main)
+                then()
+                return
+            if self._writer.group is None:  # the writes' collectives run beside the loop's: a group of their own
+                import torch.distributed as dist
+
+                self._writer.group = dist.new_group(backend="gloo")
+            state = self._writer.snapshot(state) if is_main else state
+            finish = files.start_sharded(state, tensors, path, is_main, self._writer.group, self._writer.stager)
+            self._writer.start(step, lambda: (finish(), then()))
+        elif is_main and not background:
             files.save_checkpoint(state, path)
+            then()
+        elif is_main:
+            staged = self._writer.snapshot(state)
+            self._writer.start(step, lambda: (files.save_checkpoint(staged, path), then()))
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written in the background is on disk; raise its error."""
+        self._writer.wait()
+
+    def release(self) -> None:
+        """``wait``, then free the CPU copy of the state that background writes reuse (end of a fit)."""
+        self._writer.release()
+
+    def close(self) -> None:
+        """``release``, and leave the process group of the background writes (fsdp)."""
+        self._writer.close()
 
     # ------------------------------------------------------------------ read and restore
 

@@ -109,17 +109,22 @@ def trainer_config(run: RunConfig) -> TrainerConfig:
                             if not field.exclude})
 
 
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields by the key a config file uses: the alias where one is set (``async``)."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
     """The valid keys at ``path`` (for suggestions)."""
     for part in path:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+        field = _keys(model).get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
         # a section, or a union with one (compile: true or its settings)
         models = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
         if not models:
             return []
         model = models[0]
-    return list(model.model_fields)
+    return list(_keys(model))
 
 
 def _is_branch(part: Any) -> bool:
