@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks, one script, about 10 minutes on one H100 or H200 (at most 17, its timeouts summed); prints one
-# summary at the end.
+# GPU checks, one script, at most 9 minutes on one H100 or H200 (its timeouts summed: 540 s, so that one
+# device call of 10 minutes holds it); prints one summary at the end. SECTIONS picks a part of it:
+#     SECTIONS="pytest overhead compile async memory precision" (the default: all of them)
 #
 # Needs: torch with CUDA, pydantic (v2), typer, tqdm, pyyaml, pytest; run from the repository root:
 #     bash scripts/gpu_check.sh
@@ -9,35 +10,39 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out=$(mktemp -d)
+sections=" ${SECTIONS:-pytest overhead compile async memory precision} "
+want() { [[ "$sections" == *" $1 "* ]]; }
+touch "$out/pytest.txt" "$out/bench.txt" "$out/bench_compile.txt" "$out/ckpt_stall.txt" "$out/memory.txt" "$out/precision.txt"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$out/torch.txt"
 
 echo "== pytest -m cuda (includes the sync-debug check)"
-timeout 240 python -m pytest -q -m cuda tests/ -p no:cacheprovider 2>&1 | tee "$out/pytest.txt"
+want pytest && timeout 150 python -m pytest -q -m cuda tests/ -p no:cacheprovider 2>&1 | tee "$out/pytest.txt"
 
 echo "== char_lm, bf16, Trainer vs raw loop"
-timeout 150 python scripts/bench_overhead.py --device cuda --precision bf16 --workload char_lm --variant logging \
-  --repeats 3 2>/dev/null | tee "$out/bench.txt"
+want overhead && timeout 70 python scripts/bench_overhead.py --device cuda --precision bf16 --workload char_lm --variant logging \
+  --repeats 2 2>/dev/null | tee "$out/bench.txt"
 echo "== char_lm, bf16, compiled"
-timeout 200 python scripts/bench_overhead.py --device cuda --precision bf16 --compile --workload char_lm \
+want compile && timeout 90 python scripts/bench_overhead.py --device cuda --precision bf16 --compile --workload char_lm \
   --variant logging --repeats 2 2>/dev/null | tee "$out/bench_compile.txt"
 # The loop's stall per checkpoint, synchronous vs checkpoint.async (a copy into pinned memory), 1 GiB of
-# weights + AdamW (3 GiB checkpoints). Here in reduced CPU form: --device cpu --mb 20 --runs 2 --saves 2
+# weights + AdamW (1.5 GiB checkpoints). Here in reduced CPU form: --device cpu --mb 20 --runs 2 --saves 2
 echo "== checkpoint stall, sync vs async"
-timeout 150 python scripts/bench_checkpoint.py --stall --device cuda --mb 1024 --runs 2 --saves 2 2>/dev/null \
+want async && timeout 40 python scripts/bench_checkpoint.py --stall --device cuda --mb 512 --runs 1 --saves 2 2>/dev/null \
   | tee "$out/ckpt_stall.txt"
 
 echo "== char_lm, bf16: peak memory with and without activation checkpointing; tokens/s per compile mode"
-timeout 420 python scripts/bench_memory.py --device cuda --precision bf16 --timeout 150 2>/dev/null | tee "$out/memory.txt"
+want memory && timeout 120 python scripts/bench_memory.py --device cuda --precision bf16 --timeout 40 \
+  --modes off default reduce-overhead 2>/dev/null | tee "$out/memory.txt"
 
 # bf16 keeps fp32 weights, gradients and AdamW state (16 bytes a parameter); bf16-true holds them in
 # bf16 (8). A model large enough for that to show: 12 x 1024, about 150 M parameters. The runs' own
-# records give the peak memory and the throughput of the last log interval (steps 51-100).
+# records give the peak memory and the throughput of the last log interval (steps 51-60).
 echo "== char_lm 12 x 1024 (~150 M parameters), bf16 vs bf16-true: peak memory, tokens/s"
-for p in bf16 bf16-true; do
-  timeout 180 python -m trainer run configs/char_lm.yaml device=cuda precision=$p batch_size=64 max_steps=100 \
-    scheduler.T_max=100 model.d_model=1024 model.n_layers=12 model.n_heads=16 eval_every_n_steps=null \
+want precision && for p in bf16 bf16-true; do
+  timeout 35 python -m trainer run configs/char_lm.yaml device=cuda precision=$p batch_size=64 max_steps=60 log_every_n_steps=50 \
+    scheduler.T_max=60 model.d_model=1024 model.n_layers=12 model.n_heads=16 eval_every_n_steps=null \
     checkpoint.every_n_steps=null checkpoint.save_final=false progress=off out_dir="$out/runs" name="$p" \
     >"$out/run_$p.txt" 2>&1 || { echo "char_lm 150M $p failed:"; tail -n 3 "$out/run_$p.txt"; }
   python - "$out/runs/$p/metrics.jsonl" "$p" <<'EOF' 2>/dev/null | tee -a "$out/precision.txt"
