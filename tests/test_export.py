@@ -10,7 +10,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.helpers import batches, quiet
+from helpers import batches, quiet
 from trainer import EMAWeights, Trainer
 from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from trainer.examples.char_lm import CharTransformer

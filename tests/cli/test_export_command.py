@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from tests.conftest import PROJECT_CONFIG
+from conftest import PROJECT_CONFIG
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import app
 from trainer.export import build_model
