@@ -231,3 +231,37 @@ def test_a_failed_write_leaves_the_earlier_export_whole(tmp_path):
     with pytest.raises(ExportError, match=r"could not write .*m.safetensors .*any earlier m.safetensors is intact"):
         export_model(run, tmp_path / "m.safetensors", dtype="bf16")
     assert (tmp_path / "m.safetensors").read_bytes() == before
+
+
+def test_an_export_is_what_init_from_starts_a_new_run_from(tmp_path):
+    """The round trip a fine-tuning user makes: the EMA of a run with tied weights, exported in bf16,
+    is the starting point of a new fp32 run (init_from), exactly, tie kept."""
+    torch.manual_seed(0)
+    model = CharTransformer(**{k: v for k, v in LM_SECTION.items() if k != "_target_"})
+    x = torch.randint(0, 256, (16, 8))
+    data = [(x[i:i + 4], x[i:i + 4].roll(-1, 1)) for i in range(0, 16, 4)]
+
+    class LM(Trainer):
+        def training_step(self, batch):
+            logits = self.model(batch[0])
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[1].flatten())
+
+    cfg = quiet(max_steps=2, batch_size=4)
+    LM(model, torch.optim.SGD(model.parameters(), lr=0.5), data, config=cfg, callbacks=[EMAWeights(decay=0.5)],
+       run_dir=tmp_path / "run", run_config={**cfg, "model": LM_SECTION}).fit()
+    done = export_model(tmp_path / "run", tmp_path / "lm.safetensors", dtype="bf16")
+    assert done.ema == "EMAWeights"
+    exported = load_file(tmp_path / "lm.safetensors")
+
+    fresh = build_model(tmp_path / "lm.yaml")
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    second = LM(fresh, torch.optim.SGD(fresh.parameters(), lr=0.5), data,
+                config=quiet(max_steps=1, batch_size=4, init_from=str(tmp_path / "lm.safetensors")))
+    assert second.apply_init_from() is not None
+    state = second.module.state_dict()
+    assert state.keys() == exported.keys()
+    for key, value in state.items():
+        assert value.dtype == torch.float32, key  # the model's dtype, the file's values
+        assert torch.equal(value, exported[key].float()), key
+    assert not torch.equal(state["tok.weight"], before["tok.weight"])  # the file's values, not the fresh model's
+    assert second.module.head.weight is second.module.tok.weight
