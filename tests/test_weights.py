@@ -295,3 +295,41 @@ def test_init_from_in_the_config(tmp_path):
     t = make(init_from={"path": "w.pt", "rename": {"a.": "b."}})
     assert t.resolved_config["init_from"] == {"path": "w.pt", "strict": True, "rename": {"a.": "b."},
                                               "rename_regex": {}}
+
+
+@pytest.mark.parametrize("suffix", ["pt", "safetensors"])
+def test_integers_into_floating_point_weights_are_refused_and_precisions_are_cast(tmp_path, files, suffix):
+    state = files["state dict"][1]
+    save = torch.save if suffix == "pt" else safetensors.torch.save_file
+    save({k: (v * 100).long() for k, v in state.items()}, tmp_path / f"ints.{suffix}")
+    t = make(init_from=str(tmp_path / f"ints.{suffix}"))
+    before = {k: v.clone() for k, v in t.module.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"another kind of number: 0.weight \(torch.int64 in the file, "
+                                           r"torch.float32 in the model\)"):
+        t.apply_init_from()
+    assert same(t.module.state_dict(), before)  # nothing copied
+    save({k: v.half() for k, v in state.items()}, tmp_path / f"half.{suffix}")  # fp16 weights: cast, as asked
+    t = make(init_from=str(tmp_path / f"half.{suffix}"))
+    t.apply_init_from()
+    assert same(t.module.state_dict(), {k: v.half().float() for k, v in state.items()})
+
+
+def test_tied_names_with_different_values_in_the_file_are_refused(tmp_path):
+    torch.manual_seed(3)
+    state = {k: v.clone() for k, v in Tied().state_dict().items()}
+    assert len(state) == 2  # both names of the tied tensor
+    torch.save(state, tmp_path / "same.pt")
+    model = Tied()
+    Trainer(model, sgd, config={"init_from": str(tmp_path / "same.pt")}).apply_init_from()  # equal: fine
+    assert model.head.weight is model.embed.weight and torch.equal(model.embed.weight, state["embed.weight"])
+    state["head.weight"] = state["head.weight"] + 1
+    torch.save(state, tmp_path / "differ.pt")
+    with pytest.raises(WeightsError, match="one tensor in the model .tied weights. but hold different values"):
+        Trainer(Tied(), sgd, config={"init_from": str(tmp_path / "differ.pt")}).apply_init_from()
+
+
+def test_a_run_directory_is_refused_naming_its_newest_checkpoint(files):
+    run = files["checkpoint"][0].parents[1]
+    with pytest.raises(WeightsError, match=f"is a run directory; name one of its checkpoints: the newest is "
+                                           f"{files['checkpoint'][0]}"):
+        make(init_from=str(run)).apply_init_from()

@@ -30,12 +30,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer import run_dir as run_files
 from trainer.checkpoint import files
 from trainer.checkpoint.files import CheckpointError
 
 _ZIP = b"PK\x03\x04"  # torch.save's format is a zip archive
 _MODEL = "model."  # a sharded checkpoint keeps the model's tensors under this prefix (and the optimizer's beside)
 KINDS = ("checkpoint", "sharded checkpoint", "state dict", "safetensors")
+
+
+# safetensors' dtype names, as torch prints them (the floating-point ones are what a check needs)
+_SAFETENSORS_DTYPES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+                       "F8_E4M3": "torch.float8_e4m3fn", "F8_E5M2": "torch.float8_e5m2", "I64": "torch.int64",
+                       "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8",
+                       "BOOL": "torch.bool"}
+
+
+def _floating(dtype: str) -> bool:
+    return dtype.startswith(("torch.float", "torch.bfloat", "torch.complex"))
 
 
 class WeightsError(CheckpointError):
@@ -61,12 +73,24 @@ class WeightsFile:
         self._sharded: dict[str, Any] = {}
         if not self.path.exists():
             raise WeightsError(f"{self.path} does not exist")
+        if self.path.is_dir() and (self.path / run_files.CHECKPOINTS).is_dir():
+            found = files.list_checkpoints(run_files.checkpoint_dir(self.path))
+            newest = f": the newest is {found[-1]}" if found else ", and it holds none yet"
+            raise WeightsError(f"{self.path} is a run directory; name one of its checkpoints{newest}")
         if self.path.is_dir():
             self._open_sharded()
         elif _is_safetensors(self.path):
             self._open_safetensors()
         else:
             self._open_torch()
+
+    def dtype(self, name: str) -> str:
+        """The dtype of the tensor ``name`` as torch prints it (``torch.float32``), read from the file's index."""
+        if self._safe is not None:
+            return _SAFETENSORS_DTYPES.get(self._safe.get_slice(name).get_dtype(), self._safe.get_slice(name).get_dtype())
+        if self._sharded:
+            return str(self._sharded[name].properties.dtype)
+        return str(self._tensors[name].dtype)
 
     def read(self, name: str, block: tuple[slice, ...] | None = None) -> torch.Tensor:
         if self._safe is not None:
@@ -202,6 +226,17 @@ def load(module: nn.Module, path: str | Path, *, strict: bool = True, rename: di
                "the file holds another configuration of this model: build the model it was saved from")
         raise WeightsError(f"{path} does not match the model "
                            f"({files.describe_mismatch(*fatal, found_in='the file')}){hint}; {fix}")
+    file_name = {model: name for name, model in renamed.items()}
+    names = {k: file_name[k] for k in expected if k in found}
+    # A float tensor from integers (or the other way) is no weight of this model: copy_ would cast it
+    # silently. Between floating-point dtypes a cast is what loading fp16 or bf16 weights means.
+    kinds = [f"{k} ({source.dtype(name)} in the file, {state[k].dtype} in the model)" for k, name in names.items()
+             if _floating(source.dtype(name)) != state[k].is_floating_point()]
+    if kinds:
+        raise WeightsError(f"{path} does not match the model: {len(kinds)} tensor(s) hold another kind of number: "
+                           f"{', '.join(kinds[:6])}{' and more' if len(kinds) > 6 else ''}; load the file the model "
+                           "was saved as (floating-point weights load into floating-point parameters of any precision)")
+    _check_tied(module, source, renamed)
     if missing or unexpected:
         kept = "are set by reset_parameters()" if reset_missing else "keep their initial values"
         warnings.warn(f"{path} (strict: false): {files.describe_mismatch(missing, unexpected, [], 'the file')}; "
@@ -211,8 +246,6 @@ def load(module: nn.Module, path: str | Path, *, strict: bool = True, rename: di
                       stacklevel=2)
     if missing and reset_missing:
         reset(module, missing, "are not in the file and the model was built on the meta device")
-    file_name = {model: name for name, model in renamed.items()}
-    names = {k: file_name[k] for k in expected if k in found}
     _copy(module, state, source, names)
     return f"loaded {len(names)} tensors from {path} ({source.kind})"
 
@@ -259,6 +292,27 @@ def _without_aliases(module: nn.Module, expected: dict[str, Any], found: dict[st
         kept = [n for n in names if n in found] or names[:1]
         dropped.update(n for n in names if n not in kept)
     return {k: v for k, v in expected.items() if k not in dropped}
+
+
+def _check_tied(module: nn.Module, source: WeightsFile, renamed: dict[str, str]) -> None:
+    """A tensor the model holds under several names (tied weights) that the file holds under more than
+    one of them, with different values: one would silently overwrite the other."""
+    if source.kind == "sharded checkpoint":
+        return  # written from a model, whose tied names hold one tensor; checking would read every shard
+    file_name = {model: name for name, model in renamed.items()}
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in itertools.chain(module.named_parameters(remove_duplicate=False),
+                                        module.named_buffers(remove_duplicate=False)):
+        names_of.setdefault(id(tensor), []).append(name)
+    for names in names_of.values():
+        present = [n for n in names if n in file_name]
+        if len(present) > 1:
+            first = source.read(file_name[present[0]])
+            differ = [n for n in present[1:] if not torch.equal(source.read(file_name[n]), first)]
+            if differ:
+                raise WeightsError(
+                    f"{source.path}: {', '.join([present[0], *differ])} are one tensor in the model (tied weights) "
+                    "but hold different values in the file; keep one of them in the file, or untie them in the model")
 
 
 def _copy(module: nn.Module, state: dict[str, torch.Tensor], source: WeightsFile, names: dict[str, str]) -> None:
