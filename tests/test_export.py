@@ -265,3 +265,26 @@ def test_an_export_is_what_init_from_starts_a_new_run_from(tmp_path):
         assert torch.equal(value, exported[key].float()), key
     assert not torch.equal(state["tok.weight"], before["tok.weight"])  # the file's values, not the fresh model's
     assert second.module.head.weight is second.module.tok.weight
+
+
+def test_fp16_that_would_turn_a_weight_into_inf_is_refused_and_bf16_keeps_it(tmp_path):
+    run = mlp_run(tmp_path)
+    checkpoint = run / "checkpoints" / "step-00000004.pt"
+    state = load_checkpoint(checkpoint)
+    state["model"]["0.weight"][0, 0] = 1e6  # beyond fp16's 65504
+    big = tmp_path / "big.pt"
+    torch.save({k: v for k, v in state.items() if k != "path"}, big)
+    with pytest.raises(ExportError, match=r"0.weight does not fit torch.float16 \(largest magnitude 1e\+06"):
+        export_model(big, tmp_path / "half.safetensors", dtype="fp16")
+    assert not (tmp_path / "half.safetensors").exists()
+    export_model(big, tmp_path / "bf16.safetensors", dtype="bf16")
+    assert load_file(tmp_path / "bf16.safetensors")["0.weight"][0, 0].item() == 1e6 // 4096 * 4096  # bf16's rounding
+
+
+def test_an_export_never_replaces_the_runs_own_config(tmp_path):
+    run = mlp_run(tmp_path)
+    (run / "config.yaml").write_text("name: kept\n")  # as trainer run writes it
+    kept = (run / "config.yaml").read_bytes()
+    with pytest.raises(ExportError, match="its config would replace the run's own"):
+        export_model(run, run / "config.safetensors")
+    assert (run / "config.yaml").read_bytes() == kept and not (run / "config.safetensors").exists()

@@ -152,6 +152,10 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"--out {out}: the folder {out.parent} does not exist; create it first or pick another")
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; pass a file name such as {out / 'model.safetensors'}")
+    config = out.with_suffix(".yaml")
+    if run_files.is_run_dir(out.parent) and config.name in run_files.OWN:
+        raise ExportError(f"--out {out}: its config would replace the run's own {config}; pick another name, "
+                          f"such as {out.parent / ('model' + SUFFIX)}")
 
 
 def _read(source: Path) -> dict[str, Any]:
@@ -243,7 +247,13 @@ def _servable(state: dict[str, Any], cast: torch.dtype | None, checkpoint: Path)
     for key, tensor in state.items():
         tensor = tensor.detach().cpu()
         if cast is not None and tensor.is_floating_point():
-            tensor = tensor.to(cast)
+            cast_to = tensor.to(cast)
+            # fp16 tops out at 65504: a larger weight would be written as inf, and served as one.
+            if not bool(torch.isfinite(cast_to).all()) and bool(torch.isfinite(tensor).all()):
+                raise ExportError(
+                    f"{key} does not fit {cast} (largest magnitude {tensor.abs().max().item():.4g}, which becomes "
+                    f"inf); export in bf16 (the range of fp32) or fp32")
+            tensor = cast_to
         tensor = tensor.contiguous()
         where = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
         if tensor.numel() and where in seen:
