@@ -195,3 +195,14 @@ def test_compiled_with_checkpointed_blocks_gives_the_eager_gradients():
         out = t.model(x)
     F.cross_entropy(out, y).backward()
     assert saved.bytes <= 3 * x.numel() * 4  # without the checkpoints: also 2 x (16, 32) per block
+
+
+def test_a_module_holding_batch_norm_is_refused_naming_it():
+    """Its recompute in backward would update the running statistics a second time (the gradients
+    would still agree, the buffers and every later evaluation would not)."""
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"'0' holds batch norm \(0.1\), whose running statistics the recompute"):
+        checkpoint_activations(net, ["0"])
+    assert checkpointed(net) == []
+    free = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), nn.Linear(4, 2))
+    assert checkpoint_activations(free, ["0"]) == ["0"]  # nothing to update twice

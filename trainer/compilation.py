@@ -22,8 +22,23 @@ def compile_model(model: nn.Module, settings: CompileConfig | None) -> nn.Module
     """``model`` compiled with ``settings`` (``None``: ``model`` itself)."""
     if settings is None:
         return model
+    check_backend(settings.backend)
     return torch.compile(model, mode=settings.mode, fullgraph=settings.fullgraph, dynamic=settings.dynamic,
                          backend=settings.backend)
+
+
+def check_backend(backend: str) -> None:
+    """An unknown backend is refused here, not at the first step (torch.compile checks it only then)."""
+    import difflib
+
+    from torch._dynamo import list_backends
+
+    known = list_backends(exclude_tags=())
+    if backend not in known:
+        close = difflib.get_close_matches(backend, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"compile backend {backend!r} is not one torch.compile knows; {hint}"
+                         f"the usual ones: {', '.join(sorted(list_backends()))}")
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, sharded: bool) -> None:

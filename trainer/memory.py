@@ -85,6 +85,17 @@ def matching_modules(module: nn.Module, patterns: Sequence[str]) -> list[tuple[s
         inside = any(outer == "" or name.startswith(outer + ".") for outer, _ in chosen)
         if not inside and any(_matches(p, name, sub) for p in patterns):
             chosen.append((name, sub))
+    for name, sub in chosen:
+        # The recompute runs the forward again in train mode: batch norm would update its running
+        # statistics twice per step, and the run would quietly differ from one without checkpointing.
+        norms = [f"{name}.{inner}".strip(".") for inner, m in sub.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+        if norms:
+            raise ValueError(
+                f"activation_checkpointing: {name or '(the model)'!r} holds batch norm ({_sample(norms, 3)}), whose "
+                "running statistics the recompute in backward would update a second time; checkpoint modules "
+                "without batch norm (or use track_running_stats=False, LayerNorm or GroupNorm there)"
+            )
     return chosen
 
 

@@ -540,6 +540,10 @@ def test_compile_settings_are_checked_like_a_section(project):
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'compile:')}:", "compile.backend: mode 'max-autotune' is a "
                       "setting of the inductor backend, not of 'eager'")
     assert "CompileConfig" not in out and "more problem" not in out
+    cfg = project.write(project.text + "compile:\n  backend: inductr\n")  # torch.compile itself says so only at step 1
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'backend:')}:", "compile.backend: compile backend 'inductr' "
+                      "is not one torch.compile knows; did you mean 'inductor'?")
 
 
 def test_an_activation_checkpointing_pattern_that_matches_nothing_points_at_itself(project):

@@ -19,7 +19,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from trainer.cli.run_config import Component, RunConfig, trainer_config
 from trainer.cli.yaml_source import ConfigError, Path_, Source
-from trainer.config import compile_settings
+from trainer.config import CompileConfig, compile_settings
 from trainer.run_dir import TENSORBOARD
 
 _ARBITRARY = ConfigDict(arbitrary_types_allowed=True)
@@ -254,6 +254,13 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     if not isinstance(model, torch.nn.Module):
         raise source.at(("model",), f"'{run.model.target}' returned a {type(model).__name__}, not a torch.nn.Module")
     check_patterns(model, run.activation_checkpointing, source)
+    if isinstance(run.compile, CompileConfig):
+        from trainer.compilation import check_backend
+
+        try:
+            check_backend(run.compile.backend)
+        except ValueError as exc:
+            raise source.at(("compile", "backend"), str(exc)) from None
     train_data, val_data = split_data(instantiate(run.data, source, ("data",)), source)
 
     if train_data is None:
