@@ -19,9 +19,7 @@ needed.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +90,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
         config = out.with_suffix(".yaml")
         run_files.write_text_atomic(config, _config_text(model, checkpoint, step))
     try:
-        _write_atomic(out, lambda tmp: safetensors_torch.save_file(tensors, str(tmp), metadata=metadata))
+        run_files.write_atomic(out, lambda tmp: safetensors_torch.save_file(tensors, str(tmp), metadata=metadata))
     except (OSError, safetensors.SafetensorError) as exc:  # the Rust writer reports I/O as its own error
         raise ExportError(f"could not write {out} ({exc}); any earlier {out.name} is intact: free some space "
                           "or pick another --out") from None
@@ -269,23 +267,3 @@ def _config_text(model: dict[str, Any], checkpoint: Path, step: int) -> str:
     return (f"# The model of {checkpoint} (step {step}), written by trainer export beside its weights.\n"
             "# Build it with trainer.export.build_model(this file), then load_state_dict(load_file(weights), strict=True).\n"
             + yaml.safe_dump({"model": model}, sort_keys=False))
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """``write(tmp)`` to a temp file beside ``path``, fsync'ed and renamed over it, then the folder
-    fsync'ed: a crash leaves the old file or the new one, whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

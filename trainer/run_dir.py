@@ -23,7 +23,9 @@ import fcntl
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CONFIG = "config.yaml"
 STATUS = "status.json"
@@ -76,16 +78,25 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` the way checkpoints are written: a temp file in the same
-    folder, flushed and fsync'ed, renamed over ``path``, then the folder fsync'ed. A crash at any
-    instant leaves the old content or the new, whole; never a file cut off part-way."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """Replace ``path`` with ``text`` the way checkpoints are written (see ``write_atomic``)."""
+
+    def write(tmp: Path) -> None:
         # newline="": the text is written as given (a CSV's \r\n stays \r\n on every platform).
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-            f.flush()
+
+    write_atomic(path, write)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temp file in the same folder, fsync'ed, renamed over ``path``, then the
+    folder fsync'ed. A crash at any instant leaves the old content or the new, whole; never a file
+    cut off part-way."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
