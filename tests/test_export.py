@@ -110,20 +110,28 @@ def test_bf16_casts_the_floating_point_tensors_and_keeps_integer_buffers(tmp_pat
     assert torch.equal(model[0].weight, saved["0.weight"].to(torch.bfloat16).float())
 
 
-def test_tied_weights_are_stored_under_both_names_and_load_strictly(tmp_path):
+class LM(Trainer):
+    def training_step(self, batch):
+        logits = self.model(batch[0])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[1].flatten())
+
+
+LM_DATA = torch.randint(0, 256, (16, 8), generator=torch.Generator().manual_seed(0))
+LM_BATCHES = [(LM_DATA[i:i + 4], LM_DATA[i:i + 4].roll(-1, 1)) for i in range(0, 16, 4)]
+
+
+def lm_run(tmp_path, callbacks=()):
+    """Two steps of char_lm, whose output layer is tied to its embedding, in ``tmp_path/run``."""
     torch.manual_seed(0)
     model = CharTransformer(**{k: v for k, v in LM_SECTION.items() if k != "_target_"})
-    x = torch.randint(0, 256, (16, 8))
-    data = [(x[i:i + 4], x[i:i + 4].roll(-1, 1)) for i in range(0, 16, 4)]
-
-    class LM(Trainer):
-        def training_step(self, batch):
-            logits = self.model(batch[0])
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[1].flatten())
-
     cfg = quiet(max_steps=2, batch_size=4)
-    LM(model, torch.optim.SGD(model.parameters(), lr=0.5), data, config=cfg, run_dir=tmp_path / "run",
-       run_config={**cfg, "model": LM_SECTION}).fit()
+    LM(model, torch.optim.SGD(model.parameters(), lr=0.5), LM_BATCHES, config=cfg, callbacks=list(callbacks),
+       run_dir=tmp_path / "run", run_config={**cfg, "model": LM_SECTION}).fit()
+    return tmp_path / "run"
+
+
+def test_tied_weights_are_stored_under_both_names_and_load_strictly(tmp_path):
+    lm_run(tmp_path)
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002.pt")["model"]
     assert saved["head.weight"].data_ptr() == saved["tok.weight"].data_ptr()  # tied in the checkpoint
     export_model(tmp_path / "run", tmp_path / "lm.safetensors")
@@ -236,26 +244,14 @@ def test_a_failed_write_leaves_the_earlier_export_whole(tmp_path):
 def test_an_export_is_what_init_from_starts_a_new_run_from(tmp_path):
     """The round trip a fine-tuning user makes: the EMA of a run with tied weights, exported in bf16,
     is the starting point of a new fp32 run (init_from), exactly, tie kept."""
-    torch.manual_seed(0)
-    model = CharTransformer(**{k: v for k, v in LM_SECTION.items() if k != "_target_"})
-    x = torch.randint(0, 256, (16, 8))
-    data = [(x[i:i + 4], x[i:i + 4].roll(-1, 1)) for i in range(0, 16, 4)]
-
-    class LM(Trainer):
-        def training_step(self, batch):
-            logits = self.model(batch[0])
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[1].flatten())
-
-    cfg = quiet(max_steps=2, batch_size=4)
-    LM(model, torch.optim.SGD(model.parameters(), lr=0.5), data, config=cfg, callbacks=[EMAWeights(decay=0.5)],
-       run_dir=tmp_path / "run", run_config={**cfg, "model": LM_SECTION}).fit()
+    lm_run(tmp_path, callbacks=[EMAWeights(decay=0.5)])
     done = export_model(tmp_path / "run", tmp_path / "lm.safetensors", dtype="bf16")
     assert done.ema == "EMAWeights"
     exported = load_file(tmp_path / "lm.safetensors")
 
     fresh = build_model(tmp_path / "lm.yaml")
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    second = LM(fresh, torch.optim.SGD(fresh.parameters(), lr=0.5), data,
+    second = LM(fresh, torch.optim.SGD(fresh.parameters(), lr=0.5), LM_BATCHES,
                 config=quiet(max_steps=1, batch_size=4, init_from=str(tmp_path / "lm.safetensors")))
     assert second.apply_init_from() is not None
     state = second.module.state_dict()
