@@ -57,22 +57,22 @@ def without_config(state):
 
 
 class HeldWrite:
-    """``torch.save``, patched: the checkpoint of ``step`` stops half-way in its writer thread until
-    ``release`` is set, and what the folder and the loop look like then is kept in ``seen``."""
+    """``torch.save``, patched: the checkpoint of ``step`` stops half-way in its writer thread (``reached``
+    is set there) until ``release`` is set; what the folder looks like then is kept in ``seen``."""
 
     def __init__(self, monkeypatch, step, run_dir):
-        self.step, self.run_dir, self.release, self.seen = step, Path(run_dir), threading.Event(), {}
-        self.trainer = None
+        self.step, self.run_dir, self.seen = step, Path(run_dir), {}
+        self.reached, self.release = threading.Event(), threading.Event()
         real = torch.save
 
         def save(obj, f, *args, **kwargs):
             if isinstance(obj, dict) and obj.get("trainer_state", {}).get("global_step") == step:
                 self.seen["thread"] = threading.current_thread().name
-                assert self.release.wait(60)
                 folder = self.run_dir / "checkpoints"
                 self.seen["files"] = [p.name for p in list_checkpoints(folder)]
                 self.seen["temp"] = [p.name.split(".tmp-")[0] for p in folder.iterdir() if p.name.startswith(".")]
-                self.seen["loop_step"] = self.trainer.global_step if self.trainer else None
+                self.reached.set()
+                assert self.release.wait(60)
             return real(obj, f, *args, **kwargs)
 
         monkeypatch.setattr(torch, "save", save)
@@ -93,12 +93,12 @@ def test_a_background_checkpoint_is_the_state_at_its_step_while_the_loop_trains_
     reference = train(tmp_path / "sync", False, keep_last=2, save_final=False)
     held = HeldWrite(monkeypatch, step=6, run_dir=tmp_path / "async")
 
-    def go_on(trainer):
-        held.trainer = trainer
-        held.release.set()  # step 7 done: the loop has changed the weights since step 6
+    def go_on(trainer):  # step 7 done: the loop has changed the weights since step 6 ...
+        assert held.reached.wait(60)  # ... while step 6's write is held half-way in its thread
+        held.release.set()
 
     trainer = train(tmp_path / "async", True, callbacks=[At(7, go_on)], keep_last=2, save_final=False)
-    assert held.seen["thread"] == "checkpoint-step-6" and held.seen["loop_step"] == 7
+    assert held.seen["thread"] == "checkpoint-step-6"
     # Rotation (keep_last: 2) waits for the file it keeps: step 2 is still there while step 6 is a temp file.
     assert held.seen["files"] == ["step-00000002.pt", "step-00000004.pt"]
     assert held.seen["temp"] == [".step-00000006.pt"]
