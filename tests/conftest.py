@@ -27,10 +27,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli():
     """``run_cli(*args, cwd=None, env=None)``: ``python -m trainer ARGS`` as a user runs it, a real
-    process; returns the CompletedProcess (exit code, stdout, stderr)."""
+    process; returns the CompletedProcess (exit code, stdout, stderr). Session-scoped, so that a
+    module's shared run can be made with it too."""
 
     def run(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
         environ = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
