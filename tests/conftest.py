@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
+
+# One intra-op thread per process (here and in every subprocess, which inherit it), set before torch
+# is imported: the models are tiny, and on a machine of two cores that other processes share (the
+# run under test, torchrun's ranks, other work) a second thread spin-waits for its turn. The digits
+# run of 30 epochs took 22 s instead of 2 s with two threads at a load of 3, 229 s instead of 46 at 10.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,10 +27,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli():
     """``run_cli(*args, cwd=None, env=None)``: ``python -m trainer ARGS`` as a user runs it, a real
-    process; returns the CompletedProcess (exit code, stdout, stderr)."""
+    process; returns the CompletedProcess (exit code, stdout, stderr). Session-scoped, so that a
+    module's shared run can be made with it too."""
 
     def run(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
         environ = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

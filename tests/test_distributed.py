@@ -90,12 +90,19 @@ def final(run_dir):
     return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
 
 
-def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The run of one process with twice the batch (16), which two ranks of 8 must match; made once."""
+    tmp = tmp_path_factory.mktemp("one_process")
+    one = single("run", write(tmp, "single", batch=16))
+    assert one.returncode == 0, one.stderr
+    return tmp / "runs" / "single"
+
+
+def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process):
     two = torchrun("run", write(tmp_path, "ddp", batch=8))
     assert two.returncode == 0, two.stderr[-3000:]
-    one = single("run", write(tmp_path, "single", batch=16))
-    assert one.returncode == 0, one.stderr
-    ddp_dir, single_dir = tmp_path / "runs" / "ddp", tmp_path / "runs" / "single"
+    ddp_dir, single_dir = tmp_path / "runs" / "ddp", one_process
 
     a, b = final(ddp_dir), final(single_dir)
     assert a["trainer_state"]["global_step"] == b["trainer_state"]["global_step"] == 24
@@ -121,7 +128,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     assert not any(k.startswith("module.") for k in a["model"])
 
 
-def test_two_nodes_with_a_rendezvous_endpoint(tmp_path):
+def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, one_process):
     # Two torchrun agents, one per "machine" (node_rank 0 and 1, one process each: both have
     # LOCAL_RANK 0), meeting at a c10d rendezvous endpoint on loopback.
     with socket.socket() as s:
@@ -138,9 +145,7 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path):
     outputs = [agent.communicate(timeout=240) for agent in agents]
     for agent, (out, err) in zip(agents, outputs):
         assert agent.returncode == 0, err[-3000:]
-    one = single("run", write(tmp_path, "single", batch=16))
-    assert one.returncode == 0, one.stderr
-    a, b = final(tmp_path / "runs" / "nodes"), final(tmp_path / "runs" / "single")
+    a, b = final(tmp_path / "runs" / "nodes"), final(one_process)
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in records(tmp_path / "runs" / "nodes") if "train/loss" in r] == list(range(1, 25))

@@ -2,6 +2,7 @@
 many error messages (same code path, no interpreter start per case)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -594,7 +595,7 @@ def test_runs_lists_a_damaged_run_beside_the_good_ones(tmp_path, project, run_cl
                         "  - {_target_: trainer.EarlyStopping, monitor: val/loss, patience: 5}\n"
                         "  - {_target_: trainer.BestCheckpoints, monitor: val/acc, mode: max}\n")
     assert run_cli("run", cfg, "max_steps=12", cwd=project.root).returncode == 0  # three evaluations
-    assert run_cli("run", cfg, "name=damaged", cwd=project.root).returncode == 0
+    shutil.copytree(project.runs / "t", project.runs / "damaged")  # a second run, then damaged
     (project.runs / "damaged" / "status.json").write_text('{"status": ')
     proc = run_cli("runs", cwd=project.root)
     assert proc.returncode == 0, proc.stderr

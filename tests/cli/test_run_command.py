@@ -6,6 +6,7 @@ Real processes, real files, real mounts where a full or read-only disk is needed
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Project
 from trainer import run_dir as run_files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +41,23 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / run_files.METRICS_JSONL).read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, run_cli) -> Path:
+    """The test project's run ``t`` as a real ``trainer run`` leaves it: finished at step 4, with its
+    final checkpoint. Made once for the module; ``copy_finished`` gives a test its own copy."""
+    project = Project(tmp_path_factory.mktemp("finished"))
+    project.write(project.text)
+    proc = run_cli("run", project.config, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    return project.runs / "t"
+
+
+def copy_finished(finished_run: Path, to: Path) -> Path:
+    """A copy of the finished run at ``to`` (the run directory holds no absolute path: out_dir is runs)."""
+    shutil.copytree(finished_run, to, symlinks=True)
+    return to
+
+
 # ------------------------------------------------------------------ names stay inside out_dir
 
 
@@ -55,9 +74,9 @@ def test_a_name_that_is_not_one_folder_is_refused_at_its_line(project, run_cli, 
     assert snapshot(project.root) == before
 
 
-def test_dot_dot_with_overwrite_leaves_the_project_folder(project, run_cli):
+def test_dot_dot_with_overwrite_leaves_the_project_folder(project, run_cli, finished_run):
     (project.root / "my_model.py").write_text("# the user's code\n")
-    assert run_cli("run", project.config, cwd=project.root).returncode == 0
+    copy_finished(finished_run, project.runs / "t")
     before = snapshot(project.root)
     line = one_error_line(run_cli("run", project.config, "name=..", "--overwrite", cwd=project.root))
     assert "command line 'name=..': name: '..' is not a folder of its own" in line
@@ -90,9 +109,9 @@ def test_the_longest_name_allowed_makes_a_run(project, run_cli):
 # ------------------------------------------------------------------ --overwrite deletes a run, and only a run
 
 
-def test_overwrite_replaces_only_the_run_it_names(project, run_cli):
-    for name in ("t", "other"):
-        assert run_cli("run", project.config, f"name={name}", cwd=project.root).returncode == 0
+def test_overwrite_replaces_only_the_run_it_names(project, run_cli, finished_run):
+    copy_finished(finished_run, project.runs / "t")
+    assert run_cli("run", project.config, "name=other", cwd=project.root).returncode == 0
     (project.runs / "notes.txt").write_text("beside the runs")
     others = {k: v for k, v in snapshot(project.runs).items() if not k.startswith("t/")}
     proc = run_cli("run", project.config, "--overwrite", "max_steps=2", cwd=project.root)
@@ -116,11 +135,10 @@ def test_a_folder_that_is_not_a_run_is_left_alone(project, run_cli, flags):
 
 
 @pytest.mark.parametrize("flags", [["--overwrite"], ["--resume", "auto"]])
-def test_a_run_directory_that_is_a_link_is_refused(tmp_path, project, run_cli, flags):
+def test_a_run_directory_that_is_a_link_is_refused(tmp_path, project, run_cli, flags, finished_run):
     # The link points at a real run elsewhere: --overwrite through it would empty that run.
     elsewhere = tmp_path / "elsewhere"
-    cfg = project.write(project.text + f"out_dir: {elsewhere}\n", "elsewhere.yaml")
-    assert run_cli("run", cfg, cwd=project.root).returncode == 0
+    copy_finished(finished_run, elsewhere / "t")
     project.runs.mkdir()
     (project.runs / "t").symlink_to(elsewhere / "t")
     before = snapshot(elsewhere)
@@ -129,8 +147,8 @@ def test_a_run_directory_that_is_a_link_is_refused(tmp_path, project, run_cli, f
     assert snapshot(elsewhere) == before
 
 
-def test_overwrite_and_resume_together_are_refused(project, run_cli):
-    assert run_cli("run", project.config, cwd=project.root).returncode == 0
+def test_overwrite_and_resume_together_are_refused(project, run_cli, finished_run):
+    copy_finished(finished_run, project.runs / "t")
     before = snapshot(project.runs)
     line = one_error_line(run_cli("run", project.config, "--overwrite", "--resume", "auto", cwd=project.root))
     assert "pass one of the two" in line
@@ -207,9 +225,8 @@ def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project, 
 # ------------------------------------------------------------------ leftovers of killed saves
 
 
-def test_temp_files_of_killed_saves_go_at_the_next_start(project, run_cli):
-    assert run_cli("run", project.config, cwd=project.root).returncode == 0
-    run_dir = project.runs / "t"
+def test_temp_files_of_killed_saves_go_at_the_next_start(project, run_cli, finished_run):
+    run_dir = copy_finished(finished_run, project.runs / "t")
     checkpoints = run_dir / "checkpoints"
     kept = snapshot(checkpoints)
     leftovers = [checkpoints / ".step-00000005.pt.tmp-4242", checkpoints / ".best.pt.tmp-4242",
@@ -301,9 +318,8 @@ def test_a_full_disk_at_a_resume_keeps_the_run(project, run_cli, mount_tmpfs):
 # ------------------------------------------------------------------ finished runs, failed runs
 
 
-def test_resume_auto_of_a_finished_run_adds_nothing(project, run_cli):
-    assert run_cli("run", project.config, cwd=project.root).returncode == 0
-    run_dir = project.runs / "t"
+def test_resume_auto_of_a_finished_run_adds_nothing(project, run_cli, finished_run):
+    run_dir = copy_finished(finished_run, project.runs / "t")
     before = snapshot(run_dir)
     for limits in ([], ["max_steps=3"]):  # the same limits, or limits already reached
         proc = run_cli("run", project.config, "--resume", "auto", *limits, cwd=project.root)
@@ -314,9 +330,8 @@ def test_resume_auto_of_a_finished_run_adds_nothing(project, run_cli):
         assert snapshot(run_dir) == before
 
 
-def test_resume_auto_of_a_finished_run_with_raised_limits_continues(project, run_cli):
-    assert run_cli("run", project.config, cwd=project.root).returncode == 0
-    run_dir = project.runs / "t"
+def test_resume_auto_of_a_finished_run_with_raised_limits_continues(project, run_cli, finished_run):
+    run_dir = copy_finished(finished_run, project.runs / "t")
     proc = run_cli("run", project.config, "--resume", "auto", "max_steps=6", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert "finished: step 6" in proc.stdout
@@ -361,8 +376,8 @@ def test_a_failed_run_with_a_checkpoint_is_kept(project, run_cli):
     assert snapshot(project.runs) == before
 
 
-def test_the_config_is_checked_before_the_run_name(project, run_cli):
-    assert run_cli("run", project.config, cwd=project.root).returncode == 0
+def test_the_config_is_checked_before_the_run_name(project, run_cli, finished_run):
+    copy_finished(finished_run, project.runs / "t")
     before = snapshot(project.runs)
     line = one_error_line(run_cli("run", project.config, "optimizer.lr=abc", cwd=project.root))
     assert "optimizer.lr: torch.optim.SGD expects" in line
