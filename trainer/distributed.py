@@ -119,6 +119,16 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     return [t.tolist() for t in gathered]
 
 
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, in rank order; ``None`` on the other ranks. Pickled: for what
+    is made at most once per batch outside training (predictions)."""
+    if not active():
+        return [obj]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def union_of_names(named: dict[str, Any]) -> list[str]:
     """The sorted union of every rank's keys (one small object gather, at evaluations only)."""
     mine = sorted(named)

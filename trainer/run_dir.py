@@ -9,6 +9,7 @@ Torch-free, so ``trainer runs`` stays fast.
         status.json            running | finished | interrupted | failed, with the pid
         metrics.jsonl          one JSON record per log point and evaluation
         metrics.csv            the same records as a table
+        test.json              the latest Trainer.test report: its test/ metrics and step
         tensorboard/           with loggers: [tensorboard]
         checkpoints/
             step-00000100.pt   periodic and final checkpoints (a directory under strategy: fsdp)
@@ -31,6 +32,7 @@ CONFIG = "config.yaml"
 STATUS = "status.json"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
+TEST = "test.json"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
@@ -166,10 +168,10 @@ def earlier_run(run_dir: str | Path) -> list[str]:
 
 
 def remove_run_outputs(run_dir: str | Path) -> None:
-    """Delete an earlier run's metric files and checkpoints (``fit(overwrite=True)``); the rest of
-    the folder is left as it is."""
+    """Delete an earlier run's metric files, test report and checkpoints (``fit(overwrite=True)``);
+    the rest of the folder is left as it is."""
     run_dir = Path(run_dir)
-    for name in (METRICS_JSONL, METRICS_CSV):
+    for name in (METRICS_JSONL, METRICS_CSV, TEST):
         (run_dir / name).unlink(missing_ok=True)
     checkpoints = checkpoint_dir(run_dir)
     if checkpoints.is_symlink():

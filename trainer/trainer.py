@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import compilation, distributed, evaluation, memory, progress, sanity, signals, weights
+from trainer import compilation, distributed, evaluation, memory, prediction, progress, sanity, signals, weights
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
@@ -272,6 +273,17 @@ class Trainer:
         if out.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
             metrics["acc"] = (out.argmax(dim=-1) == y).float().mean()
         return metrics
+
+    def predict_step(self, batch: Any) -> Any:
+        """What ``predict`` collects for a batch: a tensor, or a dict or tuple of tensors, each with one
+        row per sample. The default runs the model on the inputs: the batch when it is a tensor, its
+        first item when it is a tuple or list (``(inputs, targets)``, or inputs alone)."""
+        if isinstance(batch, torch.Tensor):
+            return self.model(batch)
+        if isinstance(batch, (tuple, list)) and batch:
+            return self.model(batch[0])
+        raise TypeError(f"the default predict_step expects each batch to be a tensor of inputs or a tuple starting "
+                        f"with them, got {describe(batch)}; override predict_step(self, batch) in a Trainer subclass")
 
     def backward(self, loss: torch.Tensor) -> None:
         """Fill ``.grad``. ``loss`` is already divided by ``grad_accum_steps`` (a ``loss_sum`` is not:
@@ -890,6 +902,79 @@ class Trainer:
         if own:
             self._call("on_validation_end", metrics)
         return metrics
+
+    def test(self, data: Any) -> dict[str, float]:
+        """``evaluate(data, prefix="test")``: ``{"test/<name>": mean over samples}``, exact over ranks.
+        Nothing about the run changes: no hook fires, the history, metric files, best checkpoint and
+        early stopping stay as they were. With a ``run_dir``, rank 0 also writes the report to
+        ``<run_dir>/test.json`` (``{"step": ..., "test/...": ...}``, replacing an earlier one)."""
+        metrics = self.evaluate(data, prefix="test")
+        if self.run_dir is not None and self.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            report = json.dumps({"step": self.global_step, **metrics}, indent=2) + "\n"
+            run_files.write_text_atomic(self.run_dir / run_files.TEST, report)
+        return metrics
+
+    def predict(self, data: Any, out: str | Path | None = None) -> Any:
+        """``predict_step``'s outputs for every sample of ``data``, in data order, each sample once,
+        concatenated along dim 0: a tensor, or a dict or tuple of tensors as ``predict_step`` returns.
+        Eval mode, no_grad, autocast as in training, and the evaluation weights of callbacks such
+        as ``EMAWeights``, as ``evaluate`` uses them; no hook fires.
+
+        Under torchrun every rank calls it; each predicts its share and rank 0 receives the shares
+        batch by batch and returns the whole; the other ranks return ``None`` (``trainer.prediction``
+        says which data can be split, and how a padded share's repeats are dropped).
+
+        ``out``: write them instead (rank 0), atomically, and return a ``prediction.Written`` (path,
+        samples, shapes): ``NAME.pt`` is ``torch.save`` of what would be returned; ``NAME.safetensors``
+        is streamed through a temp file beside it and never held in memory whole (a tensor is stored
+        as ``"predictions"``, a dict under its keys, a tuple as ``"0"``, ``"1"``, ...)."""
+        self._check_open()
+        self.apply_init_from()
+        target = prediction.check_out(out) if out is not None else None
+        source = self._make_source(data, shuffle=False, pad=False)
+        order = prediction.sample_order(source)
+        gather = order is not None and distributed.active()
+        main = self.is_main_process
+        if not (main or gather or self.sharded):
+            return None  # every rank sees the same batches (see trainer.prediction): rank 0's are the result
+        batches = (prediction.rounds(source, self.sharded, self.device) if gather
+                   else self.strategy.eval_batches(source))
+        collector = prediction.Collector(target) if main else None
+        result, written, offset = None, None, 0
+        stepped, self.model = self.model, self.strategy.eval_module(self.model, self.module)
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch_settings(self.device, self.config.deterministic))
+                for cb in self.callbacks:
+                    if hasattr(cb, "evaluation_weights"):
+                        stack.enter_context(cb.evaluation_weights(self))
+                stack.enter_context(eval_mode(self.module))
+                stack.enter_context(self.precision.autocast)
+                for batch, counted in batches:
+                    piece = None
+                    if batch is not None:
+                        batch = to_device(batch, self.device, self.device.type == "cuda", self.precision.param_dtype)
+                        output = self.predict_step(batch)
+                        if counted:
+                            kind, named = prediction.to_host(output, batch, order is not None)
+                            rows = next(iter(named.values())).shape[0]
+                            indices = order[offset:offset + rows] if order is not None else None
+                            offset += rows
+                            piece = (kind, named, indices)
+                    pieces = distributed.gather_to_main(piece) if gather else [piece]  # None off rank 0
+                    if collector is not None:
+                        for got in pieces:
+                            if got is not None:
+                                collector.add(*got)
+            if collector is not None:
+                result, written = collector.finish()
+        finally:
+            self.model = stepped
+            self.strategy.end_evaluation(self.module)
+            if collector is not None:
+                collector.close()
+        return written if target is not None else result
 
     def _validate(self, epoch: int) -> None:
         self.validated_step = self.global_step

@@ -11,7 +11,7 @@ import difflib
 import importlib
 import inspect
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -149,20 +149,31 @@ def instantiate(component: Component, source: Source, path: Path_, *args: Any) -
     return bind(component, source, path, len(args))(*args)
 
 
+SPLITS = ("train", "val", "test")
+
+
 def split_data(data: Any, source: Source) -> tuple[Any, Any]:
-    """``{'train': ..., 'val': ...}``, ``(train, val)`` or the training data alone."""
+    """``{'train': ..., 'val': ..., 'test': ...}`` (val and test optional), ``(train, val)`` or the
+    training data alone; the train and val data (``data_splits`` has them all)."""
+    splits = data_splits(data, source)
+    return splits["train"], splits.get("val")
+
+
+def data_splits(data: Any, source: Source) -> dict[str, Any]:
+    """The data callable's splits by name: those of its dict, or train (and val) otherwise."""
     if isinstance(data, dict) and "train" in data:
-        extra = set(data) - {"train", "val"}
+        extra = set(data) - set(SPLITS)
         if extra:
-            raise source.at(("data",), f"the data callable returned unknown keys {sorted(extra)}; expected 'train' and 'val'")
-        return data["train"], data.get("val")
+            raise source.at(("data",), f"the data callable returned unknown keys {sorted(extra)}; expected 'train', "
+                            "'val' and 'test'")
+        return {name: data[name] for name in SPLITS if data.get(name) is not None}
     if isinstance(data, dict):
         raise source.at(("data",), f"the data callable returned a dict without 'train' (keys: {sorted(data)})")
     if isinstance(data, list) and len(data) == 2 and not hasattr(data[0], "shape"):
-        return data[0], data[1]
+        return {name: d for name, d in zip(SPLITS, data) if d is not None}
     if isinstance(data, tuple) and len(data) == 2 and not all(hasattr(d, "shape") for d in data):
-        return data
-    return data, None
+        return {name: d for name, d in zip(SPLITS, data) if d is not None}
+    return {"train": data}
 
 
 KERNEL_CHOICES = {"fused", "foreach", "differentiable", "capturable"}
@@ -220,6 +231,7 @@ class Built:
     trainer: Any
     train_data: Any
     val_data: Any
+    splits: dict[str, Any] = field(default_factory=dict)  # train, val, test: those the data callable returned
 
 
 def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
@@ -261,7 +273,8 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
             check_backend(run.compile.backend)
         except ValueError as exc:
             raise source.at(("compile", "backend"), str(exc)) from None
-    train_data, val_data = split_data(instantiate(run.data, source, ("data",)), source)
+    splits = data_splits(instantiate(run.data, source, ("data",)), source)
+    train_data, val_data = splits.get("train"), splits.get("val")
 
     if train_data is None:
         raise source.at(("data",), f"{run.data.target}(...) returned no training data; return a Dataset, tensors, "
@@ -325,4 +338,4 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         raise source.at(("model",), str(exc)) from None
     except (TypeError, ValueError) as exc:
         raise source.at(("trainer",), f"building {trainer_path} failed: {exc}") from exc
-    return Built(trainer, train_data, val_data)
+    return Built(trainer, train_data, val_data, splits)

@@ -467,38 +467,134 @@ def _size(data) -> str:
     return f"{n:,} samples ({type(data).__name__})" if not hasattr(data, "batch_size") else f"{n:,} batches"
 
 
+CHECKPOINT = typer.Option(
+    ..., "--checkpoint", show_default=False,
+    help="A run directory (its newest good checkpoint, as --resume auto picks it), or a checkpoint written by "
+         "trainer run: a file, or a directory under strategy: fsdp.")
+
+
 @app.command("eval")
 def evaluate(
     config: Path = CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer run (a file, or a directory under strategy: fsdp)."),
+    checkpoint: Path = CHECKPOINT,
+    data: str = typer.Option("val", "--data", help="The split of the config's data to evaluate on: val, test or train; "
+                                                    "its name prefixes the metrics (test/acc)."),
     debug: bool = DEBUG,
 ) -> None:
-    """Evaluate a checkpoint on the val data, with the weights the run validated (an EMA of them under
-    EMAWeights), and print the metrics as JSON; "weights" says which: "ema" or "trained"."""
+    """Evaluate a checkpoint on a split of the config's data (val unless --data), with the weights the
+    run validated (an EMA of them under EMAWeights), and print the metrics as JSON; "weights" says
+    which: "ema" or "trained". Nothing of the run changes."""
     with _reporting(debug):
         source, cfg = _load(config, overrides)
         from trainer.cli.build import build
-        from trainer.checkpoint import CheckpointError, load_checkpoint
 
         built = build(source, cfg, run_dir=None)
-        if built.val_data is None:
-            raise ConfigError(f"{source.file}: data: the data callable returned no 'val' data to evaluate on")
+        split = _split(source, cfg, built, data, "evaluate on")
+        state = _restore(built.trainer, checkpoint, "eval")
+        # With the data given, no validation hook fires: EarlyStopping and BestCheckpoints stay still.
+        metrics = built.trainer.evaluate(split, prefix=data)
+        swapped = _weights_used(built.trainer)
+        built.trainer.close()  # leave the process group (under torchrun)
+        typer.echo(json.dumps({"checkpoint": state["path"], "step": state["trainer_state"]["global_step"],
+                               "weights": swapped or "trained", "data": data, **metrics}))
+
+
+@app.command()
+def predict(
+    config: Path = CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+    checkpoint: Path = CHECKPOINT,
+    out: Path = typer.Option(
+        ..., "--out", show_default=False,
+        help="The file to write: NAME.pt (torch.save of the outputs, held in memory) or NAME.safetensors "
+             "(streamed to disk, for sets larger than memory)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", show_default=False,
+        help="The split of the config's data to predict: test, val or train (default: test, else val)."),
+    debug: bool = DEBUG,
+) -> None:
+    """Write a checkpoint's predictions (predict_step's outputs, the model's by default) for every
+    sample of a split of the config's data, in data order, with the weights the run validated."""
+    with _reporting(debug):
+        source, cfg = _load(config, overrides)
+        from trainer.cli.build import build
+        from trainer.prediction import PredictionError, check_out
+
         try:
+            check_out(out, "--out")
+        except PredictionError as exc:
+            raise UserError(str(exc)) from None
+        built = build(source, cfg, run_dir=None)
+        if data is None:
+            data = "test" if "test" in built.splits else "val"
+        split = _split(source, cfg, built, data, "predict")
+        state = _restore(built.trainer, checkpoint, "predict")
+        try:
+            written = built.trainer.predict(split, out=out)
+        except PredictionError as exc:
+            raise UserError(str(exc)) from None
+        except OSError as exc:  # a full disk: the earlier file, if any, stays whole
+            raise UserError(f"cannot write {exc.filename or out}: {exc.strerror or exc}; free some space or pick "
+                            "another --out") from None
+        swapped = _weights_used(built.trainer)
+        built.trainer.close()  # leave the process group (under torchrun)
+        if written is not None:  # rank 0
+            which = f"the EMA weights ({swapped})" if swapped else "the trained weights"
+            typer.echo(f"wrote {written.path}: {written.samples} predictions of the {data} data, {written.describe()}; "
+                       f"{which} of step {state['trainer_state']['global_step']} from {state['path']}")
+
+
+def _split(source: Source, cfg, built, name: str, purpose: str):
+    """The split ``name`` of what the config's data callable returned, or the error naming those it has."""
+    if name in built.splits:
+        return built.splits[name]
+    from trainer.cli.build import SPLITS
+
+    returned = ", ".join(built.splits)
+    if name not in SPLITS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(built.splits), n=1)
+        hint = f"did you mean --data {close[0]}? " if close else ""
+        raise UserError(f"--data {name}: no such split; {hint}the data callable returns {returned}")
+    raise ConfigError(f"{source.file}: data: {cfg.data.target}(...) returned no '{name}' data to {purpose} (it "
+                      f"returns {returned}); return {{'train': ..., 'val': ..., 'test': ...}}, or pass --data "
+                      f"{'val' if name != 'val' and 'val' in built.splits else 'train'}")
+
+
+def _restore(trainer, checkpoint: Path, purpose: str) -> dict:
+    """Load the weights of ``checkpoint`` (a run directory: its newest good checkpoint) into ``trainer``,
+    with the callbacks' and registered state, which evaluation uses too (EMAWeights' average)."""
+    from trainer.checkpoint import CheckpointError, load_checkpoint, newest_good_checkpoint
+
+    if not checkpoint.exists():
+        raise UserError(f"--checkpoint {checkpoint} does not exist; pass a run directory (runs/NAME) or one of its "
+                        "checkpoints (runs/NAME/checkpoints/step-....pt)")
+    try:
+        if run_files.is_run_dir(checkpoint):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                state = newest_good_checkpoint(checkpoint, purpose)
+            for warning in caught:  # a damaged newest checkpoint passed over
+                typer.echo(f"warning: {warning.message}", err=True)
+            if state is None:
+                raise UserError(f"--checkpoint {checkpoint}: the run has no checkpoint in "
+                                f"{run_files.checkpoint_dir(checkpoint)}; checkpoints are written every "
+                                "checkpoint.every_n_steps steps and at the end of a run")
+        else:
             state = load_checkpoint(checkpoint)
             state["path"] = str(checkpoint)
-            # The callbacks' and registered state too: evaluate() enters the callbacks' evaluation
-            # weights (EMAWeights' average), as the run's own validation did.
-            built.trainer.load_weights(state, states=True)
-        except CheckpointError as exc:
-            raise UserError(str(exc)) from None
-        # With the data given, no validation hook fires: EarlyStopping and BestCheckpoints stay still.
-        metrics = built.trainer.evaluate(built.val_data, prefix="val")
-        swapped = [cb.weights_name for cb in built.trainer.callbacks
-                   if hasattr(cb, "evaluation_weights") and getattr(cb, "weights_name", None)]
-        built.trainer.close()  # leave the process group (under torchrun)
-        typer.echo(json.dumps({"checkpoint": str(checkpoint), "step": state["trainer_state"]["global_step"],
-                               "weights": "+".join(swapped) or "trained", **metrics}))
+        trainer.load_weights(state, states=True)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    return state
+
+
+def _weights_used(trainer) -> str:
+    """Which callbacks' evaluation weights were used ("ema"), or "" for the trained weights."""
+    return "+".join(cb.weights_name for cb in trainer.callbacks
+                    if hasattr(cb, "evaluation_weights") and getattr(cb, "weights_name", None))
 
 
 @app.command()

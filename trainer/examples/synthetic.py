@@ -7,8 +7,9 @@ from torch.utils.data import TensorDataset
 
 
 def classification(n_train: int = 2048, n_val: int = 512, features: int = 16, classes: int = 4,
-                   noise: float = 1.5, seed: int = 0) -> dict[str, TensorDataset]:
-    """Points around ``classes`` random centres in ``features`` dimensions."""
+                   noise: float = 1.5, seed: int = 0, n_test: int = 0) -> dict[str, TensorDataset]:
+    """Points around ``classes`` random centres in ``features`` dimensions; a ``test`` split too
+    when ``n_test`` is set (drawn after the others, which it leaves as they were)."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, features, generator=g) * 2.0
 
@@ -17,4 +18,7 @@ def classification(n_train: int = 2048, n_val: int = 512, features: int = 16, cl
         x = centres[y] + noise * torch.randn(n, features, generator=g) * centres.std()
         return TensorDataset(x, y)
 
-    return {"train": sample(n_train), "val": sample(n_val)}
+    splits = {"train": sample(n_train), "val": sample(n_val)}
+    if n_test:
+        splits["test"] = sample(n_test)
+    return splits
