@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer.cli.build import check_arguments, import_target, instantiate, kernel_defaults, optimizer_factory, split_data
+from trainer.cli.build import (
+    check_arguments, data_splits, import_target, instantiate, kernel_defaults, optimizer_factory, split_data,
+)
 from trainer.cli.run_config import Component
 from trainer.cli.yaml_source import ConfigError, Source, Where
 
@@ -58,8 +60,10 @@ def test_split_data_forms(source):
     assert split_data((1, 2), source) == (1, 2)
     x = torch.ones(3)
     assert split_data((x, x), source) == ((x, x), None)  # a tensor pair is training data, not (train, val)
-    with pytest.raises(ConfigError, match="unknown keys \\['test'\\]"):
-        split_data({"train": 1, "test": 2}, source)
+    assert data_splits({"train": 1, "val": None, "test": 3}, source) == {"train": 1, "test": 3}
+    assert data_splits((1, 2), source) == {"train": 1, "val": 2}
+    with pytest.raises(ConfigError, match="unknown keys \\['tset'\\]; expected 'train', 'val' and 'test'"):
+        split_data({"train": 1, "tset": 2}, source)
 
 
 def test_the_optimizer_factory_checks_now_and_builds_later(source):

@@ -487,6 +487,7 @@ def evaluate(
     which: "ema" or "trained". Nothing of the run changes."""
     with _reporting(debug):
         source, cfg = _load(config, overrides)
+        _check_exists(checkpoint)  # before anything is built
         from trainer.cli.build import build
 
         built = build(source, cfg, run_dir=None)
@@ -518,6 +519,7 @@ def predict(
     sample of a split of the config's data, in data order, with the weights the run validated."""
     with _reporting(debug):
         source, cfg = _load(config, overrides)
+        _check_exists(checkpoint)  # before anything is built
         from trainer.cli.build import build
         from trainer.prediction import PredictionError, check_out
 
@@ -568,9 +570,7 @@ def _restore(trainer, checkpoint: Path, purpose: str) -> dict:
     with the callbacks' and registered state, which evaluation uses too (EMAWeights' average)."""
     from trainer.checkpoint import CheckpointError, load_checkpoint, newest_good_checkpoint
 
-    if not checkpoint.exists():
-        raise UserError(f"--checkpoint {checkpoint} does not exist; pass a run directory (runs/NAME) or one of its "
-                        "checkpoints (runs/NAME/checkpoints/step-....pt)")
+    _check_exists(checkpoint)
     try:
         if run_files.is_run_dir(checkpoint):
             with warnings.catch_warnings(record=True) as caught:
@@ -589,6 +589,12 @@ def _restore(trainer, checkpoint: Path, purpose: str) -> dict:
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
     return state
+
+
+def _check_exists(checkpoint: Path) -> None:
+    if not checkpoint.exists():
+        raise UserError(f"--checkpoint {checkpoint} does not exist; pass a run directory (runs/NAME) or one of its "
+                        "checkpoints (runs/NAME/checkpoints/step-....pt)")
 
 
 def _weights_used(trainer) -> str:
