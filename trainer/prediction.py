@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import torch
 
 from trainer import distributed
 from trainer import run_dir as run_files
-from trainer.data import batch_size_of, describe
+from trainer.data import batch_size_of, describe, to_device
 
 SUFFIXES = (".pt", ".safetensors")
 TENSOR_NAME = "predictions"  # a single tensor's name in a .safetensors file
@@ -97,8 +97,9 @@ def flatten(output: Any) -> tuple[str, dict[str, torch.Tensor]]:
                               f"with one row per sample; got {describe(output)}")
     rows = {v.shape[0] for v in named.values()}
     if len(rows) != 1:
-        raise PredictionError(f"predict_step returned tensors with different numbers of rows "
-                              f"({', '.join(f'{k}: {v.shape[0]}' for k, v in named.items())}); return one row per sample")
+        counts = ", ".join(f"{k}: {v.shape[0]}" for k, v in named.items())
+        raise PredictionError(f"predict_step returned tensors with different numbers of rows ({counts}); return one "
+                              "row per sample")
     return kind, named
 
 
@@ -121,6 +122,29 @@ def sample_order(source: Any) -> torch.Tensor | None:
         user.set_epoch(0)  # as IterableSource.epoch(0, 0) sets it
         return torch.tensor(list(user), dtype=torch.int64)
     return None
+
+
+def predict(step: Callable[[Any], Any], batches: Any, device: torch.device, dtype: torch.dtype | None,
+            order: torch.Tensor | None, gather: bool, collector: Collector | None) -> None:
+    """Run ``step`` over ``batches`` (``(batch, counted)`` pairs) and hand every counted batch's rows,
+    with their sample indices (``order``: this rank's, or None), to rank 0's ``collector``; with
+    ``gather``, one gather of the ranks' rows per round. The caller sets eval mode, no_grad and autocast."""
+    offset = 0
+    for batch, counted in batches:
+        piece = None
+        if batch is not None:
+            batch = to_device(batch, device, device.type == "cuda", dtype)
+            output = step(batch)
+            if counted:
+                kind, named = to_host(output, batch, order is not None)
+                rows = next(iter(named.values())).shape[0]
+                piece = (kind, named, order[offset:offset + rows] if order is not None else None)
+                offset += rows
+        pieces = distributed.gather_to_main(piece) if gather else [piece]  # None off rank 0
+        if collector is not None:
+            for got in pieces:
+                if got is not None:
+                    collector.add(*got)
 
 
 def rounds(source: Any, sharded: bool, device: torch.device) -> Iterator[tuple[Any, bool]]:

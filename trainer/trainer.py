@@ -931,17 +931,17 @@ class Trainer:
         as ``"predictions"``, a dict under its keys, a tuple as ``"0"``, ``"1"``, ...)."""
         self._check_open()
         self.apply_init_from()
-        target = prediction.check_out(out) if out is not None else None
+        main = self.is_main_process
+        target = prediction.check_out(out) if out is not None and main else None  # rank 0 writes
         source = self._make_source(data, shuffle=False, pad=False)
         order = prediction.sample_order(source)
         gather = order is not None and distributed.active()
-        main = self.is_main_process
         if not (main or gather or self.sharded):
             return None  # every rank sees the same batches (see trainer.prediction): rank 0's are the result
         batches = (prediction.rounds(source, self.sharded, self.device) if gather
                    else self.strategy.eval_batches(source))
         collector = prediction.Collector(target) if main else None
-        result, written, offset = None, None, 0
+        result, written = None, None
         stepped, self.model = self.model, self.strategy.eval_module(self.model, self.module)
         try:
             with contextlib.ExitStack() as stack:
@@ -951,22 +951,8 @@ class Trainer:
                         stack.enter_context(cb.evaluation_weights(self))
                 stack.enter_context(eval_mode(self.module))
                 stack.enter_context(self.precision.autocast)
-                for batch, counted in batches:
-                    piece = None
-                    if batch is not None:
-                        batch = to_device(batch, self.device, self.device.type == "cuda", self.precision.param_dtype)
-                        output = self.predict_step(batch)
-                        if counted:
-                            kind, named = prediction.to_host(output, batch, order is not None)
-                            rows = next(iter(named.values())).shape[0]
-                            indices = order[offset:offset + rows] if order is not None else None
-                            offset += rows
-                            piece = (kind, named, indices)
-                    pieces = distributed.gather_to_main(piece) if gather else [piece]  # None off rank 0
-                    if collector is not None:
-                        for got in pieces:
-                            if got is not None:
-                                collector.add(*got)
+                prediction.predict(self.predict_step, batches, self.device, self.precision.param_dtype, order,
+                                   gather, collector)
             if collector is not None:
                 result, written = collector.finish()
         finally:
@@ -974,7 +960,7 @@ class Trainer:
             self.strategy.end_evaluation(self.module)
             if collector is not None:
                 collector.close()
-        return written if target is not None else result
+        return written if out is not None else result
 
     def _validate(self, epoch: int) -> None:
         self.validated_step = self.global_step

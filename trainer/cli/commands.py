@@ -450,9 +450,8 @@ def check(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, deb
         n_train = sum(p.numel() for p in t.module.parameters() if p.requires_grad)
         typer.echo(f"# device: {t.device}")
         typer.echo(f"# model: {type(t.module).__name__}, {n_params:,} parameters ({n_train:,} trainable)")
-        for name, data in (("train", built.train_data), ("val", built.val_data)):
-            if data is not None:
-                typer.echo(f"# {name} data: {_size(data)}")
+        for name, data in built.splits.items():  # train, val, test: those the data callable returned
+            typer.echo(f"# {name} data: {_size(data)}")
         typer.echo(f"# optimizer steps: {t.total_steps() or 'unknown (data of unknown length)'}")
         typer.echo("# sanity pass: one training and one validation batch went through" if cfg.sanity_check
                    else "# sanity pass: off (sanity_check: false)")
