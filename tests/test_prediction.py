@@ -158,6 +158,10 @@ def test_test_reports_test_metrics_apart_from_the_run(tmp_path):
     assert (len(trainer.history), len(fired), trainer.validated_step,
             (tmp_path / "run" / "metrics.jsonl").read_text()) == before
     assert json.loads((tmp_path / "run" / "test.json").read_text()) == {"step": 2, **metrics}
+    again = Trainer(mlp(), lambda params: torch.optim.SGD(params, lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                    run_dir=tmp_path / "run", config=quiet(max_steps=1, batch_size=8))
+    again.fit(overwrite=True)
+    assert not (tmp_path / "run" / "test.json").exists()  # a replaced run's test report goes with it
 
 
 def loopback_ok() -> bool:
