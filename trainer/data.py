@@ -443,7 +443,7 @@ def fingerprint(batch: Any) -> str | None:
     found = False
     for t in _tensors(batch):
         found = True
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16] if found else None
 
 

@@ -62,7 +62,10 @@ class Trainer:
 
     ``train_data`` / ``val_data``: a ``Dataset`` (the Trainer builds the DataLoader with a seeded,
     resumable order), a ``TensorDataset`` or tuple/dict of tensors (batched by index slicing on
-    the device), a ``DataLoader``, or any iterable of batches.
+    the device), a loader that keeps its own position (torchdata's ``StatefulDataLoader``: each
+    rank's state is checkpointed and restored without reading), an ``IterableDataset`` (split over
+    ranks and workers, ``stream_split``), a ``DataLoader``, or any iterable of batches
+    (docs/data.md).
 
     ``optimizer``: an optimizer, or a function of the trainable parameters that builds one (called
     once the model is on its device and wrapped or sharded, so it sees the parameters it will
