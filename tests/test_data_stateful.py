@@ -50,10 +50,12 @@ class ReadsAtBatchStart(Callback):
         self.reads.append(Counting.reads)
 
 
-def fitted(run_dir, steps, loader_class=StatefulDataLoader, resume_from=None):
+def fitted(run_dir, steps, loader_class=StatefulDataLoader, resume_from=None, generator=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
-    loader = loader_class(Counting(), batch_size=4, shuffle=True)  # 10 batches an epoch; dropout draws too
+    if generator is not None:
+        generator = torch.Generator().manual_seed(generator)
+    loader = loader_class(Counting(), batch_size=4, shuffle=True, generator=generator)  # 10 batches an epoch
     spy = ReadsAtBatchStart()
     trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), loader, loss_fn=F.cross_entropy,
                       callbacks=[spy], run_dir=run_dir,
@@ -82,6 +84,18 @@ def test_a_stateful_loader_resumes_without_reading_and_equals_the_uninterrupted_
     assert spy.reads[:2] == [4, 8]
     assert all(torch.equal(a, b) for a, b in zip(resumed.module.parameters(), uninterrupted.module.parameters()))
     assert clockless(resumed.history) == clockless(r for r in uninterrupted.history if r["step"] > stop)
+
+
+def test_a_loader_with_its_own_generator_resumes_bit_for_bit_into_the_next_epoch(tmp_path):
+    """Making the restored iterator draws the loader's base seed from the loader's generator, which
+    is its sampler's too; the next epoch's order comes from where the uninterrupted run left it."""
+    whole, _ = fitted(tmp_path / "whole", 15, generator=1)
+    fitted(tmp_path / "first", 6, generator=1)
+    checkpoint = list_checkpoints(tmp_path / "first" / "checkpoints")[-1]
+    resumed, spy = fitted(tmp_path / "first", 15, resume_from=checkpoint, generator=1)
+    assert spy.reads[:2] == [4, 8]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.module.parameters(), whole.module.parameters()))
+    assert clockless(resumed.history) == clockless(r for r in whole.history if r["step"] > 6)
 
 
 def test_a_plain_dataloader_is_read_up_to_the_position_and_says_which_batches(tmp_path):

@@ -1,6 +1,6 @@
 """Streaming data: an IterableDataset split over ranks and DataLoader workers by one rule, a dataset
-that says it splits itself checked at its first batches, and ranks whose streams end at different
-lengths ending together under torchrun."""
+that says it splits itself checked at its first batches, ranks whose streams end at different
+lengths ending together under torchrun, and each rank's stateful loader resumed from its own state."""
 
 import os
 import re
@@ -61,9 +61,10 @@ def test_a_dataset_that_splits_itself_is_left_to_it_and_its_workers_checked():
 
 
 @pytest.mark.distributed
-def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_end_together():
+def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_end_together(tmp_path):
+    pytest.importorskip("torchdata")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(PROJECT / "streams_script.py")]
+           str(PROJECT / "streams_script.py"), str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)  # a hang fails here
@@ -80,6 +81,11 @@ def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_
     uneven = re.findall(r"uneven rank (\d): steps (\d+) batches (\d+) (\d+) weights (\w+)", proc.stdout)
     assert sorted(u[:4] for u in uneven) == [("0", "4", "18", "18"), ("1", "4", "18", "18")], proc.stdout
     assert uneven[0][4] == uneven[1][4]
+    # Each rank's StatefulDataLoader state came back to that rank (their orders differ): nothing was read
+    # to get back, and the items and weights after the resume are the uninterrupted run's.
+    for rank in (0, 1):
+        assert f"stateful rank {rank}: reads at the first batches [3, 6] same items True same weights True" in proc.stdout, \
+            proc.stdout
     for rank in (0, 1):
         assert re.search(rf"liar rank {rank}: DataError: the OwnShare says it splits itself .* ranks 0 and 1 read "
                          "the same first batch", proc.stdout), proc.stdout

@@ -323,7 +323,8 @@ class StatefulSource(EpochSource):
 
     def state_dict(self) -> dict[str, Any]:
         loader = self._held if self._held is not None else self.loader.state_dict()  # type: ignore[attr-defined]
-        return {"loader": loader, "ran_out": self.ran_out}
+        return {"loader": loader, "ran_out": self.ran_out,
+                "generators": [g.get_state() for g in loader_generators(self.loader)]}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """``None``: the checkpoint held no state for this loader (it is then fast-forwarded, loudly)."""
@@ -337,6 +338,11 @@ class StatefulSource(EpochSource):
             self.loader.load_state_dict(pending["loader"])  # type: ignore[attr-defined]
             with torch.random.fork_rng(devices=[]):
                 self.loader.state_dict()  # type: ignore[attr-defined]  # makes the restored iterator now
+            # Making it drew from the loader's own generators too (a DataLoader draws its base seed
+            # from the one it was given, which is also its sampler's); torchdata's state holds where
+            # they were when the epoch began, not where the epoch's start left them: put them there.
+            for g, state in zip(loader_generators(self.loader), pending.get("generators", [])):
+                g.set_state(state)
             if pending["ran_out"] and skip:
                 self.ran_out = True
                 return iter(())  # saved after the epoch's last batch; the next epoch() starts a new one
@@ -377,13 +383,24 @@ class StatefulSource(EpochSource):
             yield batch
 
 
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The generators a loader draws its order and worker seeds from (its own, its sampler's)."""
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    for owner in (loader, sampler, getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
 class LoaderStates:
     """The training loader's own position, a part of ``trainer_state`` (``loader_states``: one
     state per rank, in rank order, gathered at checkpoints only). Each rank takes its own back;
     the Trainer's map-style sources keep none (``epoch`` and ``batch_in_epoch`` place them)."""
 
     def __init__(self, source: Callable[[], EpochSource | None]):
-        self.source = source
+        self.source = source  # the training source when it keeps its own position, else None
 
     def state_dict(self) -> dict[str, Any]:
         source = _unwrapped(self.source())

@@ -30,7 +30,9 @@ from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig, compile_settings
-from trainer.data import DataError, EpochSource, LoaderStates, describe, make_source, to_device
+from trainer.data import (
+    DataError, EpochSource, LoaderStates, describe, is_stateful_loader, make_source, to_device,
+)
 from trainer.device import (
     Precision, model_init, out_of_memory_message, resolve_device, seed_everything, torch_settings,
 )
@@ -213,7 +215,7 @@ class Trainer:
             self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
                                          "validated_step"), self._guard, self._interval,
-                         LoaderStates(lambda: self._train_source() if self.train_data is not None else None)],
+                         LoaderStates(lambda: self._train_source() if is_stateful_loader(self.train_data) else None)],
             config=self.resolved_config, unfrozen=self._unfrozen,
         )
         self._unheld_warned: set[str] = set()
