@@ -116,6 +116,18 @@ def test_a_checkpoint_without_the_loaders_state_falls_back_to_reading_loudly(tmp
     assert spy.reads[0] == 7 * 4  # the six skipped batches, the one it trains on (the sanity pass reads none)
 
 
+def test_a_checkpoint_from_another_number_of_ranks_reads_back_to_the_position_and_says_why(tmp_path):
+    fitted(tmp_path / "first", 6)
+    state = load_checkpoint(list_checkpoints(tmp_path / "first" / "checkpoints")[-1])
+    state["trainer_state"]["loader_states"] *= 2  # as if two ranks had written it
+    with pytest.warns(UserWarning, match=r"loader's position on 2 rank\(s\) and this run has 1, .*\(resume on 2 "
+                                         r"rank\(s\) to restore it without reading\); resuming inside epoch 0 .* "
+                                         r"batches 0-5 \(6 batches\)") as caught:
+        _, spy = fitted(tmp_path / "first", 8, resume_from=state)
+    assert len([w for w in caught if "resuming" in str(w.message)]) == 1  # said once
+    assert spy.reads[0] == 7 * 4
+
+
 CONFIG = """\
 name: s
 out_dir: {out}

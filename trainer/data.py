@@ -317,6 +317,7 @@ class StatefulSource(EpochSource):
         self.reads_ahead = False  # under EndTogether: the state is the one before the batch read ahead
         self._held: Any = None
         self._warned = False
+        self._why = ""
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -326,9 +327,12 @@ class StatefulSource(EpochSource):
         return {"loader": loader, "ran_out": self.ran_out,
                 "generators": [g.get_state() for g in loader_generators(self.loader)]}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """``None``: the checkpoint held no state for this loader (it is then fast-forwarded, loudly)."""
+    def load_state_dict(self, state: dict[str, Any] | None, why: str = "the checkpoint holds no state of the "
+                        "training loader") -> None:
+        """``None``: no saved state fits this loader (``why`` says why); the epoch is then read from
+        its start up to the position, with one warning."""
         self.pending = state if state is not None else {}
+        self._why = why
 
     def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
         _set_epoch(self.loader, epoch)  # before a restored iterator is made: a DistributedSampler's order needs it
@@ -350,8 +354,7 @@ class StatefulSource(EpochSource):
         batches = self._batches(iter(self.loader))
         if pending is not None and not pending and skip:
             if not self._warned:
-                warnings.warn("the checkpoint holds no state of the training loader; " + skip_warning(
-                    self.loader, epoch, skip), stacklevel=2)
+                warnings.warn(f"{self._why}; {skip_warning(self.loader, epoch, skip)}", stacklevel=2)
                 self._warned = True
             return itertools.islice(batches, skip, None)
         return batches
@@ -419,12 +422,11 @@ class LoaderStates:
             return
         world = distributed.world_size()
         if saved is not None and len(saved) != world:
-            warnings.warn(f"the checkpoint holds the training loader's position on {len(saved)} rank(s) and this run "
-                          f"has {world}: a rank's loader state fits that rank only, so the epoch is read from its "
-                          f"start and the batches before the position discarded; resume on {len(saved)} rank(s) to "
-                          "restore it without reading", stacklevel=4)
-            saved = None
-        source.load_state_dict(saved[distributed.rank()] if saved is not None else None)
+            source.load_state_dict(None, f"the checkpoint holds the training loader's position on {len(saved)} "
+                                         f"rank(s) and this run has {world}, and a rank's loader state fits that rank "
+                                         f"only (resume on {len(saved)} rank(s) to restore it without reading)")
+        else:
+            source.load_state_dict(saved[distributed.rank()] if saved is not None else None)
 
 
 def _unwrapped(source: EpochSource | None) -> EpochSource | None:
