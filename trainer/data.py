@@ -482,9 +482,9 @@ class CheckedSplit(IterableSource):
     its first batch on every rank (one gather) and the first batch of each DataLoader worker of a
     rank are compared by digest; two equal ones mean a rank or a worker reads another's share."""
 
-    def __init__(self, data: Iterable[Any], workers: int, device: torch.device):
+    def __init__(self, data: Iterable[Any], workers: int):
         super().__init__(data)
-        self.workers, self.device = max(workers, 1), device
+        self.workers = max(workers, 1)
         self.checked = False
 
     def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
@@ -578,10 +578,11 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
     if isinstance(data, IterableDataset):
         if shards_itself(data, stream_split):
             source: EpochSource = CheckedSplit(DataLoader(data, batch_size=batch_size, num_workers=num_workers),
-                                               num_workers, device)
+                                               num_workers)
         else:
-            source = IterableSource(DataLoader(SplitStream(data, rank, world_size), batch_size=batch_size,
-                                               num_workers=num_workers))
+            # One process without workers reads the stream as it is (and keeps its length, if it has one).
+            split = data if world_size == 1 and num_workers == 0 else SplitStream(data, rank, world_size)
+            source = IterableSource(DataLoader(split, batch_size=batch_size, num_workers=num_workers))
     elif is_stateful_loader(data):
         source = StatefulSource(data)
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
