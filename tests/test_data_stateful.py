@@ -59,7 +59,8 @@ def fitted(run_dir, steps, loader_class=StatefulDataLoader, resume_from=None, ge
     spy = ReadsAtBatchStart()
     trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), loader, loss_fn=F.cross_entropy,
                       callbacks=[spy], run_dir=run_dir,
-                      config={"max_steps": steps, "log_every_n_steps": 2, "progress": "off", "eval_every_n_epochs": None})
+                      config={"max_steps": steps, "log_every_n_steps": 2, "progress": "off",
+                              "eval_every_n_epochs": None})
     Counting.reads = 0
     trainer.fit(resume_from=resume_from)
     return trainer, spy

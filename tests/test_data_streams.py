@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from trainer.data import DataError, SplitStream, make_source
 
@@ -84,8 +84,8 @@ def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_
     # Each rank's StatefulDataLoader state came back to that rank (their orders differ): nothing was read
     # to get back, and the items and weights after the resume are the uninterrupted run's.
     for rank in (0, 1):
-        assert f"stateful rank {rank}: reads at the first batches [3, 6] same items True same weights True" in proc.stdout, \
-            proc.stdout
+        expected = f"stateful rank {rank}: reads at the first batches [3, 6] same items True same weights True"
+        assert expected in proc.stdout, proc.stdout
     for rank in (0, 1):
         assert re.search(rf"liar rank {rank}: DataError: the OwnShare says it splits itself .* ranks 0 and 1 read "
                          "the same first batch", proc.stdout), proc.stdout
