@@ -31,7 +31,7 @@ _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written 
 # ranks hold the model) is fine. batch_size and world_size count as one: their product, the global
 # batch, fixes which samples make a step.
 EXACT = ("seed", "grad_accum_steps", "precision", "model", "optimizer", "scheduler", "data",
-         "loss", "trainer", "stream_split")
+         "loss", "trainer")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
