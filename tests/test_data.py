@@ -342,7 +342,8 @@ def test_resuming_a_plain_iterable_reads_and_discards_and_warns_once():
     data = OneShotFree(items)
     src = source(data)
     assert not src.exact_resume
-    with pytest.warns(UserWarning, match=r"resuming inside an epoch of a OneShotFree .* discarding 3 batches"):
+    with pytest.warns(UserWarning, match=r"resuming inside epoch 0 of a OneShotFree .* discarding its batches 0-2 "
+                                         r"\(3 batches\) to get back to batch 3. .*StatefulDataLoader"):
         assert list(src.epoch(0, 3)) == items[3:]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once is enough

@@ -141,3 +141,23 @@ def test_progress_adds_no_conversion_in_training_or_validation(progress, capsys)
     assert shown["tolist"] == 8  # four log points and four evaluations, one read each
     captured = capsys.readouterr()
     assert ("val/loss" in captured.err) if progress == "bar" else (captured.out.count("val/loss") == 4)
+
+
+def test_a_stream_adds_no_conversion_in_one_process():
+    """The ranks' agreement on the end of a stream (a read per micro-batch) is for torchrun only:
+    one process reads an IterableDataset with no conversion between log points."""
+    x, y = classification(20 * 8)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return zip(x, y)
+
+    model = mlp()
+    t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), Stream(), loss_fn=F.cross_entropy,
+                config={"max_steps": 20, "batch_size": 8, "log_every_n_steps": 5, "eval_every_n_epochs": None,
+                        "nonfinite_check": "device", "progress": "off", "sanity_check": False})
+    with count_conversions() as counts:
+        t.fit()
+    assert len(t.history) == 4
+    # The log points, and the DataLoader drawing its base seed (on the CPU) as its one epoch starts.
+    assert counts["tolist"] == 4 and counts["item"] == 1 and sum(counts.values()) == 5, counts

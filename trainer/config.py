@@ -216,6 +216,13 @@ class TrainerConfig(StrictModel):
         description="Seconds a DataLoader worker may take to deliver a batch before the run stops with an "
         "error (null: wait as long as it takes). Applies with num_workers > 0.",
     )
+    stream_split: Literal["trainer", "dataset"] = Field(
+        "trainer",
+        description="How an IterableDataset given as data is split across ranks and DataLoader workers: 'trainer' "
+        "deals item i to global worker i mod (world_size * num_workers), rank-major (every worker reads the whole "
+        "stream and keeps its share); 'dataset': it splits itself (reads get_worker_info() and the rank), which "
+        "the first batches of the first epoch are checked for. A dataset's own shards_itself attribute wins.",
+    )
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches whose gradients are summed into one optimizer step."
     )

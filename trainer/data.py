@@ -9,23 +9,34 @@ start an epoch at a given micro-batch:
 * ``TensorSource`` for a ``TensorDataset`` or a tuple/dict of equal-length tensors: the
   tensors go to the device once and batches are index slices, in the same order the
   DataLoader path would produce;
-* ``IterableSource`` for a user's DataLoader, a list of batches or any other iterable: a
-  sequence is indexed, anything else is fast-forwarded (and says so once).
+* ``StatefulSource`` for a loader that keeps its own position (``state_dict`` and
+  ``load_state_dict``: torchdata's ``StatefulDataLoader``): every rank's state goes into the
+  checkpoint and comes back to that rank, and a resume reads nothing to get back;
+* ``IterableSource`` for a user's DataLoader, a list of batches, an ``IterableDataset`` or any
+  other iterable: a sequence is indexed, anything else is fast-forwarded (and says so once).
+
+An ``IterableDataset`` is split across ranks and DataLoader workers by one rule (``SplitStream``),
+unless it splits itself (``shards_itself``; ``check_split`` then looks at its first batches).
+Under torchrun a training source of unknown length ends on every rank at the same micro-batch
+(``EndTogether``): one small all-reduce per micro-batch, read by the host, instead of a rank that
+runs dry leaving the others waiting in the gradient all-reduce. See docs/data.md.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler, TensorDataset, get_worker_info
 
+from trainer import distributed
 from trainer.device import seed_worker
 
 
@@ -160,6 +171,9 @@ class EpochSource:
 
     exact_resume = True
     sampler: ResumableSampler | None = None
+    # Whether the batch just yielded is the epoch's last on every rank, when only reading ahead
+    # tells (``EndTogether``): that micro-batch then takes the optimizer step.
+    last_batch = False
 
     def __len__(self) -> int:  # micro-batches per epoch; may raise TypeError when unknown
         raise TypeError
@@ -251,22 +265,290 @@ class IterableSource(EpochSource):
         return len(self.data)  # type: ignore[arg-type]
 
     def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
-        sampler = getattr(getattr(self.data, "batch_sampler", None), "sampler", None) or getattr(self.data, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)  # a DistributedSampler in a user's DataLoader
+        _set_epoch(self.data, epoch)
         if skip == 0:
             return self.data
         if isinstance(self.data, Sequence):
             return itertools.islice(self.data, skip, None)
         if not self._warned:
-            warnings.warn(
-                f"resuming inside an epoch of a {type(self.data).__name__} whose position cannot be restored: "
-                f"reading and discarding {skip} batches to get back to it. Pass a Dataset instead "
-                "and the Trainer skips them without reading.",
-                stacklevel=2,
-            )
+            warnings.warn(skip_warning(self.data, epoch, skip), stacklevel=2)
             self._warned = True
         return itertools.islice(iter(self.data), skip, None)
+
+
+def skip_warning(data: Any, epoch: int, skip: int) -> str:
+    """The one warning of a resume that reads batches only to discard them (it can take hours)."""
+    return (f"resuming inside epoch {epoch} of a {type(data).__name__} whose position cannot be restored: "
+            f"reading and discarding its batches 0-{skip - 1} ({skip} batches) to get back to batch {skip}. "
+            "Pass a map-style Dataset (skipped by index, nothing read) or a loader with state_dict() and "
+            "load_state_dict() (torchdata's StatefulDataLoader: restored, nothing read) instead")
+
+
+def _set_epoch(data: Any, epoch: int) -> None:
+    sampler = getattr(getattr(data, "batch_sampler", None), "sampler", None) or getattr(data, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # a DistributedSampler in a user's DataLoader
+
+
+def is_stateful_loader(data: Any) -> bool:
+    """A loader that saves and restores its own position (torchdata's ``StatefulDataLoader``, or
+    any iterable with ``state_dict`` and ``load_state_dict``). A map-style Dataset is not one: the
+    Trainer's own order skips it by index."""
+    if isinstance(data, Dataset) or isinstance(data, (str, bytes, torch.Tensor)) or not isinstance(data, Iterable):
+        return False
+    return callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
+
+
+class StatefulSource(EpochSource):
+    """A loader that keeps its own position: checkpoints hold its ``state_dict()`` (every rank's,
+    see ``LoaderStates``), and a resume gives it back with ``load_state_dict``, reading nothing.
+
+    The restored iterator is made without drawing from torch's global generator (a DataLoader
+    draws its seeds when it makes an iterator), which the checkpoint restored to where the
+    uninterrupted run was: mid-epoch, that run made its iterator long before.
+    """
+
+    exact_resume = True
+
+    def __init__(self, loader: Iterable[Any]):
+        self.loader = loader
+        self.pending: dict[str, Any] | None = None  # a checkpoint's state, given to the loader at the next epoch()
+        self.ran_out = False  # this epoch's iterator has ended (a checkpoint after that resumes past the end)
+        self.reads_ahead = False  # under EndTogether: the state is the one before the batch read ahead
+        self._held: Any = None
+        self._warned = False
+        self._why = ""
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, Any]:
+        loader = self._held if self._held is not None else self.loader.state_dict()  # type: ignore[attr-defined]
+        return {"loader": loader, "ran_out": self.ran_out,
+                "generators": [g.get_state() for g in loader_generators(self.loader)]}
+
+    def load_state_dict(self, state: dict[str, Any] | None, why: str = "the checkpoint holds no state of the "
+                        "training loader") -> None:
+        """``None``: no saved state fits this loader (``why`` says why); the epoch is then read from
+        its start up to the position, with one warning."""
+        self.pending = state if state is not None else {}
+        self._why = why
+
+    def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
+        _set_epoch(self.loader, epoch)  # before a restored iterator is made: a DistributedSampler's order needs it
+        pending, self.pending = self.pending, None
+        self._held = None
+        if pending:
+            self.loader.load_state_dict(pending["loader"])  # type: ignore[attr-defined]
+            with torch.random.fork_rng(devices=[]):
+                self.loader.state_dict()  # type: ignore[attr-defined]  # makes the restored iterator now
+            # Making it drew from the loader's own generators too (a DataLoader draws its base seed
+            # from the one it was given, which is also its sampler's); torchdata's state holds where
+            # they were when the epoch began, not where the epoch's start left them: put them there.
+            for g, state in zip(loader_generators(self.loader), pending.get("generators", [])):
+                g.set_state(state)
+            if pending["ran_out"] and skip:
+                self.ran_out = True
+                return iter(())  # saved after the epoch's last batch; the next epoch() starts a new one
+        self.ran_out = False
+        batches = self._batches(iter(self.loader))
+        if pending is not None and not pending and skip:
+            if not self._warned:
+                warnings.warn(f"{self._why}; {skip_warning(self.loader, epoch, skip)}", stacklevel=2)
+                self._warned = True
+            return itertools.islice(batches, skip, None)
+        return batches
+
+    def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        length = _length(self)
+        count = 0
+        while True:
+            if self.reads_ahead:
+                self._held = self.loader.state_dict()  # type: ignore[attr-defined]
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self.ran_out, self._held = True, None  # saved from here on: the loader's own, ended state
+                return
+            count += 1
+            if count == length:
+                # The loop stops reading at the epoch's last batch. The loader learns that its epoch
+                # is over only when asked for one more (nothing is read: its sampler has run out), and
+                # a checkpoint from here on must hold that: a resume then starts a new epoch, as the
+                # uninterrupted run does.
+                after = next(iterator, _END)
+                self.ran_out = after is _END
+                yield batch
+                if after is _END:
+                    return
+                batch = after  # a loader longer than its len(): read on
+                count += 1
+            yield batch
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The generators a loader draws its order and worker seeds from (its own, its sampler's)."""
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    for owner in (loader, sampler, getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+class LoaderStates:
+    """The training loader's own position, a part of ``trainer_state`` (``loader_states``: one
+    state per rank, in rank order, gathered at checkpoints only). Each rank takes its own back;
+    the Trainer's map-style sources keep none (``epoch`` and ``batch_in_epoch`` place them)."""
+
+    def __init__(self, source: Callable[[], EpochSource | None]):
+        self.source = source  # the training source when it keeps its own position, else None
+
+    def state_dict(self) -> dict[str, Any]:
+        source = _unwrapped(self.source())
+        if not isinstance(source, StatefulSource):
+            return {}
+        return {"loader_states": distributed.all_gather_objects(source.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("loader_states")
+        source = _unwrapped(self.source())
+        if not isinstance(source, StatefulSource):
+            if saved:
+                warnings.warn("the checkpoint holds the position of a stateful training loader, but this run's "
+                              "training data keeps none; it is ignored (epoch and batch_in_epoch place the data)",
+                              stacklevel=4)
+            return
+        world = distributed.world_size()
+        if saved is not None and len(saved) != world:
+            source.load_state_dict(None, f"the checkpoint holds the training loader's position on {len(saved)} "
+                                         f"rank(s) and this run has {world}, and a rank's loader state fits that rank "
+                                         f"only (resume on {len(saved)} rank(s) to restore it without reading)")
+        else:
+            source.load_state_dict(saved[distributed.rank()] if saved is not None else None)
+
+
+def _unwrapped(source: EpochSource | None) -> EpochSource | None:
+    return source.inner if isinstance(source, EndTogether) else source
+
+
+class SplitStream(IterableDataset):
+    """An ``IterableDataset``'s items dealt out over every rank's DataLoader workers: with ``W``
+    workers per rank (1 without workers) item ``i`` of the stream goes to global worker
+    ``i mod (world_size * W)``, where rank ``r``'s worker ``w`` is global worker ``r * W + w``
+    (rank-major). Every worker reads the whole stream and keeps its share; a dataset that can
+    read only its share (files by rank, shards by worker) declares ``shards_itself = True``."""
+
+    def __init__(self, dataset: IterableDataset, rank: int, world_size: int):
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return itertools.islice(iter(self.dataset), self.rank * workers + worker, None, self.world_size * workers)
+
+
+def shards_itself(dataset: IterableDataset, setting: str) -> bool:
+    """Whether an ``IterableDataset`` splits itself across ranks and workers: its own
+    ``shards_itself`` attribute, else the ``stream_split`` setting (``dataset`` or ``trainer``)."""
+    declared = getattr(dataset, "shards_itself", None)
+    return bool(declared) if declared is not None else setting == "dataset"
+
+
+def fingerprint(batch: Any) -> str | None:
+    """A short digest of a batch's tensors on the host (``None`` for a batch without one)."""
+    digest = hashlib.sha1()
+    found = False
+    for t in _tensors(batch):
+        found = True
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16] if found else None
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
+class CheckedSplit(IterableSource):
+    """An ``IterableDataset`` that says it splits itself: in the first epoch this process reads,
+    its first batch on every rank (one gather) and the first batch of each DataLoader worker of a
+    rank are compared by digest; two equal ones mean a rank or a worker reads another's share."""
+
+    def __init__(self, data: Iterable[Any], workers: int):
+        super().__init__(data)
+        self.workers = max(workers, 1)
+        self.checked = False
+
+    def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
+        batches = super().epoch(epoch, skip)
+        return batches if self.checked else self._checked(iter(batches))
+
+    def _checked(self, batches: Iterator[Any]) -> Iterator[Any]:
+        self.checked = True
+        first = list(itertools.islice(batches, self.workers))  # the workers take turns: one batch each
+        prints = [fingerprint(b) for b in first]
+        name = type(getattr(self.data, "dataset", self.data)).__name__
+        fix = ("read torch.utils.data.get_worker_info() and the rank (torch.distributed.get_rank()) to pick "
+               "its share, or let the Trainer split it: stream_split: trainer and no shards_itself attribute")
+        for i, p in enumerate(prints):
+            if p is not None and p in prints[:i]:
+                raise DataError(f"the {name} says it splits itself (shards_itself / stream_split: dataset), but "
+                                f"DataLoader workers {prints.index(p)} and {i} delivered the same first batch: "
+                                f"each worker reads the whole stream. Make it {fix}")
+        ranks = distributed.all_gather_objects(prints[0] if prints else None)
+        for r, p in enumerate(ranks):
+            if p is not None and p in ranks[:r]:
+                raise DataError(f"the {name} says it splits itself (shards_itself / stream_split: dataset), but "
+                                f"ranks {ranks.index(p)} and {r} read the same first batch: every rank reads the "
+                                f"whole stream. Make it {fix}")
+        yield from first
+        yield from batches
+
+
+class EndTogether(EpochSource):
+    """Under torchrun, a training source of unknown length read one batch ahead: every rank
+    learns at each micro-batch whether every rank has another one, and all end the epoch at the
+    first micro-batch after which some rank has none (that micro-batch takes the step; the batches
+    other ranks read ahead are dropped). Costs one one-element all-reduce per micro-batch, whose
+    result the host reads: on CUDA a sync point per micro-batch, for sources of unknown length
+    under torchrun only (a Dataset, tensors or a loader with a length never pay it)."""
+
+    def __init__(self, source: EpochSource, device: torch.device):
+        self.inner, self.device = source, device
+        self.exact_resume = source.exact_resume
+        if isinstance(source, StatefulSource):
+            source.reads_ahead = True  # its checkpointed state is the one before the batch read ahead
+
+    def __len__(self) -> int:
+        raise TypeError
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[Any]:
+        self.last_batch = False
+        batches = iter(self.inner.epoch(epoch, skip))
+        ahead = next(batches, _END)
+        if not self._everyone_has(ahead):
+            return
+        while True:
+            batch, ahead = ahead, next(batches, _END)
+            self.last_batch = not self._everyone_has(ahead)
+            yield batch
+            if self.last_batch:
+                return
+
+    def _everyone_has(self, batch: Any) -> bool:
+        # note: CPU-GPU sync point, per micro-batch, only here (torchrun and a stream of unknown length)
+        return not distributed.all_max(int(batch is _END), self.device)
+
+
+_END = object()
 
 
 def is_tensor_data(data: Any) -> bool:
@@ -281,9 +563,10 @@ def is_tensor_data(data: Any) -> bool:
 
 def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuffle: bool,
                 device: torch.device, rank: int = 0, world_size: int = 1, pad: bool = True,
-                timeout: float = 0) -> EpochSource:
+                timeout: float = 0, stream_split: str = "trainer") -> EpochSource:
     """Pick the fastest source that keeps the seeded order and exact resume. Under torchrun each
-    rank gets its share of every epoch (``pad``: equal shares, repeating a few samples)."""
+    rank gets its share of every epoch (``pad``: equal shares, repeating a few samples; for a
+    stream, its share by ``SplitStream``'s rule, and every rank ends the epoch together)."""
     if is_tensor_data(data) and num_workers == 0:
         tensors = data.tensors if isinstance(data, TensorDataset) else data
         return TensorSource(tensors, batch_size=batch_size, seed=seed, shuffle=shuffle,
@@ -292,11 +575,30 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
         return LoaderSource(data, batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
                             pin_memory=device.type == "cuda", rank=rank, world_size=world_size, pad=pad,
                             timeout=timeout)
-    if isinstance(data, torch.utils.data.IterableDataset):
-        return IterableSource(DataLoader(data, batch_size=batch_size, num_workers=num_workers))
-    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
-        return IterableSource(data)
-    raise TypeError(
-        f"training/validation data must be a torch Dataset, a DataLoader or an iterable of batches; "
-        f"got {type(data).__name__}"
-    )
+    if isinstance(data, IterableDataset):
+        if shards_itself(data, stream_split):
+            source: EpochSource = CheckedSplit(DataLoader(data, batch_size=batch_size, num_workers=num_workers),
+                                               num_workers)
+        else:
+            # One process without workers reads the stream as it is (and keeps its length, if it has one).
+            split = data if world_size == 1 and num_workers == 0 else SplitStream(data, rank, world_size)
+            source = IterableSource(DataLoader(split, batch_size=batch_size, num_workers=num_workers))
+    elif is_stateful_loader(data):
+        source = StatefulSource(data)
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
+        source = IterableSource(data)
+    else:
+        raise TypeError(
+            f"training/validation data must be a torch Dataset, a DataLoader or an iterable of batches; "
+            f"got {type(data).__name__}"
+        )
+    if world_size > 1 and pad and _length(source) is None:
+        source = EndTogether(source, device)  # training only: evaluation has no collective per batch
+    return source
+
+
+def _length(source: EpochSource) -> int | None:
+    try:
+        return len(source)
+    except TypeError:
+        return None

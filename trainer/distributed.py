@@ -129,6 +129,16 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return gathered
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order: one object gather, at checkpoints and at
+    a stream's first batch only."""
+    if not active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def union_of_names(named: dict[str, Any]) -> list[str]:
     """The sorted union of every rank's keys (one small object gather, at evaluations only)."""
     mine = sorted(named)

@@ -11,7 +11,8 @@ The pass leaves no trace, so a run with it trains exactly as one without: gradie
 CUDA generators and the generators of a user's DataLoader are put back as they were; the optimizer
 is never called. Hooks do not fire. It runs the plain module, never the DDP wrapper (whose backward
 all-reduces) or the compiled one: without collectives, or, under FSDP, with the same ones on every
-rank. Training data that can be read only once (a generator) is not read.
+rank. Training data that can be read only once (a generator) is not read, nor is a loader that
+keeps its own position (a ``StatefulDataLoader``), which the read would move.
 
 ``culprit`` tells the user's code from ours in any exception: the command line shows the user's
 failures as theirs (the part, the file and line) and keeps "internal error" for our own.
@@ -34,7 +35,7 @@ import torch
 
 from trainer import losses
 from trainer.checkpoint.files import rng_state, set_rng_state
-from trainer.data import IterableSource, describe, to_device
+from trainer.data import EndTogether, IterableSource, StatefulSource, describe, to_device
 from trainer.device import out_of_memory_message, torch_settings
 from trainer.freezing import eval_mode
 from trainer.memory import suggestion
@@ -101,7 +102,7 @@ def _training_batch(trainer: Trainer) -> None:
         return
     batch = None
     try:
-        batch = next(iter(source.epoch(0, 0)), None)
+        batch = next(iter(_inner(source).epoch(0, 0)), None)
         if batch is None:
             return  # empty: fit() raises its DataError
         batch = to_device(batch, trainer.device, dtype=trainer.precision.param_dtype)
@@ -237,8 +238,17 @@ def _name(obj: Any) -> str:
 
 
 def _read_once(source: Any) -> bool:
-    """An iterator or generator: reading a batch here would take it from the run."""
+    """An iterator or generator: reading a batch here would take it from the run. A loader that keeps
+    its own position is not read either: the read would move the position the run starts from."""
+    source = _inner(source)
+    if isinstance(source, StatefulSource):
+        return True
     return isinstance(source, IterableSource) and iter(source.data) is source.data
+
+
+def _inner(source: Any) -> Any:
+    """The source itself, without the ranks' agreement on the end of a stream (a collective per batch)."""
+    return source.inner if isinstance(source, EndTogether) else source
 
 
 def _generators(*datas: Any) -> list[torch.Generator]:

@@ -31,7 +31,9 @@ from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig, compile_settings
-from trainer.data import DataError, EpochSource, describe, make_source, to_device
+from trainer.data import (
+    DataError, EpochSource, LoaderStates, describe, is_stateful_loader, make_source, to_device,
+)
 from trainer.device import (
     Precision, model_init, out_of_memory_message, resolve_device, seed_everything, torch_settings,
 )
@@ -63,7 +65,10 @@ class Trainer:
 
     ``train_data`` / ``val_data``: a ``Dataset`` (the Trainer builds the DataLoader with a seeded,
     resumable order), a ``TensorDataset`` or tuple/dict of tensors (batched by index slicing on
-    the device), a ``DataLoader``, or any iterable of batches.
+    the device), a loader that keeps its own position (torchdata's ``StatefulDataLoader``: each
+    rank's state is checkpointed and restored without reading), an ``IterableDataset`` (split over
+    ranks and workers, ``stream_split``), a ``DataLoader``, or any iterable of batches
+    (docs/data.md).
 
     ``optimizer``: an optimizer, or a function of the trainable parameters that builds one (called
     once the model is on its device and wrapped or sharded, so it sees the parameters it will
@@ -210,7 +215,8 @@ class Trainer:
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
-                                         "validated_step"), self._guard, self._interval],
+                                         "validated_step"), self._guard, self._interval,
+                         LoaderStates(lambda: self._train_source() if is_stateful_loader(self.train_data) else None)],
             config=self.resolved_config, unfrozen=self._unfrozen,
         )
         self._unheld_warned: set[str] = set()
@@ -568,11 +574,13 @@ class Trainer:
         except TypeError:
             epoch_len = None
 
+        source = self._source
         self._call("on_train_epoch_start")
         fresh = self.batch_in_epoch == 0
-        for batch in self._source.epoch(self.epoch, self.batch_in_epoch):
+        step_now = True  # an epoch starts, or resumes, at a step boundary
+        for batch in source.epoch(self.epoch, self.batch_in_epoch):
             self.batch_in_epoch += 1
-            step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len
+            step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len or source.last_batch
             batch = move(batch, self.device, non_blocking, dtype)
             for fn in h["on_train_batch_start"]:
                 fn(self, batch)
@@ -616,7 +624,7 @@ class Trainer:
                 "that can be read only once (a generator, an iterator) runs dry after the first epoch: pass a "
                 "Dataset, a DataLoader or a list"
             )
-        if self.batch_in_epoch % accum and epoch_len is None:
+        if not step_now and epoch_len is None:
             self._step()  # the last, partial window of an iterable of unknown length
             self._after_step()
         self.epoch += 1
@@ -746,7 +754,8 @@ class Trainer:
         cfg = self.config
         return make_source(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                            shuffle=shuffle, device=self.device, rank=self.layout.rank,
-                           world_size=self.layout.world_size, pad=pad, timeout=cfg.data_timeout or 0)
+                           world_size=self.layout.world_size, pad=pad, timeout=cfg.data_timeout or 0,
+                           stream_split=cfg.stream_split)
 
     # ----------------------------------------------------------------- metrics
 
