@@ -119,6 +119,15 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     return [t.tolist() for t in gathered]
 
 
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable, small), in rank order; ``[obj]`` outside torchrun."""
+    if not active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def union_of_names(named: dict[str, Any]) -> list[str]:
     """The sorted union of every rank's keys (one small object gather, at evaluations only)."""
     mine = sorted(named)
