@@ -168,3 +168,43 @@ def test_a_tensor_too_large_to_log_is_left_out_with_a_warning(monkeypatch):
         got = t.evaluate(classification(20))
     assert not any(k.startswith("val/confmat") for k in got) and "val/f1" in got
     assert t.confmat.compute().sum() == 20  # still there to read until the next evaluation
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_the_single_process_values_on_sets_that_do_not_divide_evenly(tmp_path):
+    """DDP and FSDP under torchrun (two gloo ranks): the same values as one process, whose F1 and
+    confusion matrix are sklearn's; the evaluations are independent; a metric object a rank without
+    a validation batch does not hold is refused on every rank, not left to hang in compute()."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    from test_distributed import PROJECT, env, loopback_ok
+
+    if not loopback_ok():
+        pytest.skip("this machine cannot open loopback sockets between processes")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(PROJECT / "metrics_script.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report-{rank}.json").read_text()) for rank in (0, 1)]
+
+    spec = importlib.util.spec_from_file_location("metrics_script", PROJECT / "metrics_script.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    one = script.build(script.Scored, "ddp")  # one process: no wrapper
+    first, second = script.data(*script.SETS["first"]), script.data(*script.SETS["second"])
+    want_first, want_second = one.evaluate(), one.evaluate(second, prefix="second")
+    sk = expected(one.module, *first)
+    assert want_first["val/f1"] == pytest.approx(sk["f1"], abs=1e-6)
+    assert [want_first[f"val/confmat/{i}_{j}"] for i in range(3) for j in range(3)] == sk["confmat"].flatten().tolist()
+    x1, y1 = script.data(1, 3)
+    one_f1 = sklearn_metrics.f1_score(y1.numpy(), one.module(x1).argmax(1).numpy(), average="macro", labels=[0, 1, 2],
+                                      zero_division=0)
+    for r in reports:
+        assert r["ddp"][0] == pytest.approx(want_first) and r["ddp"][2] == r["ddp"][0]
+        assert r["ddp"][1] == pytest.approx(want_second)
+        assert r["fsdp"] == pytest.approx(want_first)  # rank 1's uncounted lockstep batch left no trace
+        assert r["one_sample"]["one/f1"] == pytest.approx(one_f1)
+        assert r["refused"].startswith("rank 1 holds no metric object 'auroc': it had no validation batch")
