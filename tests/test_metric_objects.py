@@ -208,3 +208,10 @@ def test_two_ranks_give_the_single_process_values_on_sets_that_do_not_divide_eve
         assert r["fsdp"] == pytest.approx(want_first)  # rank 1's uncounted lockstep batch left no trace
         assert r["one_sample"]["one/f1"] == pytest.approx(one_f1)
         assert r["refused"].startswith("rank 1 holds no metric object 'auroc': it had no validation batch")
+
+
+def test_the_sanity_pass_leaves_no_state_in_a_returned_metric_object():
+    t = trainer_of()
+    t.val_data = classification(30, seed=2)
+    t.sanity_check()  # its validation batch updated them through validation_step
+    assert t.f1.update_count == 0 and t.confmat.confmat.sum() == 0 and t.auroc.preds == []
