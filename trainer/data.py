@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from trainer.device import seed_worker
 
@@ -269,6 +269,15 @@ class IterableSource(EpochSource):
         return itertools.islice(iter(self.data), skip, None)
 
 
+def padded_samples(data: Any) -> int:
+    """Samples a user's DataLoader repeats: its ``DistributedSampler`` pads the order to a multiple
+    of the ranks, so that every rank gets as many."""
+    sampler = getattr(data, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        return sampler.total_size - len(sampler.dataset)
+    return 0
+
+
 def is_tensor_data(data: Any) -> bool:
     if isinstance(data, TensorDataset):
         return True
@@ -295,6 +304,12 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
     if isinstance(data, torch.utils.data.IterableDataset):
         return IterableSource(DataLoader(data, batch_size=batch_size, num_workers=num_workers))
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
+        repeated = padded_samples(data)
+        if repeated and not pad:
+            warnings.warn(
+                f"the evaluation DataLoader's DistributedSampler repeats {repeated} sample(s) so that every rank gets "
+                "as many: validation counts them twice. Pass the Dataset itself (the Trainer splits evaluation data "
+                "over ranks without repeating any), or a sampler with drop_last=True", stacklevel=3)
         return IterableSource(data)
     raise TypeError(
         f"training/validation data must be a torch Dataset, a DataLoader or an iterable of batches; "
