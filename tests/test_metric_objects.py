@@ -215,3 +215,17 @@ def test_the_sanity_pass_leaves_no_state_in_a_returned_metric_object():
     t.val_data = classification(30, seed=2)
     t.sanity_check()  # its validation batch updated them through validation_step
     assert t.f1.update_count == 0 and t.confmat.confmat.sum() == 0 and t.auroc.preds == []
+
+
+def test_host_reads_do_not_grow_with_the_number_of_batches():
+    """The values are read once per evaluation, with the batch means; a metric's update reads
+    nothing (torchmetrics' argument checks off), so a set twice as long reads as often."""
+    from test_sync import count_conversions
+
+    t = trainer_of(Trainer, metrics={"f1": MulticlassF1Score(num_classes=3, average="macro", validate_args=False)})
+    counts = []
+    for n in (32, 64):
+        with count_conversions() as seen:
+            assert "val/f1" in t.evaluate(classification(n))
+        counts.append(sum(seen.values()))
+    assert counts == [1, 1], counts  # (torchmetrics' F1 reads nothing in one process)
