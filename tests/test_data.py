@@ -464,3 +464,16 @@ def test_workers_get_distinct_seeds_that_repeat_for_the_same_epoch():
     assert {w: s for w, (s, _, _) in resumed.items()} == {0: seed0, 1: seed1}
     other = worker_seeds(source(WorkerSeeds(), batch_size=1, num_workers=2, shuffle=False, seed=8), 0)
     assert {s for s, _, _ in other.values()}.isdisjoint({seed0, seed1})  # the run's seed decides
+
+
+def test_an_evaluation_loader_whose_sampler_repeats_samples_is_named():
+    """A DistributedSampler pads 5 samples to 6 for two ranks: validation would count one twice."""
+    data = TensorDataset(torch.arange(5.0))
+    padded = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=False))
+    with pytest.warns(UserWarning, match=r"DistributedSampler repeats 1 sample\(s\).*Pass the Dataset itself"):
+        make_source(padded, batch_size=2, num_workers=0, seed=0, shuffle=False, device=torch.device("cpu"), pad=False)
+    exact = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=False, drop_last=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_source(exact, batch_size=2, num_workers=0, seed=0, shuffle=False, device=torch.device("cpu"), pad=False)
+        make_source(padded, batch_size=2, num_workers=0, seed=0, shuffle=False, device=torch.device("cpu"))  # training

@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler, TensorDataset, get_worker_info
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler,
+                              TensorDataset, get_worker_info)
 
 from trainer import distributed
 from trainer.device import seed_worker
@@ -551,6 +552,15 @@ class EndTogether(EpochSource):
 _END = object()
 
 
+def padded_samples(data: Any) -> int:
+    """Samples a user's DataLoader repeats: its ``DistributedSampler`` pads the order to a multiple
+    of the ranks, so that every rank gets as many."""
+    sampler = getattr(data, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        return sampler.total_size - len(sampler.dataset)
+    return 0
+
+
 def is_tensor_data(data: Any) -> bool:
     if isinstance(data, TensorDataset):
         return True
@@ -586,6 +596,12 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
     elif is_stateful_loader(data):
         source = StatefulSource(data)
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
+        repeated = padded_samples(data)
+        if repeated and not pad:
+            warnings.warn(
+                f"the evaluation DataLoader's DistributedSampler repeats {repeated} sample(s) so that every rank gets "
+                "as many: validation counts them twice. Pass the Dataset itself (the Trainer splits evaluation data "
+                "over ranks without repeating any), or a sampler with drop_last=True", stacklevel=3)
         source = IterableSource(data)
     else:
         raise TypeError(

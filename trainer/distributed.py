@@ -130,8 +130,8 @@ def gather_to_main(obj: Any) -> list[Any] | None:
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order: one object gather, at checkpoints and at
-    a stream's first batch only."""
+    """Every rank's ``obj`` (picklable, small), in rank order: one object gather, at checkpoints,
+    at evaluations and at a stream's first batch only."""
     if not active():
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from trainer import losses
+from trainer import losses, metric_objects
 from trainer.checkpoint.files import rng_state, set_rng_state
 from trainer.data import EndTogether, IterableSource, StatefulSource, describe, to_device
 from trainer.device import out_of_memory_message, torch_settings
@@ -146,11 +146,19 @@ def _validation_batch(trainer: Trainer) -> None:
         if first is None:
             return
         batch = to_device(first[0], trainer.device, dtype=trainer.precision.param_dtype)
+        trainer._prepare_metrics()
+        outputs = None
         try:
             with eval_mode(trainer.module), trainer.precision.autocast:
                 outputs = trainer.validation_step(batch)
         finally:
             trainer.strategy.end_evaluation(trainer.module)
+            # The batch's update leaves no trace in a metric object (it is not computed here: that
+            # is a collective, and a rank may have no validation batch).
+            returned = outputs if isinstance(outputs, dict) else {}
+            for metric in {id(m): m for m in [*trainer._metric_objects.values(), *returned.values()]
+                           if metric_objects.is_metric(m)}.values():
+                metric.reset()
     except SanityCheckError:
         raise
     except Exception as exc:
@@ -161,7 +169,8 @@ def _validation_batch(trainer: Trainer) -> None:
                                "first validation batch")
     _check_summed(trainer, outputs, "validation_step", "the first validation batch")
     names = set(outputs) - {losses.SUM, losses.COUNT} | ({"loss"} if losses.SUM in outputs else set())
-    _check_monitors(trainer, sorted(f"val/{name}" for name in names))
+    objects = [f"val/{name}" for name, value in outputs.items() if metric_objects.is_metric(value)]
+    _check_monitors(trainer, sorted(f"val/{name}" for name in names), objects)
 
 
 def _check_summed(trainer: Trainer, outputs: Any, step: str, what: str) -> None:
@@ -172,11 +181,13 @@ def _check_summed(trainer: Trainer, outputs: Any, step: str, what: str) -> None:
         raise SanityCheckError(part, subject, f"returned {problem} on {what}: return {losses.EXAMPLE}")
 
 
-def _check_monitors(trainer: Trainer, reported: list[str]) -> None:
+def _check_monitors(trainer: Trainer, reported: list[str], objects: list[str] = ()) -> None:
+    """``objects``: the names of metric objects, whose values may be dicts or tensors (``val/f1/3``)."""
     from trainer.callbacks import BestCheckpoints, EarlyStopping
 
     for i, cb in enumerate(trainer.callbacks):
-        if isinstance(cb, (EarlyStopping, BestCheckpoints)) and cb.monitor not in reported:
+        if isinstance(cb, (EarlyStopping, BestCheckpoints)) and cb.monitor not in reported and not any(
+                cb.monitor.startswith(f"{name}/") for name in objects):
             close = difflib.get_close_matches(cb.monitor, reported, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "monitor one of them, or report it from validation_step"
             raise SanityCheckError(

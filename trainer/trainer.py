@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import compilation, distributed, evaluation, memory, prediction, progress, sanity, signals, weights
+from trainer import (compilation, distributed, evaluation, memory, metric_objects, prediction, progress, sanity, signals,
+                     weights)
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
@@ -74,10 +75,13 @@ class Trainer:
     once the model is on its device and wrapped or sharded, so it sees the parameters it will
     step); ``None`` calls ``configure_optimizers()``. ``scheduler``: a scheduler, or a function of
     the optimizer. ``run_config``: the configuration saved in checkpoints (default: ``config``'s
-    fields; the command line passes the whole resolved YAML config).
+    fields; the command line passes the whole resolved YAML config). ``metrics``: metric objects by
+    name (``{"f1": torchmetrics.classification.MulticlassF1Score(10)}``) that the default
+    ``validation_step`` updates with ``(outputs, targets)`` and evaluation computes over the whole
+    set as ``val/<name>`` (see ``validation_step``).
 
     What callbacks and subclasses may read (README, "Callbacks and subclasses"): ``config``,
-    ``device``, ``module`` (the plain model: its parameters, its state dict) and ``model`` (what
+    ``device``, ``metrics``, ``module`` (the plain model: its parameters, its state dict) and ``model`` (what
     steps call: ``module`` wrapped by DDP, sharded by FSDP or compiled), ``optimizer``,
     ``scheduler``, ``global_step`` (optimizer steps done), ``epoch`` (the epoch in progress, from
     0; after an epoch ends, the epochs done), ``batch_in_epoch`` (micro-batches of it consumed),
@@ -101,6 +105,7 @@ class Trainer:
         run_dir: str | Path | None = None,
         loggers: Sequence[Logger] = (),
         run_config: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
     ):
         if isinstance(config, dict):
             config = TrainerConfig(**config)
@@ -152,6 +157,11 @@ class Trainer:
         compiled = compile_settings(cfg.compile)
         self.model = compilation.compile_model(stepped, compiled)  # what training steps call
         self.loss_fn = loss_fn
+        self.metrics = metric_objects.check(metrics if metrics is not None else {}, "metrics")
+        metric_objects.to_device(self.metrics.values(), self.device)
+        # Every metric object evaluation has met: these and those validation_step returned (reset
+        # before each evaluation).
+        self._metric_objects: dict[str, Any] = dict(self.metrics)
         self.train_data = train_data
         self.val_data = val_data
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -263,14 +273,19 @@ class Trainer:
         x, y = self._unpack(batch, "training_step")
         return self._loss(self.model(x), y)
 
-    def validation_step(self, batch: Any) -> dict[str, torch.Tensor]:
+    def validation_step(self, batch: Any) -> dict[str, Any]:
         """Return per-batch mean metrics; they are averaged over samples as ``val/<name>``. A
         ``"loss_sum"`` with its ``"count"`` gives ``val/loss``: the sum over the whole set and every
         rank divided by the total count.
 
+        A value may also be a metric object (``update``/``compute``/``reset``: a torchmetrics
+        ``Metric``) updated here, created once (``self.f1`` in ``__init__``, or ``metrics=``): its
+        ``compute()`` after the pass, over the whole set and every rank, is ``val/<name>``; it is
+        reset before each evaluation (``trainer.metric_objects``).
+
         The default reports the loss (a ``loss_fn`` may return ``loss_sum`` and ``count``, as
-        ``trainer.losses.summed_cross_entropy`` does) and, for class logits ``(N, C)`` with integer
-        targets, ``acc``.
+        ``trainer.losses.summed_cross_entropy`` does), for class logits ``(N, C)`` with integer
+        targets ``acc``, and each of ``metrics`` updated with ``(outputs, targets)``.
         """
         x, y = self._unpack(batch, "validation_step")
         out = self.model(x)
@@ -278,7 +293,9 @@ class Trainer:
         metrics = dict(loss) if isinstance(loss, dict) else {"loss": loss}
         if out.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
             metrics["acc"] = (out.argmax(dim=-1) == y).float().mean()
-        return metrics
+        for metric in self.metrics.values():
+            metric.update(out, y)
+        return {**metrics, **self.metrics}
 
     def predict_step(self, batch: Any) -> Any:
         """What ``predict`` collects for a batch: a tensor, or a dict or tuple of tensors, each with one
@@ -870,7 +887,7 @@ class Trainer:
 
     def evaluate(self, data: Any = None, prefix: str = "val") -> dict[str, float]:
         """Run ``validation_step`` over ``data`` under ``eval_mode``; returns ``{"<prefix>/<name>":
-        mean over samples}``.
+        mean over samples}``, and the computed value of each metric object it returned (reset first).
 
         Without ``data`` this is the run's own validation on ``val_data``: the validation hooks
         fire, so ``EarlyStopping`` and ``BestCheckpoints`` act on it. With ``data`` (a test set,
@@ -894,6 +911,7 @@ class Trainer:
             for cb in self.callbacks:
                 if hasattr(cb, "validation_batches"):
                     batches = cb.validation_batches(self, batches, _length(source))
+        self._prepare_metrics()
         stepped, self.model = self.model, self.strategy.eval_module(self.model, self.module)
         try:
             with contextlib.ExitStack() as stack:
@@ -903,7 +921,8 @@ class Trainer:
                         stack.enter_context(cb.evaluation_weights(self))
                 stack.enter_context(eval_mode(self.module))
                 stack.enter_context(self.precision.autocast)
-                values = evaluation.evaluate(self.validation_step, batches, self.device, self.precision.param_dtype)
+                values = evaluation.evaluate(self.validation_step, batches, self.device, self.precision.param_dtype,
+                                             self._metric_objects)
         finally:
             self.model = stepped
             self.strategy.end_evaluation(self.module)
@@ -970,6 +989,15 @@ class Trainer:
             if collector is not None:
                 collector.close()
         return written if out is not None else result
+
+
+    def _prepare_metrics(self) -> None:
+        """Before an evaluation: the metric objects on the Trainer's device (also those a subclass
+        keeps as attributes, which validation_step may not have returned yet), and reset."""
+        held = [value for value in vars(self).values() if metric_objects.is_metric(value)]
+        metric_objects.to_device([*self._metric_objects.values(), *held], self.device)
+        for metric in self._metric_objects.values():
+            metric.reset()
 
     def _validate(self, epoch: int) -> None:
         self.validated_step = self.global_step

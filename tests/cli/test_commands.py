@@ -113,11 +113,30 @@ def test_quickstart_config_runs(tmp_path, run_cli):
 
 def test_digits_config_runs_for_a_few_epochs(tmp_path):
     pytest.importorskip("sklearn")
+    pytest.importorskip("torchmetrics")
     code, out = invoke("run", ROOT / "configs" / "digits.yaml", f"out_dir={tmp_path}", "max_epochs=3",
                        "progress=off")
     assert code == 0, out
     acc = float(out.split("val/acc ")[1].split()[0].rstrip(","))
     assert acc > 0.8
+    assert float(out.split("val/f1 ")[1].split()[0].rstrip(",")) > 0.8  # macro-F1, from the metrics: section
+
+
+def test_digits_config_without_torchmetrics_names_the_extra(monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.setitem(sys.modules, "torchmetrics.classification", None)  # what a missing package raises
+    code, out = invoke("check", ROOT / "configs" / "digits.yaml")
+    assert code == 2, out
+    line = line_of(ROOT / "configs" / "digits.yaml", "macro_f1")
+    assert f"digits.yaml:{line}:" in out and "metrics.f1:" in out, out
+    assert "needs torchmetrics: pip install 'trainer[metrics]'" in out, out
+
+
+def test_a_metrics_entry_that_builds_no_metric_object_is_refused_at_its_line(project):
+    cfg = project.write(project.text + "metrics:\n  f1: {_target_: torch.nn.Linear, in_features: 2, out_features: 2}\n")
+    code, out = invoke("check", cfg)
+    assert code == 2, out
+    assert f"cfg.yaml:{line_of(cfg, 'f1:')}:" in out and "'torch.nn.Linear' returned a Linear, not a metric object" in out
 
 
 @pytest.mark.slow
@@ -151,6 +170,7 @@ def test_check_builds_and_trains_nothing(tmp_path, project):
 def test_check_accepts_every_shipped_config(name):
     if name == "digits.yaml":
         pytest.importorskip("sklearn")
+        pytest.importorskip("torchmetrics")
     code, out = invoke("check", ROOT / "configs" / name)
     assert code == 0, out
     assert "# config OK" in out

@@ -239,6 +239,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     import torch
 
     from trainer.device import model_init, resolve_device, seed_everything
+    from trainer.metric_objects import is_metric
     from trainer.trainer import Trainer
 
     try:
@@ -315,6 +316,12 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
             "{_target_: torch.optim.AdamW, lr: 1.0e-3}, or define configure_optimizers() in your Trainer subclass"
         )
     callbacks = [instantiate(c, source, ("callbacks", i)) for i, c in enumerate(run.callbacks)]
+    metrics = {}
+    for name, spec in run.metrics.items():
+        metrics[name] = instantiate(spec, source, ("metrics", name))
+        if not is_metric(metrics[name]):
+            raise source.at(("metrics", name), f"'{spec.target}' returned a {type(metrics[name]).__name__}, not a metric "
+                            "object with update(), compute() and reset() (such as a torchmetrics Metric)")
     loggers = []
     for i, spec in enumerate(run.loggers if run_dir is not None else []):
         if spec == "tensorboard":
@@ -331,6 +338,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
             model, optimizer, train_data, val_data, loss_fn=loss_fn, scheduler=scheduler, callbacks=callbacks,
             config=trainer_config(run), run_dir=run_dir, loggers=loggers,
             run_config=run.model_dump(mode="json", by_alias=True), **trainer_kwargs,
+            **({"metrics": metrics} if metrics else {}),  # a subclass without the argument builds as before
         )
     except ConfigError:
         raise  # from the optimizer or scheduler factory, already at its own line

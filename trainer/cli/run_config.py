@@ -57,6 +57,12 @@ class RunConfig(TrainerConfig):
         description="The loss: a component that is called to build it ({_target_: torch.nn.CrossEntropyLoss}) "
         "or a dotted path used as is (torch.nn.functional.cross_entropy).",
     )
+    metrics: dict[str, Component] = Field(
+        default_factory=dict,
+        description="Metric objects by name, each {_target_: ...} building one with update/compute/reset (a "
+        "torchmetrics Metric, needs pip install 'trainer[metrics]'): the default validation_step updates each with "
+        "(outputs, targets) and validation logs its value over the whole set as val/<name>.",
+    )
     optimizer: Component | None = Field(
         None,
         description="Called with the trainable parameters first, e.g. {_target_: torch.optim.AdamW, lr: 3.0e-4}; "

@@ -43,3 +43,15 @@ def load_few_labels(labels_per_class: int = 5, val_fraction: float = 0.2, seed: 
         idx = (yt == c).nonzero().flatten()[:labels_per_class]
         kept[idx] = c
     return {"train": TensorDataset(xt, kept), "val": TensorDataset(xv, yv)}
+
+
+def macro_f1(num_classes: int = 10):
+    """The F1 score averaged over classes (each class counts the same, however rare), computed over
+    the whole validation set: a torchmetrics metric, for the config's ``metrics:`` section."""
+    try:
+        from torchmetrics.classification import MulticlassF1Score
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the digits example's macro-F1 needs torchmetrics: pip install 'trainer[metrics]' (or pip install torchmetrics)"
+        ) from None
+    return MulticlassF1Score(num_classes=num_classes, average="macro")
