@@ -139,17 +139,24 @@ def _keys(model: type[BaseModel]) -> dict[str, Any]:
     return {field.alias or name: field for name, field in model.model_fields.items()}
 
 
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation names: itself, or the branches of a union (compile: true or its settings)."""
+    return [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
     """The valid keys at ``path`` (for suggestions)."""
+    annotation: Any = model
     for part in path:
-        field = _keys(model).get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        # a section, or a union with one (compile: true or its settings)
-        models = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not models:
+        if isinstance(part, int):  # an item of a list (loggers[0])
+            annotation = next(iter(typing.get_args(annotation)), None)
+            continue
+        field = next((_keys(m)[part] for m in _models(annotation) if part in _keys(m)), None)
+        if field is None:
             return []
-        model = models[0]
-    return list(_keys(model))
+        annotation = field.annotation
+    models = _models(annotation)
+    return list(_keys(models[0])) if models else []
 
 
 def _is_branch(part: Any) -> bool:
