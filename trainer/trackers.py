@@ -224,7 +224,11 @@ class MLflowLogger(_Tracker):
             self.run_dir.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not its folder
         self._client = client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.run_id is not None:
-            run = client.get_run(self.run_id)  # the checkpoint's run: an unknown id is an error, not a new run
+            try:
+                run = client.get_run(self.run_id)
+            except Exception as exc:  # the checkpoint's run: an unknown id is an error, not a new run
+                raise RuntimeError(f"the checkpoint's mlflow run {self.run_id} is not in {self.tracking_uri} ({exc}); "
+                                   "set tracking_uri to the store the run was logged to") from exc
             for key in run.data.metrics:
                 history = client.get_metric_history(self.run_id, key)
                 self._held[key] = max(m.step for m in history)

@@ -302,6 +302,7 @@ class Checkpointer:
         for part in self.train_state:
             part.load_state_dict(ts)
         self.load_states(state, where)
+        self._load_loggers(state.get("loggers") or {}, where)  # not with load_weights: evaluation continues no run
         files.set_rng_state(state["rng"])
         return resumed
 
@@ -309,7 +310,6 @@ class Checkpointer:
         """The callbacks' and the registered objects' state, each by its key; what nobody claims,
         and what finds nothing saved, is reported."""
         self._load_callbacks(state["callbacks"], where)
-        self._load_loggers(state.get("loggers") or {}, where)
         saved = state.get("states") or {}
         for name, obj in self.states.items():
             if name in saved:
@@ -365,11 +365,11 @@ class Checkpointer:
             if key in saved:
                 logger.load_state_dict(saved[key])
             else:
-                warnings.warn(f"checkpoint {where} holds no state for logger {key!r}; it starts a new run", stacklevel=5)
+                warnings.warn(f"checkpoint {where} holds no state for logger {key!r}; it starts a new run", stacklevel=4)
         unclaimed = sorted(set(saved) - set(loggers))
         if unclaimed:
             warnings.warn(f"checkpoint {where} holds state for logger(s) {', '.join(map(repr, unclaimed))} that no "
-                          "logger of this run claims; it is ignored (a logger removed?)", stacklevel=5)
+                          "logger of this run claims; it is ignored (a logger removed?)", stacklevel=4)
 
     def _load_sharded(self, state: dict[str, Any], where: str) -> None:
         """Model and optimizer state from a DCP directory, into this run's layout (sharded or not)."""
