@@ -87,7 +87,8 @@ def test_from_code_params_metrics_and_a_resume_into_the_same_runs(tmp_path):
         return t, loggers
 
     first, (mlf, wb) = fit(4)
-    second, (mlf2, wb2) = fit(8, resume=run_dir / "checkpoints" / "step-00000004.pt")
+    with pytest.warns(UserWarning, match=r"keeps its first value of the parameter\(s\) max_steps: MLflow parameters"):
+        second, (mlf2, wb2) = fit(8, resume=run_dir / "checkpoints" / "step-00000004.pt")
     assert (mlf2.run_id, wb2.run_id) == (mlf.run_id, wb.run_id)
 
     from mlflow import MlflowClient

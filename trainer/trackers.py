@@ -263,7 +263,7 @@ class MLflowLogger(_Tracker):
         if changed:
             warnings.warn(f"mlflow run {self.run_id} keeps its first value of the parameter(s) {', '.join(changed)}: "
                           "MLflow parameters cannot change (the new values are in the run directory's config.yaml)",
-                          stacklevel=3)
+                          stacklevel=4)  # at the caller of fit
 
     def _send_points(self, points: list[tuple[int, dict[str, float], float]]) -> None:
         from mlflow.entities import Metric
