@@ -161,3 +161,33 @@ def test_a_stream_adds_no_conversion_in_one_process():
     assert len(t.history) == 4
     # The log points, and the DataLoader drawing its base seed (on the CPU) as its one epoch starts.
     assert counts["tolist"] == 4 and counts["item"] == 1 and sum(counts.values()) == 5, counts
+
+
+def test_tracker_loggers_add_no_conversion(tmp_path, monkeypatch):
+    """MLflow and W&B get floats at the log points, from a thread of their own: the loop reads
+    nothing more with them attached."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from trainer import MLflowLogger, WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    x, y = classification(20 * 8)
+    model = mlp()
+    loggers = [MLflowLogger(tmp_path), WandbLogger(tmp_path)]
+    config = {"max_steps": 20, "batch_size": 8, "log_every_n_steps": 5, "eval_every_n_epochs": None,
+              "progress": "off", "nonfinite_check": "device", "sanity_check": False,
+              "grad_logging": {"every_n_steps": 5}, "checkpoint": {"save_final": False}}  # a checkpoint reads the state
+    t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), (x, y), loss_fn=F.cross_entropy,
+                run_dir=tmp_path, loggers=loggers, config=config)
+    try:
+        with count_conversions() as counts:
+            t.fit()
+    finally:
+        for logger in loggers:
+            logger.close()
+    assert len(t.history) == 4
+    assert sum(counts.values()) <= 4, counts
+    from mlflow import MlflowClient
+
+    assert len(MlflowClient(loggers[0].tracking_uri).get_metric_history(loggers[0].run_id, "train/loss")) == 4

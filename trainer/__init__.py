@@ -28,6 +28,8 @@ _EXPORTS = {
     "ThroughputMonitor": "trainer.callbacks",
     "WarmupDecay": "trainer.schedules",
     "TensorBoardLogger": "trainer.tensorboard",
+    "MLflowLogger": "trainer.trackers",
+    "WandbLogger": "trainer.trackers",
     "ProgressBar": "trainer.progress",
     "ProgressLines": "trainer.progress",
     "eval_mode": "trainer.freezing",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
     from trainer.callbacks import BestCheckpoints, EarlyStopping, EMAWeights, GradNormLogger, ThroughputMonitor
     from trainer.schedules import WarmupDecay
     from trainer.tensorboard import TensorBoardLogger
+    from trainer.trackers import MLflowLogger, WandbLogger
     from trainer.config import CheckpointConfig, GradLoggingConfig, InitFromConfig, TrainerConfig
     from trainer.data import DataError, to_device
     from trainer.sanity import SanityCheckError

@@ -76,6 +76,32 @@ class GradLoggingConfig(StrictModel):
     )
 
 
+class MLflowSettings(StrictModel):
+    """The ``mlflow`` logger's options (``trainer.trackers.MLflowLogger``)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Where runs are stored: a server (http://host:5000) or a database (sqlite:///path/mlflow.db). "
+        "Default: MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db.",
+    )
+    experiment: str | None = Field(None, description="Experiment name. Default: MLFLOW_EXPERIMENT_NAME, else Default.")
+    run_name: str | None = Field(None, description="The MLflow run's name. Default: the run's name.")
+
+
+class WandbSettings(StrictModel):
+    """The ``wandb`` logger's options (``trainer.trackers.WandbLogger``)."""
+
+    project: str | None = Field(None, description="W&B project. Default: WANDB_PROJECT, else trainer.")
+    entity: str | None = Field(None, description="W&B user or team. Default: W&B's own (WANDB_ENTITY or your default).")
+    run_name: str | None = Field(None, description="The W&B run's display name. Default: the run's name.")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="online, offline (files only; upload later with wandb sync) or disabled. Default: WANDB_MODE, "
+        "else online."
+    )
+    dir: str | None = Field(None, description="Where W&B writes its files (<dir>/wandb/). Default: WANDB_DIR, else the "
+                            "run directory.")
+
+
 class CheckpointConfig(StrictModel):
     every_n_steps: int | None = Field(
         None,

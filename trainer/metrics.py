@@ -24,7 +24,11 @@ from trainer.run_dir import METRICS_CSV, METRICS_JSONL, write_text_atomic
 
 
 class Logger(Protocol):
-    """A metric sink: receives every record (a flat dict of floats with ``step`` and ``epoch``)."""
+    """A metric sink: receives every record (a flat dict of floats with ``step`` and ``epoch``).
+
+    A logger may also define ``start(config)``, which ``fit`` calls before the first record with the
+    resolved config (a tracker opens its run there), and ``state_dict()`` / ``load_state_dict(state)``,
+    kept in checkpoints under its ``state_key`` (default: its class name), as a callback's state is."""
 
     def log(self, record: dict[str, float]) -> None: ...
 

@@ -227,7 +227,7 @@ class Trainer:
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
                                          "validated_step"), self._guard, self._interval,
                          LoaderStates(lambda: self._train_source() if is_stateful_loader(self.train_data) else None)],
-            config=self.resolved_config, unfrozen=self._unfrozen,
+            config=self.resolved_config, unfrozen=self._unfrozen, loggers=self.loggers,
         )
         self._unheld_warned: set[str] = set()
         self._first_step_clock: float | None = None
@@ -466,11 +466,14 @@ class Trainer:
         if hasattr(self.scheduler, "set_total_steps"):  # schedules that need the run's length
             self.scheduler.set_total_steps(self.total_steps())
         opened = self._open_metric_files()
-        # With compile: true the first step includes compilation; it is timed on its own.
-        self._first_step_clock = time.perf_counter() if cfg.compile else None
-        self._interval.clock = time.perf_counter()
         with self._signals.installed(), torch_settings(self.device, cfg.deterministic):
             try:
+                for logger in self.loggers:
+                    if callable(getattr(logger, "start", None)):  # a tracker opens its run (the checkpoint's, on resume)
+                        logger.start(self.resolved_config)
+                # With compile: true the first step includes compilation; it is timed on its own.
+                self._first_step_clock = time.perf_counter() if cfg.compile else None
+                self._interval.clock = time.perf_counter()
                 self._call("on_fit_start")
                 self._background_saves = cfg.checkpoint.async_
                 try:

@@ -230,3 +230,56 @@ def test_registered_state_nobody_claims_or_that_is_missing_is_reported(tmp_path)
         again.register_state("x", 3)
     with pytest.raises(ValueError, match="the name 'teacher' is taken"):
         again.register_state("teacher", Tally())
+
+
+class RunIdLogger:
+    """A logger that keeps state (as the trackers keep their run's id) and is started by fit."""
+
+    def __init__(self, run_id=None):
+        self.run_id, self.started, self.records = run_id, [], []
+
+    def start(self, config):
+        self.started.append(config["max_steps"])
+
+    def log(self, record):
+        self.records.append(record)
+
+    def close(self):
+        pass
+
+    def state_dict(self):
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state):
+        self.run_id = state["run_id"]
+
+
+def test_logger_state_is_kept_in_checkpoints_and_given_back_on_resume_but_not_with_weights(tmp_path):
+    x, y = classification(64)
+
+    def build_with(logger, max_steps):
+        model = mlp()
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                       loggers=[logger], run_dir=tmp_path, config=quiet(max_steps=max_steps, batch_size=8))
+
+    first = RunIdLogger("run-1")
+    build_with(first, 2).fit()
+    assert first.started == [2] and len(first.records) == 2
+    path = tmp_path / "checkpoints" / "step-00000002.pt"
+    assert load_checkpoint(path)["loggers"] == {"RunIdLogger": {"run_id": "run-1"}}
+    evaluating = RunIdLogger()
+    build_with(evaluating, 2).load_weights(path, states=True)
+    assert evaluating.run_id is None
+    resumed = RunIdLogger()
+    build_with(resumed, 4).fit(resume_from=path)
+    assert resumed.run_id == "run-1" and resumed.started == [4]
+
+    class Other(RunIdLogger):
+        pass
+
+    with pytest.warns(UserWarning) as caught:
+        build_with(Other(), 4).load_checkpoint(path)
+    assert [str(w.message) for w in caught] == [
+        f"checkpoint {path} holds no state for logger 'Other'; it starts a new run",
+        f"checkpoint {path} holds state for logger(s) 'RunIdLogger' that no logger of this run claims; it is ignored "
+        "(a logger removed?)"]

@@ -530,8 +530,11 @@ def torch_load(path):
 
 @pytest.mark.parametrize("old,new,expected", [
     ("seed: 0", "seed: 0\nloggers: [tensorbord]",
-     "loggers[0]: unknown logger 'tensorbord'; did you mean 'tensorboard'? A logger is 'tensorboard' or "
-     "{_target_: dotted.path, ...arguments}"),
+     "loggers[0]: unknown logger 'tensorbord'; did you mean 'tensorboard'? A logger is 'tensorboard', 'mlflow', "
+     "'wandb', {mlflow: {...options}}, {wandb: {...options}} or {_target_: dotted.path, ...arguments}"),
+    ("seed: 0", "seed: 0\nloggers: [mlfow]", "loggers[0]: unknown logger 'mlfow'; did you mean 'mlflow'? A logger is "
+     "'tensorboard', 'mlflow', 'wandb', {mlflow: {...options}}, {wandb: {...options}} or {_target_: dotted.path, "
+     "...arguments}"),
     ("seed: 0", "seed: 0\ntrainer: 5",
      "trainer: expected a dotted path such as my_pkg.MyTrainer or {_target_: my_pkg.MyTrainer, ...arguments}, found 5"),
     ("loss: torch.nn.functional.cross_entropy", "loss: [cross_entropy]",
@@ -550,6 +553,16 @@ def test_a_value_no_branch_of_a_union_takes_gets_one_line(project, old, new, exp
     column = line.index(": ") + 3 + line.startswith("loggers")  # the value; a list's first item
     assert_user_error(code, out, f"{cfg}:{line_of(cfg, line)}:{column}: {expected}\n")
     assert "Component" not in out and "literal" not in out and "more problem" not in out
+
+
+def test_tracker_options_are_checked_like_a_section(project):
+    cfg = project.write(project.text + "loggers:\n  - mlflow: {trackin_uri: sqlite:///m.db}\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, f"{cfg}:{line_of(cfg, 'trackin_uri')}:",
+                      "loggers[0].mlflow.trackin_uri: unknown key 'trackin_uri'; did you mean 'tracking_uri'?")
+    cfg = project.write(project.text + "loggers: [{mlflow: {}, wandb: {}}]\n")
+    code, out = invoke("check", cfg)
+    assert_user_error(code, out, "loggers[0]: a logger mapping names one tracker: {mlflow: {...}} or {wandb: {...}}")
 
 
 def test_compile_settings_are_checked_like_a_section(project):

@@ -50,10 +50,14 @@ class KillAt(Callback):
     * ``during_async_write``: half-way through the background write (``checkpoint.async``) of the
       checkpoint of step ``step``, once the loop has finished step ``step + 1`` (and before it goes
       on: the loop waits there until the signal is sent, so the step it stops at is always the same).
+
+    With ``flush_loggers`` the loggers that queue records (trackers) send them all first.
     """
 
-    def __init__(self, where: str, step: int, marker: str, signum: int = int(signal.SIGKILL), twice: bool = False):
+    def __init__(self, where: str, step: int, marker: str, signum: int = int(signal.SIGKILL), twice: bool = False,
+                 flush_loggers: bool = False):
         self.where, self.step, self.marker, self.signum, self.twice = where, step, Path(marker), signum, twice
+        self.flush_loggers = flush_loggers  # the trackers hold every record logged so far when the signal comes
         self.trainer = None
         self.trained_on, self.fired = threading.Event(), threading.Event()
         if where in ("during_save", "during_async_write") and not self.marker.exists():
@@ -63,6 +67,10 @@ class KillAt(Callback):
         if self.marker.exists():
             return
         self.marker.touch()
+        if self.flush_loggers:
+            for logger in self.trainer.loggers:
+                if hasattr(logger, "flush"):
+                    logger.flush()
         os.kill(os.getpid(), self.signum)
         if self.twice:
             if threading.current_thread() is not threading.main_thread():

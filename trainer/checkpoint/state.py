@@ -124,8 +124,11 @@ class Checkpointer:
 
     def __init__(self, strategy: Any, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  scaler: Any, callbacks: list[Any], train_state: list[Any], config: dict[str, Any],
-                 unfrozen: Any = None):
+                 unfrozen: Any = None, loggers: list[Any] | None = None):
         self.strategy, self.module, self.optimizer = strategy, module, optimizer
+        # rank 0's loggers (the list itself: fit adds its files to it); those with a state_dict, such
+        # as a tracker's run id, are kept like callbacks' states
+        self.loggers = loggers if loggers is not None else []
         self.scheduler, self.scaler = scheduler, scaler
         self.callbacks = stateful_callbacks(callbacks)
         self.train_state = train_state
@@ -166,6 +169,7 @@ class Checkpointer:
             "trainer_state": trainer_state,
             "rng": files.rng_state(),
             "callbacks": {key: cb.state_dict() for key, cb in self.callbacks.items()},
+            "loggers": {key: lg.state_dict() for key, lg in self._stateful_loggers().items()},
             "states": {name: obj.state_dict() for name, obj in self.states.items()},
             "unfrozen": self.unfrozen.state_dict() if self.unfrozen is not None else None,
             "config": self.config,
@@ -298,6 +302,7 @@ class Checkpointer:
         for part in self.train_state:
             part.load_state_dict(ts)
         self.load_states(state, where)
+        self._load_loggers(state.get("loggers") or {}, where)  # not with load_weights: evaluation continues no run
         files.set_rng_state(state["rng"])
         return resumed
 
@@ -347,6 +352,24 @@ class Checkpointer:
                 "of this run claims; it is ignored (a callback removed, or its state_key changed?)",
                 stacklevel=4,
             )
+
+    def _stateful_loggers(self) -> dict[str, Any]:
+        return {state_key(lg): lg for lg in self.loggers if callable(getattr(lg, "state_dict", None))}
+
+    def _load_loggers(self, saved: dict[str, Any], where: str) -> None:
+        """Only rank 0 has loggers; the other ranks leave the saved states alone."""
+        if self.strategy.layout.rank != 0:
+            return
+        loggers = self._stateful_loggers()
+        for key, logger in loggers.items():
+            if key in saved:
+                logger.load_state_dict(saved[key])
+            else:
+                warnings.warn(f"checkpoint {where} holds no state for logger {key!r}; it starts a new run", stacklevel=4)
+        unclaimed = sorted(set(saved) - set(loggers))
+        if unclaimed:
+            warnings.warn(f"checkpoint {where} holds state for logger(s) {', '.join(map(repr, unclaimed))} that no "
+                          "logger of this run claims; it is ignored (a logger removed?)", stacklevel=4)
 
     def _load_sharded(self, state: dict[str, Any], where: str) -> None:
         """Model and optimizer state from a DCP directory, into this run's layout (sharded or not)."""

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from trainer.cli.run_config import Component, RunConfig, trainer_config
+from trainer.cli.run_config import TRACKERS, Component, RunConfig, TrackerLogger, trainer_config
 from trainer.cli.yaml_source import ConfigError, Path_, Source
 from trainer.config import CompileConfig, compile_settings
 from trainer.run_dir import TENSORBOARD
@@ -329,6 +329,15 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
 
             try:
                 loggers.append(TensorBoardLogger(run_dir / TENSORBOARD))
+            except ImportError as exc:
+                raise source.at(("loggers", i), str(exc)) from None
+        elif spec in TRACKERS or isinstance(spec, TrackerLogger):
+            from trainer.trackers import MLflowLogger, WandbLogger
+
+            name, settings = spec.settings if isinstance(spec, TrackerLogger) else (spec, None)
+            options = settings.model_dump(exclude_none=True) if settings is not None else {}
+            try:
+                loggers.append({"mlflow": MLflowLogger, "wandb": WandbLogger}[name](run_dir, **options))
             except ImportError as exc:
                 raise source.at(("loggers", i), str(exc)) from None
         else:

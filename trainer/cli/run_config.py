@@ -11,10 +11,10 @@ import itertools
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainer.cli.yaml_source import ConfigError, Source, dotted
-from trainer.config import TrainerConfig
+from trainer.config import MLflowSettings, TrainerConfig, WandbSettings
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL, NAME_MAX_BYTES, TENSORBOARD, name_problem
 
 
@@ -34,6 +34,28 @@ class Component(BaseModel):
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class TrackerLogger(BaseModel):
+    """``{mlflow: {...options}}`` or ``{wandb: {...options}}``: a tracker logger with options."""
+
+    model_config = ConfigDict(extra="forbid")
+    mlflow: MLflowSettings | None = Field(None, description="MLflow, with these options.")
+    wandb: WandbSettings | None = Field(None, description="Weights & Biases, with these options.")
+
+    @model_validator(mode="after")
+    def _one(self) -> TrackerLogger:
+        if (self.mlflow is None) == (self.wandb is None):
+            raise ValueError("a logger mapping names one tracker: {mlflow: {...}} or {wandb: {...}}; list each "
+                             "tracker as its own entry of loggers")
+        return self
+
+    @property
+    def settings(self) -> tuple[str, MLflowSettings | WandbSettings]:
+        return ("mlflow", self.mlflow) if self.mlflow is not None else ("wandb", self.wandb)
+
+
+TRACKERS = ("mlflow", "wandb")
 
 
 class RunConfig(TrainerConfig):
@@ -70,10 +92,12 @@ class RunConfig(TrainerConfig):
     )
     scheduler: Component | None = Field(None, description="Called with the optimizer first (null: none).")
     callbacks: list[Component] = Field(default_factory=list, description="Callbacks, each {_target_: ...}.")
-    loggers: list[Literal["tensorboard"] | Component] = Field(
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"] | TrackerLogger | Component] = Field(
         default_factory=list,
         description=f"Metric sinks beside {METRICS_JSONL} and {METRICS_CSV}: 'tensorboard' (writes <run_dir>/{TENSORBOARD}; "
-        "needs the tensorboard package) or {_target_: ...}, called with the run directory first.",
+        "needs the tensorboard package), 'mlflow' or 'wandb' (experiment trackers; options as {mlflow: {tracking_uri: "
+        "..., experiment: ..., run_name: ...}} or {wandb: {project: ..., mode: offline}}), or {_target_: ...}, called "
+        "with the run directory first.",
     )
 
     @field_validator("name")
@@ -103,7 +127,8 @@ _UNIONS = {
     "trainer": ("Trainer", "a dotted path such as my_pkg.MyTrainer or {_target_: my_pkg.MyTrainer, ...arguments}"),
     "loss": ("loss", "a dotted path such as torch.nn.functional.cross_entropy or "
                      "{_target_: torch.nn.CrossEntropyLoss, ...arguments}"),
-    "loggers": ("logger", f"'tensorboard' or {_COMPONENT}"),
+    "loggers": ("logger", "'tensorboard', 'mlflow', 'wandb', {mlflow: {...options}}, {wandb: {...options}} or "
+                          f"{_COMPONENT}"),
     "compile": ("compile setting", "true, false or a mapping of settings such as {mode: max-autotune, optimizer: true}"),
 }
 
@@ -120,17 +145,24 @@ def _keys(model: type[BaseModel]) -> dict[str, Any]:
     return {field.alias or name: field for name, field in model.model_fields.items()}
 
 
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation names: itself, or the branches of a union (compile: true or its settings)."""
+    return [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
     """The valid keys at ``path`` (for suggestions)."""
+    annotation: Any = model
     for part in path:
-        field = _keys(model).get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        # a section, or a union with one (compile: true or its settings)
-        models = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not models:
+        if isinstance(part, int):  # an item of a list (loggers[0])
+            annotation = next(iter(typing.get_args(annotation)), None)
+            continue
+        field = next((_keys(m)[part] for m in _models(annotation) if part in _keys(m)), None)
+        if field is None:
             return []
-        model = models[0]
-    return list(_keys(model))
+        annotation = field.annotation
+    models = _models(annotation)
+    return list(_keys(models[0])) if models else []
 
 
 def _is_branch(part: Any) -> bool:
@@ -182,8 +214,11 @@ def validate(source: Source) -> RunConfig:
         if not isinstance(value, dict):
             raise source.at(union, _union_message(union, value) + _more(errors))
         # a mapping is meant as the mapping branch (a component, compile's settings): its problem is the one to report
+        # (a logger {mlflow: ...} or {wandb: ...} is meant as a tracker's options, not a component)
+        tracker = union[0] == "loggers" and bool(value.keys() & set(TRACKERS))
         error = next(e for e in errors if tuple(e["loc"])[:branch] == union and len(e["loc"]) > branch
-                     and str(e["loc"][branch])[:1].isupper())
+                     and (TrackerLogger.__name__ in str(e["loc"][branch]) if tracker
+                          else str(e["loc"][branch])[:1].isupper()))
     path = tuple(p for p in error["loc"] if not _is_branch(p))
     if error["type"] == "extra_forbidden":
         key = path[-1]

@@ -1,0 +1,185 @@
+"""The MLflow and W&B loggers, for real: MLflow in a SQLite database, W&B in offline mode, read back
+with MLflow's client and from W&B's own run files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from helpers import classification, mlp
+from trainer import MLflowLogger, Trainer, WandbLogger
+from trainer.trackers import flatten, wandb_history
+
+pytest.importorskip("mlflow")
+pytest.importorskip("wandb")
+
+PROJECT = Path(__file__).resolve().parent / "project"
+TIMING = ("samples_per_sec",)  # the clock: differs between any two runs
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def mlflow_history(uri: str, run_id: str) -> list[tuple[int, str, float]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    points = []
+    for key in client.get_run(run_id).data.metrics:
+        points += [(m.step, key, m.value) for m in client.get_metric_history(run_id, key)]
+    return sorted(points)
+
+
+def expected_points(records: list[dict]) -> list[tuple[int, str, float]]:
+    return sorted((int(r["step"]), k, v) for r in records for k, v in r.items() if k not in ("step", "epoch"))
+
+
+def without_timing(points):
+    return [p for p in points if p[1] not in TIMING]
+
+
+def test_config_flattens_to_dotted_keys():
+    assert flatten({"optimizer": {"_target_": "torch.optim.AdamW", "lr": 0.01}, "callbacks": [{"a": 1}], "x": [],
+                    "y": None}) == {"optimizer._target_": "torch.optim.AdamW", "optimizer.lr": 0.01,
+                                    "callbacks.0.a": 1, "x": [], "y": None}
+
+
+def test_a_missing_package_names_the_extra_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install 'trainer\[mlflow\]'"):
+        MLflowLogger(tmp_path)
+
+
+def test_from_code_params_metrics_and_a_resume_into_the_same_runs(tmp_path):
+    """The config becomes parameters (a value past MLflow's limit is cut, not refused), every record's
+    numbers become metrics at its step; a second Trainer resumed from the checkpoint reopens both
+    runs and adds only the steps after it."""
+    run_dir = tmp_path / "run"
+    x, y = classification(16 * 8)
+
+    def fit(steps, resume=None):
+        model = mlp()
+        loggers = [MLflowLogger(run_dir), WandbLogger(run_dir)]
+        config = {"max_steps": steps, "batch_size": 8, "log_every_n_steps": 2, "progress": "off",
+                  "eval_every_n_epochs": None, "sanity_check": False, "checkpoint": {"every_n_steps": 4}}
+        t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), (x, y), loss_fn=F.cross_entropy,
+                    run_dir=run_dir, loggers=loggers, config=config,
+                    run_config={**config, "note": "n" * 7000})
+        try:
+            t.fit(resume_from=resume)
+        finally:
+            for logger in loggers:
+                logger.close()
+        return t, loggers
+
+    first, (mlf, wb) = fit(4)
+    with pytest.warns(UserWarning, match=r"keeps its first value of the parameter\(s\) max_steps: MLflow parameters"):
+        second, (mlf2, wb2) = fit(8, resume=run_dir / "checkpoints" / "step-00000004.pt")
+    assert (mlf2.run_id, wb2.run_id) == (mlf.run_id, wb.run_id)
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient(mlf.tracking_uri).get_run(mlf.run_id)
+    assert run.data.params["checkpoint.every_n_steps"] == "4" and run.data.params["max_steps"] == "4"
+    assert len(run.data.params["note"]) == 6000 and run.data.params["note"].endswith("...")
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    records = first.history + second.history
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert mlflow_history(mlf.tracking_uri, mlf.run_id) == expected_points(records)
+    files = sorted(run_dir.glob(f"wandb/offline-run-*-{wb.run_id}/run-{wb.run_id}.wandb"))
+    assert len(files) == 2  # the resumed offline run: a second folder, the same run id
+    assert sorted(p for f in files for p in wandb_history(f)) == expected_points(records)
+    assert sorted(wandb_history(files[1])) == sorted(leet_points(files[1]))  # W&B's own reader agrees
+
+
+def leet_points(path):
+    """The history points of a ``.wandb`` file as W&B's own reader (``wandb leet inspect --json``) lists them."""
+    wandb = Path(sys.executable).with_name("wandb")
+    shown = subprocess.run([str(wandb), "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
+                           timeout=120)
+    points = []
+    for line in shown.stdout.splitlines():
+        record = json.loads(line)
+        if record.get("type") == "history":
+            step = record["history"]["step"]["num"]
+            points += [(int(step), k, v) for k, v in record["history"]["item"].items() if not k.startswith("_")]
+    assert points, shown.stderr
+    return points
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_auto_leave_one_tracker_run_equal_to_the_metric_file(tmp_path):
+    """A real ``trainer run`` with both trackers, killed (SIGKILL) after the last validation, past
+    the checkpoint of step 15, once every record went to the trackers (MLflow has stored steps 16
+    and 18; W&B's writer, a process of its own, may have lost some); ``--resume auto`` replays steps
+    16-18. Each tracker ends with one run whose history is the metric file's (which
+    tests/cli/test_resume.py holds equal to an uninterrupted run's): no step twice, none missing."""
+    out = tmp_path / "runs"
+    marker = tmp_path / "fired"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"""\
+name: r
+out_dir: {out}
+trainer: killers.NoisyTrainer
+seed: 5
+max_epochs: 3
+batch_size: 16
+log_every_n_steps: 4
+eval_every_n_epochs: 1
+progress: "off"
+checkpoint: {{every_n_steps: 5, keep_last: 10}}
+model: {{_target_: trainer.examples.models.MLP, in_features: 16, hidden: 16, out_features: 4, dropout: 0.2}}
+data: {{_target_: trainer.examples.synthetic.classification, n_train: 96, n_val: 32}}
+loss: torch.nn.functional.cross_entropy
+optimizer: {{_target_: torch.optim.AdamW, lr: 1.0e-2}}
+loggers: [{{mlflow: {{experiment: kills}}}}, wandb]
+callbacks:
+  - {{_target_: killers.KillAt, where: after_validation, step: 18, marker: '{marker}', flush_loggers: true}}
+""")
+    # (not the W&B service this test process started: a run killed there would hold its run id)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(PYTHONPATH=os.pathsep.join([str(PROJECT.parent.parent), str(PROJECT), os.environ.get("PYTHONPATH", "")]))
+    first = subprocess.run([sys.executable, "-m", "trainer", "run", config], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{out / 'r' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("kills").experiment_id])
+    # step 16 is past the checkpoint of step 15: the resumed run replays it, and must not send it again
+    assert [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")] == [4, 8, 12, 16]
+    second = subprocess.run([sys.executable, "-m", "trainer", "run", config, "--resume", "auto"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    run_dir = out / "r"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 6, 8, 12, 12, 16, 18, 18]
+    expected = without_timing(expected_points(records))
+
+    runs = client.search_runs([client.get_experiment_by_name("kills").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["optimizer.lr"] == "0.01" and runs[0].data.params["loggers.1"] == "wandb"
+    assert without_timing(mlflow_history(uri, runs[0].info.run_id)) == expected
+
+    # W&B offline: one run id, its points split over the killed run's folder and the resumed one's.
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    ids = {f.name.rsplit("-", 1)[1] for f in folders}
+    assert len(folders) == 2 and len(ids) == 1, folders
+    (run_id,) = ids
+    points = [p for f in folders for p in wandb_history(f / f"run-{run_id}.wandb")]
+    assert without_timing(sorted(points)) == expected
