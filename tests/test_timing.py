@@ -86,6 +86,22 @@ def test_tokens_per_second_and_mfu_from_the_models_flops_and_a_given_peak():
     assert all("mfu" not in r for r in token_run())  # on CPU without a peak: no MFU
 
 
+def test_mfu_from_the_models_flops_per_token():
+    class PerToken(TokenModel):
+        flops_per_sample = None
+
+        def flops_per_token(self):
+            return 2e5
+
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 16, (24, 12), generator=g), torch.randint(0, 3, (24,), generator=g)
+    t = Trainer(PerToken(), lambda p: torch.optim.SGD(p, lr=0.1), (ids, y), loss_fn=F.cross_entropy,
+                config=quiet(max_steps=2, batch_size=6, log_every_n_steps=2, eval_every_n_epochs=None,
+                             throughput={"peak_flops": 1e9}))
+    [record] = t.fit()
+    assert record["mfu"] == pytest.approx(2e5 * record["tokens_per_sec"] / 1e9)
+
+
 def test_a_model_attribute_that_is_not_a_number_is_refused():
     model = mlp()
     model.flops_per_sample = "6N"

@@ -217,8 +217,8 @@ class ThroughputConfig(StrictModel):
         None,
         gt=0,
         description="FLOPs of one training sample, forward and backward (about 6 x parameters x tokens per sample "
-        "for a transformer). null: the model's flops_per_sample attribute, if it has one; without either no MFU "
-        "is logged.",
+        "for a transformer). null: the model's flops_per_sample attribute, else its flops_per_token() method "
+        "times the tokens of a sample; without any, no MFU is logged.",
     )
     peak_flops: float | None = Field(
         None,

@@ -18,7 +18,8 @@ step) and read at the log point, whose flush has waited for the GPU already. A l
 Also ``time/step_s`` (wall seconds per optimizer step), ``tokens_per_sec`` (this rank's, like
 ``samples_per_sec``: the element count of a batch's first tensor when that is an integer tensor
 of two or more dimensions, token ids) and ``mfu`` (model FLOPs utilisation: ``flops_per_sample``
-times samples per second over the device's peak FLOP/s, when both are known).
+times samples per second, or the model's ``flops_per_token()`` times tokens per second, over the
+device's peak FLOP/s, when both are known).
 """
 
 from __future__ import annotations
@@ -120,13 +121,15 @@ class _GpuSpans:
 class StepTimes:
     """The host clock's shares of the log interval and the GPU's busy time (see the module)."""
 
-    def __init__(self, device: torch.device, flops_per_sample: float | None, peak_flops: float | None):
+    def __init__(self, device: torch.device, flops_per_sample: float | None, peak_flops: float | None,
+                 flops_per_token: float | None = None):
         self.data = self.compute = self.optimizer = 0.0
         self._fetch_start = self._mark = time.perf_counter()
         self._first_step = 0  # the global step the interval starts after
         self._gpu = _GpuSpans() if device.type == "cuda" else None
         self._wall = 0.0
         self.flops_per_sample = flops_per_sample
+        self.flops_per_token = flops_per_token  # used when flops_per_sample is unknown and batches hold tokens
         self.peak_flops = peak_flops
 
     def restart(self, step: int) -> None:
@@ -177,11 +180,15 @@ class StepTimes:
             record["time/step_s"] = wall / steps
         if last_batch is not None and micro_batches:
             tokens = tokens_in(last_batch)
+            tokens_per_sec = micro_batches * tokens / wall
             if tokens:
-                record["tokens_per_sec"] = micro_batches * tokens / wall
-            if self.flops_per_sample is not None and self.peak_flops is not None:
-                samples_per_sec = micro_batches * batch_size_of(last_batch) / wall
-                record["mfu"] = self.flops_per_sample * samples_per_sec / self.peak_flops
+                record["tokens_per_sec"] = tokens_per_sec
+            if self.peak_flops is not None:
+                if self.flops_per_sample is not None:
+                    samples_per_sec = micro_batches * batch_size_of(last_batch) / wall
+                    record["mfu"] = self.flops_per_sample * samples_per_sec / self.peak_flops
+                elif self.flops_per_token is not None and tokens:
+                    record["mfu"] = self.flops_per_token * tokens_per_sec / self.peak_flops
         self.restart(step)
         return record
 
@@ -196,16 +203,20 @@ class StepTimes:
 
 def for_run(settings: ThroughputConfig, module: torch.nn.Module, device: torch.device, precision: str) -> StepTimes:
     """The run's ``StepTimes``: ``flops_per_sample`` from the config, else the model's attribute of
-    that name; ``peak_flops`` from the config, else (CUDA) the table."""
+    that name, else its ``flops_per_token()`` (``CharTransformer`` has one, as ``ThroughputMonitor``
+    reads it) for batches of tokens; ``peak_flops`` from the config, else (CUDA) the table."""
     flops = settings.flops_per_sample
     if flops is None:
         flops = getattr(module, "flops_per_sample", None)
         if flops is not None and (isinstance(flops, bool) or not isinstance(flops, (int, float)) or flops <= 0):
             raise TypeError(f"{type(module).__name__}.flops_per_sample must be a positive number (the FLOPs of one "
                             f"training sample, forward and backward), got {flops!r}")
+    per_token = None
+    if flops is None and callable(getattr(module, "flops_per_token", None)):
+        per_token = float(module.flops_per_token())
     peak = settings.peak_flops
     if peak is None and device.type == "cuda":
         peak = table_peak_flops(torch.cuda.get_device_name(device), precision)
-    return StepTimes(device, flops, peak)
+    return StepTimes(device, flops, peak, per_token)
 
 __all__ = ["PEAK_FLOPS", "StepTimes", "for_run", "is_timing", "table_peak_flops", "tokens_in"]
