@@ -161,3 +161,38 @@ def test_gpu_busy_share_shows_a_gpu_waiting_for_its_loader():
     assert fast["time/gpu_busy"] > slow["time/gpu_busy"]
     # fp32 has no table peak: no MFU unless peak_flops is given.
     assert "mfu" not in fast
+
+
+def test_gpu_spans_are_reused_and_a_step_in_progress_carries_over(monkeypatch):
+    """The bookkeeping of the CUDA events, with stand-ins for them (the real ones: the test above)."""
+    from trainer import timing
+
+    clock = iter(range(100))
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            self.at = next(clock) * 1000.0  # milliseconds, as CUDA's
+
+        def query(self):
+            return True
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    spans = timing._GpuSpans()
+    for _ in range(3):
+        spans.start()
+        spans.start()  # a later micro-batch of the same step: no new span
+        spans.end()
+    assert spans.busy_seconds() == 3.0 and len(spans._pool) == 3
+    spans.start()
+    spans.end()
+    spans.start()  # a step in progress at the log point
+    assert spans.busy_seconds() == 1.0
+    spans.end()
+    assert spans.busy_seconds() == 1.0 and len(spans._pool) == 3  # the carried span, in the reused pool
+    assert spans.busy_seconds() is None  # nothing in the interval
