@@ -2,6 +2,7 @@
 # GPU checks, one script, at most 9 minutes on one H100 or H200 (its timeouts summed: 540 s, so that one
 # device call of 10 minutes holds it); prints one summary at the end. SECTIONS picks a part of it:
 #     SECTIONS="pytest overhead compile async memory precision" (the default: all of them)
+#     SECTIONS=observability   (not in the default: the time shares and a profiler trace of char_lm, 40 s)
 #
 # Needs: torch with CUDA, pydantic (v2), typer, tqdm, pyyaml, pytest; run from the repository root:
 #     bash scripts/gpu_check.sh
@@ -12,12 +13,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out=$(mktemp -d)
 sections=" ${SECTIONS:-pytest overhead compile async memory precision} "
 want() { [[ "$sections" == *" $1 "* ]]; }
-touch "$out/pytest.txt" "$out/bench.txt" "$out/bench_compile.txt" "$out/ckpt_stall.txt" "$out/memory.txt" "$out/precision.txt"
+touch "$out/pytest.txt" "$out/bench.txt" "$out/bench_compile.txt" "$out/ckpt_stall.txt" "$out/memory.txt" "$out/precision.txt" \
+  "$out/observability.txt"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$out/torch.txt"
 
-echo "== pytest -m cuda (includes the sync-debug check)"
+# Includes the sync-debug check, time/gpu_busy from CUDA events (tests/test_timing.py) and the memory
+# snapshot of a real out-of-memory error with a trace of CUDA kernels (tests/test_profiling.py).
+echo "== pytest -m cuda (includes the sync-debug check, time/gpu_busy, the memory snapshot on OOM)"
 want pytest && timeout 150 python -m pytest -q -m cuda tests/ -p no:cacheprovider 2>&1 | tee "$out/pytest.txt"
 
 echo "== char_lm, bf16, Trainer vs raw loop"
@@ -55,6 +59,18 @@ print(f"char_lm 150M {sys.argv[2]:<9} peak {last.get('cuda_peak_mem_gb', float('
 EOF
 done
 
+echo "== char_lm, bf16: where the step's time goes (time/*, tokens/s, MFU) and a trace of steps 20-21"
+want observability && timeout 40 python -m trainer run configs/char_lm.yaml device=cuda precision=bf16 max_steps=30 \
+  log_every_n_steps=10 scheduler.T_max=30 eval_every_n_steps=null checkpoint.every_n_steps=null checkpoint.save_final=false \
+  progress=off out_dir="$out/runs" name=observe 'profile={start_step: 20, steps: 2, memory_snapshot_on_oom: true}' \
+  >"$out/run_observe.txt" 2>&1 && python - "$out/runs/observe" <<'EOF' 2>&1 | tee "$out/observability.txt"
+import json, pathlib, sys
+run = pathlib.Path(sys.argv[1])
+last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+print("char_lm observability:", {k: round(v, 3) for k, v in last.items() if k.startswith("time/") or k.endswith("_per_sec")})
+print("char_lm traces:", sorted(p.name for p in (run / "profile").iterdir()))
+EOF
+
 echo
 echo "================ summary"
 cat "$out/gpu.txt" "$out/torch.txt"
@@ -62,4 +78,5 @@ tail -n 1 "$out/pytest.txt"
 grep -h char_lm "$out/bench.txt" "$out/bench_compile.txt"
 cat "$out/memory.txt"
 cat "$out/precision.txt"
+cat "$out/observability.txt"
 grep -h "stall per save\|first save\|MiB of weights" "$out/ckpt_stall.txt"

@@ -134,7 +134,7 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, one_process):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = write(tmp_path, "nodes", batch=8)
+    cfg = write(tmp_path, "nodes", batch=8, extra="profile: {start_step: 2, steps: 1}\n")
     agents = [
         subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                           "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
@@ -149,6 +149,11 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, one_process):
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in records(tmp_path / "runs" / "nodes") if "train/loss" in r] == list(range(1, 25))
+    # One trace per rank, named by its global rank (both ranks are local rank 0 here).
+    traces = sorted((tmp_path / "runs" / "nodes" / "profile").iterdir())
+    assert [p.name.split(".")[0] for p in traces] == ["rank0", "rank1"]
+    for trace in traces:
+        assert "ProfilerStep#2" in {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
 
 
 def test_fewer_validation_samples_than_ranks(tmp_path):

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from helpers import classification, mlp, quiet
 from trainer import EMAWeights, Trainer
+from trainer.timing import is_timing
 
 
 class NaNAt(Trainer):
@@ -41,7 +42,7 @@ def run(check, bad_steps, accum=1, log_every=3, policy="skip"):
 
 
 def without_clock(history):
-    return [{k: v for k, v in r.items() if k != "samples_per_sec"} for r in history]
+    return [{k: v for k, v in r.items() if not is_timing(k)} for r in history]
 
 
 def same_floats(a, b):

@@ -44,7 +44,8 @@ def test_at_most_one_conversion_per_log_point(accum, precision, checkpointed):
     config = {"max_steps": 20, "batch_size": 8, "grad_accum_steps": accum, "log_every_n_steps": 5,
               "grad_logging": {"every_n_steps": 5, "per_layer": True}, "clip_grad_norm": 1.0,
               "eval_every_n_epochs": None, "progress": "off", "precision": precision,
-              "activation_checkpointing": ["Linear"] if checkpointed else []}  # recomputed in backward
+              "activation_checkpointing": ["Linear"] if checkpointed else [],  # recomputed in backward
+              "throughput": {"flops_per_sample": 1e3, "peak_flops": 1e12}}  # time shares and MFU: host clocks only
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
     # The path a CUDA run with a fused optimizer takes (on CPU the Trainer reads the loss each step,
     # which costs nothing there): the non-finite check stays on the device.
@@ -58,6 +59,7 @@ def test_at_most_one_conversion_per_log_point(accum, precision, checkpointed):
         t.fit()
     assert len(t.history) == 4
     assert all("grad_norm/total" in r and "train/loss" in r for r in t.history)
+    assert all("time/data" in r and "time/other" in r and "mfu" in r for r in t.history)
     assert counts["tolist"] >= 1  # the log points themselves are seen
     assert sum(counts.values()) <= 4, counts
 

@@ -19,6 +19,8 @@ _EXPORTS = {
     "GradLoggingConfig": "trainer.config",
     "CheckpointConfig": "trainer.config",
     "InitFromConfig": "trainer.config",
+    "ProfileConfig": "trainer.config",
+    "ThroughputConfig": "trainer.config",
     "read_weights": "trainer.weights",
     "WeightsError": "trainer.weights",
     "GradNormLogger": "trainer.callbacks",
@@ -71,7 +73,9 @@ if TYPE_CHECKING:
     from trainer.schedules import WarmupDecay
     from trainer.tensorboard import TensorBoardLogger
     from trainer.trackers import MLflowLogger, WandbLogger
-    from trainer.config import CheckpointConfig, GradLoggingConfig, InitFromConfig, TrainerConfig
+    from trainer.config import (
+        CheckpointConfig, GradLoggingConfig, InitFromConfig, ProfileConfig, ThroughputConfig, TrainerConfig,
+    )
     from trainer.data import DataError, to_device
     from trainer.sanity import SanityCheckError
     from trainer.device import Precision, resolve_device, seed_everything

@@ -201,6 +201,60 @@ class CompileConfig(StrictModel):
         return value
 
 
+class ProfileConfig(StrictModel):
+    """``profile:``: a torch.profiler trace of a few optimizer steps, and a CUDA memory snapshot on
+    out-of-memory. Only the traced steps (and their warmup) pay for the profiler."""
+
+    start_step: int | None = Field(
+        None,
+        ge=1,
+        description="The first optimizer step traced (counted from 1, as the logged step; null: no trace). The "
+        "trace covers each step from its data fetch through its log point, validation and checkpoint.",
+    )
+    steps: int = Field(3, ge=1, description="How many optimizer steps are traced, from start_step on.")
+    warmup: int = Field(
+        1,
+        ge=0,
+        description="Steps just before start_step during which the profiler runs but keeps nothing, so that its "
+        "own start-up cost stays out of the trace (fewer when start_step leaves less room).",
+    )
+    record_shapes: bool = Field(False, description="Record the input shapes of every op (torch.profiler's record_shapes).")
+    profile_memory: bool = Field(
+        False, description="Record tensor allocations and frees (torch.profiler's profile_memory)."
+    )
+    with_stack: bool = Field(
+        False, description="Record the Python source line of every op (torch.profiler's with_stack; larger traces)."
+    )
+    memory_snapshot_on_oom: bool = Field(
+        False,
+        description="On CUDA: record the allocator's history during fit and, on an out-of-memory error, write it "
+        "to profile/memory-oom-rank<R>.pickle in the run directory (open it at https://pytorch.org/memory_viz). "
+        "Recording costs some time per allocation; ignored on CPU.",
+    )
+    memory_snapshot_entries: int = Field(
+        100_000, ge=1, description="The most recent allocator events kept for the memory snapshot."
+    )
+
+
+class ThroughputConfig(StrictModel):
+    """``throughput:``: what MFU (model FLOPs utilisation) needs beyond the run's own measurements."""
+
+    flops_per_sample: float | None = Field(
+        None,
+        gt=0,
+        description="FLOPs of one training sample, forward and backward (about 6 x parameters x tokens per sample "
+        "for a transformer). null: the model's flops_per_sample attribute, else its flops_per_token() method "
+        "times the tokens of a sample; without any, no MFU is logged.",
+    )
+    peak_flops: float | None = Field(
+        None,
+        gt=0,
+        description="The device's peak FLOP/s at the run's precision, e.g. 989e12 (H100 SXM, bf16 dense). null: "
+        "from a table of common GPUs for bf16/fp16 (trainer.timing.PEAK_FLOPS); on CPU and under fp32, MFU is "
+        "then not logged.",
+    )
+
+
 def compile_settings(value: bool | CompileConfig) -> CompileConfig | None:
     """``compile:`` as settings: ``true`` is torch's defaults, ``false`` is ``None`` (not compiled)."""
     if isinstance(value, CompileConfig):
@@ -324,6 +378,16 @@ class TrainerConfig(StrictModel):
     )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="When checkpoints are written and how many are kept."
+    )
+    profile: ProfileConfig | None = Field(
+        None,
+        description="A torch.profiler trace of a few steps into <run_dir>/profile/ (TensorBoard and Perfetto), and "
+        "a CUDA memory snapshot on out-of-memory: {start_step, steps, warmup, record_shapes, profile_memory, "
+        "with_stack, memory_snapshot_on_oom}. null: off.",
+    )
+    throughput: ThroughputConfig = Field(
+        default_factory=ThroughputConfig,
+        description="flops_per_sample and peak_flops, for the logged mfu (model FLOPs utilisation).",
     )
     init_from: InitFromConfig | None = Field(
         None,

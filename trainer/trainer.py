@@ -27,7 +27,7 @@ from torch import nn
 
 from trainer import checkpoint as ckpt
 from trainer import (compilation, distributed, evaluation, memory, metric_objects, prediction, progress, sanity, signals,
-                     weights)
+                     timing, weights)
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
@@ -43,6 +43,7 @@ from trainer.hooks import HOOKS, collect_hooks
 from trainer.losses import SUM, summed
 from trainer.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricBuffer
 from trainer.nonfinite import NonFiniteGuard
+from trainer.profiling import RunProfiler, snapshot_note
 
 
 def _same_batch(batch: Any, device: torch.device, non_blocking: bool, dtype: torch.dtype | None) -> Any:
@@ -201,6 +202,8 @@ class Trainer:
         self.logged_records = 0  # records sent to the loggers in the whole run, resumes included
         self._metrics = MetricBuffer()
         self._interval = LogInterval(self.device)
+        self._times = timing.for_run(cfg.throughput, self.module, self.device, cfg.precision)  # time/*, tokens/s, mfu
+        self._profiler = RunProfiler(cfg.profile, self.device, self.run_dir, self.layout.rank)
 
         # Progress, saved in checkpoints.
         self.global_step = 0  # optimizer steps done
@@ -474,7 +477,9 @@ class Trainer:
                 # With compile: true the first step includes compilation; it is timed on its own.
                 self._first_step_clock = time.perf_counter() if cfg.compile else None
                 self._interval.clock = time.perf_counter()
+                self._times.restart(self.global_step)
                 self._call("on_fit_start")
+                self._profiler.begin(self.global_step + 1)
                 self._background_saves = cfg.checkpoint.async_
                 try:
                     while not self._done():
@@ -483,7 +488,8 @@ class Trainer:
                 except torch.OutOfMemoryError as exc:
                     raise torch.OutOfMemoryError(out_of_memory_message(
                         exc, self.device, self.global_step + 1, cfg.batch_size, cfg.grad_accum_steps,
-                        cfg.precision, memory.suggestion(self.module, cfg.activation_checkpointing))) from exc
+                        cfg.precision, memory.suggestion(self.module, cfg.activation_checkpointing))
+                        + snapshot_note(self._profiler.out_of_memory())) from exc
                 self._flush_logs()
                 stopped = self.stopped_by_signal is not None
                 if self.val_data is not None and self.validated_step != self.global_step and not stopped:
@@ -499,6 +505,7 @@ class Trainer:
                 self._call("on_exception", exc)
                 raise
             finally:
+                self._profiler.end()
                 for logger in opened:  # the user's loggers are the user's to close
                     logger.close()
                     self.loggers.remove(logger)
@@ -594,14 +601,16 @@ class Trainer:
         except TypeError:
             epoch_len = None
 
+        times = self._times  # where the time goes (trainer.timing): a clock reading after each phase
         source = self._source
         self._call("on_train_epoch_start")
         fresh = self.batch_in_epoch == 0
         step_now = True  # an epoch starts, or resumes, at a step boundary
-        for batch in source.epoch(self.epoch, self.batch_in_epoch):
+        for batch in times.batches(source.epoch(self.epoch, self.batch_in_epoch)):
             self.batch_in_epoch += 1
             step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len or source.last_batch
             batch = move(batch, self.device, non_blocking, dtype)
+            times.fetched()
             for fn in h["on_train_batch_start"]:
                 fn(self, batch)
             with autocast:
@@ -628,8 +637,10 @@ class Trainer:
                 track(loss, outputs, batch)
             else:
                 track_sum(loss, count, outputs, batch)
+            times.computed()
             if step_now:
                 self._step()
+                times.stepped()
             if h["on_train_batch_end"]:
                 outputs = detach(outputs)
                 for fn in h["on_train_batch_end"]:
@@ -698,6 +709,7 @@ class Trainer:
             self.log("time/first_step_s", time.perf_counter() - self._first_step_clock)
             self._first_step_clock = None
             self._interval.clock = time.perf_counter()  # throughput without the compile
+            self._times.restart(step)
             self._recompiles.start()  # compilations from here on are recompilations
         log_point = step % cfg.log_every_n_steps == 0
         if log_point:
@@ -709,6 +721,7 @@ class Trainer:
             self._stop_on_signal()
         elif save_point:
             self.save_checkpoint()
+        self._profiler.at_boundary(step + 1)
         return self._done()
 
     def _stop_on_signal(self) -> None:
@@ -785,7 +798,9 @@ class Trainer:
         if not self._interval.micro_batches and not self._metrics:
             return
         record: dict[str, float] = {"step": self.global_step, "epoch": self.last_step_epoch}
-        samples_per_sec = self._interval.put(self._metrics)
+        interval = self._interval
+        times = self._times.close(interval.clock, self.global_step, interval.micro_batches, interval.last_batch)
+        samples_per_sec = interval.put(self._metrics)
         self._metrics.put("lr", self.optimizer.param_groups[0]["lr"])
         values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=distributed.mean_over_ranks)
         # (note: the flush is the CPU-GPU sync point of the log interval)
@@ -797,6 +812,8 @@ class Trainer:
             # no loss to show.
             record.pop("train/loss", None)
         record["samples_per_sec"] = samples_per_sec
+        record.update(times)
+        record.update(self._times.gpu_busy())  # the GPU's events, complete since the flush
         if self.device.type == "cuda":
             record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self._recompiles is not None:

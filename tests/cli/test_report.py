@@ -69,13 +69,28 @@ def test_a_damaged_run_is_a_row_marked_unreadable(tmp_path, damage):
     assert table.splitlines()[-1].startswith("b: ")  # the reason, after the table
 
 
-def write_logged_run(out_dir, name, shift=0.0):
-    """A run as the Trainer logs one: train records with lr, evaluations with a metric of the user's."""
+def test_runs_shows_the_data_wait_of_the_latest_interval(tmp_path):
+    run = write_run(tmp_path, "a")
+    with (run / run_files.METRICS_JSONL).open("a") as f:
+        for step, wait in ((2, 0.5), (4, 0.625)):
+            f.write(json.dumps({"step": step, "epoch": 0, "train/loss": 1.0, "time/data": wait}) + "\n")
+    write_run(tmp_path, "b")  # logged no time shares
+    table = format_table(runs_table(tmp_path)).splitlines()
+    assert "data wait" in table[0]
+    column = table[0].index("data wait")
+    assert [line[column:].split()[0] for line in table[1:]] == ["62%", "-"]
+
+
+def write_logged_run(out_dir, name, shift=0.0, timed=False):
+    """A run as the Trainer logs one: train records with lr (and with ``timed``, the shares of wall
+    time), evaluations with a metric of the user's."""
     run = out_dir / name
     run.mkdir(parents=True)
     records = []
     for step in range(1, 41):
         records.append({"step": step, "epoch": step // 10, "train/loss": 2.0 / step + shift, "lr": 0.01 * (1 - step / 41)})
+        if timed:
+            records[-1].update({"time/data": 0.5, "time/compute": 0.3, "time/optimizer": 0.1, "time/other": 0.1})
         if step % 10 == 0:
             records.append({"step": step, "epoch": step // 10 - 1, "val/loss": 1.0 / step + shift,
                             "val/acc": 0.5 + step / 100, "val/teacher_acc": 0.55 + step / 100 - shift})
@@ -87,13 +102,17 @@ def test_plot_draws_a_panel_per_metric_on_one_step_axis_and_no_empty_panel(tmp_p
     pytest.importorskip("matplotlib")
     from trainer.cli.report import figure
 
-    runs = [write_logged_run(tmp_path, "a"), write_logged_run(tmp_path, "b", shift=0.05)]
+    runs = [write_logged_run(tmp_path, "a", timed=True), write_logged_run(tmp_path, "b", shift=0.05)]
     fig = figure(runs, ["val/teacher_acc"])
     axes = fig.axes
     # No gradient norm was logged: no panel for it.
-    assert [ax.get_title() for ax in axes] == ["loss", "monitored metric", "learning rate", "val/teacher_acc"]
+    assert [ax.get_title() for ax in axes] == ["loss", "monitored metric", "learning rate", "share of wall time",
+                                               "val/teacher_acc"]
     assert all(axes[0].get_shared_x_axes().joined(axes[0], ax) for ax in axes[1:])
-    assert [line.get_label() for line in axes[3].lines] == ["a val/teacher_acc", "b val/teacher_acc"]
+    assert [line.get_label() for line in axes[4].lines] == ["a val/teacher_acc", "b val/teacher_acc"]
+    shares = axes[3].lines
+    assert [line.get_label() for line in shares][:4] == [f"a time/{n}" for n in ("data", "compute", "optimizer", "other")]
+    assert len({line.get_linestyle() for line in shares}) == 4  # one style per share, no gpu_busy logged on CPU
 
 
 def test_plot_metric_on_the_command_line(tmp_path, run_cli):

@@ -9,6 +9,8 @@ import signal
 
 import pytest
 
+from trainer.timing import is_timing
+
 PROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "project")
 
 CONFIG = """\
@@ -33,7 +35,7 @@ optimizer: {{_target_: torch.optim.AdamW, lr: 1.0e-2}}
 def records(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     # Everything but the clock: the same records, steps and values.
-    return [{k: v for k, v in json.loads(line).items() if k != "samples_per_sec"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines]
 
 
 def write(tmp_path, kill=""):

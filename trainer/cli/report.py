@@ -102,7 +102,7 @@ def runs_table(out_dir: Path) -> list[dict[str, Any]]:
             rows.append(_row(run_dir))
         except _DAMAGE as exc:
             rows.append({"name": run_dir.name, "status": "unreadable", "steps": "-", "metric": "-", "best": None,
-                         "checkpoint": "-", "problem": " ".join(f"{type(exc).__name__}: {exc}".split())})
+                         "data_wait": None, "checkpoint": "-", "problem": " ".join(f"{type(exc).__name__}: {exc}".split())})
     return rows
 
 
@@ -112,24 +112,33 @@ def _row(run_dir: Path) -> dict[str, Any]:
     values = [r[metric] for r in records if metric in r and isinstance(r[metric], (int, float))]
     best = (max if mode == "max" else min)(values) if values else None
     checkpoints = list_checkpoints(checkpoint_dir(run_dir))
+    # The share of wall time spent waiting for data in the latest log interval (trainer.timing).
+    waits = [r["time/data"] for r in records if isinstance(r.get("time/data"), (int, float))]
     return {
         "name": run_dir.name,
         "status": run_status(run_dir),
         "steps": max((int(r["step"]) for r in records), default=0),
         "metric": metric or "-",
         "best": best,
+        "data_wait": waits[-1] if waits else None,
         "checkpoint": checkpoints[-1].name if checkpoints else "-",
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["name", "status", "steps", "monitored", "best", "newest checkpoint"]
+    header = ["name", "status", "steps", "monitored", "best", "data wait", "newest checkpoint"]
     lines = [[r["name"], r["status"], str(r["steps"]), r["metric"],
-              "-" if r["best"] is None else f"{r['best']:.4g}", r["checkpoint"]] for r in rows]
+              "-" if r["best"] is None else f"{r['best']:.4g}",
+              "-" if r.get("data_wait") is None else f"{r['data_wait']:.0%}", r["checkpoint"]] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     notes = [f"{r['name']}: {r['problem']}" for r in rows if r.get("problem")]
     return "\n".join([fmt.format(*header).rstrip()] + [fmt.format(*line).rstrip() for line in lines] + notes)
+
+
+# The shares of a step's wall time (trainer.timing), with their line styles on the plot's panel.
+_TIME_SHARES = {"time/data": "-", "time/compute": "--", "time/optimizer": ":", "time/other": "-.",
+                "time/gpu_busy": (0, (5, 1, 1, 1, 1, 1))}
 
 
 class NoSuchMetric(Exception):
@@ -148,7 +157,9 @@ def plot_runs(run_dirs: list[Path], out: Path, metrics: list[str] = ()) -> Path:
 
 
 def figure(run_dirs: list[Path], metrics: list[str] = ()) -> Any:
-    """Train/val loss, the monitored metric, LR, total gradient norm and each of ``metrics`` against
+    """Train/val loss, the monitored metric, LR, total gradient norm, where the step's time goes
+    (``time/data``, ``time/compute``, ``time/optimizer``, ``time/other`` and, on CUDA,
+    ``time/gpu_busy``: shares of wall time) and each of ``metrics`` against
     step, one panel each on one shared step axis, runs overlaid. A panel no run has data for is
     left out; a requested metric that no run logged is an error."""
     try:
@@ -176,7 +187,8 @@ def figure(run_dirs: list[Path], metrics: list[str] = ()) -> Any:
     panels = [("loss", lambda m: ["train/loss", "val/loss"], True),
               ("monitored metric", lambda m: [m] if m else [], False),
               ("learning rate", lambda m: ["lr"], False),
-              ("total gradient norm", lambda m: ["grad_norm/total"], True)]
+              ("total gradient norm", lambda m: ["grad_norm/total"], True),
+              ("share of wall time", lambda m: list(_TIME_SHARES), False)]
     panels += [(name, lambda m, name=name: [name], False) for name in dict.fromkeys(metrics)]
     drawn = []  # (title, log scale, [(label, style, colour, xs, ys)])
     for title, keys, log in panels:
@@ -187,8 +199,9 @@ def figure(run_dirs: list[Path], metrics: list[str] = ()) -> Any:
                           and math.isfinite(r[key])]
                 if points:
                     xs, ys = zip(*points)
-                    # One colour per run; val dashed.
-                    lines.append((f"{run_dir.name} {key}", "--" if key == "val/loss" else "-", f"C{index % 10}", xs, ys))
+                    # One colour per run; val dashed; the time shares one style each.
+                    style = _TIME_SHARES.get(key, "--" if key == "val/loss" else "-")
+                    lines.append((f"{run_dir.name} {key}", style, f"C{index % 10}", xs, ys))
         if lines:
             drawn.append((title, log, lines))
     if not drawn:
@@ -198,7 +211,7 @@ def figure(run_dirs: list[Path], metrics: list[str] = ()) -> Any:
                              squeeze=False, constrained_layout=True)
     for ax, (title, log, lines) in zip(axes[:, 0], drawn):
         for label, style, color, xs, ys in lines:
-            ax.plot(xs, ys, style, color=color, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+            ax.plot(xs, ys, linestyle=style, color=color, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
         ax.set_title(title)
         ax.legend(fontsize=8)
         if log:
