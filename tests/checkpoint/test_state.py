@@ -230,3 +230,29 @@ def test_registered_state_nobody_claims_or_that_is_missing_is_reported(tmp_path)
         again.register_state("x", 3)
     with pytest.raises(ValueError, match="the name 'teacher' is taken"):
         again.register_state("teacher", Tally())
+
+
+def test_the_global_batch_is_kept_on_another_number_of_ranks_or_the_error_says_how():
+    from trainer.checkpoint import BatchLayout, keep_global_batch
+
+    two = BatchLayout(8, 1, 2)
+    layout, notice = keep_global_batch(two, BatchLayout(8, 1, 1), "scale_accumulation", False, "c.pt")
+    assert layout == BatchLayout(8, 2, 1)
+    assert notice == ("resumed on 1 rank a run trained on 2 ranks: grad_accum_steps 1 -> 2 keeps its global batch "
+                      "of 16 = batch_size 8 x grad_accum_steps 2 x 1 rank (on_world_size_change: scale_accumulation)")
+    assert keep_global_batch(BatchLayout(8, 2, 1), BatchLayout(8, 2, 2), "scale_accumulation", False, "c.pt")[0] == two
+    assert keep_global_batch(two, BatchLayout(8, 1, 1), "scale_batch_size", False, "c.pt")[0] == BatchLayout(16, 1, 1)
+    assert keep_global_batch(two, BatchLayout(8, 1, 2), "error", False, "c.pt") == (BatchLayout(8, 1, 2), None)
+
+    with pytest.raises(CheckpointError) as caught:
+        keep_global_batch(BatchLayout(32, 1, 2), BatchLayout(32, 1, 3), "scale_accumulation", False, "c.pt")
+    assert str(caught.value) == (
+        "checkpoint c.pt was trained with a global batch of 64 = batch_size 32 x grad_accum_steps 1 x 2 ranks; on "
+        "3 ranks this config makes it 96 (on_world_size_change: scale_accumulation): it is not a multiple of "
+        "batch_size 32 x 3 ranks. Resume on 1, 2 rank(s), or set batch_size and grad_accum_steps so that batch_size "
+        "x grad_accum_steps x 3 = 64, or accept a new global batch (trainer run --accept-changes; in code "
+        "load_checkpoint(..., accept_changes=True))")
+    with pytest.raises(CheckpointError, match="error\\): set grad_accum_steps: 2 or batch_size: 16 to keep it"):
+        keep_global_batch(two, BatchLayout(8, 1, 1), "error", False, "c.pt")
+    # accepted: the config's layout, a new global batch
+    assert keep_global_batch(BatchLayout(32, 1, 2), BatchLayout(32, 1, 3), "error", True, "c.pt")[0].global_batch == 96
