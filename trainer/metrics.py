@@ -13,7 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -21,6 +21,9 @@ from trainer import distributed
 from trainer.data import batch_size_of
 from trainer.losses import COUNT, SUM
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL, write_text_atomic
+
+if TYPE_CHECKING:
+    from trainer.checkpoint.state import BatchLayout
 
 
 class Logger(Protocol):
@@ -201,7 +204,7 @@ class LogInterval:
         }
 
     @staticmethod
-    def regroup(state: dict[str, Any], saved: Any, now: Any) -> dict[str, Any]:
+    def regroup(state: dict[str, Any], saved: BatchLayout, now: BatchLayout) -> dict[str, Any]:
         """The saved interval as ``now.world_size`` ranks with ``now.grad_accum_steps`` micro-batches
         a step would hold it (``saved`` and ``now``: ``BatchLayout``s of one global batch), so that
         the next log point logs what the uninterrupted run logs. Mean losses: every new rank takes

@@ -316,20 +316,16 @@ class Checkpointer:
         world = self.strategy.layout.world_size
         current = {**self.config, "world_size": world}
         saved = {**saved_config, "world_size": ts.get("world_size", world)}
-        saved_layout, notice = None, None
-        if layout is not None:
-            trained = [ts.get(k, saved_config.get(k, 1 if k == "grad_accum_steps" else None)) for k in BATCH_KEYS]
-            if all(isinstance(v, int) for v in trained):
-                saved_layout = BatchLayout(*trained)
-                # A config that keeps the checkpoint's batch_size and grad_accum_steps leaves the global
-                # batch to on_world_size_change; one that changes them asks for its values.
-                asked = [saved_config.get(k, 1 if k == "grad_accum_steps" else None) for k in BATCH_KEYS[:2]]
-                if [layout.batch_size, layout.grad_accum_steps] == asked:
-                    layout, notice = keep_global_batch(saved_layout, layout, on_world_size_change, accept_changes,
-                                                       where)
-                saved.update(dataclasses.asdict(saved_layout))
-                current.update(dataclasses.asdict(layout))
-                ts.update(batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps)
+        saved_layout = _trained_layout(ts, saved_config) if layout is not None else None
+        notice = None
+        if saved_layout is not None:
+            # A config that keeps the checkpoint's batch_size and grad_accum_steps leaves the global
+            # batch to on_world_size_change; one that changes them asks for its values.
+            if [layout.batch_size, layout.grad_accum_steps] == _setting(saved_config, BATCH_KEYS[:2]):
+                layout, notice = keep_global_batch(saved_layout, layout, on_world_size_change, accept_changes, where)
+            saved.update(dataclasses.asdict(saved_layout))
+            current.update(dataclasses.asdict(layout))
+            ts.update(batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps)
         saved_class = ts.get("optimizer_class") or _optimizer_class(saved_config)
         new_class = saved_class is not None and saved_class != type(self.optimizer).__name__
         if "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
@@ -551,6 +547,18 @@ def _optimizer_summary(param_groups: list[dict[str, Any]], name: str | None) -> 
     return summary
 
 
+def _setting(config: dict[str, Any], keys: tuple[str, ...]) -> list[Any]:
+    """The config's values of batch layout keys (grad_accum_steps defaults to 1; the others to None)."""
+    return [config.get(k, 1 if k == "grad_accum_steps" else None) for k in keys]
+
+
+def _trained_layout(trainer_state: dict[str, Any], config: dict[str, Any]) -> BatchLayout | None:
+    """The layout a checkpoint was trained with: ``trainer_state`` records it (since runs could move
+    between rank counts); older checkpoints have their config's values. None when unknown."""
+    values = [trainer_state.get(k, v) for k, v in zip(BATCH_KEYS, _setting(config, BATCH_KEYS))]
+    return BatchLayout(*values) if all(isinstance(v, int) for v in values) else None
+
+
 def _global_batch(config: dict[str, Any]) -> Any:
-    values = [config.get(k, 1 if k == "grad_accum_steps" else None) for k in BATCH_KEYS]
+    values = _setting(config, BATCH_KEYS)
     return math.prod(values) if all(isinstance(v, int) for v in values) else values
