@@ -816,15 +816,13 @@ class Trainer:
         so after ``k`` micro-batches of ``b`` samples on each of ``n`` ranks its first ``k * b * n``
         samples are consumed, whatever ``n`` is. Exact at optimizer-step boundaries, where every
         checkpoint of ``fit`` is written: the global batch divides ``consumed``."""
-        if not consumed or self.train_data is None:
-            return 0
-        source = self._train_source()
-        if source.sampler is None:
+        source = self._train_source() if consumed and self.train_data is not None else None
+        if source is not None and source.sampler is None:
             warnings.warn(
                 f"resuming on another batch layout inside an epoch of a {type(self.train_data).__name__}: its "
                 "position is mapped by samples seen, which is exact only if it deals samples out to the ranks as "
                 "the Trainer's sampler does; pass a Dataset for an exact resume", stacklevel=3)
-        elif consumed >= source.sampler.n:
+        elif source is not None and consumed >= source.sampler.n:
             return len(source)  # the checkpoint ended the epoch's data (its last step padded on some ranks)
         return consumed // (self.config.batch_size * self.layout.world_size)
 

@@ -90,7 +90,7 @@ def keep_global_batch(saved: BatchLayout, configured: BatchLayout, policy: str, 
             fix = f"set {' or '.join(f'{k}: {v}' for k, v in fits.items())} to keep it, or on_world_size_change: " \
                   "scale_accumulation, or"
         else:
-            fix = (f"it is not a multiple of {'grad_accum_steps' if scaled == 'batch_size' else 'batch_size'} {kept} "
+            fix = (f"{target} is not a multiple of {'grad_accum_steps' if scaled == 'batch_size' else 'batch_size'} {kept} "
                    f"x {_ranks(world)}. Resume on {', '.join(map(str, worlds[:12])) or saved.world_size} rank(s), "
                    f"or set batch_size and grad_accum_steps so that batch_size x grad_accum_steps x {world} = "
                    f"{target}, or")
