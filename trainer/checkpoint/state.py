@@ -87,8 +87,9 @@ def keep_global_batch(saved: BatchLayout, configured: BatchLayout, policy: str, 
         kept = configured.grad_accum_steps if scaled == "batch_size" else configured.batch_size
         worlds = [n for n in range(1, target // kept + 1) if target % (kept * n) == 0] if target % kept == 0 else []
         if policy == "error" and fits:
+            policy_that_fits = "scale_accumulation" if "grad_accum_steps" in fits else "scale_batch_size"
             fix = f"set {' or '.join(f'{k}: {v}' for k, v in fits.items())} to keep it, or on_world_size_change: " \
-                  "scale_accumulation, or"
+                  f"{policy_that_fits}, or"
         else:
             fix = (f"{target} is not a multiple of {'grad_accum_steps' if scaled == 'batch_size' else 'batch_size'} {kept} "
                    f"x {_ranks(world)}. Resume on {', '.join(map(str, worlds[:12])) or saved.world_size} rank(s), "
