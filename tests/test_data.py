@@ -477,3 +477,27 @@ def test_an_evaluation_loader_whose_sampler_repeats_samples_is_named():
         warnings.simplefilter("error")
         make_source(exact, batch_size=2, num_workers=0, seed=0, shuffle=False, device=torch.device("cpu"), pad=False)
         make_source(padded, batch_size=2, num_workers=0, seed=0, shuffle=False, device=torch.device("cpu"))  # training
+
+
+@pytest.mark.parametrize("n", [48, 45])
+def test_the_first_samples_of_an_epoch_are_consumed_whatever_the_number_of_ranks(n):
+    """Ranks take the permutation in turn, so k micro-batches of b on each of w ranks consume its first
+    k*b*w samples on any w; a resume on w' ranks from there deals the rest out to them, each sample once
+    (padding repeats a few on the last batch only, to give the ranks equal steps)."""
+    order = epoch_permutation(n, seed=4, epoch=1, shuffle=True).tolist()
+    for world, batch in ((1, 8), (2, 4), (3, 4), (4, 2)):
+        shares = [ResumableSampler(n, seed=4, rank=r, world_size=world) for r in range(world)]
+        for share in shares:
+            share.set_epoch(1)
+        for k in range(1, 3):
+            consumed = [i for share in shares for i in share.indices()[:k * batch].tolist()]
+            assert sorted(consumed) == sorted(order[:k * batch * world]), (world, k)
+        for new_world in (1, 2, 3, 4):
+            done = 24  # a multiple of every global batch here: a step boundary on both layouts
+            rest = []
+            for r in range(new_world):
+                share = ResumableSampler(n, seed=4, rank=r, world_size=new_world)
+                share.set_epoch(1, start=done // new_world)
+                rest += share.indices().tolist()
+            padding = len(rest) - (n - done)
+            assert 0 <= padding < new_world and sorted(rest) == sorted(order[done:] + order[:padding]), new_world

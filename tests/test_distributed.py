@@ -256,6 +256,85 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     assert elapsed < 60
 
 
+def _elastic_config(tmp_path, name, extra=""):
+    """128 samples, global batch 16 (8 a rank on two ranks): 8 steps an epoch, two epochs; a log point
+    every 4 steps and a checkpoint every 3, so that each resume starts inside a log interval."""
+    path = write(tmp_path, name, batch=8, extra=extra)
+    path.write_text(path.read_text().replace("max_epochs: 3", "max_epochs: 2")
+                    .replace("log_every_n_steps: 1", "log_every_n_steps: 4")
+                    .replace("{every_n_steps: 4, keep_last: 2}", "{every_n_steps: 3, keep_last: null}"))
+    return path
+
+
+def test_a_run_moves_from_two_ranks_to_one_and_back_keeping_its_global_batch(tmp_path):
+    """Killed on two ranks after step 7, resumed in one process from step 6 (grad_accum_steps 1 -> 2,
+    said in one line), killed after step 11, resumed on two ranks from step 9 (the checkpoint records
+    the accumulation it trained with): every step takes the samples the uninterrupted two-rank run
+    takes, and the losses and weights match it within float32 summation-order differences."""
+    from trainer.data import epoch_permutation
+
+    reference = torchrun("run", _elastic_config(tmp_path, "ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    seen = tmp_path / "seen"
+    kills = "".join(f"  - {{_target_: killers.KillAt, where: after_step, step: {step}, marker: '{tmp_path / name}'}}\n"
+                    for step, name in ((7, "first"), (11, "second")))
+    cfg = _elastic_config(tmp_path, "moved", f"callbacks:\n{kills}  - {{_target_: seen.SeenSamples, out: '{seen}'}}\n")
+    first = torchrun("run", cfg)
+    assert first.returncode != 0 and (tmp_path / "first").exists()
+
+    refused = single("run", cfg, "--resume", "auto", "on_world_size_change=error")
+    assert refused.returncode == 2
+    assert ("was trained with a global batch of 16 = batch_size 8 x grad_accum_steps 1 x 2 ranks; on 1 rank this "
+            "config makes it 8 (on_world_size_change: error): set grad_accum_steps: 2 or batch_size: 16 to keep it"
+            ) in refused.stderr, refused.stderr[-3000:]
+
+    second = single("run", cfg, "--resume", "auto")
+    assert second.returncode != 0 and (tmp_path / "second").exists(), second.stderr[-3000:]
+    assert ("trainer: resumed on 1 rank a run trained on 2 ranks: grad_accum_steps 1 -> 2 keeps its global batch "
+            "of 16 = batch_size 8 x grad_accum_steps 2 x 1 rank (on_world_size_change: scale_accumulation)"
+            ) in second.stdout, second.stdout[-3000:]
+    checkpoints = tmp_path / "runs" / "moved" / "checkpoints"
+    written = load_checkpoint(checkpoints / "step-00000009.pt")  # by the one process: as it trained
+    assert {k: written["trainer_state"][k] for k in ("world_size", "batch_size", "grad_accum_steps")} == {
+        "world_size": 1, "batch_size": 8, "grad_accum_steps": 2}
+    assert written["config"]["grad_accum_steps"] == 1  # the config as written
+
+    third = torchrun("run", cfg, "--resume", "auto")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "continuing from" in third.stdout and "step-00000009.pt" in third.stdout
+    assert "trainer: resumed on" not in third.stdout  # the config's values keep the global batch: nothing to set
+    assert "grad_accum_steps: 2 -> 1; world_size: 1 -> 2" in third.stdout, third.stdout[-3000:]
+
+    # Each step's samples, from the segment that went on to be resumed: the epoch's permutation in
+    # slices of the global batch, each sample of an epoch once, whatever the ranks.
+    kept = {2: lambda s: s <= 6, 1: lambda s: 7 <= s <= 9}
+    by_step: dict[int, list[int]] = {}
+    for path in seen.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            segment_keeps = kept[1] if r["world"] == 1 else (kept[2] if r["step"] <= 7 else lambda s: s >= 10)
+            if segment_keeps(r["step"]):
+                assert r["accum"] == (2 if r["world"] == 1 else 1) and len(r["ids"]) == 8
+                by_step.setdefault(r["step"], []).extend(r["ids"])
+    assert sorted(by_step) == list(range(1, 17))
+    for step, ids in by_step.items():
+        epoch, k = divmod(step - 1, 8)
+        assert sorted(ids) == sorted(epoch_permutation(128, 5, epoch, True)[16 * k:16 * (k + 1)].tolist()), step
+
+    # float32 sums in another order (one process adds two micro-batches' gradients where two ranks
+    # average theirs): differences of a few ulps, the tolerance of the existing layout comparisons.
+    ref_dir, moved_dir = tmp_path / "runs" / "ref", tmp_path / "runs" / "moved"
+    for metric in ("train/loss", "val/loss"):
+        want = [(r["step"], r[metric]) for r in records(ref_dir) if metric in r]
+        got = [(r["step"], r[metric]) for r in records(moved_dir) if metric in r]
+        assert [s for s, _ in got] == [s for s, _ in want] and want, metric
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5), metric
+    a, b = final(ref_dir), final(moved_dir)
+    assert b["trainer_state"]["global_step"] == 16 and b["trainer_state"]["grad_accum_steps"] == 1
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- strategy: fsdp
 
 LM_CONFIG = """\
@@ -351,11 +430,23 @@ def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     assert json.loads(ev.stdout)["val/loss"] == pytest.approx(
         [r["val/loss"] for r in fsdp_records if "val/loss" in r][-1], rel=1e-5)
 
-    # ... and a single process resumes it (DCP reshards) and trains on to the same weights.
-    moved = single("run", write_lm(tmp_path, "moved", batch=6, optimizer=SGD), "--resume", fsdp_dir / "checkpoints" / "step-00000020")
+    # ... and a single process resumes it with the same config (DCP reshards; grad_accum_steps 2 -> 4
+    # keeps the global batch) and trains on to the same weights ...
+    every = "{every_n_steps: 1, keep_last: null}"
+    moved = single("run", write_lm(tmp_path, "moved", batch=3, strategy="fsdp", optimizer=SGD, checkpoint=every),
+                   "--resume", fsdp_dir / "checkpoints" / "step-00000020")
     assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "grad_accum_steps 2 -> 4 keeps its global batch of 12" in moved.stdout, moved.stdout[-3000:]
     for key, value in final(tmp_path / "runs" / "moved")["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
+    # ... whose file checkpoint two fsdp ranks resume, each taking its shards of every tensor.
+    back = torchrun("run", write_lm(tmp_path, "back", batch=3, strategy="fsdp", optimizer=SGD),
+                    "--resume", tmp_path / "runs" / "moved" / "checkpoints" / "step-00000021.pt")
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "grad_accum_steps: 4 -> 2;" in back.stdout and "world_size: 1 -> 2" in back.stdout, back.stdout[-3000:]
+    c = sharded(tmp_path / "runs" / "back" / "checkpoints" / "step-00000022")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(c["model"][key], value, rtol=1e-5, atol=1e-6)
 
 
 EVERY_2 = "{every_n_steps: 2, keep_last: null}"

@@ -440,3 +440,32 @@ def test_a_new_csv_column_killed_at_random_moments_leaves_the_old_table_or_the_n
     columns, rows = reader.fieldnames, list(reader)
     assert columns == ["step", "epoch", "train/loss", "lr", "val/loss", "grad_norm/total"]
     assert len(rows) == ROWS + 1 and rows[-1]["grad_norm/total"] == "1.5"
+
+
+def test_a_log_interval_regrouped_for_other_ranks_logs_what_the_uninterrupted_run_logs():
+    """Two ranks, one micro-batch a step, two steps into the interval, then one process with two
+    micro-batches a step (the same global batch): the interval's train/loss at the next log point is
+    the mean the two ranks would have logged."""
+    from trainer.checkpoint import BatchLayout
+    from trainer.metrics import LogInterval
+
+    saved = {"loss_sums": [1.0 + 2.0, 3.0 + 4.0], "loss_count": 2, "summed": False, "item_count": 0.0,
+             "micro_batches": 2, "extra_sums": [{"acc": 1.0}, {"acc": 0.5}], "extra_types": {"acc": "float"},
+             "extra_count": 2}
+    # step 3 on two ranks: rank 0 sees micro-batch means 5, rank 1 sees 7
+    uninterrupted = ((saved["loss_sums"][0] + 5.0) / 3 + (saved["loss_sums"][1] + 7.0) / 3) / 2
+    state = LogInterval.regroup(saved, BatchLayout(8, 1, 2), BatchLayout(8, 2, 1))
+    assert state["loss_sums"] == [10.0] and state["loss_count"] == 4 and state["extra_count"] == 4
+    assert state["extra_sums"] == [{"acc": 1.5}]
+    interval = LogInterval(torch.device("cpu"))
+    interval.load_state_dict(state)
+    for mean in (5.0, 7.0):  # step 3 in one process: both micro-batches
+        interval.track(torch.tensor(mean), None, torch.zeros(8))
+    interval.end_step(False)
+    assert (interval.loss_sum / interval.loss_count).item() == pytest.approx(uninterrupted)
+    # and back: one process to two ranks halves the micro-batches a step; summed losses share the sum out
+    back = LogInterval.regroup(state, BatchLayout(8, 2, 1), BatchLayout(8, 1, 2))
+    assert back["loss_sums"] == [5.0, 5.0] and back["loss_count"] == 2
+    summed = LogInterval.regroup({**saved, "summed": True, "item_count": 40.0}, BatchLayout(8, 1, 2),
+                                 BatchLayout(8, 2, 1))
+    assert summed["loss_sums"] == [10.0] and summed["item_count"] == 40.0

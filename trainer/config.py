@@ -306,6 +306,14 @@ class TrainerConfig(StrictModel):
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches whose gradients are summed into one optimizer step."
     )
+    on_world_size_change: Literal["scale_accumulation", "scale_batch_size", "error"] = Field(
+        "scale_accumulation",
+        description="A resume on another number of ranks keeps the checkpoint's global batch (batch_size x "
+        "grad_accum_steps x ranks) when the config's batch_size and grad_accum_steps are the ones it was "
+        "written with: 'scale_accumulation' sets grad_accum_steps (2 ranks x 1 -> 1 rank x 2), 'scale_batch_size' "
+        "sets batch_size, each with a one-line notice; 'error' refuses, naming the values that keep it. A "
+        "global batch that cannot be kept on the new ranks is an error that says which rank counts can.",
+    )
     clip_grad_norm: float | None = Field(
         None, gt=0, description="Clip the total gradient norm to this value before each step (null: off)."
     )

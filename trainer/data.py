@@ -128,6 +128,10 @@ class ResumableSampler(Sampler[int]):
     Like ``DistributedSampler`` (order from ``seed + epoch``, ``set_epoch`` every epoch, the
     order padded to a multiple of ``world_size`` so every rank takes equal steps) plus
     ``start``: the number of this rank's indices already consumed, skipped without being read.
+
+    The ranks take the order in turn (rank r: positions r, r + world_size, ...), so ``start`` on
+    every rank consumes the order's first ``start * world_size`` samples, whatever ``world_size``
+    is: a position counted in samples carries over to another number of ranks.
     """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,

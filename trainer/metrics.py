@@ -13,7 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -21,6 +21,9 @@ from trainer import distributed
 from trainer.data import batch_size_of
 from trainer.losses import COUNT, SUM
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL, write_text_atomic
+
+if TYPE_CHECKING:
+    from trainer.checkpoint.state import BatchLayout
 
 
 class Logger(Protocol):
@@ -195,13 +198,42 @@ class LogInterval:
         ranks = distributed.all_gather_floats([float(self.loss_sum is not None), *mine], self.device)
         return {
             "loss_sums": [r[1] if r[0] else None for r in ranks],
-            "loss_count": 0 if self.summed else int(self.loss_count),  # micro-batches, of mean losses
+            "loss_count": 0 if self.summed else _count(self.loss_count),  # micro-batches, of mean losses
             "summed": self.summed,
             "item_count": float(self.loss_count) if self.summed else 0.0,  # items, of summed losses
             "micro_batches": self.micro_batches,
             "extra_sums": [dict(zip(names, r[2:])) for r in ranks],
             "extra_types": {n: str(v.dtype) if isinstance(v, torch.Tensor) else "float" for n, v in self.extra_sums.items()},
             "extra_count": self.extra_count,
+        }
+
+    @staticmethod
+    def regroup(state: dict[str, Any], saved: BatchLayout, now: BatchLayout) -> dict[str, Any]:
+        """The saved interval as ``now.world_size`` ranks with ``now.grad_accum_steps`` micro-batches
+        a step would hold it (``saved`` and ``now``: ``BatchLayout``s of one global batch), so that
+        the next log point logs what the uninterrupted run logs. Mean losses: every new rank takes
+        the saved ranks' mean sum, and sums and counts of micro-batches scale with the micro-batches
+        per step (one step adds ``grad_accum_steps`` micro-batch means on each rank; their mean over
+        ranks is the step's loss times that number). Summed losses: the ranks' sum over every item
+        is shared out equally; the item count stays."""
+        factor = now.grad_accum_steps / saved.grad_accum_steps
+        ranks = now.world_size
+        sums = [s for s in state["loss_sums"] if s is not None]
+        if not sums:
+            loss = None
+        elif state.get("summed"):
+            loss = math.fsum(sums) / ranks
+        else:
+            loss = math.fsum(sums) / len(sums) * factor
+        extras = state["extra_sums"]
+        extra = {name: math.fsum(e[name] for e in extras) / len(extras) * factor for name in extras[0]}
+        return {
+            **state,
+            "loss_sums": [loss] * ranks,
+            "loss_count": _count(state["loss_count"] * factor),
+            "micro_batches": round(state.get("micro_batches", state["loss_count"]) * factor),
+            "extra_sums": [extra] * ranks,
+            "extra_count": _count(state["extra_count"] * factor),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -220,6 +252,13 @@ class LogInterval:
             for name, value in state["extra_sums"][rank].items()
         }
         self.extra_count = state["extra_count"]
+
+
+def _count(value: Any) -> int | float:
+    """A count of micro-batches as saved: an integer, unless regrouping made it a fraction (an
+    epoch's short last step counted at another accumulation)."""
+    value = float(value)  # note: CPU-GPU sync point for a count decided on the device, per checkpoint
+    return int(value) if value.is_integer() else value
 
 
 def _mixed(this: str, earlier: str) -> TypeError:

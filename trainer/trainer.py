@@ -227,8 +227,11 @@ class Trainer:
         self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler)
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
+            # batch_size and grad_accum_steps as trained: a resume on other ranks may have set them (the
+            # checkpointer restores the values this run takes, see load_checkpoint).
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
-                                         "validated_step"), self._guard, self._interval,
+                                         "validated_step"), ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
+                         self._guard, self._interval,
                          LoaderStates(lambda: self._train_source() if is_stateful_loader(self.train_data) else None)],
             config=self.resolved_config, unfrozen=self._unfrozen, loggers=self.loggers,
         )
@@ -843,20 +846,43 @@ class Trainer:
         """Restore everything ``state_dict`` saved, from a checkpoint (file or sharded directory) or an
         already loaded one; ``fit()`` then continues from it.
 
-        A checkpoint written with another seed, global batch (batch size x world size),
-        accumulation, precision, model, data or optimizer is refused with every difference listed, unless ``accept_changes``:
-        then this Trainer's values apply from here on (the optimizer's hyperparameters, a new
-        optimizer class with fresh state, the data position mapped by samples seen). Returns the
-        differences, one line each."""
-        resumed = self._checkpointer.load(source, accept_changes)
+        A checkpoint written with another seed, global batch (batch size x accumulation x world
+        size), precision, model, data or optimizer is refused with every difference listed, unless
+        ``accept_changes``: then this Trainer's values apply from here on (the optimizer's
+        hyperparameters, a new optimizer class with fresh state, the data position mapped by samples
+        seen). On another number of ranks, with the batch_size and grad_accum_steps the checkpoint
+        was written with, ``config.on_world_size_change`` keeps the global batch: it sets
+        ``config.grad_accum_steps`` (or ``batch_size``) and rank 0 prints one line that says so.
+        Returns the differences, one line each."""
+        cfg = self.config
+        configured = ckpt.BatchLayout(cfg.batch_size, cfg.grad_accum_steps, self.layout.world_size)
+        resumed = self._checkpointer.load(source, accept_changes, configured, cfg.on_world_size_change)
         self._init_pending = False  # the checkpoint's weights win over init_from
         self._started = True  # the random state is the checkpoint's: fit() must not seed again
-        old_batch, old_world = resumed.batch_size, resumed.world_size
-        new_batch, new_world = self.config.batch_size, self.layout.world_size
-        if old_batch and (old_batch, old_world) != (new_batch, new_world) and self.batch_in_epoch:
-            # The same place in the epoch, counted in samples (exact when the sizes divide).
-            self.batch_in_epoch = self.batch_in_epoch * old_batch * old_world // (new_batch * new_world)
+        if resumed.notice and self.is_main_process:
+            print(f"trainer: {resumed.notice}", flush=True)
+        if cfg.batch_size != configured.batch_size:
+            self._source = None  # built with the configured batch_size
+        saved, now = resumed.saved, resumed.layout
+        if saved is not None and (saved.batch_size, saved.world_size) != (now.batch_size, now.world_size):
+            self.batch_in_epoch = self._position(self.batch_in_epoch * saved.batch_size * saved.world_size)
         return resumed.describe()
+
+    def _position(self, consumed: int) -> int:
+        """The micro-batches of this run that consume the epoch's first ``consumed`` samples (all
+        ranks together): ``ResumableSampler`` deals the epoch's permutation out to the ranks in turn,
+        so after ``k`` micro-batches of ``b`` samples on each of ``n`` ranks its first ``k * b * n``
+        samples are consumed, whatever ``n`` is. Exact at optimizer-step boundaries, where every
+        checkpoint of ``fit`` is written: the global batch divides ``consumed``."""
+        source = self._train_source() if consumed and self.train_data is not None else None
+        if source is not None and source.sampler is None:
+            warnings.warn(
+                f"resuming on another batch layout inside an epoch of a {type(self.train_data).__name__}: its "
+                "position is mapped by samples seen, which is exact only if it deals samples out to the ranks as "
+                "the Trainer's sampler does; pass a Dataset for an exact resume", stacklevel=3)
+        elif source is not None and consumed >= source.sampler.n:
+            return len(source)  # the checkpoint ended the epoch's data (its last step padded on some ranks)
+        return consumed // (self.config.batch_size * self.layout.world_size)
 
     def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:
         """The model's weights from a checkpoint (file or sharded directory, or a loaded one). With

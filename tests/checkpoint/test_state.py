@@ -283,3 +283,51 @@ def test_logger_state_is_kept_in_checkpoints_and_given_back_on_resume_but_not_wi
         f"checkpoint {path} holds no state for logger 'Other'; it starts a new run",
         f"checkpoint {path} holds state for logger(s) 'RunIdLogger' that no logger of this run claims; it is ignored "
         "(a logger removed?)"]
+
+
+def test_the_global_batch_is_kept_on_another_number_of_ranks_or_the_error_says_how():
+    from trainer.checkpoint import BatchLayout, keep_global_batch
+
+    two = BatchLayout(8, 1, 2)
+    layout, notice = keep_global_batch(two, BatchLayout(8, 1, 1), "scale_accumulation", False, "c.pt")
+    assert layout == BatchLayout(8, 2, 1)
+    assert notice == ("resumed on 1 rank a run trained on 2 ranks: grad_accum_steps 1 -> 2 keeps its global batch "
+                      "of 16 = batch_size 8 x grad_accum_steps 2 x 1 rank (on_world_size_change: scale_accumulation)")
+    assert keep_global_batch(BatchLayout(8, 2, 1), BatchLayout(8, 2, 2), "scale_accumulation", False, "c.pt")[0] == two
+    assert keep_global_batch(two, BatchLayout(8, 1, 1), "scale_batch_size", False, "c.pt")[0] == BatchLayout(16, 1, 1)
+    assert keep_global_batch(two, BatchLayout(8, 1, 2), "error", False, "c.pt") == (BatchLayout(8, 1, 2), None)
+
+    with pytest.raises(CheckpointError) as caught:
+        keep_global_batch(BatchLayout(32, 1, 2), BatchLayout(32, 1, 3), "scale_accumulation", False, "c.pt")
+    assert str(caught.value) == (
+        "checkpoint c.pt was trained with a global batch of 64 = batch_size 32 x grad_accum_steps 1 x 2 ranks; on "
+        "3 ranks this config makes it 96 (on_world_size_change: scale_accumulation): 64 is not a multiple of "
+        "batch_size 32 x 3 ranks. Resume on 1, 2 rank(s), or set batch_size and grad_accum_steps so that batch_size "
+        "x grad_accum_steps x 3 = 64, or accept a new global batch (trainer run --accept-changes; in code "
+        "load_checkpoint(..., accept_changes=True))")
+    with pytest.raises(CheckpointError, match="error\\): set grad_accum_steps: 2 or batch_size: 16 to keep it"):
+        keep_global_batch(two, BatchLayout(8, 1, 1), "error", False, "c.pt")
+    # accepted: the config's layout, a new global batch
+    assert keep_global_batch(BatchLayout(32, 1, 2), BatchLayout(32, 1, 3), "error", True, "c.pt")[0].global_batch == 96
+
+
+def test_batch_size_and_accumulation_changed_together_resume_at_the_same_sample(tmp_path):
+    """8 x 2 -> 16 x 1 keeps the global batch: no --accept-changes needed, and a checkpoint written at
+    an epoch's end (40 samples: two steps of 16, a short one of 8) resumes at the next epoch, not at
+    sample 32 of the same one."""
+    x, y = classification(40)
+
+    def trainer(run_dir, batch_size, accum):
+        model = mlp()
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                       run_dir=run_dir, config=quiet(max_epochs=2, batch_size=batch_size, grad_accum_steps=accum,
+                                                     eval_every_n_epochs=None, checkpoint={"every_n_steps": 3}))
+
+    trainer(tmp_path / "a", 8, 2).fit()
+    t = trainer(tmp_path / "b", 16, 1)
+    changes = t.load_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000003.pt")
+    assert changes == ["batch_size: 8 -> 16", "grad_accum_steps: 2 -> 1"]
+    assert (t.epoch, t.batch_in_epoch) == (0, 3)  # the epoch's data is used up: 40 samples in 3 batches of 16
+    t.fit()
+    assert t.global_step == 6 and t.epoch == 2
+    assert [r["epoch"] for r in t.history if r["step"] > 3] == [1, 1, 1]

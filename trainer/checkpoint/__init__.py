@@ -21,10 +21,10 @@ from trainer.checkpoint.files import (
     set_rng_state,
 )
 from trainer.run_dir import checkpoint_name, list_checkpoints
-from trainer.checkpoint.state import Attributes, Checkpointer, state_key
+from trainer.checkpoint.state import Attributes, BatchLayout, Checkpointer, keep_global_batch, state_key
 
 __all__ = [
-    "Attributes", "KEYS", "SHARDED_STATE", "VERSION", "CheckpointError", "Checkpointer", "check_model_state", "checkpoint_name",
-    "find_resume_checkpoint", "link_best", "list_checkpoints", "load_checkpoint", "load_sharded", "newest_good_checkpoint", "remove",
+    "Attributes", "BatchLayout", "KEYS", "SHARDED_STATE", "VERSION", "CheckpointError", "Checkpointer", "check_model_state", "checkpoint_name",
+    "find_resume_checkpoint", "keep_global_batch", "link_best", "list_checkpoints", "load_checkpoint", "load_sharded", "newest_good_checkpoint", "remove",
     "rng_state", "rotate", "save_checkpoint", "save_sharded", "set_rng_state", "state_key",
 ]

@@ -9,6 +9,7 @@ stateful callback that finds none, are reported, never passed over in silence.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -28,10 +29,78 @@ _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written 
 
 # Config entries whose change breaks exact resume: the data order, what a step computes, what the
 # saved state means. A change to any other entry (limits, logging, checkpoints, callbacks, how the
-# ranks hold the model) is fine. batch_size and world_size count as one: their product, the global
-# batch, fixes which samples make a step.
-EXACT = ("seed", "grad_accum_steps", "precision", "model", "optimizer", "scheduler", "data",
-         "loss", "trainer")
+# ranks hold the model) is fine. batch_size, grad_accum_steps and world_size count as one: their
+# product, the global batch, fixes which samples make a step (see BatchLayout).
+EXACT = ("seed", "precision", "model", "optimizer", "scheduler", "data", "loss", "trainer")
+BATCH_KEYS = ("batch_size", "grad_accum_steps", "world_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How a run makes its optimizer steps: micro-batches of ``batch_size`` samples,
+    ``grad_accum_steps`` of them per step on each of ``world_size`` ranks.
+
+    Step ``s`` of an epoch takes the samples ``global_batch * s`` up to ``global_batch * (s + 1)``
+    of the epoch's permutation, whatever the three numbers are (``ResumableSampler`` deals the
+    permutation out to the ranks in turn), so two layouts with one global batch train alike."""
+
+    batch_size: int
+    grad_accum_steps: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum_steps * self.world_size
+
+    def __str__(self) -> str:
+        return (f"{self.global_batch} = batch_size {self.batch_size} x grad_accum_steps {self.grad_accum_steps} "
+                f"x {_ranks(self.world_size)}")
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
+def keep_global_batch(saved: BatchLayout, configured: BatchLayout, policy: str, accept_changes: bool,
+                      where: str) -> tuple[BatchLayout, str | None]:
+    """The layout a resumed run takes, and a one-line notice when it is not the configured one.
+
+    ``saved``: the layout the checkpoint was trained with; ``configured``: this run's config on
+    this run's ranks, with batch_size and grad_accum_steps as the checkpoint's config had them (a
+    config that changes them says what it wants, and is compared as any other change). When the
+    rank count alone changes the global batch, ``policy`` (``on_world_size_change``) keeps it:
+    ``scale_accumulation`` or ``scale_batch_size``; ``error`` refuses. A global batch that cannot
+    be kept is an error, unless ``accept_changes``: the configured layout then applies as it is."""
+    if saved.global_batch == configured.global_batch or accept_changes:
+        return configured, None
+    target, world = saved.global_batch, configured.world_size
+    # The single value of batch_size or of grad_accum_steps that keeps the global batch on these ranks.
+    fits = {name: target // (other * world) for name, other in
+            (("grad_accum_steps", configured.batch_size), ("batch_size", configured.grad_accum_steps))
+            if target % (other * world) == 0}
+    written = (f"checkpoint {where} was trained with a global batch of {saved}; on {_ranks(world)} this config "
+               f"makes it {configured.global_batch}")
+    accept = "accept a new global batch (trainer run --accept-changes; in code load_checkpoint(..., accept_changes=True))"
+    scaled = {"scale_accumulation": "grad_accum_steps", "scale_batch_size": "batch_size"}.get(policy)
+    if scaled not in fits:
+        # The ranks that can keep it with this config's batch_size (with grad_accum_steps for scale_batch_size).
+        kept = configured.grad_accum_steps if scaled == "batch_size" else configured.batch_size
+        worlds = [n for n in range(1, target // kept + 1) if target % (kept * n) == 0] if target % kept == 0 else []
+        if policy == "error" and fits:
+            policy_that_fits = "scale_accumulation" if "grad_accum_steps" in fits else "scale_batch_size"
+            fix = f"set {' or '.join(f'{k}: {v}' for k, v in fits.items())} to keep it, or on_world_size_change: " \
+                  f"{policy_that_fits}, or"
+        else:
+            fix = (f"{target} is not a multiple of {'grad_accum_steps' if scaled == 'batch_size' else 'batch_size'} {kept} "
+                   f"x {_ranks(world)}. Resume on {', '.join(map(str, worlds[:12])) or saved.world_size} rank(s), "
+                   f"or set batch_size and grad_accum_steps so that batch_size x grad_accum_steps x {world} = "
+                   f"{target}, or")
+        raise CheckpointError(f"{written} (on_world_size_change: {policy}): {fix} {accept}")
+    layout = dataclasses.replace(configured, **{scaled: fits[scaled]})
+    notice = (f"resumed on {_ranks(world)} a run trained on {_ranks(saved.world_size)}: {scaled} "
+              f"{getattr(configured, scaled)} -> {fits[scaled]} keeps its global batch of {layout} "
+              f"(on_world_size_change: {policy})")
+    return layout, notice
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -53,10 +122,13 @@ def _shown(value: Any) -> str:
 
 
 class Resumed:
-    """What a resume found: the config entries that changed, and the checkpoint's data layout."""
+    """What a resume found: the config entries that changed, the batch layout the checkpoint was
+    trained with (``saved``, None when an old checkpoint's config does not say) and the one this
+    run takes (``layout``), with the notice that says why they differ, if they do."""
 
-    def __init__(self, changes: list[tuple[str, Any, Any]], batch_size: Any, world_size: Any):
-        self.changes, self.batch_size, self.world_size = changes, batch_size, world_size
+    def __init__(self, changes: list[tuple[str, Any, Any]], saved: BatchLayout | None, layout: BatchLayout | None,
+                 notice: str | None = None):
+        self.changes, self.saved, self.layout, self.notice = changes, saved, layout, notice
 
     def describe(self) -> list[str]:
         return [f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in self.changes]
@@ -227,25 +299,38 @@ class Checkpointer:
         tensors keyed for the plain module, which a sharded run does not take."""
         state = source if isinstance(source, dict) else files.load_checkpoint(source)
         where = str(state.get("path", source if not isinstance(source, dict) else "given"))
-        if self.strategy.sharded and not state.get("sharded"):
-            raise CheckpointError(
-                f"checkpoint {where} is a single file, written without strategy: fsdp; an fsdp run loads "
-                "its own checkpoints (directories). Use this one with strategy: ddp or in a single process"
-            )
         return state, where
 
-    def load(self, source: str | Path | dict[str, Any], accept_changes: bool = False) -> Resumed:
+    def load(self, source: str | Path | dict[str, Any], accept_changes: bool = False,
+             layout: BatchLayout | None = None, on_world_size_change: str = "scale_accumulation") -> Resumed:
         """Restore every part from a checkpoint (file or sharded directory) or an already loaded one.
 
         The checkpoint's config is compared with this run's first, before anything is restored: a
-        change that breaks exact resume (``EXACT``) is refused, every difference listed, unless
-        ``accept_changes``; then the new values are used for real (the optimizer's hyperparameters
-        from this run's optimizer, a new optimizer class starting from fresh state)."""
+        change that breaks exact resume (``EXACT``, or a new global batch) is refused, every difference
+        listed, unless ``accept_changes``; then the new values are used for real (the optimizer's
+        hyperparameters from this run's optimizer, a new optimizer class starting from fresh state).
+
+        ``layout``: this run's batch_size and grad_accum_steps as configured, on its ranks. On
+        another number of ranks the global batch is kept as ``on_world_size_change`` says
+        (``keep_global_batch``); ``Resumed.layout`` is the layout to train with, which the parts of
+        ``trainer_state`` receive as ``batch_size`` and ``grad_accum_steps``, and ``regroup`` (where a
+        part has it) turns the saved ranks' parts into this run's."""
         state, where = self.read(source)
         saved_config = state.get("config") or {}
-        ts = state["trainer_state"]
-        current = {**self.config, "world_size": self.strategy.layout.world_size}
-        saved = {**saved_config, "world_size": ts.get("world_size", self.strategy.layout.world_size)}
+        ts = dict(state["trainer_state"])
+        world = self.strategy.layout.world_size
+        current = {**self.config, "world_size": world}
+        saved = {**saved_config, "world_size": ts.get("world_size", world)}
+        saved_layout = _trained_layout(ts, saved_config) if layout is not None else None
+        notice = None
+        if saved_layout is not None:
+            # A config that keeps the checkpoint's batch_size and grad_accum_steps leaves the global
+            # batch to on_world_size_change; one that changes them asks for its values.
+            if [layout.batch_size, layout.grad_accum_steps] == _setting(saved_config, BATCH_KEYS[:2]):
+                layout, notice = keep_global_batch(saved_layout, layout, on_world_size_change, accept_changes, where)
+            saved.update(dataclasses.asdict(saved_layout))
+            current.update(dataclasses.asdict(layout))
+            ts.update(batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps)
         saved_class = ts.get("optimizer_class") or _optimizer_class(saved_config)
         new_class = saved_class is not None and saved_class != type(self.optimizer).__name__
         if "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
@@ -258,10 +343,10 @@ class Checkpointer:
             saved["optimizer"] = _optimizer_summary(saved_groups, saved_class)
             current["optimizer"] = _optimizer_summary(groups, type(self.optimizer).__name__)
         changes = config_changes(saved, current)
-        resumed = Resumed(changes, saved_config.get("batch_size"), saved["world_size"])
+        resumed = Resumed(changes, saved_layout, layout, notice)
         breaking = [c for c in changes if c[0].split(".")[0] in EXACT]
         if _global_batch(saved) != _global_batch(current):
-            breaking += [c for c in changes if c[0] in ("batch_size", "world_size")]
+            breaking += [c for c in changes if c[0] in BATCH_KEYS]
         if breaking and not accept_changes:
             lines = "; ".join(f"{line}{' (breaks exact resume)' if c in breaking else ''}"
                               for c, line in zip(changes, resumed.describe()))
@@ -278,6 +363,8 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {where}: {exc}; resume with the model the run was started with") from None
         if state.get("sharded"):
             self._load_sharded(state, where)
+        elif self.strategy.sharded:
+            self._shard_full(state, where, optimizer=not (new_class and accept_changes))
         else:
             self.load_model(state["model"], where)
             if not (new_class and accept_changes):
@@ -299,6 +386,11 @@ class Checkpointer:
             self._apply_hyperparameters(hyper)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+        if saved_layout is not None and (saved_layout.world_size, saved_layout.grad_accum_steps) != (
+                layout.world_size, layout.grad_accum_steps):
+            for part in self.train_state:
+                if hasattr(part, "regroup"):  # state kept per rank, or counted in micro-batches
+                    ts = part.regroup(ts, saved_layout, layout)
         for part in self.train_state:
             part.load_state_dict(ts)
         self.load_states(state, where)
@@ -388,6 +480,33 @@ class Checkpointer:
                 "resume with the config the run was started with"
             ) from None
 
+    def _shard_full(self, state: dict[str, Any], where: str, optimizer: bool = True) -> None:
+        """A file checkpoint's full tensors (written by one process or under DDP) into this run's
+        shards: every rank read the file and keeps its own part of each tensor. The optimizer's state
+        is keyed by position, as ``torch.optim`` saves it; positions name the same parameters in the
+        same order as in the run that wrote it (as for ``Optimizer.load_state_dict``)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        )
+
+        files.check_model_state(self.module, state["model"], where)
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.module, state["model"], options=full)
+        if not optimizer:
+            return
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        saved = state["optimizer"]
+        try:
+            keyed = {"state": {order[i]: value for i, value in saved["state"].items()},
+                     "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            set_optimizer_state_dict(self.module, self.optimizer, keyed, options=full)
+        except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
+                "resume with the config the run was started with"
+            ) from None
+
     def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:
         """The model's weights (file or sharded directory, or a loaded checkpoint); with ``states``
         also the callbacks' and the registered objects' state (an EMA of the weights, a teacher)."""
@@ -395,7 +514,10 @@ class Checkpointer:
         if states:
             self.load_states(state, where)
         if not state.get("sharded"):
-            self.load_model(state["model"], where)
+            if self.strategy.sharded:
+                self._shard_full(state, where, optimizer=False)
+            else:
+                self.load_model(state["model"], where)
             return
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -449,6 +571,18 @@ def _optimizer_summary(param_groups: list[dict[str, Any]], name: str | None) -> 
     return summary
 
 
+def _setting(config: dict[str, Any], keys: tuple[str, ...]) -> list[Any]:
+    """The config's values of batch layout keys (grad_accum_steps defaults to 1; the others to None)."""
+    return [config.get(k, 1 if k == "grad_accum_steps" else None) for k in keys]
+
+
+def _trained_layout(trainer_state: dict[str, Any], config: dict[str, Any]) -> BatchLayout | None:
+    """The layout a checkpoint was trained with: ``trainer_state`` records it (since runs could move
+    between rank counts); older checkpoints have their config's values. None when unknown."""
+    values = [trainer_state.get(k, v) for k, v in zip(BATCH_KEYS, _setting(config, BATCH_KEYS))]
+    return BatchLayout(*values) if all(isinstance(v, int) for v in values) else None
+
+
 def _global_batch(config: dict[str, Any]) -> Any:
-    batch, world = config.get("batch_size"), config.get("world_size")
-    return batch * world if isinstance(batch, int) and isinstance(world, int) else batch
+    values = _setting(config, BATCH_KEYS)
+    return math.prod(values) if all(isinstance(v, int) for v in values) else values
