@@ -119,14 +119,19 @@ class Checkpointer:
     """Assembles, writes and restores the checkpoint of one run.
 
     ``train_state``: objects whose ``state_dict()`` dicts together form the checkpoint's
-    ``trainer_state`` (each takes its own keys back in ``load_state_dict``).
+    ``trainer_state`` (each takes its own keys back in ``load_state_dict``). ``optimizer`` and
+    ``scheduler`` may be lists of one length (several optimizers, ``Trainer.manual_step``): the
+    checkpoint then holds lists of their states, in that order.
     """
 
-    def __init__(self, strategy: Any, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    def __init__(self, strategy: Any, module: nn.Module, optimizer: Any, scheduler: Any,
                  scaler: Any, callbacks: list[Any], train_state: list[Any], config: dict[str, Any],
                  unfrozen: Any = None):
-        self.strategy, self.module, self.optimizer = strategy, module, optimizer
-        self.scheduler, self.scaler = scheduler, scaler
+        self.several = isinstance(optimizer, list)
+        self.optimizers = optimizer if self.several else [optimizer]
+        self.schedulers = scheduler if self.several else [scheduler]
+        self.strategy, self.module, self.optimizer = strategy, module, self.optimizers[0]
+        self.scheduler, self.scaler = self.schedulers[0], scaler
         self.callbacks = stateful_callbacks(callbacks)
         self.train_state = train_state
         self.config = config
@@ -155,13 +160,18 @@ class Checkpointer:
         model_state, optimizer_state = self.strategy.state_dicts(self.module, self.optimizer)
         trainer_state: dict[str, Any] = {"world_size": self.strategy.layout.world_size,
                                          "optimizer_class": type(self.optimizer).__name__}
+        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
+        if self.several:  # a whole model on every rank (manual_step refuses fsdp): plain state dicts
+            optimizer_state = [opt.state_dict() for opt in self.optimizers]
+            scheduler_state = [s.state_dict() if s is not None else None for s in self.schedulers]
+            trainer_state["optimizer_class"] = [type(opt).__name__ for opt in self.optimizers]
         for part in self.train_state:
             trainer_state.update(part.state_dict())
         return {
             "version": files.VERSION,
             "model": model_state,
             "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scheduler": scheduler_state,
             "scaler": self.scaler.state_dict(),
             "trainer_state": trainer_state,
             "rng": files.rng_state(),
@@ -243,8 +253,17 @@ class Checkpointer:
         current = {**self.config, "world_size": self.strategy.layout.world_size}
         saved = {**saved_config, "world_size": ts.get("world_size", self.strategy.layout.world_size)}
         saved_class = ts.get("optimizer_class") or _optimizer_class(saved_config)
-        new_class = saved_class is not None and saved_class != type(self.optimizer).__name__
-        if "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
+        classes = [type(opt).__name__ for opt in self.optimizers]
+        new_class = saved_class is not None and saved_class != (classes if self.several else classes[0])
+        if self.several or isinstance(saved_class, list):
+            # Several optimizers (built in code or by configure_optimizers): their number, classes and groups.
+            saved_states = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
+            saved_classes = saved_class if isinstance(saved_class, list) else [saved_class]
+            saved["optimizers"] = {str(i): _optimizer_summary(s["param_groups"], c)
+                                   for i, (s, c) in enumerate(zip(saved_states, saved_classes))}
+            current["optimizers"] = {str(i): _optimizer_summary(opt.param_groups, type(opt).__name__)
+                                     for i, opt in enumerate(self.optimizers)}
+        elif "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
             # Groups added by unfreezing are the run's progress, not its config: compared are the
             # groups the optimizer was built with.
             saved_groups = state["optimizer"]["param_groups"]
@@ -255,7 +274,7 @@ class Checkpointer:
             current["optimizer"] = _optimizer_summary(groups, type(self.optimizer).__name__)
         changes = config_changes(saved, current)
         resumed = Resumed(changes, saved_config.get("batch_size"), saved["world_size"])
-        breaking = [c for c in changes if c[0].split(".")[0] in EXACT]
+        breaking = [c for c in changes if c[0].split(".")[0] in EXACT + ("optimizers",)]
         if _global_batch(saved) != _global_batch(current):
             breaking += [c for c in changes if c[0] in ("batch_size", "world_size")]
         if breaking and not accept_changes:
@@ -276,21 +295,32 @@ class Checkpointer:
             self._load_sharded(state, where)
         else:
             self.load_model(state["model"], where)
+            saved_states = state["optimizer"] if self.several else [state["optimizer"]]
+            if isinstance(state["optimizer"], list) != self.several or len(saved_states) != len(self.optimizers):
+                raise CheckpointError(
+                    f"checkpoint {where} holds the state of {len(saved_states) if isinstance(state['optimizer'], list) else 1} "
+                    f"optimizer(s) but this run has {len(self.optimizers)}; resume with the optimizers the run was started with"
+                )
             if not (new_class and accept_changes):
-                try:
-                    self.optimizer.load_state_dict(state["optimizer"])
-                except (ValueError, KeyError, RuntimeError) as exc:
-                    raise CheckpointError(
-                        f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
-                        "resume with the config the run was started with"
-                    ) from None
-        if (state["scheduler"] is None) != (self.scheduler is None):
-            raise CheckpointError(
-                f"checkpoint {where} was written {'without' if state['scheduler'] is None else 'with'} a scheduler "
-                f"but this run has {'one' if self.scheduler is not None else 'none'}"
-            )
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+                for i, (opt, saved_state) in enumerate(zip(self.optimizers, saved_states)):
+                    try:
+                        opt.load_state_dict(saved_state)
+                    except (ValueError, KeyError, RuntimeError) as exc:
+                        which = f"optimizer {i}" if self.several else "optimizer"
+                        raise CheckpointError(
+                            f"checkpoint {where}: the {which} state does not fit this {which} ({exc}); "
+                            "resume with the config the run was started with"
+                        ) from None
+        saved_schedulers = state["scheduler"] if self.several else [state["scheduler"]]
+        for i, (scheduler, saved_state) in enumerate(zip(self.schedulers, saved_schedulers)):
+            if (saved_state is None) != (scheduler is None):
+                which = f"optimizer {i}" if self.several else "this run"
+                raise CheckpointError(
+                    f"checkpoint {where} was written {'without' if saved_state is None else 'with'} a scheduler "
+                    f"but {which} has {'one' if scheduler is not None else 'none'}"
+                )
+            if scheduler is not None:
+                scheduler.load_state_dict(saved_state)
         if accept_changes and any(c[0].startswith("optimizer.") for c in changes):
             self._apply_hyperparameters(hyper)
         if state["scaler"]:

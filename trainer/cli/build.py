@@ -280,7 +280,9 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     else:
         loss_fn = None
         defaults = [step for step in ("training_step", "validation_step")
-                    if getattr(trainer_cls, step) is getattr(Trainer, step) and (step == "training_step" or val_data is not None)]
+                    if getattr(trainer_cls, step) is getattr(Trainer, step)
+                    and (step == "training_step" and trainer_cls.manual_step is Trainer.manual_step
+                         or step == "validation_step" and val_data is not None)]
         if defaults:
             raise ConfigError(
                 f"{source.file}: no 'loss:' entry, and the default {' and '.join(defaults)} of {trainer_path} "
