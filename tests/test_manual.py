@@ -90,6 +90,18 @@ def test_several_optimizers_with_schedulers_resume_bit_for_bit(tmp_path):
     assert [r["step"] for r in whole.history] == [4, 8, 12]
     assert {"train/a_loss", "train/b_loss", "lr", "lr/1"} <= set(whole.history[0])
 
+    # Another learning rate for the second optimizer is a change that breaks exact resume, named.
+    class Faster(Alternating):
+        def configure_optimizers(self):
+            optimizers, schedulers = super().configure_optimizers()
+            optimizers[1].param_groups[0]["lr"] = optimizers[1].param_groups[0]["initial_lr"] = 2e-2
+            return optimizers, schedulers
+
+    from trainer.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"optimizers\.1\.0\.lr: 0\.01 -> 0\.02 \(breaks exact resume\)"):
+        build(Faster).load_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006.pt")
+
     # A run with one optimizer does not take this checkpoint (nor the other way round), saying why.
     class One(Trainer):
         def manual_step(self, batch):
@@ -217,6 +229,23 @@ def test_fp16_one_scaler_for_every_optimizer():
     assert torch.equal(t.module.b.weight, reference.module.b.weight)
     assert not torch.equal(t.module.a.weight, reference.module.a.weight)
     assert torch.isfinite(t.module.b.weight).all()
+
+
+class Broken(Alternating):
+    def manual_step(self, batch):
+        raise KeyError("no such part")
+
+
+def test_the_sanity_pass_runs_manual_step_without_stepping():
+    from trainer.sanity import SanityCheckError
+
+    t = build(max_steps=1)
+    before = copy.deepcopy(t.module.state_dict())
+    t.sanity_check()
+    assert all(torch.equal(v, before[k]) for k, v in t.module.state_dict().items())
+    assert all(p.grad is None for p in t.module.parameters()) and t.global_step == 0
+    with pytest.raises(SanityCheckError, match=r"Broken\.manual_step failed on the first training batch: KeyError"):
+        build(Broken).sanity_check()
 
 
 class NeverSteps(Trainer):

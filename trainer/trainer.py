@@ -3,7 +3,8 @@
 ``Trainer.fit`` reads top to bottom: epochs of micro-batches, each one forward, backward and,
 every ``grad_accum_steps`` micro-batches, one optimizer step. Everything optional hangs off the
 hooks listed in ``trainer.hooks``. A subclass overrides a step (``training_step``,
-``validation_step``, ``backward``, ``configure_optimizers``), not the loop.
+``validation_step``, ``backward``, ``configure_optimizers``, or ``manual_step`` to back and step
+several optimizers itself), not the loop.
 
 The Trainer wires its parts: the strategy (one process, DDP or FSDP), the log interval, the
 non-finite guard, the checkpointer, evaluation and stop signals each live in a module of their own.
@@ -67,13 +68,15 @@ class Trainer:
     ``optimizer``: an optimizer, or a function of the trainable parameters that builds one (called
     once the model is on its device and wrapped or sharded, so it sees the parameters it will
     step); ``None`` calls ``configure_optimizers()``. ``scheduler``: a scheduler, or a function of
-    the optimizer. ``run_config``: the configuration saved in checkpoints (default: ``config``'s
+    the optimizer. Several optimizers (a list, and a list of schedulers with ``None`` where one has
+    none) need ``manual_step`` (``trainer.manual``). ``run_config``: the configuration saved in checkpoints (default: ``config``'s
     fields; the command line passes the whole resolved YAML config).
 
     What callbacks and subclasses may read (README, "Callbacks and subclasses"): ``config``,
     ``device``, ``module`` (the plain model: its parameters, its state dict) and ``model`` (what
     steps call: ``module`` wrapped by DDP, sharded by FSDP or compiled), ``optimizer``,
-    ``scheduler``, ``global_step`` (optimizer steps done), ``epoch`` (the epoch in progress, from
+    ``scheduler`` (with several, the first), ``optimizers``, ``schedulers``, ``global_step``
+    (optimizer steps done; under ``manual_step``, accumulation windows), ``epoch`` (the epoch in progress, from
     0; after an epoch ends, the epochs done), ``batch_in_epoch`` (micro-batches of it consumed),
     ``last_step_epoch``, ``total_steps()``, ``total_epochs()``, ``history`` (every log record),
     ``run_dir``, ``is_main_process`` (rank 0), ``skipped_steps``, ``stop_reason`` and
