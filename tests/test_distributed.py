@@ -635,11 +635,12 @@ def test_summed_losses_give_the_gradient_of_the_whole_batchs_token_mean():
 def test_manual_step_on_two_ranks_matches_one_process_with_twice_the_batch(tmp_path):
     """Two optimizers stepped by ``manual_step`` with accumulation and clipping: each optimizer's
     gradients are averaged over the ranks at its step, so two ranks of 8 train as one process of 16,
-    and the logged losses are the means over the ranks."""
+    and the logged losses are the means over the ranks. strategy: fsdp is refused on every rank."""
     script = str(PROJECT / "manual_script.py")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           script, str(tmp_path), "ddp", "8"], capture_output=True, text=True, timeout=240, env=env())
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("fsdp refused: manual_step under strategy: fsdp") == 2, two.stdout
     one = subprocess.run([sys.executable, script, str(tmp_path), "single", "16"], capture_output=True, text=True,
                          timeout=240, env=env())
     assert one.returncode == 0, one.stderr[-3000:]

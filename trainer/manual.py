@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer import distributed
 
 
 def resolve_optimizers(optimizer: Any, scheduler: Any, configure: Callable[[], Any],
@@ -93,16 +92,20 @@ def check_disjoint(optimizers: list[torch.optim.Optimizer], module: nn.Module) -
                     )
 
 
+def refuse_sharded(strategy: Any) -> None:
+    if strategy.sharded:
+        raise ValueError(
+            "manual_step under strategy: fsdp: FSDP reduces gradients inside backward through its "
+            "wrapper, which a step of your own bypasses; use strategy: ddp (or one process)"
+        )
+
+
 class ManualSteps:
     """The state of ``manual_step``'s accumulation window and what its two helpers do."""
 
     def __init__(self, trainer: Any):
         t = self.trainer = trainer
-        if t.strategy.sharded:
-            raise ValueError(
-                "manual_step under strategy: fsdp: FSDP reduces gradients inside backward through its "
-                "wrapper, which a step of your own bypasses; use strategy: ddp (or one process)"
-            )
+        refuse_sharded(t.strategy)
         self.accum = t.config.grad_accum_steps
         self.scaler = t.precision.scaler
         self.fp16 = self.scaler.is_enabled()
@@ -237,4 +240,4 @@ def _average_over_ranks(params: list[torch.Tensor], world: int) -> None:
     torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
-__all__ = ["ManualSteps", "check_disjoint", "resolve_optimizers"]
+__all__ = ["ManualSteps", "check_disjoint", "refuse_sharded", "resolve_optimizers"]

@@ -140,9 +140,11 @@ class Trainer:
             memory.checkpoint_activations(self.module, cfg.activation_checkpointing)
         if meta and not self.strategy.sharded:
             weights.materialize(self.module, self.device)
-        stepped = self.strategy.wrap(self.module, optimizer)
         manual_mode = type(self).manual_step is not Trainer.manual_step
-        if manual_mode and not self.strategy.sharded:
+        if manual_mode:
+            manual.refuse_sharded(self.strategy)  # before sharding: FSDP reduces inside backward
+        stepped = self.strategy.wrap(self.module, optimizer)
+        if manual_mode:
             stepped = self.module  # a step of its own averages gradients itself (trainer.manual), never through DDP
         if meta and self.strategy.sharded:
             weights.materialize(self.module, self.device)  # each rank's shards only

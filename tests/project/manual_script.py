@@ -51,6 +51,11 @@ def main(out: Path, name: str, batch: int) -> None:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"model": t.module.state_dict(), "optimizers": [o.state_dict() for o in t.optimizers],
                     "history": t.history, "world_size": t.layout.world_size, "step": t.global_step}, out / f"{name}.pt")
+    if t.layout.world_size > 1:  # strategy: fsdp is refused before anything is sharded
+        try:
+            Alternating(Pair, None, (x, y), config={"strategy": "fsdp", "progress": "off"})
+        except ValueError as exc:
+            print(f"rank {t.layout.rank} fsdp refused: {exc}", flush=True)
     t.close()
 
 
