@@ -101,6 +101,12 @@ def test_several_optimizers_with_schedulers_resume_bit_for_bit(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"optimizers\.1\.0\.lr: 0\.01 -> 0\.02 \(breaks exact resume\)"):
         build(Faster).load_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006.pt")
+    faster = build(Faster)
+    changes = faster.load_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006.pt", accept_changes=True)
+    assert "optimizers.1.0.lr: 0.01 -> 0.02" in changes
+    # The new rate, at the schedule's factor of step 6 (LambdaLR: 1 / (1 + 6)); the first optimizer's as saved.
+    assert faster.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.02 / 7)
+    assert faster.optimizers[0].param_groups[0]["lr"] == second.optimizers[0].param_groups[0]["lr"] * 4  # StepLR at 6 vs 12
 
     # A run with one optimizer does not take this checkpoint (nor the other way round), saying why.
     class One(Trainer):

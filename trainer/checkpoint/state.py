@@ -285,7 +285,8 @@ class Checkpointer:
                 "was started with, or accept the changes (trainer run --accept-changes; in code "
                 "load_checkpoint(..., accept_changes=True)), which applies them from here on"
             )
-        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        hyper = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                 for opt in self.optimizers]
         if state.get("unfrozen") and self.unfrozen is not None:
             try:  # the groups first, then the optimizer state that fills them
                 self.unfrozen.load_state_dict(state["unfrozen"])
@@ -321,8 +322,9 @@ class Checkpointer:
                 )
             if scheduler is not None:
                 scheduler.load_state_dict(saved_state)
-        if accept_changes and any(c[0].startswith("optimizer.") for c in changes):
-            self._apply_hyperparameters(hyper)
+        if accept_changes and any(c[0].startswith(("optimizer.", "optimizers.")) for c in changes):
+            for opt, scheduler, groups in zip(self.optimizers, self.schedulers, hyper):
+                _apply_hyperparameters(opt, scheduler, groups)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         for part in self.train_state:
@@ -349,19 +351,6 @@ class Checkpointer:
                 "this run registered (trainer.register_state); it is ignored",
                 stacklevel=4,
             )
-
-    def _apply_hyperparameters(self, hyper: list[dict[str, Any]]) -> None:
-        """This run's optimizer settings over the restored ones. A learning rate under a scheduler
-        keeps the schedule's factor at the step reached: base and current lr scale together."""
-        bases = getattr(self.scheduler, "base_lrs", None)
-        for i, (group, new) in enumerate(zip(self.optimizer.param_groups, hyper)):
-            old_base = bases[i] if bases is not None else group["lr"]
-            factor = group["lr"] / old_base if old_base else 1.0
-            group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
-            group["lr"] = new.get("initial_lr", new["lr"]) * factor
-            if bases is not None:
-                bases[i] = new.get("initial_lr", new["lr"])
-                group["initial_lr"] = bases[i]
 
     def _load_callbacks(self, saved: dict[str, Any], where: str) -> None:
         saved = _legacy_keys(saved, list(self.callbacks.items()))
@@ -413,6 +402,20 @@ class Checkpointer:
     def load_model(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         files.check_model_state(self.module, saved, where)
         self.module.load_state_dict(saved)
+
+
+def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, hyper: list[dict[str, Any]]) -> None:
+    """This run's optimizer settings over the restored ones. A learning rate under a scheduler
+    keeps the schedule's factor at the step reached: base and current lr scale together."""
+    bases = getattr(scheduler, "base_lrs", None)
+    for i, (group, new) in enumerate(zip(optimizer.param_groups, hyper)):
+        old_base = bases[i] if bases is not None else group["lr"]
+        factor = group["lr"] / old_base if old_base else 1.0
+        group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+        group["lr"] = new.get("initial_lr", new["lr"]) * factor
+        if bases is not None:
+            bases[i] = new.get("initial_lr", new["lr"])
+            group["initial_lr"] = bases[i]
 
 
 def _legacy_keys(saved: dict[str, Any], callbacks: list[tuple[str, Any]]) -> dict[str, Any]:
