@@ -298,3 +298,11 @@ def test_misuse_is_one_clear_line():
 
     with pytest.raises(ValueError, match=r"optimizer_step: the SGD given is not one of this Trainer's optimizers"):
         build(Foreign).fit()
+
+    class Mixed(Trainer):
+        def training_step(self, batch):
+            self.manual_backward(losses(self.model, batch)[0])
+
+    with pytest.raises(RuntimeError, match=r"manual_backward\(\) belongs in manual_step\(batch\): this Mixed does not "
+                                           r"override manual_step"):
+        Mixed(Pair(), lambda p: torch.optim.SGD(p, lr=0.1), data(), config={**CONFIG, "sanity_check": False}).fit()

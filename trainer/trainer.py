@@ -295,7 +295,7 @@ class Trainer:
         ``grad_accum_steps``, scaled under fp16, ``on_before_backward`` first). With ``optimizer``
         the gradients go only into the parameters it holds (a generator's loss leaves the
         discriminator's gradients alone)."""
-        self._manual.backward(loss, optimizer)
+        self._manual_steps("manual_backward").backward(loss, optimizer)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """In ``manual_step``: on the accumulation window's last micro-batch, step ``optimizer`` as
@@ -303,7 +303,15 @@ class Trainer:
         the non-finite check, clipping, ``on_before_optimizer_step``, the step, its scheduler,
         ``on_before_zero_grad``, ``zero_grad``) and return True; before it, return False and let the
         gradients accumulate."""
-        return self._manual.step(optimizer)
+        return self._manual_steps("optimizer_step").step(optimizer)
+
+    def _manual_steps(self, helper: str) -> manual.ManualSteps:
+        if self._manual is None:
+            raise RuntimeError(
+                f"{helper}() belongs in manual_step(batch): this {type(self).__name__} does not override manual_step, "
+                "so the automatic step backs and steps; override manual_step instead of training_step to call it"
+            )
+        return self._manual
 
     def backward(self, loss: torch.Tensor) -> None:
         """Fill ``.grad``. ``loss`` is already divided by ``grad_accum_steps`` (a ``loss_sum`` is not:
