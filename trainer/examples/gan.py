@@ -55,7 +55,11 @@ class GAN(nn.Module):
 
 class GANTrainer(Trainer):
     """The non-saturating GAN loss: the discriminator steps on real against generated points, then
-    the generator steps to make the discriminator call its points real."""
+    the generator steps to make the discriminator call its points real.
+
+    The optimizers are the generator's and the discriminator's, in that order: from the config's
+    ``optimizers:`` (configs/gan.yaml), or, when none are given, ``configure_optimizers`` builds
+    Adam with ``lr_g``, ``lr_d`` and ``beta1``."""
 
     def __init__(self, *args: Any, lr_g: float = 1e-3, lr_d: float = 1e-3, beta1: float = 0.5, **kwargs: Any):
         self.lr_g, self.lr_d, self.betas = lr_g, lr_d, (beta1, 0.999)
