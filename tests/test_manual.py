@@ -284,6 +284,12 @@ def test_misuse_is_one_clear_line():
                                          r"optimizer, in the same order, with None"):
         build(Mismatched)
 
+    class Pairwise(NeverSteps):  # a tuple of two optimizers is two optimizers, not (optimizer, scheduler)
+        def configure_optimizers(self):
+            return tuple(super().configure_optimizers())
+
+    assert len(build(Pairwise).optimizers) == 2 and build(Pairwise).schedulers == [None, None]
+
     class Automatic(Trainer):
         configure_optimizers = NeverSteps.configure_optimizers
 

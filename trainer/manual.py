@@ -46,7 +46,7 @@ def resolve_optimizers(optimizer: Any, scheduler: Any, configure: Callable[[], A
     if optimizer is None:
         configured = configure()
         where = "configure_optimizers()"
-        if isinstance(configured, tuple) and len(configured) == 2:
+        if isinstance(configured, tuple) and len(configured) == 2 and not isinstance(configured[1], torch.optim.Optimizer):
             optimizer, scheduler = configured
         else:
             optimizer = configured
