@@ -726,3 +726,27 @@ def test_summed_losses_give_the_gradient_of_the_whole_batchs_token_mean():
             assert reduces == "3"  # three optimizer steps
         else:
             assert match == "False" and float(train) != pytest.approx(float(mean), rel=1e-4) and reduces == "0"
+
+
+def test_manual_step_on_two_ranks_matches_one_process_with_twice_the_batch(tmp_path):
+    """Two optimizers stepped by ``manual_step`` with accumulation and clipping: each optimizer's
+    gradients are averaged over the ranks at its step, so two ranks of 8 train as one process of 16,
+    and the logged losses are the means over the ranks. strategy: fsdp is refused on every rank."""
+    script = str(PROJECT / "manual_script.py")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          script, str(tmp_path), "ddp", "8"], capture_output=True, text=True, timeout=240, env=env())
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("fsdp refused: manual_step under strategy: fsdp") == 2, two.stdout
+    one = subprocess.run([sys.executable, script, str(tmp_path), "single", "16"], capture_output=True, text=True,
+                         timeout=240, env=env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp, single_run = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("ddp", "single"))
+    assert (ddp["world_size"], single_run["world_size"], ddp["step"], single_run["step"]) == (2, 1, 6, 6)
+    for key, value in single_run["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(ddp["optimizers"], single_run["optimizers"]):
+        torch.testing.assert_close(mine["state"], theirs["state"], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in ddp["history"]] == [3, 6]
+    for mine, theirs in zip(ddp["history"], single_run["history"]):
+        assert mine["train/a_loss"] == pytest.approx(theirs["train/a_loss"], rel=1e-5)
+        assert mine["train/b_loss"] == pytest.approx(theirs["train/b_loss"], rel=1e-5)

@@ -193,3 +193,37 @@ def test_tracker_loggers_add_no_conversion(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     assert len(MlflowClient(loggers[0].tracking_uri).get_metric_history(loggers[0].run_id, "train/loss")) == 4
+
+
+def test_manual_step_adds_no_conversion():
+    """Two fused optimizers stepped by ``manual_step`` under accumulation, clipping and the device-side
+    non-finite check: their backward, averaging, check, clipping, steps and the returned losses read
+    nothing between log points."""
+
+    class TwoHeads(Trainer):
+        def configure_optimizers(self):
+            first, second = self.module[0], self.module[2]
+            return [torch.optim.AdamW(first.parameters(), lr=1e-3, fused=True),
+                    torch.optim.AdamW(second.parameters(), lr=1e-3, fused=True)]
+
+        def manual_step(self, batch):
+            x, y = batch
+            opt_first, opt_second = self.optimizers
+            first = F.cross_entropy(self.model(x), y)
+            self.manual_backward(first, opt_first)
+            self.optimizer_step(opt_first)
+            second = F.cross_entropy(self.model(x), y)
+            self.manual_backward(second, opt_second)
+            self.optimizer_step(opt_second)
+            return {"first": first, "second": second}
+
+    x, y = classification(20 * 8 * 2)
+    model = mlp()
+    assert isinstance(model[0], torch.nn.Linear) and isinstance(model[2], torch.nn.Linear)
+    t = TwoHeads(model, None, (x, y), config={
+        "max_steps": 20, "batch_size": 8, "grad_accum_steps": 2, "log_every_n_steps": 5, "clip_grad_norm": 1.0,
+        "eval_every_n_epochs": None, "progress": "off", "nonfinite_check": "device", "sanity_check": False})
+    with count_conversions() as counts:
+        t.fit()
+    assert len(t.history) == 4 and all("train/first" in r and "train/second" in r for r in t.history)
+    assert sum(counts.values()) <= 4, counts

@@ -123,8 +123,10 @@ class UnfrozenGroups:
     resume rebuilds the same groups before the optimizer's state goes back into them.
     """
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                 others: Sequence[torch.optim.Optimizer] = ()):
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.others = list(others)  # the run's other optimizers (manual_step): what they hold is held too
         self.groups: list[list[str]] = []
 
     def add(self, names: Sequence[str], patterns: Sequence[str] = (), **hyper: Any) -> list[str]:
@@ -175,7 +177,7 @@ class UnfrozenGroups:
     def unheld(self) -> list[str]:
         """Parameters that require gradients but that no group of the optimizer holds: they get
         gradients and are never stepped."""
-        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        held = {id(p) for opt in [self.optimizer, *self.others] for group in opt.param_groups for p in group["params"]}
         return [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in held]
 
 

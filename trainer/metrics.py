@@ -129,6 +129,25 @@ class LogInterval:
                             extra = extra.float()  # summed in fp32, as the loss
                     sums[name] = sums[name] + extra if name in sums else extra
 
+    def track_metrics(self, outputs: dict[str, Any] | None, batch: Any) -> None:
+        """One micro-batch of ``manual_step``: its returned values (``None``: nothing), each averaged
+        over the interval's micro-batches like a training step's extra metrics; no ``train/loss`` of
+        its own (a returned ``"loss"`` is one of the values)."""
+        self.step_micro += 1
+        self.last_batch = batch
+        if outputs is None:
+            return
+        sums = self.extra_sums
+        self.extra_count += 1
+        for name, value in outputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+                if value.ndim:
+                    value = value.mean()
+                if value.is_floating_point() and value.itemsize < 4:
+                    value = value.float()  # summed in fp32, as the loss
+            sums[name] = sums[name] + value if name in sums else value
+
     def track_sum(self, loss_sum: torch.Tensor, count: torch.Tensor, outputs: dict[str, Any], batch: Any) -> None:
         """One micro-batch's summed loss, its item count (scalar tensors) and extra metrics."""
         if self.summed is False:

@@ -28,15 +28,17 @@ CAPACITY = 4096  # flags kept on the device between two reads
 
 
 class NonFiniteGuard:
-    def __init__(self, policy: str, max_consecutive: int, optimizer: torch.optim.Optimizer,
+    def __init__(self, policy: str, max_consecutive: int, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
                  device: torch.device, fp16: bool, check: str = "auto"):
         self.policy, self.max_consecutive = policy, max_consecutive
-        self.optimizer = optimizer
+        optimizers = optimizer if isinstance(optimizer, list) else [optimizer]  # several: Trainer.manual_step
+        self.optimizer = optimizers[0]
         self.device = device
-        fused = all(group.get("fused") for group in optimizer.param_groups)
+        fused = all(group.get("fused") for opt in optimizers for group in opt.param_groups)
         # Fused SGD with momentum leaves its momentum buffers uninitialised (empty_like) when its
         # first step is skipped through found_inf, and later steps read them: not on the device.
-        momentum = isinstance(optimizer, torch.optim.SGD) and any(g.get("momentum") for g in optimizer.param_groups)
+        momentum = any(isinstance(opt, torch.optim.SGD) and any(g.get("momentum") for g in opt.param_groups)
+                       for opt in optimizers)
         if check == "device" and not (fused and not fp16 and not momentum):
             raise ValueError(
                 "nonfinite_check: device needs a fused optimizer (fused=True, which configs choose for "
@@ -45,25 +47,30 @@ class NonFiniteGuard:
         fused = fused and not momentum
         self.on_device = check == "device" or (check == "auto" and device.type == "cuda" and fused and not fp16)
         self.consecutive = 0  # length of the current run of non-finite steps
+        self.runs: dict[str, int] = {}  # the same per optimizer, by name (several: manual_step)
         self.skipped = 0  # non-finite steps skipped in the whole run
         self._flags: torch.Tensor | None = None
         self._unread = 0
+        self._flag_steps: list[tuple[int, str]] = []  # the step and optimizer of each unread flag (manual_step)
         self._step = 0  # the step the first unread flag belongs to, minus one
         self._taken = 0  # steps taken since the last log point (as far as read)
 
-    def start(self, step: int, log_every: int) -> None:
-        """Before the first step of a ``fit`` (after any resume): no unread flags."""
-        self._step, self._unread = step, 0
+    def start(self, step: int, log_every: int, per_step: int = 1) -> None:
+        """Before the first step of a ``fit`` (after any resume): no unread flags. ``per_step``:
+        the checks one step makes (one per optimizer under ``manual_step``)."""
+        self._step, self._unread, self._flag_steps = step, 0, []
         if self.on_device:
-            self._flags = torch.zeros(min(log_every, CAPACITY), device=self.device)
+            self._flags = torch.zeros(min(log_every * per_step, CAPACITY), device=self.device)
 
     def check(self, value: torch.Tensor, grads_found: torch.Tensor | None, step: int,
-              loss: torch.Tensor) -> bool | torch.Tensor:
+              loss: torch.Tensor | None, optimizer: torch.optim.Optimizer | None = None,
+              name: str = "") -> bool | torch.Tensor:
         """Before optimizer step ``step``: is it skipped? It is when ``value`` is not finite or
         ``grads_found`` (a 0/1 flag of non-finite gradients, see ``strategy.step_value``) is 1,
         which is then cleared. On the host, a bool (or an error under ``on_nonfinite: error``); on
         the device, a 0/1 flag tensor that the fused optimizer also reads, so the step skips itself
-        without the host waiting."""
+        without the host waiting. ``optimizer``: the one about to step (default: the run's);
+        ``loss`` ``None``: only gradients decide (``manual_step``), and ``name`` says whose."""
         if self.on_device:
             if self._unread == len(self._flags):
                 self.read(self.pending().tolist())  # note: CPU-GPU sync point, only if log interval > CAPACITY
@@ -73,29 +80,43 @@ class NonFiniteGuard:
                 torch.maximum(found, grads_found, out=found)
                 grads_found.zero_()
             self._unread += 1
-            self.optimizer.found_inf = found  # read by fused optimizers: skip this step on the device
+            self._flag_steps.append((step, name))
+            (optimizer or self.optimizer).found_inf = found  # read by fused optimizers: skip this step on the device
             return found
         # On CPU these are plain reads, nothing to wait for.
         number = value.item()
         self._step = step
         if math.isfinite(number) and (grads_found is None or not grads_found.item()):
-            self.consecutive = 0
+            self._count(name, False)
             self._taken += 1
             return False
         if grads_found is not None:
             grads_found.zero_()
-        self.consecutive += 1
+        self._count(name, True)
         self.skipped += 1
-        loss_value = loss.item()  # the error path only
-        subject = (f"train/loss is {loss_value}" if not math.isfinite(loss_value)
-                   else f"a gradient is not finite (train/loss {loss_value:.6g})")
+        if loss is None:
+            subject = f"a gradient of {name} is not finite"
+        else:
+            loss_value = loss.item()  # the error path only
+            subject = (f"train/loss is {loss_value}" if not math.isfinite(loss_value)
+                       else f"a gradient is not finite (train/loss {loss_value:.6g})")
         self._act(step, subject, f"stopped before the optimizer step; the weights are those of step {step - 1}",
-                  1, self.consecutive)
+                  1, self._run(name))
         return True
 
-    def done(self) -> None:
+    def _count(self, name: str, bad: bool) -> None:
+        """One step's verdict into the run of non-finite steps of its optimizer (``""``: the run's one)."""
+        if name:
+            self.runs[name] = self.runs.get(name, 0) + 1 if bad else 0
+        else:
+            self.consecutive = self.consecutive + 1 if bad else 0
+
+    def _run(self, name: str) -> int:
+        return self.runs.get(name, 0) if name else self.consecutive
+
+    def done(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         if self.on_device:
-            del self.optimizer.found_inf  # never leave a stale flag on the user's optimizer
+            del (optimizer or self.optimizer).found_inf  # never leave a stale flag on the user's optimizer
 
     def pending(self) -> torch.Tensor | None:
         """The flags not read yet (device mode), to convert together with the log point's metrics."""
@@ -104,16 +125,16 @@ class NonFiniteGuard:
     def read(self, flags: list[float]) -> None:
         """Act on flags brought to the host: error, or count the skips and warn."""
         first, count, longest = None, 0, 0
-        for i, flag in enumerate(flags, start=self._step + 1):
+        steps = (self._flag_steps if len(self._flag_steps) == len(flags)
+                 else [(self._step + 1 + i, "") for i in range(len(flags))])
+        for (i, name), flag in zip(steps, flags):
+            self._count(name, bool(flag))
             if flag:
                 first = first or i
                 count += 1
-                self.consecutive += 1
-                longest = max(longest, self.consecutive)
-            else:
-                self.consecutive = 0
+                longest = max(longest, self._run(name))
         self._step += len(flags)
-        self._unread = 0
+        self._unread, self._flag_steps = 0, []
         self._taken += len(flags) - count
         if count:
             self.skipped += count
@@ -132,10 +153,14 @@ class NonFiniteGuard:
             self.read(pending.tolist())  # note: CPU-GPU sync point, once per checkpoint
 
     def state_dict(self) -> dict[str, int]:
-        return {"consecutive_skips": self.consecutive, "skipped_steps": self.skipped}
+        state = {"consecutive_skips": self.consecutive, "skipped_steps": self.skipped}
+        if self.runs:
+            state["consecutive_skips_by_optimizer"] = dict(self.runs)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consecutive, self.skipped = state["consecutive_skips"], state["skipped_steps"]
+        self.runs = dict(state.get("consecutive_skips_by_optimizer") or {})
 
     def _act(self, step: int, subject: str, what: str, count: int, longest: int) -> None:
         if self.policy == "error":

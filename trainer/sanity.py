@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from trainer.trainer import Trainer
 
 # What a failure is blamed on; "trainer" is another method of the user's Trainer subclass (a hook).
-PARTS = ("model", "loss", "data", "training_step", "validation_step", "backward", "callback", "trainer")
+PARTS = ("model", "loss", "data", "training_step", "manual_step", "validation_step", "backward", "callback", "trainer")
 
 
 class SanityCheckError(Exception):
@@ -75,7 +75,7 @@ def _check_loss(trainer: Trainer) -> None:
                                f"{name}(), or a function such as {functional_of(loss_fn) or 'torch.nn.functional.cross_entropy'}")
     own = type(trainer)
     needs = [step for step in ("training_step", "validation_step") if getattr(own, step) is getattr(Trainer, step)
-             and (step == "training_step" or trainer.val_data is not None)]
+             and (step == "training_step" and trainer._manual is None or step == "validation_step" and trainer.val_data is not None)]
     if loss_fn is None and needs:
         raise SanityCheckError("loss", "loss_fn", f"is missing, and the default {' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} it: pass "
                                "Trainer(..., loss_fn=torch.nn.functional.cross_entropy), or override "
@@ -106,6 +106,9 @@ def _training_batch(trainer: Trainer) -> None:
         if batch is None:
             return  # empty: fit() raises its DataError
         batch = to_device(batch, trainer.device, dtype=trainer.precision.param_dtype)
+        if trainer._manual is not None:
+            _manual_batch(trainer, batch)
+            return
         with trainer.precision.autocast:
             outputs = trainer.training_step(batch)
         _check_summed(trainer, outputs, "training_step", "the first training batch")
@@ -126,7 +129,17 @@ def _training_batch(trainer: Trainer) -> None:
     except SanityCheckError:
         raise
     except Exception as exc:
-        _blame(trainer, exc, "training_step", "the first training batch", batch)
+        _blame(trainer, exc, "training_step" if trainer._manual is None else "manual_step", "the first training batch", batch)
+
+
+def _manual_batch(trainer: Trainer, batch: Any) -> None:
+    """A subclass's own step (``manual_step``) on the batch: its backwards run, no optimizer steps."""
+    trainer._manual.dry = True
+    try:
+        with trainer.precision.autocast:
+            trainer.manual_step(batch)
+    finally:
+        trainer._manual.dry = False
 
 
 def _validation_batch(trainer: Trainer) -> None:
@@ -213,7 +226,7 @@ def _blame(trainer: Trainer, exc: Exception, step: str, what: str, batch: Any) -
     subjects = {
         "model": f"the model ({type(trainer.module).__name__})",
         "loss": f"the loss ({_name(trainer.loss_fn)})",
-        "data": "the training data" if step == "training_step" else "the validation data",
+        "data": "the validation data" if step == "validation_step" else "the training data",
         "callback": f"callback {type(trainer.callbacks[found.callback]).__name__}" if found.callback is not None else "",
     }
     subject = subjects.get(part) or f"{type(trainer).__name__}.{part}"

@@ -3,7 +3,8 @@
 ``Trainer.fit`` reads top to bottom: epochs of micro-batches, each one forward, backward and,
 every ``grad_accum_steps`` micro-batches, one optimizer step. Everything optional hangs off the
 hooks listed in ``trainer.hooks``. A subclass overrides a step (``training_step``,
-``validation_step``, ``backward``, ``configure_optimizers``), not the loop.
+``validation_step``, ``backward``, ``configure_optimizers``, or ``manual_step`` to back and step
+several optimizers itself), not the loop.
 
 The Trainer wires its parts: the strategy (one process, DDP or FSDP), the log interval, the
 non-finite guard, the checkpointer, evaluation and stop signals each live in a module of their own.
@@ -26,8 +27,8 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import (compilation, distributed, evaluation, memory, metric_objects, prediction, progress, sanity, signals,
-                     timing, weights)
+from trainer import (compilation, distributed, evaluation, manual, memory, metric_objects, prediction, progress, sanity,
+                     signals, timing, weights)
 from trainer import run_dir as run_files
 from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
@@ -75,16 +76,18 @@ class Trainer:
     ``optimizer``: an optimizer, or a function of the trainable parameters that builds one (called
     once the model is on its device and wrapped or sharded, so it sees the parameters it will
     step); ``None`` calls ``configure_optimizers()``. ``scheduler``: a scheduler, or a function of
-    the optimizer. ``run_config``: the configuration saved in checkpoints (default: ``config``'s
-    fields; the command line passes the whole resolved YAML config). ``metrics``: metric objects by
-    name (``{"f1": torchmetrics.classification.MulticlassF1Score(10)}``) that the default
-    ``validation_step`` updates with ``(outputs, targets)`` and evaluation computes over the whole
-    set as ``val/<name>`` (see ``validation_step``).
+    the optimizer. Several optimizers (a list, and a list of schedulers with ``None`` where one has
+    none) need ``manual_step`` (``trainer.manual``). ``run_config``: the configuration saved in
+    checkpoints (default: ``config``'s fields; the command line passes the whole resolved YAML
+    config). ``metrics``: metric objects by name (``{"f1": torchmetrics.classification.MulticlassF1Score(10)}``)
+    that the default ``validation_step`` updates with ``(outputs, targets)`` and evaluation computes
+    over the whole set as ``val/<name>`` (see ``validation_step``).
 
     What callbacks and subclasses may read (README, "Callbacks and subclasses"): ``config``,
     ``device``, ``metrics``, ``module`` (the plain model: its parameters, its state dict) and ``model`` (what
     steps call: ``module`` wrapped by DDP, sharded by FSDP or compiled), ``optimizer``,
-    ``scheduler``, ``global_step`` (optimizer steps done), ``epoch`` (the epoch in progress, from
+    ``scheduler`` (with several, the first), ``optimizers``, ``schedulers``, ``global_step``
+    (optimizer steps done; under ``manual_step``, accumulation windows), ``epoch`` (the epoch in progress, from
     0; after an epoch ends, the epochs done), ``batch_in_epoch`` (micro-batches of it consumed),
     ``last_step_epoch``, ``total_steps()``, ``total_epochs()``, ``history`` (every log record),
     ``run_dir``, ``is_main_process`` (rank 0), ``skipped_steps``, ``stop_reason`` and
@@ -149,7 +152,12 @@ class Trainer:
             memory.checkpoint_activations(self.module, cfg.activation_checkpointing)
         if meta and not self.strategy.sharded:
             weights.materialize(self.module, self.device)
+        manual_mode = type(self).manual_step is not Trainer.manual_step
+        if manual_mode:
+            manual.refuse_sharded(self.strategy)  # before sharding: FSDP reduces inside backward
         stepped = self.strategy.wrap(self.module, optimizer)
+        if manual_mode:
+            stepped = self.module  # a step of its own averages gradients itself (trainer.manual), never through DDP
         if meta and self.strategy.sharded:
             weights.materialize(self.module, self.device)  # each rank's shards only
         self._built_on_meta = meta
@@ -170,23 +178,19 @@ class Trainer:
         # saved in checkpoints
         self.resolved_config: dict[str, Any] = run_config if run_config is not None else cfg.model_dump(mode="json")
 
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and callable(optimizer):
-            optimizer = optimizer(self.trainable_parameters())  # a factory: built on the final parameters
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        if self.optimizer is None:
-            configured = self.configure_optimizers()
-            self.optimizer, self.scheduler = (
-                configured if isinstance(configured, tuple) else (configured, self.scheduler)
+        # Every optimizer with its scheduler (None where it has none); the first is ``optimizer``.
+        self.optimizers, self.schedulers = manual.resolve_optimizers(
+            optimizer, scheduler, self.configure_optimizers, self.trainable_parameters)
+        self.optimizer, self.scheduler = self.optimizers[0], self.schedulers[0]
+        if len(self.optimizers) > 1 and not manual_mode:
+            raise ValueError(
+                f"{len(self.optimizers)} optimizers were given, and the automatic training step steps one: override "
+                "manual_step(batch) in your Trainer subclass to back each loss into its optimizer's parameters and "
+                "step it (docs/loop.md), or give one optimizer with several parameter groups"
             )
-        if not isinstance(self.optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"configure_optimizers() must return a torch.optim.Optimizer (or an (optimizer, scheduler) "
-                f"tuple), got {type(self.optimizer).__name__}"
-            )
-        self.strategy.check_optimizer(self.optimizer)
-        if callable(self.scheduler) and not hasattr(self.scheduler, "step"):
-            self.scheduler = self.scheduler(self.optimizer)  # a factory of the optimizer
+        manual.check_disjoint(self.optimizers, self.module)
+        for opt in self.optimizers:
+            self.strategy.check_optimizer(opt)
 
         self.callbacks = list(callbacks)
         if cfg.grad_logging.every_n_steps:
@@ -216,7 +220,7 @@ class Trainer:
         self._closed = False
         self._background_saves = False  # checkpoint.async, while fit's loop runs
 
-        self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizer, self.device,
+        self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizers, self.device,
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
         self._scale, self._unscale, self._step_optimizer, self._skip_optimizer = self.precision.steps(self.optimizer)
         if compiled is not None and compiled.optimizer:  # fp16 is refused by the config: the scaler steps eagerly
@@ -224,9 +228,11 @@ class Trainer:
         self._recompiles = compilation.Recompiles() if compiled is not None else None
         self._clip_params = self.trainable_parameters()
         self._check_grads = cfg.precision != "fp16"
-        self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler)
+        self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler, others=self.optimizers[1:])
+        several = len(self.optimizers) > 1
         self._checkpointer = ckpt.Checkpointer(
-            self.strategy, self.module, self.optimizer, self.scheduler, self.precision.scaler, self.callbacks,
+            self.strategy, self.module, self.optimizers if several else self.optimizer,
+            self.schedulers if several else self.scheduler, self.precision.scaler, self.callbacks,
             # batch_size and grad_accum_steps as trained: a resume on other ranks may have set them (the
             # checkpointer restores the values this run takes, see load_checkpoint).
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
@@ -242,6 +248,7 @@ class Trainer:
         self._source: EpochSource | None = None
         self._val_source: EpochSource | None = None
         self._sanity_checked = False  # fit() runs the sanity pass once per Trainer
+        self._manual = manual.ManualSteps(self) if manual_mode else None  # the subclass's own step
 
     # ----------------------------------------------------------------- override points
 
@@ -313,6 +320,39 @@ class Trainer:
             return self.model(batch[0])
         raise TypeError(f"the default predict_step expects each batch to be a tensor of inputs or a tuple starting "
                         f"with them, got {describe(batch)}; override predict_step(self, batch) in a Trainer subclass")
+
+    def manual_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
+        """Override to take over the whole training step (GANs, actor-critic, alternating updates):
+        called once per micro-batch instead of ``training_step``, ``backward`` and the optimizer
+        step. Back each loss with ``self.manual_backward(loss, optimizer)`` and step each optimizer
+        with ``self.optimizer_step(optimizer)``; return ``None`` or a dict of values, each logged as
+        ``train/<name>`` (its mean over the log interval's micro-batches). ``self.optimizers`` holds
+        every optimizer, in the order ``configure_optimizers()`` gave them. ``global_step`` counts
+        accumulation windows, not optimizer steps (``trainer.manual``, docs/loop.md)."""
+        raise NotImplementedError  # never called: the automatic step runs unless a subclass overrides this
+
+    def manual_backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """In ``manual_step``: backward of ``loss`` as the automatic step does it (divided by
+        ``grad_accum_steps``, scaled under fp16, ``on_before_backward`` first). With ``optimizer``
+        the gradients go only into the parameters it holds (a generator's loss leaves the
+        discriminator's gradients alone)."""
+        self._manual_steps("manual_backward").backward(loss, optimizer)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """In ``manual_step``: on the accumulation window's last micro-batch, step ``optimizer`` as
+        the automatic step does (gradients averaged over ranks, fp16 unscale, ``on_after_backward``,
+        the non-finite check, clipping, ``on_before_optimizer_step``, the step, its scheduler,
+        ``on_before_zero_grad``, ``zero_grad``) and return True; before it, return False and let the
+        gradients accumulate."""
+        return self._manual_steps("optimizer_step").step(optimizer)
+
+    def _manual_steps(self, helper: str) -> manual.ManualSteps:
+        if self._manual is None:
+            raise RuntimeError(
+                f"{helper}() belongs in manual_step(batch): this {type(self).__name__} does not override manual_step, "
+                "so the automatic step backs and steps; override manual_step instead of training_step to call it"
+            )
+        return self._manual
 
     def backward(self, loss: torch.Tensor) -> None:
         """Fill ``.grad``. ``loss`` is already divided by ``grad_accum_steps`` (a ``loss_sum`` is not:
@@ -468,9 +508,10 @@ class Trainer:
         if not self._started:
             seed_everything(cfg.seed)
             self._started = True
-        self._guard.start(self.global_step, log_every=cfg.log_every_n_steps)
-        if hasattr(self.scheduler, "set_total_steps"):  # schedules that need the run's length
-            self.scheduler.set_total_steps(self.total_steps())
+        self._guard.start(self.global_step, log_every=cfg.log_every_n_steps, per_step=len(self.optimizers))
+        for scheduler in self.schedulers:
+            if hasattr(scheduler, "set_total_steps"):  # schedules that need the run's length
+                scheduler.set_total_steps(self.total_steps())
         opened = self._open_metric_files()
         with self._signals.installed(), torch_settings(self.device, cfg.deterministic):
             try:
@@ -598,6 +639,7 @@ class Trainer:
         # has floating-point tensors to convert.
         move = to_device if self.device.type != "cpu" or dtype is not None else _same_batch
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
+        steps_itself = self._manual  # a subclass's manual_step: it backs and steps (trainer.manual)
         nullcontext = contextlib.nullcontext()
         try:
             epoch_len: int | None = len(self._source)
@@ -616,34 +658,42 @@ class Trainer:
             times.fetched()
             for fn in h["on_train_batch_start"]:
                 fn(self, batch)
-            with autocast:
-                outputs = self.training_step(batch)
-            is_dict = isinstance(outputs, dict)
-            if is_dict and SUM in outputs:
-                # A sum over items: its gradient is divided by the step's count of items at the step.
-                loss, count = summed(outputs, "training_step")
-                divided = loss
+            if steps_itself is not None:
+                # The user's step backs and steps in one call: its optimizer steps count as compute.
+                outputs = steps_itself.micro_batch(batch, step_now)
+                times.computed()
+                if step_now:
+                    steps_itself.end_window()
+                    times.stepped()
             else:
-                loss = outputs["loss"] if is_dict else outputs
-                if not isinstance(loss, torch.Tensor):
-                    raise TypeError(
-                        f"training_step must return a loss Tensor, a dict with a 'loss' Tensor, or a dict with "
-                        f"'loss_sum' and 'count' Tensors, got {describe(outputs)}"
-                    )
-                divided, count = (loss / accum if accum > 1 else loss), None
-            for fn in h["on_before_backward"]:
-                fn(self, loss)
-            # Under DDP / FSDP the micro-batches before the step skip the gradient all-reduce.
-            with no_sync() if no_sync is not None and not step_now else nullcontext:
-                self.backward(scale(divided))
-            if count is None:
-                track(loss, outputs, batch)
-            else:
-                track_sum(loss, count, outputs, batch)
-            times.computed()
-            if step_now:
-                self._step()
-                times.stepped()
+                with autocast:
+                    outputs = self.training_step(batch)
+                is_dict = isinstance(outputs, dict)
+                if is_dict and SUM in outputs:
+                    # A sum over items: its gradient is divided by the step's count of items at the step.
+                    loss, count = summed(outputs, "training_step")
+                    divided = loss
+                else:
+                    loss = outputs["loss"] if is_dict else outputs
+                    if not isinstance(loss, torch.Tensor):
+                        raise TypeError(
+                            f"training_step must return a loss Tensor, a dict with a 'loss' Tensor, or a dict with "
+                            f"'loss_sum' and 'count' Tensors, got {describe(outputs)}"
+                        )
+                    divided, count = (loss / accum if accum > 1 else loss), None
+                for fn in h["on_before_backward"]:
+                    fn(self, loss)
+                # Under DDP / FSDP the micro-batches before the step skip the gradient all-reduce.
+                with no_sync() if no_sync is not None and not step_now else nullcontext:
+                    self.backward(scale(divided))
+                if count is None:
+                    track(loss, outputs, batch)
+                else:
+                    track_sum(loss, count, outputs, batch)
+                times.computed()
+                if step_now:
+                    self._step()
+                    times.stepped()
             if h["on_train_batch_end"]:
                 outputs = detach(outputs)
                 for fn in h["on_train_batch_end"]:
@@ -659,7 +709,11 @@ class Trainer:
                 "Dataset, a DataLoader or a list"
             )
         if not step_now and epoch_len is None:
-            self._step()  # the last, partial window of an iterable of unknown length
+            # the last, partial window of an iterable of unknown length
+            if steps_itself is None:
+                self._step()
+            else:
+                steps_itself.end_window()
             self._after_step()
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -805,6 +859,8 @@ class Trainer:
         times = self._times.close(interval.clock, self.global_step, interval.micro_batches, interval.last_batch)
         samples_per_sec = interval.put(self._metrics)
         self._metrics.put("lr", self.optimizer.param_groups[0]["lr"])
+        for i, opt in enumerate(self.optimizers[1:], start=1):  # several optimizers: the others' as lr/<i>
+            self._metrics.put(f"lr/{i}", opt.param_groups[0]["lr"])
         values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=distributed.mean_over_ranks)
         # (note: the flush is the CPU-GPU sync point of the log interval)
         record.update(values)

@@ -105,3 +105,54 @@ def test_sharded_parameters_get_foreach_sgd_and_fused_adam(one_rank_group):
     assert kernel_defaults(torch.optim.AdamW, params) == {"fused": True}
     built = optimizer_factory(component(_target_="torch.optim.SGD", lr=0.1), Source({}, "cfg.yaml", {}))(params)
     assert built.param_groups[0]["foreach"] is True and not built.param_groups[0]["fused"]
+
+
+GAN = """\
+name: gan
+max_steps: 2
+batch_size: 16
+progress: "off"
+trainer: trainer.examples.gan.GANTrainer
+model: {_target_: trainer.examples.gan.GAN, latent: 8, hidden: 8}
+data: {_target_: trainer.examples.gan.ring, n_train: 64, n_val: 16}
+optimizers:
+  generator:
+    params: generator.*
+    optimizer: {_target_: torch.optim.Adam, lr: 1.0e-3}
+    scheduler: {_target_: torch.optim.lr_scheduler.StepLR, step_size: 1}
+  discriminator:
+    params: [discriminator.*]
+    optimizer: {_target_: torch.optim.SGD, lr: 1.0e-2}
+"""
+
+
+def test_several_optimizers_from_yaml_each_over_its_patterns(tmp_path):
+    from trainer.cli.build import build
+    from trainer.cli.run_config import validate
+
+    def load_run(path, overrides):
+        source = Source.load(path)
+        return source, validate(source)
+
+    path = tmp_path / "gan.yaml"
+    path.write_text(GAN)
+    source, run = load_run(path, [])
+    t = build(source, run, None).trainer
+    g, d = t.optimizers
+    assert isinstance(g, torch.optim.Adam) and isinstance(d, torch.optim.SGD)
+    assert [p for group in g.param_groups for p in group["params"]] == list(t.module.generator.parameters())
+    assert [p for group in d.param_groups for p in group["params"]] == list(t.module.discriminator.parameters())
+    assert isinstance(t.schedulers[0], torch.optim.lr_scheduler.StepLR) and t.schedulers[1] is None
+    assert g.param_groups[0]["fused"] and d.param_groups[0]["fused"]  # the kernel a single optimizer gets
+
+    path.write_text(GAN.replace("params: [discriminator.*]", "params: [discrim.*]"))
+    with pytest.raises(ConfigError, match=r"gan.yaml:14:\d+: optimizers.discriminator.params: the pattern 'discrim.\*' "
+                                          r"matches no parameter; parameters are: generator.0.weight"):
+        build(*load_run(path, []), None)
+    path.write_text(GAN + "optimizer: {_target_: torch.optim.SGD, lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"optimizer: give either optimizer: \(with scheduler:\) or optimizers:"):
+        build(*load_run(path, []), None)
+    path.write_text(GAN.replace("trainer: trainer.examples.gan.GANTrainer", "trainer: trainer.Trainer")
+                    + "loss: torch.nn.functional.mse_loss\n")
+    with pytest.raises(ConfigError, match=r"2 optimizers were given, and the automatic training step steps one"):
+        build(*load_run(path, []), None)

@@ -261,8 +261,9 @@ def _check_records(path: Path) -> None:
 # trainer_state belong to the Trainer (progress), nonfinite.py (skips) and metrics.py (the log interval).
 _TENSOR, _NONE = torch.Tensor, type(None)
 _LAYOUT: dict[str, tuple[type, ...]] = {
-    "model": (dict,), "optimizer": (dict,), "optimizer.state": (dict,), "optimizer.param_groups": (list,),
-    "scheduler": (dict, _NONE), "scaler": (dict,), "callbacks": (dict,), "config": (dict,),
+    # Several optimizers (Trainer.manual_step): lists of their states, in order.
+    "model": (dict,), "optimizer": (dict, list), "optimizer.state": (dict,), "optimizer.param_groups": (list,),
+    "scheduler": (dict, list, _NONE), "scaler": (dict,), "callbacks": (dict,), "config": (dict,),
     "trainer_state": (dict,),
     **{f"trainer_state.{name}": (int,) for name in (
         "global_step", "epoch", "batch_in_epoch", "consecutive_skips", "skipped_steps", "loss_count", "extra_count")},

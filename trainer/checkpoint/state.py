@@ -191,17 +191,22 @@ class Checkpointer:
     """Assembles, writes and restores the checkpoint of one run.
 
     ``train_state``: objects whose ``state_dict()`` dicts together form the checkpoint's
-    ``trainer_state`` (each takes its own keys back in ``load_state_dict``).
+    ``trainer_state`` (each takes its own keys back in ``load_state_dict``). ``optimizer`` and
+    ``scheduler`` may be lists of one length (several optimizers, ``Trainer.manual_step``): the
+    checkpoint then holds lists of their states, in that order.
     """
 
-    def __init__(self, strategy: Any, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    def __init__(self, strategy: Any, module: nn.Module, optimizer: Any, scheduler: Any,
                  scaler: Any, callbacks: list[Any], train_state: list[Any], config: dict[str, Any],
                  unfrozen: Any = None, loggers: list[Any] | None = None):
-        self.strategy, self.module, self.optimizer = strategy, module, optimizer
+        self.several = isinstance(optimizer, list)
+        self.optimizers = optimizer if self.several else [optimizer]
+        self.schedulers = scheduler if self.several else [scheduler]
+        self.strategy, self.module, self.optimizer = strategy, module, self.optimizers[0]
+        self.scheduler, self.scaler = self.schedulers[0], scaler
         # rank 0's loggers (the list itself: fit adds its files to it); those with a state_dict, such
         # as a tracker's run id, are kept like callbacks' states
         self.loggers = loggers if loggers is not None else []
-        self.scheduler, self.scaler = scheduler, scaler
         self.callbacks = stateful_callbacks(callbacks)
         self.train_state = train_state
         self.config = config
@@ -230,13 +235,18 @@ class Checkpointer:
         model_state, optimizer_state = self.strategy.state_dicts(self.module, self.optimizer)
         trainer_state: dict[str, Any] = {"world_size": self.strategy.layout.world_size,
                                          "optimizer_class": type(self.optimizer).__name__}
+        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
+        if self.several:  # a whole model on every rank (manual_step refuses fsdp): plain state dicts
+            optimizer_state = [opt.state_dict() for opt in self.optimizers]
+            scheduler_state = [s.state_dict() if s is not None else None for s in self.schedulers]
+            trainer_state["optimizer_class"] = [type(opt).__name__ for opt in self.optimizers]
         for part in self.train_state:
             trainer_state.update(part.state_dict())
         return {
             "version": files.VERSION,
             "model": model_state,
             "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scheduler": scheduler_state,
             "scaler": self.scaler.state_dict(),
             "trainer_state": trainer_state,
             "rng": files.rng_state(),
@@ -332,8 +342,17 @@ class Checkpointer:
             current.update(dataclasses.asdict(layout))
             ts.update(batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps)
         saved_class = ts.get("optimizer_class") or _optimizer_class(saved_config)
-        new_class = saved_class is not None and saved_class != type(self.optimizer).__name__
-        if "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
+        classes = [type(opt).__name__ for opt in self.optimizers]
+        new_class = saved_class is not None and saved_class != (classes if self.several else classes[0])
+        if self.several or isinstance(saved_class, list):
+            # Several optimizers (built in code or by configure_optimizers): their number, classes and groups.
+            saved_states = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
+            saved_classes = saved_class if isinstance(saved_class, list) else [saved_class]
+            saved["optimizers"] = {str(i): _optimizer_summary(s["param_groups"], c)
+                                   for i, (s, c) in enumerate(zip(saved_states, saved_classes))}
+            current["optimizers"] = {str(i): _optimizer_summary(opt.param_groups, type(opt).__name__)
+                                     for i, opt in enumerate(self.optimizers)}
+        elif "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
             # Groups added by unfreezing are the run's progress, not its config: compared are the
             # groups the optimizer was built with.
             saved_groups = state["optimizer"]["param_groups"]
@@ -344,7 +363,7 @@ class Checkpointer:
             current["optimizer"] = _optimizer_summary(groups, type(self.optimizer).__name__)
         changes = config_changes(saved, current)
         resumed = Resumed(changes, saved_layout, layout, notice)
-        breaking = [c for c in changes if c[0].split(".")[0] in EXACT]
+        breaking = [c for c in changes if c[0].split(".")[0] in EXACT + ("optimizers",)]
         if _global_batch(saved) != _global_batch(current):
             breaking += [c for c in changes if c[0] in BATCH_KEYS]
         if breaking and not accept_changes:
@@ -355,7 +374,8 @@ class Checkpointer:
                 "was started with, or accept the changes (trainer run --accept-changes; in code "
                 "load_checkpoint(..., accept_changes=True)), which applies them from here on"
             )
-        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        hyper = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                 for opt in self.optimizers]
         if state.get("unfrozen") and self.unfrozen is not None:
             try:  # the groups first, then the optimizer state that fills them
                 self.unfrozen.load_state_dict(state["unfrozen"])
@@ -367,23 +387,35 @@ class Checkpointer:
             self._shard_full(state, where, optimizer=not (new_class and accept_changes))
         else:
             self.load_model(state["model"], where)
+            saved_states = state["optimizer"] if self.several else [state["optimizer"]]
+            if isinstance(state["optimizer"], list) != self.several or len(saved_states) != len(self.optimizers):
+                raise CheckpointError(
+                    f"checkpoint {where} holds the state of {len(saved_states) if isinstance(state['optimizer'], list) else 1} "
+                    f"optimizer(s) but this run has {len(self.optimizers)}; resume with the optimizers the run was started with"
+                )
             if not (new_class and accept_changes):
-                try:
-                    self.optimizer.load_state_dict(state["optimizer"])
-                except (ValueError, KeyError, RuntimeError) as exc:
-                    raise CheckpointError(
-                        f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
-                        "resume with the config the run was started with"
-                    ) from None
-        if (state["scheduler"] is None) != (self.scheduler is None):
-            raise CheckpointError(
-                f"checkpoint {where} was written {'without' if state['scheduler'] is None else 'with'} a scheduler "
-                f"but this run has {'one' if self.scheduler is not None else 'none'}"
-            )
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if accept_changes and any(c[0].startswith("optimizer.") for c in changes):
-            self._apply_hyperparameters(hyper)
+                for i, (opt, saved_state) in enumerate(zip(self.optimizers, saved_states)):
+                    try:
+                        opt.load_state_dict(saved_state)
+                    except (ValueError, KeyError, RuntimeError) as exc:
+                        which = f"optimizer {i}" if self.several else "optimizer"
+                        raise CheckpointError(
+                            f"checkpoint {where}: the {which} state does not fit this {which} ({exc}); "
+                            "resume with the config the run was started with"
+                        ) from None
+        saved_schedulers = state["scheduler"] if self.several else [state["scheduler"]]
+        for i, (scheduler, saved_state) in enumerate(zip(self.schedulers, saved_schedulers)):
+            if (saved_state is None) != (scheduler is None):
+                which = f"optimizer {i}" if self.several else "this run"
+                raise CheckpointError(
+                    f"checkpoint {where} was written {'without' if saved_state is None else 'with'} a scheduler "
+                    f"but {which} has {'one' if scheduler is not None else 'none'}"
+                )
+            if scheduler is not None:
+                scheduler.load_state_dict(saved_state)
+        if accept_changes and any(c[0].startswith(("optimizer.", "optimizers.")) for c in changes):
+            for opt, scheduler, groups in zip(self.optimizers, self.schedulers, hyper):
+                _apply_hyperparameters(opt, scheduler, groups)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if saved_layout is not None and (saved_layout.world_size, saved_layout.grad_accum_steps) != (
@@ -416,19 +448,6 @@ class Checkpointer:
                 "this run registered (trainer.register_state); it is ignored",
                 stacklevel=4,
             )
-
-    def _apply_hyperparameters(self, hyper: list[dict[str, Any]]) -> None:
-        """This run's optimizer settings over the restored ones. A learning rate under a scheduler
-        keeps the schedule's factor at the step reached: base and current lr scale together."""
-        bases = getattr(self.scheduler, "base_lrs", None)
-        for i, (group, new) in enumerate(zip(self.optimizer.param_groups, hyper)):
-            old_base = bases[i] if bases is not None else group["lr"]
-            factor = group["lr"] / old_base if old_base else 1.0
-            group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
-            group["lr"] = new.get("initial_lr", new["lr"]) * factor
-            if bases is not None:
-                bases[i] = new.get("initial_lr", new["lr"])
-                group["initial_lr"] = bases[i]
 
     def _load_callbacks(self, saved: dict[str, Any], where: str) -> None:
         saved = _legacy_keys(saved, list(self.callbacks.items()))
@@ -528,6 +547,20 @@ class Checkpointer:
     def load_model(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         files.check_model_state(self.module, saved, where)
         self.module.load_state_dict(saved)
+
+
+def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, hyper: list[dict[str, Any]]) -> None:
+    """This run's optimizer settings over the restored ones. A learning rate under a scheduler
+    keeps the schedule's factor at the step reached: base and current lr scale together."""
+    bases = getattr(scheduler, "base_lrs", None)
+    for i, (group, new) in enumerate(zip(optimizer.param_groups, hyper)):
+        old_base = bases[i] if bases is not None else group["lr"]
+        factor = group["lr"] / old_base if old_base else 1.0
+        group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+        group["lr"] = new.get("initial_lr", new["lr"]) * factor
+        if bases is not None:
+            bases[i] = new.get("initial_lr", new["lr"])
+            group["initial_lr"] = bases[i]
 
 
 def _legacy_keys(saved: dict[str, Any], callbacks: list[tuple[str, Any]]) -> dict[str, Any]:

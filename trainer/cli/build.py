@@ -213,6 +213,38 @@ def optimizer_factory(component: Component, source: Source, compiled: bool = Fal
     return build_optimizer
 
 
+def optimizers_factory(entries: dict[str, Any], model: Any, source: Source) -> tuple[Callable[[Any], Any], list[Any]]:
+    """Several optimizers (``optimizers:``), each over the parameters its patterns name, checked now:
+    the function that builds them from the Trainer's trainable parameters, and their schedulers
+    (functions of their optimizer, or None)."""
+    from trainer.freezing import matching_names
+
+    made, schedulers = [], []
+    for name, entry in entries.items():
+        path = ("optimizers", name)
+        patterns = [entry.params] if isinstance(entry.params, str) else list(entry.params)
+        try:
+            names = matching_names(model, patterns, "the")
+        except ValueError as exc:
+            raise source.at(path + ("params",), str(exc)) from None
+        call = bind(entry.optimizer, source, path + ("optimizer",), skip=1)
+        target = import_target(entry.optimizer.target, source, path + ("optimizer", "_target_"))
+        chosen = bool(KERNEL_CHOICES & set(entry.optimizer.kwargs))
+        made.append((names, call, target, chosen))
+        schedulers.append(bind(entry.scheduler, source, path + ("scheduler",), skip=1) if entry.scheduler else None)
+    named = dict(model.named_parameters())
+
+    def build_optimizers(params: Any) -> list[Any]:
+        trainable = {id(p) for p in params}
+        built = []
+        for names, call, target, chosen in made:
+            held = [named[n] for n in names if id(named[n]) in trainable]
+            built.append(call(held, **({} if chosen else kernel_defaults(target, held))))
+        return built
+
+    return build_optimizers, schedulers
+
+
 def check_patterns(model: Any, patterns: list[str], source: Source) -> None:
     """Each ``activation_checkpointing`` pattern matches a module of the model, or the error points at it."""
     from trainer.memory import matching_modules
@@ -294,7 +326,9 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     else:
         loss_fn = None
         defaults = [step for step in ("training_step", "validation_step")
-                    if getattr(trainer_cls, step) is getattr(Trainer, step) and (step == "training_step" or val_data is not None)]
+                    if getattr(trainer_cls, step) is getattr(Trainer, step)
+                    and (step == "training_step" and trainer_cls.manual_step is Trainer.manual_step
+                         or step == "validation_step" and val_data is not None)]
         if defaults:
             raise ConfigError(
                 f"{source.file}: no 'loss:' entry, and the default {' and '.join(defaults)} of {trainer_path} "
@@ -303,7 +337,13 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
             )
 
     optimizer = scheduler = None
-    if run.optimizer is not None:
+    if run.optimizers is not None:
+        if run.optimizer is not None or run.scheduler is not None:
+            where = ("optimizer",) if run.optimizer is not None else ("scheduler",)
+            raise source.at(where, "give either optimizer: (with scheduler:) or optimizers: (each with its own "
+                            "scheduler:), not both")
+        optimizer, scheduler = optimizers_factory(run.optimizers, model, source)
+    elif run.optimizer is not None:
         settings = compile_settings(run.compile)
         optimizer = optimizer_factory(run.optimizer, source, compiled=settings is not None and settings.optimizer)
         if run.scheduler is not None:

@@ -58,6 +58,15 @@ class TrackerLogger(BaseModel):
 TRACKERS = ("mlflow", "wandb")
 
 
+class OptimizerEntry(BaseModel):
+    """One of several optimizers (``optimizers:``): the parameters it holds, it, and its scheduler."""
+
+    model_config = ConfigDict(extra="forbid")
+    params: list[str] | str = Field(description="Glob patterns of the parameter names it holds, e.g. 'generator.*'.")
+    optimizer: Component = Field(description="Called with those parameters first, e.g. {_target_: torch.optim.Adam, lr: 1.0e-3}.")
+    scheduler: Component | None = Field(None, description="Called with the optimizer first (null: none).")
+
+
 class RunConfig(TrainerConfig):
     """Everything ``trainer run`` needs: the TrainerConfig fields, where the run goes, and what to build."""
 
@@ -91,6 +100,11 @@ class RunConfig(TrainerConfig):
         "null when the Trainer subclass defines configure_optimizers().",
     )
     scheduler: Component | None = Field(None, description="Called with the optimizer first (null: none).")
+    optimizers: dict[str, OptimizerEntry] | None = Field(
+        None,
+        description="Several optimizers instead of optimizer:, by name, in order: {name: {params: 'pattern.*', "
+        "optimizer: {_target_: ...}, scheduler: ...}}; each parameter in one. Needs a Trainer subclass with manual_step.",
+    )
     callbacks: list[Component] = Field(default_factory=list, description="Callbacks, each {_target_: ...}.")
     loggers: list[Literal["tensorboard", "mlflow", "wandb"] | TrackerLogger | Component] = Field(
         default_factory=list,

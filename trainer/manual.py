@@ -1,0 +1,243 @@
+"""Several optimizers, and a training step of a subclass's own (``Trainer.manual_step``).
+
+A GAN, an actor-critic or an alternating distillation needs to decide which loss goes back into
+which parameters and which optimizer steps when. The subclass overrides one method,
+``manual_step(batch)``, called once per micro-batch, and calls two helpers from it:
+
+* ``manual_backward(loss, optimizer=None)``: backward of ``loss`` divided by ``grad_accum_steps``
+  (and scaled under fp16), into the parameters ``optimizer`` holds when one is given (a
+  generator's loss then leaves the discriminator's gradients alone, through autograd's
+  ``inputs=``), else into every parameter the loss reaches;
+* ``optimizer_step(optimizer)``: on the last micro-batch of the accumulation window, everything
+  the automatic loop does for its one optimizer: gradients averaged over the ranks, the fp16
+  unscale, ``on_after_backward``, the non-finite check, clipping, ``on_before_optimizer_step``,
+  the step (or its skip), that optimizer's scheduler, ``on_before_zero_grad`` and ``zero_grad``.
+  On the micro-batches before, it only notes the request: the gradients keep accumulating.
+
+``global_step`` counts calls of the window (one per ``grad_accum_steps`` micro-batches), not
+optimizer steps: a window that steps two optimizers is still one step. One GradScaler serves
+every optimizer and updates once per window (torch's AMP recipe for several optimizers).
+
+Under DDP the manual path runs the plain module, never the DDP wrapper (whose reducer allows one
+backward per forward and expects every parameter in it): each optimizer's gradients are averaged
+over the ranks at its step, in one collective, so the micro-batches before a step never
+communicate. FSDP is refused: its gradients are reduced inside backward, by the wrapper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+
+def resolve_optimizers(optimizer: Any, scheduler: Any, configure: Callable[[], Any],
+                       params: Callable[[], list[nn.Parameter]]) -> tuple[list[Any], list[Any]]:
+    """The run's optimizers and their schedulers (``None`` where one has none), as two lists of
+    one length, from what ``Trainer(optimizer=, scheduler=)`` or ``configure_optimizers()`` gave:
+    an optimizer or a function of the parameters; ``(optimizer, scheduler)``; a list of
+    optimizers; or ``([optimizers], [schedulers])``. A scheduler may be a function of its optimizer."""
+    if optimizer is not None and not isinstance(optimizer, (torch.optim.Optimizer, list, tuple)) and callable(optimizer):
+        optimizer = optimizer(params())  # a factory: built on the final parameters
+    where = "Trainer(optimizer=...)"
+    if optimizer is None:
+        configured = configure()
+        where = "configure_optimizers()"
+        if isinstance(configured, tuple) and len(configured) == 2 and not isinstance(configured[1], torch.optim.Optimizer):
+            optimizer, scheduler = configured
+        else:
+            optimizer = configured
+    several = isinstance(optimizer, (list, tuple))
+    optimizers = list(optimizer) if several else [optimizer]
+    for i, opt in enumerate(optimizers):
+        if not isinstance(opt, torch.optim.Optimizer):
+            shown = f"item {i} of the list is a {type(opt).__name__}" if several else f"got {type(opt).__name__}"
+            raise TypeError(
+                f"{where} must give a torch.optim.Optimizer, a list of them, or an (optimizer, scheduler) "
+                f"tuple (([optimizers], [schedulers]) for several); {shown}"
+            )
+    if not optimizers:
+        raise ValueError(f"{where} gave an empty list of optimizers; give at least one")
+    if several or isinstance(scheduler, (list, tuple)):
+        schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler] * (scheduler is not None)
+        if schedulers and len(schedulers) != len(optimizers):
+            raise ValueError(
+                f"{where} gave {len(optimizers)} optimizer(s) and {len(schedulers)} scheduler(s); give one "
+                "scheduler per optimizer, in the same order, with None for an optimizer without one"
+            )
+        schedulers = schedulers or [None] * len(optimizers)
+    else:
+        schedulers = [scheduler]
+    # A function of the optimizer (what a config's scheduler section builds) is called with its own.
+    schedulers = [s(opt) if callable(s) and not hasattr(s, "step") else s for s, opt in zip(schedulers, optimizers)]
+    return optimizers, schedulers
+
+
+def check_disjoint(optimizers: list[torch.optim.Optimizer], module: nn.Module) -> None:
+    """Two optimizers that hold one parameter would both step it, each with its own state: refused."""
+    owner: dict[int, int] = {}
+    names = {id(p): n for n, p in module.named_parameters()}
+    for i, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                j = owner.setdefault(id(p), i)
+                if j != i:
+                    raise ValueError(
+                        f"optimizers {j} and {i} both hold the parameter {names.get(id(p), tuple(p.shape))!r}; "
+                        "give each parameter to one optimizer (e.g. model.generator.parameters() and "
+                        "model.discriminator.parameters())"
+                    )
+
+
+def refuse_sharded(strategy: Any) -> None:
+    if strategy.sharded:
+        raise ValueError(
+            "manual_step under strategy: fsdp: FSDP reduces gradients inside backward through its "
+            "wrapper, which a step of your own bypasses; use strategy: ddp (or one process)"
+        )
+
+
+class ManualSteps:
+    """The state of ``manual_step``'s accumulation window and what its two helpers do."""
+
+    def __init__(self, trainer: Any):
+        t = self.trainer = trainer
+        refuse_sharded(t.strategy)
+        self.accum = t.config.grad_accum_steps
+        self.scaler = t.precision.scaler
+        self.fp16 = self.scaler.is_enabled()
+        self.world = t.layout.world_size if t.layout.enabled else 1
+        # Each optimizer's parameters, listed once (what its clipping, check and averaging see).
+        self.params = {id(opt): [p for g in opt.param_groups for p in g["params"]] for opt in t.optimizers}
+        self.index = {id(opt): i for i, opt in enumerate(t.optimizers)}
+        self.schedulers = {id(opt): s for opt, s in zip(t.optimizers, t.schedulers)}
+        self.zero = torch.zeros((), device=t.device)  # the step's value: its gradients decide alone
+        self.stepping = False  # the current micro-batch ends the window
+        self.stepped = 0  # optimizer steps taken in the window
+        self.requested: list[torch.optim.Optimizer] = []  # asked for before the window's last micro-batch
+        self.dry = False  # the sanity pass: backward only, nothing steps, no hook fires
+
+    def micro_batch(self, batch: Any, step_now: bool) -> Any:
+        """Run ``manual_step`` on one micro-batch; ``step_now``: it is the window's last."""
+        t = self.trainer
+        self.stepping = step_now
+        with t.precision.autocast:
+            outputs = t.manual_step(batch)
+        if outputs is not None and not isinstance(outputs, dict):
+            raise TypeError(
+                f"manual_step must return None or a dict of values to log (e.g. {{'d_loss': d_loss}}), got "
+                f"{type(outputs).__name__}; log through self.log(name, value) or return a dict"
+            )
+        t._interval.track_metrics(outputs, batch)
+        return outputs
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        t = self.trainer
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"manual_backward(loss) needs a scalar loss tensor, got {shown}; reduce it (loss.mean())")
+        inputs = self._params_of(optimizer, "manual_backward") if optimizer is not None else None
+        if self.dry:
+            torch.autograd.backward(loss, inputs=inputs)
+            return
+        for fn in t._hooks["on_before_backward"]:
+            fn(t, loss)
+        divided = loss / self.accum if self.accum > 1 else loss
+        torch.autograd.backward(self.scaler.scale(divided) if self.fp16 else divided, inputs=inputs)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step ``optimizer`` if this micro-batch ends the window; True when it did."""
+        self._params_of(optimizer, "optimizer_step")
+        if self.dry:
+            return False
+        if not self.stepping:
+            if optimizer not in self.requested:
+                self.requested.append(optimizer)
+            return False
+        self._step(optimizer)
+        return True
+
+    def end_window(self) -> None:
+        """After the window's last micro-batch: the scaler's update and the step count."""
+        t = self.trainer
+        if self.requested and not self.stepping:
+            # The last, partial window of data of unknown length: the steps asked for are taken now.
+            for optimizer in self.requested:
+                self._step(optimizer)
+        self.requested.clear()
+        self.stepping = False
+        if not self.stepped:
+            raise RuntimeError(
+                f"manual_step ended optimizer step {t.global_step + 1} without stepping an optimizer: call "
+                "self.optimizer_step(optimizer) for each optimizer that should step, after manual_backward(loss) "
+                "(on the micro-batches before the window's last it only notes the request)"
+            )
+        self.stepped = 0
+        if self.fp16:
+            self.scaler.update()  # once per window, after every optimizer stepped (torch's AMP recipe)
+        t._interval.end_step(True)  # the window's micro-batches, for throughput; its metrics are tracked already
+        t.global_step += 1
+
+    def _params_of(self, optimizer: Any, where: str) -> list[torch.Tensor]:
+        params = self.params.get(id(optimizer))
+        if params is None:
+            raise ValueError(
+                f"{where}: the {type(optimizer).__name__} given is not one of this Trainer's optimizers; pass one "
+                "of self.optimizers (what configure_optimizers() returned, after the Trainer built it)"
+            )
+        return params
+
+    def _step(self, optimizer: torch.optim.Optimizer) -> None:
+        t = self.trainer
+        h = t._hooks
+        params = self.params[id(optimizer)]
+        if self.world > 1:
+            _average_over_ranks(params, self.world)
+        if self.fp16:
+            self.scaler.unscale_(optimizer)  # the hooks, the check and clipping see true gradients
+        for fn in h["on_after_backward"]:
+            fn(t)
+        clipping = t.config.clip_grad_norm is not None
+        # Under fp16 the scaler owns non-finite gradients: it skips the step and lowers the scale.
+        value, found, norm = t.strategy.step_value(self.zero, params, not self.fp16, clipping)
+        skipped = t._guard.check(value, found, t.global_step + 1, None, optimizer=optimizer,
+                                 name=f"optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__})")
+        if clipping:
+            t.strategy.clip(params, t.config.clip_grad_norm, norm)
+        for fn in h["on_before_optimizer_step"]:
+            fn(t, optimizer)
+        if skipped is not True:
+            if self.fp16:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()  # with a device-side flag, a bad step skips itself here
+        scheduler = self.schedulers[id(optimizer)]
+        if scheduler is not None:
+            scheduler.step()  # a skipped step still counts, so data and schedule stay aligned
+        for fn in h["on_before_zero_grad"]:
+            fn(t, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        t._guard.done(optimizer)
+        self.stepped += 1
+
+
+def _average_over_ranks(params: list[torch.Tensor], world: int) -> None:
+    """Every rank's gradients of ``params`` replaced by their mean over the ranks: one all-reduce of
+    one flat buffer. A parameter this rank's backward did not reach counts as a zero gradient, so
+    that every rank sends the same layout."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
+
+__all__ = ["ManualSteps", "check_disjoint", "refuse_sharded", "resolve_optimizers"]
