@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer import Callback, Trainer
 from trainer.checkpoint import list_checkpoints, load_checkpoint
+from trainer.timing import is_timing
 
 pytest.importorskip("torchdata")
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
@@ -67,7 +68,7 @@ def fitted(run_dir, steps, loader_class=StatefulDataLoader, resume_from=None, ge
 
 
 def clockless(records):
-    return [{k: v for k, v in r.items() if k != "samples_per_sec"} for r in records]
+    return [{k: v for k, v in r.items() if not is_timing(k)} for r in records]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainer import Callback, Trainer
+from trainer.timing import is_timing
 
 
 class Pair(nn.Module):
@@ -67,7 +68,7 @@ def build(cls=Alternating, run_dir=None, **config):
 
 
 def without_clock(history):
-    return [{k: v for k, v in r.items() if k != "samples_per_sec"} for r in history]
+    return [{k: v for k, v in r.items() if not is_timing(k)} for r in history]
 
 
 def test_several_optimizers_with_schedulers_resume_bit_for_bit(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import list_checkpoints, load_checkpoint
+from trainer.timing import is_timing
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "tests" / "project"
@@ -34,7 +35,7 @@ def config(tmp_path, extra=""):
 
 def records(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "samples_per_sec"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines]
 
 
 @pytest.mark.slow
