@@ -313,3 +313,68 @@ def test_misuse_is_one_clear_line():
     with pytest.raises(RuntimeError, match=r"manual_backward\(\) belongs in manual_step\(batch\): this Mixed does not "
                                            r"override manual_step"):
         Mixed(Pair(), lambda p: torch.optim.SGD(p, lr=0.1), data(), config={**CONFIG, "sanity_check": False}).fit()
+
+
+class Turns(Alternating):
+    """Steps a on a window's first micro-batch and b on its second: each asks once per window."""
+
+    def manual_step(self, batch):
+        opt_a, opt_b = self.optimizers
+        a_loss, b_loss = losses(self.model, batch)
+        first = self.batch_in_epoch % 2 == 1
+        self.manual_backward(a_loss if first else b_loss, opt_a if first else opt_b)
+        self.optimizer_step(opt_a if first else opt_b)
+
+
+class Counted(Callback):
+    def __init__(self):
+        self.steps = {}
+
+    def on_before_optimizer_step(self, trainer, optimizer):
+        self.steps[type(optimizer).__name__] = self.steps.get(type(optimizer).__name__, 0) + 1
+
+
+def test_a_step_asked_for_before_the_windows_last_micro_batch_is_taken_at_its_end():
+    counted = Counted()
+    torch.manual_seed(0)
+    t = Turns(Pair(), None, data(), callbacks=[counted], config={**CONFIG, "max_steps": 4, "grad_accum_steps": 2})
+    t.fit()
+    assert counted.steps == {"Adam": 4, "SGD": 4}  # a's request on each first micro-batch is not dropped
+
+
+def test_an_optimizer_stepped_twice_in_a_window_steps_twice_but_not_under_fp16_and_values_are_numbers():
+    class Twice(Alternating):
+        def manual_step(self, batch):
+            opt_a = self.optimizers[0]
+            self.manual_backward(losses(self.model, batch)[0], opt_a)
+            self.optimizer_step(opt_a)
+            self.optimizer_step(opt_a)
+
+    counted = Counted()
+    torch.manual_seed(0)
+    Twice(Pair(), None, data(), callbacks=[counted], config={**CONFIG, "max_steps": 2}).fit()
+    assert counted.steps == {"Adam": 4}  # as a WGAN's critic steps several times a window (docs/loop.md)
+    with pytest.raises(RuntimeError, match=r"manual_step stepped optimizer 0 \(Adam\) twice in optimizer step 1 under "
+                                           r"precision: fp16, whose one GradScaler update per window allows one step"):
+        build(Twice, sanity_check=False, precision="fp16").fit()
+
+    class Words(Alternating):
+        def manual_step(self, batch):
+            return {**super().manual_step(batch), "note": "hello"}
+
+    with pytest.raises(TypeError, match=r"manual_step returned 'note': str; each value of its dict is logged as "
+                                        r"train/note and must be a tensor or a number"):
+        build(Words, sanity_check=False).fit()
+
+
+def test_the_accumulation_a_resume_sets_is_the_one_manual_backward_divides_by():
+    """A resume on another number of ranks sets grad_accum_steps after the Trainer is built (see
+    checkpoint.keep_global_batch): manual_backward must divide by the value in force."""
+    torch.manual_seed(0)
+    later = Alternating(Pair(), None, data(), config={**CONFIG, "max_steps": 3})
+    later.config.grad_accum_steps = 2
+    later.fit()
+    built = build(max_steps=3, grad_accum_steps=2)
+    built.fit()
+    for key, value in built.module.state_dict().items():
+        assert torch.equal(later.module.state_dict()[key], value), key

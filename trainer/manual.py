@@ -106,7 +106,6 @@ class ManualSteps:
     def __init__(self, trainer: Any):
         t = self.trainer = trainer
         refuse_sharded(t.strategy)
-        self.accum = t.config.grad_accum_steps
         self.scaler = t.precision.scaler
         self.fp16 = self.scaler.is_enabled()
         self.world = t.layout.world_size if t.layout.enabled else 1
@@ -116,7 +115,7 @@ class ManualSteps:
         self.schedulers = {id(opt): s for opt, s in zip(t.optimizers, t.schedulers)}
         self.zero = torch.zeros((), device=t.device)  # the step's value: its gradients decide alone
         self.stepping = False  # the current micro-batch ends the window
-        self.stepped = 0  # optimizer steps taken in the window
+        self.stepped: set[int] = set()  # the optimizers (their ids) stepped in the window
         self.requested: list[torch.optim.Optimizer] = []  # asked for before the window's last micro-batch
         self.dry = False  # the sanity pass: backward only, nothing steps, no hook fires
 
@@ -131,8 +130,19 @@ class ManualSteps:
                 f"manual_step must return None or a dict of values to log (e.g. {{'d_loss': d_loss}}), got "
                 f"{type(outputs).__name__}; log through self.log(name, value) or return a dict"
             )
+        for name, value in (outputs or {}).items():
+            if not isinstance(value, (torch.Tensor, int, float)):
+                raise TypeError(
+                    f"manual_step returned {name!r}: {type(value).__name__}; each value of its dict is logged as "
+                    f"train/{name} and must be a tensor or a number"
+                )
         t._interval.track_metrics(outputs, batch)
         return outputs
+
+    @property
+    def accum(self) -> int:
+        # Read at each backward: a resume on another number of ranks may have changed it.
+        return self.trainer.config.grad_accum_steps
 
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         t = self.trainer
@@ -157,15 +167,23 @@ class ManualSteps:
             if optimizer not in self.requested:
                 self.requested.append(optimizer)
             return False
+        if self.fp16 and id(optimizer) in self.stepped:
+            # The scaler unscales an optimizer once between its updates, and updates once per window.
+            raise RuntimeError(
+                f"manual_step stepped optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__}) twice in "
+                f"optimizer step {self.trainer.global_step + 1} under precision: fp16, whose one GradScaler update "
+                "per window allows one step per optimizer: step it once per manual_step, or use bf16"
+            )
         self._step(optimizer)
         return True
 
     def end_window(self) -> None:
         """After the window's last micro-batch: the scaler's update and the step count."""
         t = self.trainer
-        if self.requested and not self.stepping:
-            # The last, partial window of data of unknown length: the steps asked for are taken now.
-            for optimizer in self.requested:
+        # Steps asked for on the window's earlier micro-batches and not again on its last (one that
+        # alternates, or the last, partial window of data of unknown length) are taken now.
+        for optimizer in self.requested:
+            if id(optimizer) not in self.stepped:
                 self._step(optimizer)
         self.requested.clear()
         self.stepping = False
@@ -175,7 +193,7 @@ class ManualSteps:
                 "self.optimizer_step(optimizer) for each optimizer that should step, after manual_backward(loss) "
                 "(on the micro-batches before the window's last it only notes the request)"
             )
-        self.stepped = 0
+        self.stepped.clear()
         if self.fp16:
             self.scaler.update()  # once per window, after every optimizer stepped (torch's AMP recipe)
         t._interval.end_step(True)  # the window's micro-batches, for throughput; its metrics are tracked already
@@ -221,7 +239,7 @@ class ManualSteps:
             fn(t, optimizer)
         optimizer.zero_grad(set_to_none=True)
         t._guard.done(optimizer)
-        self.stepped += 1
+        self.stepped.add(id(optimizer))
 
 
 def _average_over_ranks(params: list[torch.Tensor], world: int) -> None:

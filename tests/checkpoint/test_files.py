@@ -373,7 +373,7 @@ def test_checkpoint_holds_the_documented_keys_and_loads_weights_only(tmp_path):
             run_dir=tmp_path, config=quiet()).fit()
     state = torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)
     assert set(state) == {"version", "model", "optimizer", "scheduler", "scaler", "trainer_state", "rng",
-                          "callbacks", "states", "unfrozen", "config"}
+                          "callbacks", "loggers", "states", "unfrozen", "config"}
     assert set(state["rng"]) >= {"python", "numpy", "torch", "cuda"}
     assert state["trainer_state"]["global_step"] == 2
 
