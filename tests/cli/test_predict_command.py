@@ -92,3 +92,14 @@ def test_eval_reports_the_test_split_without_touching_the_run(finished):
     assert (run / "metrics.jsonl").read_text() == metrics_file
     code, out = invoke("eval", config, "--checkpoint", run, "--data", "test", "data.n_test=0")
     assert code == 2 and "returned no 'test' data to evaluate on (it returns train, val)" in out, out
+
+
+def test_predict_never_writes_over_the_checkpoint_it_reads(finished):
+    """A checkpoint copied out of its run (model.pt) and --out model.pt: refused, the file kept."""
+    root, config, run = finished
+    copied = root / "model.pt"
+    copied.write_bytes((run / "checkpoints" / "step-00000004.pt").read_bytes())
+    before = copied.read_bytes()
+    code, out = invoke("predict", config, "--checkpoint", copied, "--out", copied)
+    assert code == 2 and "is the checkpoint --checkpoint reads the weights from; writing there would replace it" in out
+    assert copied.read_bytes() == before

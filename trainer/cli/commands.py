@@ -526,6 +526,10 @@ def predict(
             check_out(out, "--out")
         except PredictionError as exc:
             raise UserError(str(exc)) from None
+        given = checkpoint.resolve()
+        if out.resolve() == given or given in out.resolve().parents:
+            raise UserError(f"--out {out} is the checkpoint --checkpoint reads the weights from; writing there would "
+                            f"replace it: pick another name, e.g. {out.with_name('preds' + out.suffix)}")
         built = build(source, cfg, run_dir=None)
         if data is None:
             data = "test" if "test" in built.splits else "val"
