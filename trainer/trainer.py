@@ -836,7 +836,19 @@ class Trainer:
         if self._source is None:
             if self.train_data is None:
                 raise ValueError("fit() needs training data: Trainer(model, optimizer, train_data=...)")
-            self._source = self._make_source(self.train_data, shuffle=True, pad=True)
+            source = self._make_source(self.train_data, shuffle=True, pad=True)
+            if self.layout.world_size > 1:
+                # Every rank steps together: a loader with a length must give each rank as many batches
+                # (one object gather, once per Trainer; streams of unknown length end together, EndTogether).
+                lengths = distributed.all_gather_objects(_length(source))
+                if len(set(lengths)) > 1:
+                    shown = ", ".join(f"rank {r}: {n if n is not None else 'unknown'}" for r, n in enumerate(lengths))
+                    raise DataError(
+                        f"the training data gives the ranks different numbers of batches per epoch ({shown}), so "
+                        "they would not step together; pass the Dataset itself (the Trainer gives every rank an "
+                        "equal share), a DataLoader with a DistributedSampler (it pads the shares to equal "
+                        "lengths), or an IterableDataset (ranks end each epoch together at the shortest stream)")
+            self._source = source
         return self._source
 
     def _make_source(self, data: Any, shuffle: bool, pad: bool) -> EpochSource:

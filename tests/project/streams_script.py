@@ -7,6 +7,8 @@
   (the last, partial window must be all-reduced like any other step).
 * ``liar``: a dataset that says it splits itself but gives every rank the same items; each rank
   prints the error it got.
+* ``unequal``: a DataLoader with a length that differs between the ranks (5 batches and 2); each
+  rank prints the error it got.
 * ``stateful``: a StatefulDataLoader per rank, each shuffled by a generator of its own, stopped
   after step 5 (its final checkpoint) and resumed to step 12 by a new Trainer; each rank prints the
   samples it had read when the first resumed micro-batch started, whether the items it trained on
@@ -147,6 +149,12 @@ def main():
         print(f"liar rank {rank}: no error", flush=True)
     except Exception as exc:
         print(f"liar rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+    try:
+        items = torch.arange(20.0 if rank == 0 else 8.0)
+        fit(torch.utils.data.DataLoader(items, batch_size=4), max_epochs=1, num_workers=0)
+        print(f"unequal rank {rank}: no error", flush=True)
+    except Exception as exc:
+        print(f"unequal rank {rank}: {type(exc).__name__}: {exc}", flush=True)
     dist.destroy_process_group()
 
 
