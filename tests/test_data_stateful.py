@@ -51,12 +51,13 @@ class ReadsAtBatchStart(Callback):
         self.reads.append(Counting.reads)
 
 
-def fitted(run_dir, steps, loader_class=StatefulDataLoader, resume_from=None, generator=None):
+def fitted(run_dir, steps, loader_class=StatefulDataLoader, resume_from=None, generator=None, num_workers=0):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
     if generator is not None:
         generator = torch.Generator().manual_seed(generator)
-    loader = loader_class(Counting(), batch_size=4, shuffle=True, generator=generator)  # 10 batches an epoch
+    loader = loader_class(Counting(), batch_size=4, shuffle=True, generator=generator,
+                          num_workers=num_workers)  # 10 batches an epoch
     spy = ReadsAtBatchStart()
     trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), loader, loss_fn=F.cross_entropy,
                       callbacks=[spy], run_dir=run_dir,
@@ -128,6 +129,16 @@ def test_a_checkpoint_from_another_number_of_ranks_reads_back_to_the_position_an
         _, spy = fitted(tmp_path / "first", 8, resume_from=state)
     assert len([w for w in caught if "resuming" in str(w.message)]) == 1  # said once
     assert spy.reads[0] == 7 * 4
+
+
+def test_a_checkpoint_from_another_number_of_workers_reads_back_to_the_position_and_says_why(tmp_path):
+    """torchdata's state has the shape of the worker count: another count is read back to, loudly."""
+    fitted(tmp_path / "first", 6)
+    checkpoint = list_checkpoints(tmp_path / "first" / "checkpoints")[-1]
+    with pytest.warns(UserWarning, match=r"the checkpoint's training loader ran 0 worker\(s\) and this one runs 2, .*; "
+                                         r"resuming inside epoch 0 .* batches 0-5 \(6 batches\)"):
+        trainer, _ = fitted(tmp_path / "first", 8, resume_from=checkpoint, num_workers=2)
+    assert trainer.global_step == 8
 
 
 CONFIG = """\

@@ -329,13 +329,18 @@ class StatefulSource(EpochSource):
 
     def state_dict(self) -> dict[str, Any]:
         loader = self._held if self._held is not None else self.loader.state_dict()  # type: ignore[attr-defined]
-        return {"loader": loader, "ran_out": self.ran_out,
+        return {"loader": loader, "ran_out": self.ran_out, "num_workers": getattr(self.loader, "num_workers", None),
                 "generators": [g.get_state() for g in loader_generators(self.loader)]}
 
     def load_state_dict(self, state: dict[str, Any] | None, why: str = "the checkpoint holds no state of the "
                         "training loader") -> None:
         """``None``: no saved state fits this loader (``why`` says why); the epoch is then read from
         its start up to the position, with one warning."""
+        workers = getattr(self.loader, "num_workers", None)
+        if state is not None and state.get("num_workers", workers) != workers:
+            # A loader's state has the shape of its worker count (torchdata refuses another one).
+            state, why = None, (f"the checkpoint's training loader ran {state['num_workers']} worker(s) and this "
+                                f"one runs {workers}, and a loader's state fits its own number of workers only")
         self.pending = state if state is not None else {}
         self._why = why
 
