@@ -89,5 +89,7 @@ def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_
     for rank in (0, 1):
         assert re.search(rf"liar rank {rank}: DataError: the OwnShare says it splits itself .* ranks 0 and 1 read "
                          "the same first batch", proc.stdout), proc.stdout
+        assert (f"empty rank {rank}: DataError: epoch 0 of the training stream yielded no batch on at least one of "
+                "the 2 ranks") in proc.stdout, proc.stdout
         assert (f"unequal rank {rank}: DataError: the training data gives the ranks different numbers of batches per "
                 "epoch (rank 0: 5, rank 1: 2), so they would not step together") in proc.stdout, proc.stdout

@@ -34,7 +34,7 @@ from trainer import strategy as strategies
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig, compile_settings
 from trainer.data import (
-    DataError, EpochSource, LoaderStates, describe, is_stateful_loader, make_source, to_device,
+    DataError, EndTogether, EpochSource, LoaderStates, describe, is_stateful_loader, make_source, to_device,
 )
 from trainer.device import (
     Precision, model_init, out_of_memory_message, resolve_device, seed_everything, torch_settings,
@@ -703,6 +703,12 @@ class Trainer:
                     return
                 break  # stopping on the epoch's last batch still ends the epoch
         if fresh and self.batch_in_epoch == 0:  # looping on would never reach max_steps
+            if isinstance(source, EndTogether):
+                raise DataError(
+                    f"epoch {self.epoch} of the training stream yielded no batch on at least one of the "
+                    f"{self.layout.world_size} ranks, and every rank ends an epoch with the shortest stream: give "
+                    "each rank (and each DataLoader worker) at least one batch of items"
+                )
             raise DataError(
                 f"epoch {self.epoch} of the training data yielded no batch; a {type(self.train_data).__name__} "
                 "that can be read only once (a generator, an iterator) runs dry after the first epoch: pass a "

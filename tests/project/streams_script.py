@@ -7,6 +7,7 @@
   (the last, partial window must be all-reduced like any other step).
 * ``liar``: a dataset that says it splits itself but gives every rank the same items; each rank
   prints the error it got.
+* ``empty``: a dataset that splits itself and gives rank 1 nothing; each rank prints the error.
 * ``unequal``: a DataLoader with a length that differs between the ranks (5 batches and 2); each
   rank prints the error it got.
 * ``stateful``: a StatefulDataLoader per rank, each shuffled by a generator of its own, stopped
@@ -149,6 +150,11 @@ def main():
         print(f"liar rank {rank}: no error", flush=True)
     except Exception as exc:
         print(f"liar rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+    try:
+        fit(OwnShare({0: 4, 1: 0}, batch_size=3), max_epochs=1)
+        print(f"empty rank {rank}: no error", flush=True)
+    except Exception as exc:
+        print(f"empty rank {rank}: {type(exc).__name__}: {exc}", flush=True)
     try:
         items = torch.arange(20.0 if rank == 0 else 8.0)
         fit(torch.utils.data.DataLoader(items, batch_size=4), max_epochs=1, num_workers=0)
