@@ -81,6 +81,10 @@ def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_
     uneven = re.findall(r"uneven rank (\d): steps (\d+) batches (\d+) (\d+) weights (\w+)", proc.stdout)
     assert sorted(u[:4] for u in uneven) == [("0", "4", "18", "18"), ("1", "4", "18", "18")], proc.stdout
     assert uneven[0][4] == uneven[1][4]
+    # Rank 0, whose stream was longer, says once per run that it left the rest unread (the uneven run's two
+    # epochs, then the run whose rank 1 has nothing); rank 1 has nothing to say.
+    assert proc.stderr.count("rank 0: another rank's training stream ended first in epoch 0") == 2, proc.stderr
+    assert "rank 1: another rank's training stream" not in proc.stderr
     # Each rank's StatefulDataLoader state came back to that rank (their orders differ): nothing was read
     # to get back, and the items and weights after the resume are the uninterrupted run's.
     for rank in (0, 1):

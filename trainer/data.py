@@ -534,6 +534,7 @@ class EndTogether(EpochSource):
     def __init__(self, source: EpochSource, device: torch.device):
         self.inner, self.device = source, device
         self.exact_resume = source.exact_resume
+        self._told = False  # this rank's stream outlasted another's: said once per run
         if isinstance(source, StatefulSource):
             source.reads_ahead = True  # its checkpointed state is the one before the batch read ahead
 
@@ -545,13 +546,22 @@ class EndTogether(EpochSource):
         batches = iter(self.inner.epoch(epoch, skip))
         ahead = next(batches, _END)
         if not self._everyone_has(ahead):
+            self._tell(ahead, epoch)
             return
         while True:
             batch, ahead = ahead, next(batches, _END)
             self.last_batch = not self._everyone_has(ahead)
             yield batch
             if self.last_batch:
+                self._tell(ahead, epoch)
                 return
+
+    def _tell(self, ahead: Any, epoch: int) -> None:
+        if ahead is not _END and not self._told:
+            self._told = True
+            warnings.warn(f"rank {distributed.rank()}: another rank's training stream ended first in epoch {epoch}, "
+                          "so this rank leaves the rest of its stream unread in that epoch (every rank ends an "
+                          "epoch with the shortest stream; said once per run)", stacklevel=2)
 
     def _everyone_has(self, batch: Any) -> bool:
         # note: CPU-GPU sync point, per micro-batch, only here (torchrun and a stream of unknown length)
