@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from helpers import classification, mlp
-from trainer import MLflowLogger, Trainer, WandbLogger
+from trainer import Callback, MLflowLogger, Trainer, WandbLogger
 from trainer.trackers import flatten, wandb_history
 from trainer.timing import is_timing
 
@@ -119,6 +119,35 @@ def leet_points(path):
             points += [(int(step), k, v) for k, v in record["history"]["item"].items() if not k.startswith("_")]
     assert points, shown.stderr
     return points
+
+
+def test_a_send_the_tracker_refuses_warns_once_and_the_run_keeps_its_checkpoints_and_records(tmp_path):
+    """MLflow refuses a metric name of 300 characters: the run goes on to its checkpoints, the tracker
+    stops sending with one warning, and metrics.jsonl keeps every record."""
+    x, y = classification(8 * 8)
+    long_name = "a" * 300
+
+    class LogsLong(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch):
+            if trainer.global_step >= 2:
+                trainer.log(long_name, 1.0)
+
+    model = mlp()
+    logger = MLflowLogger(tmp_path)
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                run_dir=tmp_path, loggers=[logger], callbacks=[LogsLong()],
+                config={"max_steps": 8, "batch_size": 8, "log_every_n_steps": 2, "progress": "off",
+                        "eval_every_n_epochs": None, "sanity_check": False, "checkpoint": {"every_n_steps": 4}})
+    try:
+        with pytest.warns(UserWarning, match=r"the mlflow logger failed to send metrics \(.*\); it sends nothing more "
+                                             r"in this run, whose own metrics.jsonl and metrics.csv keep every record") as caught:
+            t.fit()
+    finally:
+        logger.close()
+    assert len([w for w in caught if "failed to send" in str(w.message)]) == 1
+    assert t.global_step == 8 and (tmp_path / "checkpoints" / "step-00000008.pt").exists()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8] and all(long_name in r for r in records[1:])
 
 
 @pytest.mark.slow

@@ -59,18 +59,24 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class _Sender:
-    """A thread that sends batches of records; ``put`` only appends to a queue."""
+    """A thread that sends batches of records; ``put`` only appends to a queue.
+
+    A send that fails (a metric name the tracker rejects, a server gone) stops the sending, and the
+    next call from the loop warns once: the run goes on to its checkpoints, and its own files
+    (``metrics.jsonl``, ``metrics.csv``) keep every record."""
 
     def __init__(self, send: Callable[[list[Entry]], None], name: str):
         self._send, self._name = send, name
         self._queue: queue.Queue[Entry | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._told = False
         self._thread = threading.Thread(target=self._run, name=f"trainer-{name}", daemon=True)
         self._thread.start()
 
     def put(self, entry: Entry) -> None:
         self.check()
-        self._queue.put(entry)
+        if self._error is None:
+            self._queue.put(entry)
 
     def flush(self) -> None:
         """Wait until every record put so far has been handed to the tracker."""
@@ -84,9 +90,12 @@ class _Sender:
         self.check()
 
     def check(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"the {self._name} logger failed to send metrics: {type(error).__name__}: {error}") from error
+        if self._error is not None and not self._told:
+            self._told = True
+            error = self._error
+            warnings.warn(f"the {self._name} logger failed to send metrics ({type(error).__name__}: {error}); it sends "
+                          "nothing more in this run, whose own metrics.jsonl and metrics.csv keep every record",
+                          stacklevel=4)
 
     def _run(self) -> None:
         while True:
@@ -95,9 +104,9 @@ class _Sender:
                 batch.append(self._queue.get())
             entries = [e for e in batch if e is not None]
             try:
-                if entries:
+                if entries and self._error is None:
                     self._send(entries)
-            except BaseException as exc:  # kept for the loop's next log point, which raises it
+            except Exception as exc:  # the loop's next call warns (check)
                 self._error = exc
             for _ in batch:
                 self._queue.task_done()
