@@ -534,8 +534,12 @@ class Trainer:
                         exc, self.device, self.global_step + 1, cfg.batch_size, cfg.grad_accum_steps,
                         cfg.precision, memory.suggestion(self.module, cfg.activation_checkpointing))
                         + snapshot_note(self._profiler.out_of_memory())) from exc
-                self._flush_logs()
                 stopped = self.stopped_by_signal is not None
+                if not (stopped and self.run_dir is not None):
+                    # Stopped by a signal, the log interval in progress is in the checkpoint: the resumed
+                    # run logs it at its log point, as the uninterrupted run does (logged now, a tracker
+                    # would keep a point that run never logged).
+                    self._flush_logs()
                 if self.val_data is not None and self.validated_step != self.global_step and not stopped:
                     self._validate(epoch=self.last_step_epoch)  # final metrics
                 self._background_saves = False  # the final checkpoint is on disk when fit returns

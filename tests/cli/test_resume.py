@@ -83,6 +83,9 @@ def test_metric_files_after_a_stop_and_a_resume_equal_the_uninterrupted_run(
     first = run_cli_module("run", cfg)
     assert first.returncode in (-signal.SIGKILL, 128 + signal.SIGTERM), first.stderr
     assert marker.exists()
+    if signum == signal.SIGTERM:  # a stopped run logged what the uninterrupted run logged up to then, no more
+        stopped = records(tmp_path / "runs" / "r")
+        assert stopped and stopped == uninterrupted[:len(stopped)]
     second = run_cli_module("run", cfg, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert records(tmp_path / "runs" / "r") == uninterrupted
