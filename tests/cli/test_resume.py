@@ -74,6 +74,7 @@ def run_cli_module():
     ("after_validation", 6, signal.SIGKILL),  # after the epoch's validation was logged, past the checkpoint of step 5
     ("after_step", 12, signal.SIGKILL),  # a log point, before that step's epoch-end validation
     ("fit_end", 0, signal.SIGKILL),  # after the final checkpoint, before status.json says finished
+    ("after_step", 5, signal.SIGKILL),  # past the first log point, before the first checkpoint: a fresh start
 ])
 def test_metric_files_after_a_stop_and_a_resume_equal_the_uninterrupted_run(
         uninterrupted, run_cli_module, tmp_path, where, step, signum):

@@ -262,10 +262,15 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     if main:
         try:
             _write_config(run_dir, cfg)  # what trains from here on, accepted changes included
-            if resume is not None:
+            if resume_from is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
-                saved = resume_from["trainer_state"] if resume_from else {}
+                saved = resume_from["trainer_state"]
                 truncate_metrics(run_dir, saved.get("global_step", 0), records=saved.get("logged_records", 0))
+            elif resume is not None:
+                # Nothing to continue (killed before its first checkpoint): the run starts again from
+                # step 0 in its own directory, and what it had logged is logged again.
+                for name in (run_files.METRICS_JSONL, run_files.METRICS_CSV):
+                    (run_dir / name).unlink(missing_ok=True)
             write_status(run_dir, "running")
         except OSError as exc:
             raise UserError(_unwritable(run_dir, exc)) from None
