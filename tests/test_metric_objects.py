@@ -1,6 +1,7 @@
 """Metric objects (torchmetrics, or anything with update/compute/reset): computed once over the whole
 set, reset before each evaluation, untouched by the sanity pass and by batches run only for lockstep."""
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -139,6 +140,10 @@ def test_a_metric_object_of_ones_own_and_what_is_refused():
     assert t.evaluate((x, y))["val/largest"] == pytest.approx(t.module(x).max().item())
     small = x[:8] * 0.01
     assert t.evaluate((small, y[:8]))["val/largest"] == pytest.approx(t.module(small).max().item())
+    # A NumPy number from compute() is a number like any other.
+    t.largest.compute = lambda: np.float32(2.5)
+    assert t.evaluate((x, y))["val/largest"] == 2.5
+    del t.largest.compute
     # Its state cannot be copied and put back, so a batch run only for lockstep is refused.
     with pytest.raises(TypeError, match="'largest' .*not a torchmetrics Metric.*strategy: fsdp"):
         evaluation.evaluate(t.validation_step, [((x, y), True), ((x, y), False)], t.device, metrics={})

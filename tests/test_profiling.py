@@ -52,6 +52,10 @@ def test_no_trace_without_start_step_and_profile_needs_a_run_dir(tmp_path):
     with pytest.warns(UserWarning, match="memory_snapshot_on_oom records CUDA memory only; ignored on cpu"):
         build(tmp_path, {"memory_snapshot_on_oom": True}).fit()
     assert not (tmp_path / "profile").exists()
+    with pytest.warns(UserWarning, match=r"profile.start_step 50 is past the run's last step 2: no trace will be "
+                                         r"written; set profile.start_step to 2 or less"):
+        build(tmp_path / "late", {"start_step": 50}).fit()
+    assert not (tmp_path / "late" / "profile").exists()
 
 
 def test_out_of_memory_writes_the_memory_snapshot_and_names_it(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -115,8 +116,8 @@ def _flatten(name: str, value: Any, names: list[str], parts: list[torch.Tensor],
         for key, entry in value.items():
             _flatten(f"{name}/{key}", entry, names, parts, kind, device)
         return
-    if isinstance(value, (bool, int, float)):
-        value = torch.tensor(float(value))
+    if isinstance(value, numbers.Real):
+        value = torch.tensor(float(value))  # a Python or NumPy number
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{kind}.compute() of metric {name!r} returned {describe(value)}; a metric logs a number, "
                         "a tensor or a dict of them: plot curves (ROC, precision-recall) from the metric object itself")

@@ -55,8 +55,13 @@ class RunProfiler:
             return ProfilerAction.WARMUP
         return ProfilerAction.RECORD_AND_SAVE if step == last else ProfilerAction.RECORD
 
-    def begin(self, next_step: int) -> None:
-        """At the start of fit, ``next_step`` the step about to run."""
+    def begin(self, next_step: int, last_step: int | None = None) -> None:
+        """At the start of fit, ``next_step`` the step about to run, ``last_step`` the run's last
+        (``None`` when the length of the data is unknown)."""
+        start = self.settings.start_step if self.settings is not None else None
+        if start is not None and last_step is not None and start > last_step:
+            warnings.warn(f"profile.start_step {start} is past the run's last step {last_step}: no trace will be "
+                          f"written; set profile.start_step to {last_step} or less", stacklevel=3)
         if self.settings is not None and self.settings.memory_snapshot_on_oom:
             if _records_cuda_memory(self.device):
                 torch.cuda.memory._record_memory_history(max_entries=self.settings.memory_snapshot_entries)

@@ -523,7 +523,7 @@ class Trainer:
                 self._interval.clock = time.perf_counter()
                 self._times.restart(self.global_step)
                 self._call("on_fit_start")
-                self._profiler.begin(self.global_step + 1)
+                self._profiler.begin(self.global_step + 1, self.total_steps())
                 self._background_saves = cfg.checkpoint.async_
                 try:
                     while not self._done():
