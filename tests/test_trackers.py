@@ -212,3 +212,31 @@ callbacks:
     (run_id,) = ids
     points = [p for f in folders for p in wandb_history(f / f"run-{run_id}.wandb")]
     assert without_timing(sorted(points)) == expected
+
+
+def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path, run_cli):
+    """A tracking_uri whose folder is a file: one line naming the logger and what to check, exit 2,
+    nothing trained; a config key outside MLflow's alphabet becomes a parameter all the same."""
+    from conftest import PROJECT_CONFIG
+
+    (tmp_path / "afile").write_text("not a folder")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(PROJECT_CONFIG + f"out_dir: {tmp_path / 'runs'}\n"
+                      f"loggers: [{{mlflow: {{tracking_uri: 'sqlite:///{tmp_path / 'afile' / 'x.db'}'}}}}]\n")
+    proc = run_cli("run", config)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the mlflow logger could not open its run (") and line.endswith(
+        f"check its tracking_uri, sqlite:///{tmp_path / 'afile' / 'x.db'} (loggers: [{{mlflow: {{tracking_uri: ...}}}}], "
+        "or MLFLOW_TRACKING_URI)"), proc.stderr
+    assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
+
+    logger = MLflowLogger(tmp_path / "ok")
+    try:
+        logger.start({"metrics": {"f1@x": {"_target_": "m.F1"}}})
+        from mlflow import MlflowClient
+
+        params = MlflowClient(logger.tracking_uri).get_run(logger.run_id).data.params
+        assert params == {"metrics.f1_x._target_": "m.F1"}
+    finally:
+        logger.close()

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import queue
+import re
 import struct
 import threading
 import time
@@ -56,6 +57,14 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in items:
         flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
+
+
+_PARAM_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
+
+
+class TrackerError(RuntimeError):
+    """A tracker that cannot open its run (a store that cannot be written or reached): a problem of
+    the setup, which ``trainer run`` reports in one line (exit 2)."""
 
 
 class _Sender:
@@ -139,7 +148,11 @@ class _Tracker:
         handed but had not stored yet, W&B's writer being a process of its own)."""
         if self._sender is None:
             resuming = self.run_id is not None
-            self._open()
+            try:
+                self._open()
+            except Exception as exc:
+                raise TrackerError(f"the {self.name} logger could not open its run ({type(exc).__name__}: {exc}); "
+                                   f"{self._setup_hint()}") from exc
             self._sender = _Sender(self._send, self.name)
             if resuming:
                 for record in _read_jsonl(self.run_dir / METRICS_JSONL):
@@ -178,6 +191,9 @@ class _Tracker:
             self._finish()
 
     # -- what each tracker provides
+
+    def _setup_hint(self) -> str:
+        raise NotImplementedError
 
     def _open(self) -> None:
         raise NotImplementedError
@@ -226,6 +242,10 @@ class MLflowLogger(_Tracker):
         self.run_name = run_name or self.run_dir.name
         self._client: Any = None
 
+    def _setup_hint(self) -> str:
+        return (f"check its tracking_uri, {self.tracking_uri} (loggers: [{{mlflow: {{tracking_uri: ...}}}}], or "
+                "MLFLOW_TRACKING_URI)")
+
     def _open(self) -> None:
         from mlflow import MlflowClient
 
@@ -260,6 +280,7 @@ class MLflowLogger(_Tracker):
         logged = self._client.get_run(self.run_id).data.params
         params, changed = [], []
         for key, value in flatten(config).items():
+            key = _PARAM_KEY.sub("_", key)  # MLflow's key alphabet; a YAML key may hold any character
             text = value if isinstance(value, str) else json.dumps(value)
             if len(text) > MAX_PARAM_VAL_LENGTH:  # MLflow refuses longer values; the start is kept
                 text = text[:MAX_PARAM_VAL_LENGTH - 3] + "..."
@@ -308,6 +329,10 @@ class WandbLogger(_Tracker):
         self.run_name = run_name or self.run_dir.name
         self.dir = Path(dir or os.environ.get("WANDB_DIR") or self.run_dir)
         self._run: Any = None
+
+    def _setup_hint(self) -> str:
+        return (f"check its project ({self.project}), entity, mode and dir ({self.dir}) (loggers: [{{wandb: "
+                "{...}}]), or the WANDB_* variables")
 
     def _open(self) -> None:
         import wandb

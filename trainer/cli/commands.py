@@ -230,6 +230,7 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     from trainer.data import DataError
     from trainer.metrics import truncate_metrics
     from trainer.signals import Interrupted
+    from trainer.trackers import TrackerError
 
     try:
         finished = _finished_at(run_dir, cfg) if resume == "auto" else None
@@ -284,7 +285,7 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
         if isinstance(exc, Interrupted):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(128 + exc.signum) from None
-        if isinstance(exc, (CheckpointError, DataError)):
+        if isinstance(exc, (CheckpointError, DataError, TrackerError)):
             raise UserError(str(exc)) from None
         if isinstance(exc, OSError) and exc.errno in _MACHINE:
             raise UserError(f"{_unwritable(run_dir, exc)}; the checkpoints already written are intact "
