@@ -110,3 +110,8 @@ def test_a_real_out_of_memory_leaves_a_snapshot_that_loads(tmp_path):
     [trace] = (tmp_path / "profile").glob("rank0.*.pt.trace.json")
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("cat") == "kernel" for e in events)
+
+
+def test_a_run_that_ends_inside_the_window_traces_only_the_steps_that_ran(tmp_path):
+    _, events = traced_run(tmp_path, start_step=5, steps=4)  # the run's last step is 6
+    assert step_markers(events) == ["ProfilerStep#5", "ProfilerStep#6"]

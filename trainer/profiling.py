@@ -71,9 +71,13 @@ class RunProfiler:
                               stacklevel=3)
         self.at_boundary(next_step)
 
-    def at_boundary(self, next_step: int) -> None:
-        """Between optimizer steps: start, advance or stop the profiler."""
+    def at_boundary(self, next_step: int, last: bool = False) -> None:
+        """Between optimizer steps: start, advance or stop the profiler. ``last``: the run ends here,
+        so no step follows (none is opened: the trace holds only steps that ran)."""
         if self._profiler is not None:
+            if last:
+                self._close_profiler()
+                return
             self._profiler.step()  # a step whose action is RECORD_AND_SAVE writes the trace here
             if next_step >= self._stop:
                 self._close_profiler()

@@ -788,8 +788,9 @@ class Trainer:
             self._stop_on_signal()
         elif save_point:
             self.save_checkpoint()
-        self._profiler.at_boundary(step + 1)
-        return self._done()
+        done = self._done()
+        self._profiler.at_boundary(step + 1, last=done)
+        return done
 
     def _stop_on_signal(self) -> None:
         # The log interval in progress goes into the checkpoint, not to the logs: the resumed run
