@@ -117,12 +117,23 @@ def _row(run_dir: Path) -> dict[str, Any]:
     return {
         "name": run_dir.name,
         "status": run_status(run_dir),
-        "steps": max((int(r["step"]) for r in records), default=0),
+        # The step the run reached: a run stopped between log points has logged less (its checkpoint
+        # and status.json say where it stopped).
+        "steps": max([int(r["step"]) for r in records] + [_status_step(run_dir)]),
         "metric": metric or "-",
         "best": best,
         "data_wait": waits[-1] if waits else None,
         "checkpoint": checkpoints[-1].name if checkpoints else "-",
     }
+
+
+def _status_step(run_dir: Path) -> int:
+    """The step ``status.json`` names (written when a run ends), else 0."""
+    try:
+        step = json.loads((run_dir / STATUS).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return step if isinstance(step, int) else 0
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
