@@ -19,7 +19,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1037,20 +1037,9 @@ class Trainer:
                 if hasattr(cb, "validation_batches"):
                     batches = cb.validation_batches(self, batches, _length(source))
         self._prepare_metrics()
-        stepped, self.model = self.model, self.strategy.eval_module(self.model, self.module)
-        try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(torch_settings(self.device, self.config.deterministic))
-                for cb in self.callbacks:
-                    if hasattr(cb, "evaluation_weights"):
-                        stack.enter_context(cb.evaluation_weights(self))
-                stack.enter_context(eval_mode(self.module))
-                stack.enter_context(self.precision.autocast)
-                values = evaluation.evaluate(self.validation_step, batches, self.device, self.precision.param_dtype,
-                                             self._metric_objects)
-        finally:
-            self.model = stepped
-            self.strategy.end_evaluation(self.module)
+        with self._evaluating():
+            values = evaluation.evaluate(self.validation_step, batches, self.device, self.precision.param_dtype,
+                                         self._metric_objects)
         metrics = {f"{prefix}/{name}": value for name, value in values.items()}
         if own:
             self._call("on_validation_end", metrics)
@@ -1095,6 +1084,22 @@ class Trainer:
                    else self.strategy.eval_batches(source))
         collector = prediction.Collector(target) if main else None
         result, written = None, None
+        try:
+            with self._evaluating():
+                prediction.predict(self.predict_step, batches, self.device, self.precision.param_dtype, order,
+                                   gather, collector)
+            if collector is not None:
+                result, written = collector.finish()
+        finally:
+            if collector is not None:
+                collector.close()
+        return written if out is not None else result
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """What evaluate and predict run under: the module evaluation calls, torch's settings, the
+        evaluation weights of callbacks such as EMAWeights, eval mode and autocast; afterwards the
+        training module back and, under FSDP, resharded."""
         stepped, self.model = self.model, self.strategy.eval_module(self.model, self.module)
         try:
             with contextlib.ExitStack() as stack:
@@ -1104,17 +1109,10 @@ class Trainer:
                         stack.enter_context(cb.evaluation_weights(self))
                 stack.enter_context(eval_mode(self.module))
                 stack.enter_context(self.precision.autocast)
-                prediction.predict(self.predict_step, batches, self.device, self.precision.param_dtype, order,
-                                   gather, collector)
-            if collector is not None:
-                result, written = collector.finish()
+                yield
         finally:
             self.model = stepped
             self.strategy.end_evaluation(self.module)
-            if collector is not None:
-                collector.close()
-        return written if out is not None else result
-
 
     def _prepare_metrics(self) -> None:
         """Before an evaluation: the metric objects on the Trainer's device (also those a subclass
