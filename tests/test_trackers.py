@@ -106,6 +106,21 @@ def test_from_code_params_metrics_and_a_resume_into_the_same_runs(tmp_path):
     assert sorted(wandb_history(files[1])) == sorted(leet_points(files[1]))  # W&B's own reader agrees
 
 
+def test_a_resume_within_the_second_of_the_last_start_waits_for_the_next_second(tmp_path):
+    """W&B names a run's folder after its start second and truncates the log in it: a resume started
+    within that second would erase the run before it, so it waits for the next second."""
+    import time
+
+    from trainer.trackers import _after_last_start
+
+    for _ in range(3):
+        now = time.strftime("%Y%m%d_%H%M%S", time.localtime())
+        (tmp_path / f"offline-run-{now}-ab-c1").mkdir()  # a W&B id may hold a dash
+        (tmp_path / "offline-run-20200101_000000-other").mkdir(exist_ok=True)
+        _after_last_start(tmp_path, "ab-c1")
+        assert time.strftime("%Y%m%d_%H%M%S", time.localtime()) != now
+
+
 def leet_points(path):
     """The history points of a ``.wandb`` file as W&B's own reader (``wandb leet inspect --json``) lists them."""
     wandb = Path(sys.executable).with_name("wandb")

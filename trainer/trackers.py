@@ -340,6 +340,7 @@ class WandbLogger(_Tracker):
         resuming = self.run_id is not None
         if resuming:
             self._held = _wandb_offline_steps(self.dir / "wandb", self.run_id)
+            _after_last_start(self.dir / "wandb", self.run_id)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(project=self.project, entity=self.entity, name=self.run_name, id=self.run_id,
                                resume="allow" if resuming else None, mode=self.mode, dir=str(self.dir),
@@ -372,6 +373,15 @@ def _read_jsonl(path: Path) -> list[dict[str, float]]:
                 continue
             records.append({k: float(v) for k, v in record.items()})
     return records
+
+
+def _after_last_start(wandb_dir: Path, run_id: str) -> None:
+    """Returns once the local clock's second is not that of an earlier folder of ``run_id``. W&B names
+    a run's folder ``[offline-]run-<start second>-<id>`` and truncates the log file in it, so a resume
+    started within the same second as the run before would erase that run's history."""
+    taken = {p.name[: -len(run_id) - 1].rsplit("-", 1)[-1] for p in wandb_dir.glob(f"*run-*-{run_id}")}
+    while time.strftime("%Y%m%d_%H%M%S", time.localtime()) in taken:
+        time.sleep(1.0 - time.time() % 1.0 + 0.001)
 
 
 def _wandb_offline_steps(wandb_dir: Path, run_id: str) -> dict[str, float]:
