@@ -221,7 +221,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     (tmp_path / "term.yaml").write_text(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "trainer", "run", str(tmp_path / "term.yaml")]
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(env(), PYTHONFAULTHANDLER="1"))
     run_dir = tmp_path / "runs" / "term"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
@@ -230,7 +231,13 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     workers = _worker_pids(agent.pid)
     assert sorted(workers) == [0, 1], workers
     os.kill(workers[1], signal.SIGTERM)  # rank 1 alone is told to stop
-    out, err = agent.communicate(timeout=120)
+    try:
+        out, err = agent.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in _worker_pids(agent.pid).values():
+            os.kill(pid, signal.SIGABRT)  # each rank prints its Python stacks (PYTHONFAULTHANDLER)
+        out, err = agent.communicate(timeout=60)
+        pytest.fail(f"the job did not end within 120 s of the signal; the ranks' stacks:\n{err[-12000:]}")
 
     assert agent.returncode != 0, out[-2000:] + err[-3000:]  # each worker exits 143; torchrun reports them
     assert "stopped by SIGTERM" in out, out + err[-2000:]  # said by rank 0, which got no signal itself

@@ -96,3 +96,29 @@ optimizer: {{_target_: torch.optim.SGD, lr: 0.1}}
     assert proc.returncode == 143, proc.stderr.read()
     assert "stopped at once by a second SIGTERM" in proc.stderr.read()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+
+
+def test_a_signal_that_arrives_during_the_ranks_agreement_is_kept_for_the_next_one(monkeypatch):
+    """Under torchrun the ranks agree on stopping with an all-reduce at log points. A rank that is
+    waiting in that collective when its signal comes runs the handler as the collective returns;
+    the collective's answer (no rank had a signal) must not erase it, or the run never stops."""
+    import torch
+
+    from trainer import distributed
+    from trainer.signals import StopSignals
+
+    sent = []
+
+    def all_max(value, device):  # this rank's part of the all-reduce; the other ranks bring nothing
+        if not sent:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the collective is in progress
+            sent.append(True)
+        return value
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "all_max", all_max)
+    stops = StopSignals()
+    with stops.installed():
+        agreements = [stops.agreed(True, torch.device("cpu")) for _ in range(2)]
+    assert agreements == [None, signal.SIGTERM]

@@ -77,8 +77,13 @@ class StopSignals:
             return self.received
         if not collective_ok:
             return None
-        self.received = distributed.all_max(self.received or 0, device) or None
-        return self.received
+        agreed = distributed.all_max(self.received or 0, device)
+        if not agreed:
+            # A signal that arrived during the collective (its handler runs once the collective
+            # returns) is kept for the next agreement, not overwritten by this one's "none".
+            return None
+        self.received = agreed
+        return agreed
 
 
 def name(signum: int) -> str:

@@ -306,8 +306,10 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
                          reason=_ending(built.trainer))
         except OSError as exc:
             raise UserError(_unwritable(run_dir, exc)) from None
-    built.trainer.close()  # leave the process group (under torchrun)
+    # Said before the ranks meet to leave the group: after a stop signal each rank exits 143 as soon
+    # as it leaves, and torchrun then ends the ranks still running, rank 0 included.
     _report(built.trainer, run_dir)
+    built.trainer.close()  # leave the process group (under torchrun)
     if built.trainer.stopped_by_signal is not None:
         raise typer.Exit(128 + built.trainer.stopped_by_signal)
 
