@@ -671,3 +671,15 @@ def test_stop_from_a_callback_ends_the_run_and_the_reason_is_reported(project, r
     status = json.loads((project.runs / "t" / "status.json").read_text())
     assert (status["status"], status["step"], status["reason"]) == ("finished", 3, "enough: step 3 looked fine")
     assert (project.runs / "t" / "checkpoints" / "step-00000003.pt").exists()  # the final checkpoint follows
+
+
+def test_a_warning_of_the_framework_is_one_line(project, run_cli):
+    """A warning raised inside ``trainer`` reads as ``warning: ...``, not as a Python warning that
+    points at a line of the framework; the run goes on."""
+    project.write(project.text + "profile: {start_step: 100}\n")
+    proc = run_cli("run", project.config, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "profile.start_step" in line]
+    assert lines == ["warning: profile.start_step 100 is past the run's last step 4: no trace will be written; "
+                     "set profile.start_step to 4 or less"], proc.stderr
+    assert "UserWarning" not in proc.stderr

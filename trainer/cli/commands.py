@@ -707,5 +707,22 @@ def schema() -> None:
     typer.echo(json.dumps(RunConfig.model_json_schema(by_alias=True), indent=2))
 
 
+def _one_line_warnings() -> None:
+    """A warning raised at one of the framework's own lines reads as the CLI's other messages do:
+    ``warning: ...`` on one line (the file and line inside ``trainer`` would tell a user nothing).
+    One raised at a user's line, or by another package, keeps Python's form, which names that line."""
+    package = Path(__file__).resolve().parents[1]
+    python_form = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if Path(filename).resolve().is_relative_to(package):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            python_form(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
+    _one_line_warnings()
     app()
