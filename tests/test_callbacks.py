@@ -158,8 +158,10 @@ def test_throughput_monitor_counts_tokens():
 
     model = CharTransformer(block_size=16, d_model=16, n_layers=1, n_heads=2)
     data = [(torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (4, 16))) for _ in range(4)]
+    with pytest.warns(FutureWarning, match=r"throughput: \{peak_flops"):
+        monitor = ThroughputMonitor(peak_flops=1e12)
     t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, loss_fn=lm_loss,
-                callbacks=[ThroughputMonitor(peak_flops=1e12)], config=quiet(log_every_n_steps=2))
+                callbacks=[monitor], config=quiet(log_every_n_steps=2))
     t.fit()
     assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in t.history if "train/loss" in r)
 

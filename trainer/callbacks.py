@@ -235,9 +235,16 @@ class ThroughputMonitor(Callback):
     and ``mfu`` (model FLOPs utilisation: achieved FLOP/s over ``peak_flops``) at each log point.
 
     FLOPs per token (or sample) come from ``flops_per_sample`` or the model's ``flops_per_token()``.
+
+    Deprecated: every run logs ``tokens_per_sec`` and ``mfu`` itself (``trainer.timing``), from
+    ``throughput: {peak_flops, flops_per_sample}`` in the config.
     """
 
     def __init__(self, peak_flops: float | None = None, flops_per_sample: float | None = None):
+        warnings.warn("ThroughputMonitor is deprecated: every run logs tokens_per_sec and mfu; give peak_flops and "
+                      "flops_per_sample as throughput: {peak_flops: ..., flops_per_sample: ...} in the config "
+                      "(Trainer(config={'throughput': {...}}) from code) and drop the callback",
+                      FutureWarning, stacklevel=2)
         self.peak_flops, self.flops_per_sample = peak_flops, flops_per_sample
         self._tokens = 0
         self._clock = 0.0

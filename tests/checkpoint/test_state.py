@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from helpers import classification, mlp, quiet
-from trainer import Callback, EarlyStopping, ThroughputMonitor, Trainer
+from trainer import Callback, EarlyStopping, Trainer
 from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 
 
@@ -48,7 +48,7 @@ def test_callback_state_finds_its_callback_when_callbacks_are_added_in_front(tmp
 
     again = EarlyStopping(monitor="val/loss", patience=5)
     checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
-    t = build([ThroughputMonitor(), again])
+    t = build([Callback(), again])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing unclaimed, nothing missing: no warning
         t.load_checkpoint(checkpoint)
