@@ -94,3 +94,15 @@ def project(tmp_path) -> Project:
     made = Project(tmp_path)
     made.write(made.text)
     return made
+
+
+@pytest.fixture
+def offline_trackers(monkeypatch):
+    """MLflow and W&B as the tests use them, whatever this machine's environment says: W&B offline
+    and silent, both writing under the run directory (no WANDB_* or MLFLOW_* setting of the machine
+    reaches them)."""
+    for name in list(os.environ):
+        if name.startswith(("WANDB_", "MLFLOW_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")

@@ -12,12 +12,22 @@ import pytest
 PROJECT = Path(__file__).parent / "project"
 
 
-def start(*args):
+def start(*args, marker=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
+    if marker is not None:
+        env["HANGING_MARKER"] = str(marker)
     # A session of its own: the worker stuck in sleep never notices its parent died, so the test ends
     # the whole group, not the main process alone.
     return subprocess.Popen([sys.executable, str(PROJECT / "hanging.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+def wait_until_stuck(marker, proc):
+    """Until the data worker is stuck (it touches ``marker`` as it starts to hang)."""
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the worker never got stuck"
+        time.sleep(0.1)
 
 
 def end(proc):
@@ -28,11 +38,11 @@ def end(proc):
 
 
 @pytest.mark.slow
-def test_a_second_sigterm_ends_a_run_whose_data_worker_hangs():
-    proc = start()
+def test_a_second_sigterm_ends_a_run_whose_data_worker_hangs(tmp_path):
+    proc = start(marker=tmp_path / "stuck")
     try:
         assert proc.stdout.readline().strip() == "training"
-        time.sleep(3)  # the worker is now stuck on sample 16
+        wait_until_stuck(tmp_path / "stuck", proc)  # on sample 16
         proc.send_signal(signal.SIGTERM)
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=3)  # the first one waits for a step boundary that never comes
@@ -76,16 +86,13 @@ data: {{_target_: hanging.data}}
 loss: torch.nn.functional.cross_entropy
 optimizer: {{_target_: torch.optim.SGD, lr: 0.1}}
 """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]),
+           "HANGING_MARKER": str(tmp_path / "stuck")}
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     run_dir = tmp_path / "runs" / "hang"
     try:
-        deadline = time.time() + 60
-        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "no step"
-            time.sleep(0.2)
-        time.sleep(2)  # the worker is stuck by now (sample 16, the fifth batch)
+        wait_until_stuck(tmp_path / "stuck", proc)  # sample 16, the fifth batch
         proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         assert proc.poll() is None  # waiting for a step boundary that never comes

@@ -165,15 +165,13 @@ def test_a_stream_adds_no_conversion_in_one_process():
     assert counts["tolist"] == 4 and counts["item"] == 1 and sum(counts.values()) == 5, counts
 
 
-def test_tracker_loggers_add_no_conversion(tmp_path, monkeypatch):
+def test_tracker_loggers_add_no_conversion(tmp_path, offline_trackers):
     """MLflow and W&B get floats at the log points, from a thread of their own: the loop reads
     nothing more with them attached."""
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     from trainer import MLflowLogger, WandbLogger
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     x, y = classification(20 * 8)
     model = mlp()
     loggers = [MLflowLogger(tmp_path), WandbLogger(tmp_path)]

@@ -186,10 +186,10 @@ class LogInterval:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.loss_count = self.loss_count + micro
 
-    def put(self, metrics: MetricBuffer) -> float:
-        """Put ``train/loss`` and ``train/<extra>`` into ``metrics``, start a new interval, and return
-        the closed one's samples per second (micro-batches times the last one's size, exact but for
-        an epoch's short last batch)."""
+    def put(self, metrics: MetricBuffer, now: float) -> float:
+        """Put ``train/loss`` and ``train/<extra>`` into ``metrics``, start a new interval at ``now``
+        (``time.perf_counter()``), and return the closed one's samples per second (micro-batches
+        times the last one's size, exact but for an epoch's short last batch)."""
         if self.loss_sum is not None and self.summed:
             # Each rank's sum over the count of every rank: the mean over ranks at the log point
             # makes it the sum over every rank's items divided by their count. A count of 0 (no
@@ -202,7 +202,6 @@ class LogInterval:
         for name, total in self.extra_sums.items():
             metrics.put(f"train/{name}", total / self.extra_count)
         samples = self.micro_batches * batch_size_of(self.last_batch) if self.last_batch is not None else 0
-        now = time.perf_counter()
         rate = samples / max(now - self.clock, 1e-9)
         self.loss_sum, self.loss_count, self.micro_batches, self.clock = None, 0, 0, now
         self.extra_sums, self.extra_count, self.summed = {}, 0, None

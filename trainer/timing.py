@@ -165,10 +165,10 @@ class StepTimes:
         if self._gpu is not None:
             self._gpu.end()
 
-    def close(self, clock: float, step: int, micro_batches: int, last_batch: Any) -> dict[str, float]:
-        """The interval's host-side values, from the log interval's ``clock`` (its start),
+    def close(self, clock: float, now: float, step: int, micro_batches: int, last_batch: Any) -> dict[str, float]:
+        """The interval's host-side values, from the log interval's ``clock`` (its start, to ``now``),
         ``micro_batches`` and ``last_batch``, read before it starts anew; then a new interval."""
-        wall = max(time.perf_counter() - clock, 1e-9)
+        wall = max(now - clock, 1e-9)
         self._wall = wall
         record: dict[str, float] = {}
         steps = step - self._first_step

@@ -879,8 +879,9 @@ class Trainer:
             return
         record: dict[str, float] = {"step": self.global_step, "epoch": self.last_step_epoch}
         interval = self._interval
-        times = self._times.close(interval.clock, self.global_step, interval.micro_batches, interval.last_batch)
-        samples_per_sec = interval.put(self._metrics)
+        now = time.perf_counter()  # one reading: samples/s, tokens/s and the time shares share their interval
+        times = self._times.close(interval.clock, now, self.global_step, interval.micro_batches, interval.last_batch)
+        samples_per_sec = interval.put(self._metrics, now)
         self._metrics.put("lr", self.optimizer.param_groups[0]["lr"])
         for i, opt in enumerate(self.optimizers[1:], start=1):  # several optimizers: the others' as lr/<i>
             self._metrics.put(f"lr/{i}", opt.param_groups[0]["lr"])

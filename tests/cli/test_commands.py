@@ -372,7 +372,7 @@ def test_cuda_requested_on_a_machine_without_it(tmp_path, project, run_cli):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     cfg = project.write(with_line(project.text, "seed: 0", "seed: 0\ndevice: cuda"))
-    proc = run_cli("run", cfg)
+    proc = run_cli("run", cfg, cwd=project.root)
     assert_user_error(proc.returncode, proc.stderr, f"{cfg}:{line_of(cfg, 'device: cuda')}:",
                       "CUDA is not available")
 

@@ -1,8 +1,10 @@
 """A user's script whose data worker hangs after a few batches: SIGTERM can only end it when sent
 twice (or, with ``--timeout``, the run ends on its own with a DataError)."""
 
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -22,6 +24,8 @@ class Hangs(torch.utils.data.Dataset):
     def __getitem__(self, i):
         self.calls += 1
         if self.calls > 16:
+            if os.environ.get("HANGING_MARKER"):
+                Path(os.environ["HANGING_MARKER"]).touch()  # the test waits for this, not for a guess
             time.sleep(3600)  # a stuck network read, a deadlocked decoder
         return torch.randn(8), i % 3
 
