@@ -135,16 +135,22 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, one_process):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = write(tmp_path, "nodes", batch=8, extra="profile: {start_step: 2, steps: 1}\n")
+    # Each agent's output goes to a file: a pipe that is not read while the test waits on the
+    # other agent could fill and stall both.
+    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
+    files = [log.open("w") for log in logs]
     agents = [
         subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                           "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                           "--rdzv_id=nodes-test", "-m", "trainer", "run", str(cfg)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-        for node in (0, 1)
+                         stdout=file, stderr=subprocess.STDOUT, env=env())
+        for node, file in zip((0, 1), files)
     ]
-    outputs = [agent.communicate(timeout=240) for agent in agents]
-    for agent, (out, err) in zip(agents, outputs):
-        assert agent.returncode == 0, err[-3000:]
+    for file in files:
+        file.close()  # each agent holds its own copy
+    for agent, log in zip(agents, logs):
+        agent.wait(timeout=240)
+        assert agent.returncode == 0, log.read_text()[-3000:]
     a, b = final(tmp_path / "runs" / "nodes"), final(one_process)
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
