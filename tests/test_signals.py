@@ -129,3 +129,29 @@ def test_a_signal_that_arrives_during_the_ranks_agreement_is_kept_for_the_next_o
     with stops.installed():
         agreements = [stops.agreed(True, torch.device("cpu")) for _ in range(2)]
     assert agreements == [None, signal.SIGTERM]
+
+
+def test_a_rank_signalled_after_agreeing_to_stop_for_another_ranks_signal_finishes_the_stop(monkeypatch):
+    """A scheduler signals every rank of a job, some a little later than others. A rank whose own
+    first signal comes after the ranks agreed to stop for another's must finish the stop with them
+    (a checkpoint, the same step), not take it for a second signal that stops it at once; its own
+    second signal still does."""
+    import torch
+
+    from trainer import distributed
+    from trainer.signals import Interrupted, StopSignals
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "all_max", lambda value, device: signal.SIGTERM)  # another rank's signal
+    stops = StopSignals()
+    with stops.installed():
+        assert stops.agreed(True, torch.device("cpu")) == signal.SIGTERM
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # this rank's first: noted, nothing more
+        except Interrupted:
+            pytest.fail("this rank's first signal was taken for a second one")
+        assert stops.received == signal.SIGTERM
+        with pytest.raises(Interrupted, match="second SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next instruction; the sleep is never finished

@@ -27,9 +27,14 @@ class Interrupted(KeyboardInterrupt):
 
 class StopSignals:
     def __init__(self) -> None:
-        self.received: int | None = None  # the first stop signal seen, not yet acted on
+        self.received: int | None = None  # the signal to stop for: this process's, or another rank's
+        self._own: int | None = None  # the first stop signal this process received itself
         self._deferring = False
         self._second: int | None = None
+
+    def reset(self) -> None:
+        """Forget the signals of an earlier ``fit`` (a later one continues the run)."""
+        self.received = self._own = None
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
@@ -53,12 +58,17 @@ class StopSignals:
             return
 
         def handler(signum, frame):
-            if self.received is not None:
+            # Only this process's own second signal stops at once. A scheduler that signals every
+            # rank of a job reaches some after they have agreed to stop for another rank's signal:
+            # that is their first, and they finish the stop with the others.
+            if self._own is not None:
                 if self._deferring:
                     self._second = signum
                     return
                 raise Interrupted(signum)
-            self.received = signum
+            self._own = signum
+            if self.received is None:
+                self.received = signum
             if distributed.rank() == 0:
                 print(f"trainer: {name(signum)} received; stopping after the current optimizer step with a "
                       "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)

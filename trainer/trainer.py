@@ -490,7 +490,7 @@ class Trainer:
             raise ValueError("checkpoint.every_n_steps needs a run_dir: Trainer(..., run_dir='runs/my-run')")
         # A later fit continues, also after an early stop or a signal (raise the limits first).
         self.should_stop, self.stop_reason, self.stopped_by_signal = False, None, None
-        self._signals.received = None
+        self._signals.reset()
         try:
             empty = len(self._train_source()) == 0
         except TypeError:  # of unknown length: an epoch that yields nothing is caught where it happens
