@@ -159,13 +159,11 @@ class HoldShards(Callback):
 class FailOnRank(Trainer):
     """Rank ``rank`` raises at optimizer step ``step``; the others carry on into the next collective."""
 
-    def __init__(self, *args, rank: int = 1, step: int = 3, marker: str | None = None, **kwargs):
+    def __init__(self, *args, rank: int = 1, step: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fail_rank, self.fail_step, self.marker = rank, step, marker
+        self.fail_rank, self.fail_step = rank, step
 
     def training_step(self, batch):
         if self.layout.rank == self.fail_rank and self.global_step + 1 == self.fail_step:
-            if self.marker:
-                Path(self.marker).write_text(str(time.time()))  # when the failure happened
             raise RuntimeError(f"rank {self.fail_rank} fails at step {self.fail_step}")
         return super().training_step(batch)
