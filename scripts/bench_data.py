@@ -14,7 +14,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.data import TensorSource
+from trainer.data.sources import TensorSource
 
 
 def per_batch(batches) -> float:

@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh subprocess (one CPU thread), raw and Trainer interleaved
 (raw, trainer, raw, trainer, ...) after a warm-up; the median time per step and the ratio are
-printed. Nothing here is asserted: the numbers go to the README's performance table.
+printed. Nothing here is asserted: the numbers go to docs/performance.md.
 
     python scripts/bench_overhead.py                       # every workload and variant
     python scripts/bench_overhead.py --workload tiny --variant logging --repeats 7

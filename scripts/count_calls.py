@@ -1,6 +1,6 @@
 """What the Trainer adds to each optimizer step, counted rather than timed.
 
-Wall-clock ratios on a shared VM swing by +-20% from run to run (see the README); counts do not.
+Wall-clock ratios on a shared VM swing by +-20% from run to run (docs/performance.md); counts do not.
 This runs the raw loop and the Trainer over the same steps of a workload of bench_overhead.py
 under ``sys.setprofile`` and prints the Python-level and C-level calls per step of each, the
 Trainer's extra calls by function, and the measured cost of the Trainer's per-step bookkeeping

@@ -1,6 +1,6 @@
 """The Trainer against the hand-written loop in executed CPU instructions, under valgrind's callgrind.
 
-Wall-clock ratios on a shared VM swing by +-20% from one process to the next (see the README);
+Wall-clock ratios on a shared VM swing by +-20% from one process to the next (docs/performance.md);
 instruction counts do not: the same steps execute the same instructions, whatever else the machine
 is doing. This is how PyTorch measures its own per-call overhead
 (``torch.utils.benchmark.Timer.collect_callgrind``). An instruction count is a proxy for time, not

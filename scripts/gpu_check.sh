@@ -6,7 +6,7 @@
 #
 # Needs: torch with CUDA, pydantic (v2), typer, tqdm, pyyaml, pytest; run from the repository root:
 #     bash scripts/gpu_check.sh
-# Results go to the README's performance section, with the card they ran on.
+# Results go to docs/performance.md, with the card they ran on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from helpers import batches, classification, mlp, quiet
-from trainer import BestCheckpoints, Callback, EarlyStopping, EMAWeights, ThroughputMonitor, Trainer, ema_update, frozen_copy
+from trainer import BestCheckpoints, Callback, EarlyStopping, EMAWeights, Trainer, ema_update, frozen_copy
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.schedules import WarmupDecay
 
@@ -153,24 +153,11 @@ def test_warmup_schedule_needs_a_length():
         t.fit()
 
 
-def test_throughput_monitor_counts_tokens():
-    from trainer.examples.char_lm import CharTransformer, lm_loss
-
-    model = CharTransformer(block_size=16, d_model=16, n_layers=1, n_heads=2)
-    data = [(torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (4, 16))) for _ in range(4)]
-    with pytest.warns(FutureWarning, match=r"throughput: \{peak_flops"):
-        monitor = ThroughputMonitor(peak_flops=1e12)
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, loss_fn=lm_loss,
-                callbacks=[monitor], config=quiet(log_every_n_steps=2))
-    t.fit()
-    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in t.history if "train/loss" in r)
-
-
 def test_tensorboard_event_files_are_readable(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trainer.tensorboard import TensorBoardLogger
+    from trainer.observability.tensorboard import TensorBoardLogger
 
     model = mlp()
     t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(4, 4), loss_fn=F.cross_entropy,

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from helpers import batches, mlp, quiet
 from trainer import Trainer
 from trainer.checkpoint.state import config_changes
-from trainer.compilation import Recompiles, check_optimizer, compile_step
+from trainer.loop.compilation import Recompiles, check_optimizer, compile_step
 from trainer.config import CompileConfig, TrainerConfig, compile_settings
 
 

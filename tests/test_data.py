@@ -10,16 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, TensorDataset, get_worker_info
 
-from trainer.data import (
-    IterableSource,
-    LoaderSource,
-    ResumableSampler,
-    TensorSource,
-    batch_size_of,
-    epoch_permutation,
-    make_source,
-    to_device,
-)
+from trainer.data.batches import batch_size_of, to_device
+
+from trainer.data.sources import epoch_permutation, IterableSource, LoaderSource, make_source, ResumableSampler, TensorSource
 
 CPU = torch.device("cpu")
 META = torch.device("meta")  # a device every machine has: a moved tensor says where it went

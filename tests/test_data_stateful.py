@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer import Callback, Trainer
 from trainer.checkpoint import list_checkpoints, load_checkpoint
-from trainer.timing import is_timing
+from trainer.observability.timing import is_timing
 
 pytest.importorskip("torchdata")
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402

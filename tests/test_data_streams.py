@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset
 
-from trainer.data import DataError, SplitStream, make_source
+from trainer.data.sources import DataError, make_source, SplitStream
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ROOT / "tests" / "project"

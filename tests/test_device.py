@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer import Precision, resolve_device, seed_everything
-from trainer.data import LoaderSource
+from trainer.data.sources import LoaderSource
 
 
 def test_cpu_and_auto_without_cuda():

@@ -283,7 +283,7 @@ def test_a_run_moves_from_two_ranks_to_one_and_back_keeping_its_global_batch(tmp
     said in one line), killed after step 11, resumed on two ranks from step 9 (the checkpoint records
     the accumulation it trained with): every step takes the samples the uninterrupted two-rank run
     takes, and the losses and weights match it within float32 summation-order differences."""
-    from trainer.data import epoch_permutation
+    from trainer.data.sources import epoch_permutation
 
     reference = torchrun("run", _elastic_config(tmp_path, "ref"))
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -638,7 +638,7 @@ def test_sharded_metadata_that_would_run_code_is_refused(fsdp_checkpoints, tmp_p
 def test_export_consolidates_the_two_ranks_shards_into_one_file(fsdp_reference, tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.export import build_model
+    from trainer.evaluation.export import build_model
 
     proc = single("export", fsdp_reference, "--out", tmp_path / "lm.safetensors")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,7 +15,7 @@ from trainer import EMAWeights, Trainer
 from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from trainer.examples.char_lm import CharTransformer
 from trainer.examples.models import MLP
-from trainer.export import ExportError, build_model, export_model
+from trainer.evaluation.export import ExportError, build_model, export_model
 
 MLP_SECTION = {"_target_": "trainer.examples.models.MLP", "in_features": 8, "hidden": 16, "out_features": 3}
 LM_SECTION = {"_target_": "trainer.examples.char_lm.CharTransformer", "block_size": 8, "d_model": 16,
@@ -191,7 +191,7 @@ def test_mistakes_are_export_errors_that_say_what_to_pass(tmp_path):
 def one_rank_fsdp(tmp_path, monkeypatch):
     """A gloo group of one process, with the Trainer sharding as under ``strategy: fsdp`` on several
     ranks: DTensor parameters, and checkpoints written as DCP directories."""
-    from trainer import strategy as strategies
+    from trainer.parallel import strategy as strategies
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     monkeypatch.setattr(strategies, "choose", lambda name, layout, device, shard: strategies.FSDP(layout, device, shard))

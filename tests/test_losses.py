@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from trainer import Callback, SanityCheckError, Trainer
 from trainer.losses import summed_cross_entropy
-from trainer.timing import is_timing
+from trainer.observability.timing import is_timing
 
 VOCAB, LENGTH, IGNORE = 7, 12, -100
 # Valid tokens per sequence: however six sequences are paired into micro-batches of two, the pairs

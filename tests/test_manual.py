@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainer import Callback, Trainer
-from trainer.timing import is_timing
+from trainer.observability.timing import is_timing
 
 
 class Pair(nn.Module):
@@ -244,7 +244,7 @@ class Broken(Alternating):
 
 
 def test_the_sanity_pass_runs_manual_step_without_stepping():
-    from trainer.sanity import SanityCheckError
+    from trainer.loop.sanity import SanityCheckError
 
     t = build(max_steps=1)
     before = copy.deepcopy(t.module.state_dict())

@@ -7,8 +7,9 @@ import torch
 from torch.nn import functional as F
 
 from helpers import classification, mlp, quiet
-from trainer import Trainer, evaluation
-from trainer.metric_objects import untouched
+from trainer import Trainer
+from trainer.evaluation import validate as evaluation
+from trainer.observability.metric_objects import untouched
 
 torchmetrics = pytest.importorskip("torchmetrics")
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -165,7 +166,7 @@ def test_a_metric_object_of_ones_own_and_what_is_refused():
 
 
 def test_a_tensor_too_large_to_log_is_left_out_with_a_warning(monkeypatch):
-    from trainer import metric_objects
+    from trainer.observability import metric_objects
 
     monkeypatch.setattr(metric_objects, "MAX_LOGGED", 4)
     t = trainer_of()

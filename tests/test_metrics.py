@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import torch
 
-from trainer.metrics import CsvLogger, JsonlLogger, MetricBuffer, truncate_metrics
+from trainer.observability.metrics import CsvLogger, JsonlLogger, MetricBuffer, truncate_metrics
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL
 
 
@@ -447,7 +447,7 @@ def test_a_log_interval_regrouped_for_other_ranks_logs_what_the_uninterrupted_ru
     micro-batches a step (the same global batch): the interval's train/loss at the next log point is
     the mean the two ranks would have logged."""
     from trainer.checkpoint import BatchLayout
-    from trainer.metrics import LogInterval
+    from trainer.observability.metrics import LogInterval
 
     saved = {"loss_sums": [1.0 + 2.0, 3.0 + 4.0], "loss_count": 2, "summed": False, "item_count": 0.0,
              "micro_batches": 2, "extra_sums": [{"acc": 1.0}, {"acc": 0.5}], "extra_types": {"acc": "float"},

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from helpers import classification, mlp, quiet
 from trainer import EMAWeights, Trainer
-from trainer.timing import is_timing
+from trainer.observability.timing import is_timing
 
 
 class NaNAt(Trainer):

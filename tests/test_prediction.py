@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from helpers import classification, mlp, quiet
 from trainer import EMAWeights, Trainer
-from trainer.prediction import Collector, PredictionError
+from trainer.evaluation.prediction import Collector, PredictionError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = Path(__file__).resolve().parent / "project"

@@ -8,7 +8,8 @@ import torch
 from torch.nn import functional as F
 
 from helpers import classification, mlp, quiet
-from trainer import Trainer, profiling
+from trainer import Trainer
+from trainer.observability import profiling
 
 
 def traced_run(tmp_path, accum=1, **profile):

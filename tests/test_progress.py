@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from conftest import ROOT, Project
 from helpers import classification, mlp
 from trainer import Trainer, TrainerConfig
-from trainer.progress import ProgressLines
+from trainer.callbacks.progress import ProgressLines
 
 # 64 samples in batches of 16: 4 steps an epoch, 2 epochs. Log points every 3 steps (3 and 6), so
 # the run ends (step 8) between log points, after its epoch has ended; validation at each epoch end.

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import classification, quiet
 from trainer import EarlyStopping, SanityCheckError, Trainer
-from trainer.sanity import culprit
+from trainer.loop.sanity import culprit
 
 
 class Noisy(Trainer):

@@ -111,8 +111,8 @@ def test_a_signal_that_arrives_during_the_ranks_agreement_is_kept_for_the_next_o
     the collective's answer (no rank had a signal) must not erase it, or the run never stops."""
     import torch
 
-    from trainer import distributed
-    from trainer.signals import StopSignals
+    from trainer.parallel import distributed
+    from trainer.loop.signals import StopSignals
 
     sent = []
 
@@ -138,8 +138,8 @@ def test_a_rank_signalled_after_agreeing_to_stop_for_another_ranks_signal_finish
     second signal still does."""
     import torch
 
-    from trainer import distributed
-    from trainer.signals import Interrupted, StopSignals
+    from trainer.parallel import distributed
+    from trainer.loop.signals import Interrupted, StopSignals
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "rank", lambda: 1)

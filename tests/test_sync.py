@@ -70,14 +70,14 @@ def test_summed_losses_add_no_conversion(strategy, monkeypatch):
     gradients, the logged per-item mean and the non-finite check read nothing between log points.
     Under DDP (one gloo rank here, the same code path) the count is summed over the ranks by one
     scalar all-reduce per step, whose result stays on the device too."""
-    from trainer import strategy as strategies
+    from trainer.parallel import strategy as strategies
     from trainer.losses import summed_cross_entropy
 
     reduced = []
     if strategy == "ddp":
         import torch.distributed as dist
 
-        from trainer import distributed
+        from trainer.parallel import distributed
 
         store = dist.HashStore()
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)

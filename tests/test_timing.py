@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from helpers import classification, mlp, quiet
 from trainer import Trainer
-from trainer.timing import is_timing, table_peak_flops, tokens_in
+from trainer.observability.timing import is_timing, table_peak_flops, tokens_in
 
 SHARES = ("time/data", "time/compute", "time/optimizer", "time/other")
 
@@ -165,7 +165,7 @@ def test_gpu_busy_share_shows_a_gpu_waiting_for_its_loader():
 
 def test_gpu_spans_are_reused_and_a_step_in_progress_carries_over(monkeypatch):
     """The bookkeeping of the CUDA events, with stand-ins for them (the real ones: the test above)."""
-    from trainer import timing
+    from trainer.observability import timing
 
     clock = iter(range(100))
 

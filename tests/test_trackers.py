@@ -14,8 +14,8 @@ from torch.nn import functional as F
 
 from helpers import classification, mlp
 from trainer import Callback, MLflowLogger, Trainer, WandbLogger
-from trainer.trackers import flatten, wandb_history
-from trainer.timing import is_timing
+from trainer.observability.trackers import flatten, wandb_history
+from trainer.observability.timing import is_timing
 
 pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
@@ -106,7 +106,7 @@ def test_a_resume_within_the_second_of_the_last_start_waits_for_the_next_second(
     within that second would erase the run before it, so it waits for the next second."""
     import time
 
-    from trainer.trackers import _after_last_start
+    from trainer.observability.trackers import _after_last_start
 
     for _ in range(3):
         now = time.strftime("%Y%m%d_%H%M%S", time.localtime())

@@ -619,7 +619,7 @@ def test_compile_trains_and_times_the_first_step_separately():
 
 
 def test_resuming_at_the_end_of_an_epoch_yields_no_empty_batch():
-    from trainer.data import TensorSource
+    from trainer.data.sources import TensorSource
 
     x, y = classification(32)
     source = TensorSource((x, y), batch_size=8, seed=0, shuffle=True, device=torch.device("cpu"))

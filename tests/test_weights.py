@@ -12,7 +12,7 @@ from torch import nn
 from trainer import Callback, Trainer, TrainerConfig, WeightsError, read_weights
 from trainer.checkpoint import list_checkpoints, load_checkpoint, save_sharded
 from trainer.examples.models import MLP
-from trainer.weights import WeightsFile
+from trainer.checkpoint.weights import WeightsFile
 
 X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(1))

@@ -21,19 +21,18 @@ _EXPORTS = {
     "InitFromConfig": "trainer.config",
     "ProfileConfig": "trainer.config",
     "ThroughputConfig": "trainer.config",
-    "read_weights": "trainer.weights",
-    "WeightsError": "trainer.weights",
+    "read_weights": "trainer.checkpoint.weights",
+    "WeightsError": "trainer.checkpoint.weights",
     "GradNormLogger": "trainer.callbacks",
     "EarlyStopping": "trainer.callbacks",
     "BestCheckpoints": "trainer.callbacks",
     "EMAWeights": "trainer.callbacks",
-    "ThroughputMonitor": "trainer.callbacks",
     "WarmupDecay": "trainer.schedules",
-    "TensorBoardLogger": "trainer.tensorboard",
-    "MLflowLogger": "trainer.trackers",
-    "WandbLogger": "trainer.trackers",
-    "ProgressBar": "trainer.progress",
-    "ProgressLines": "trainer.progress",
+    "TensorBoardLogger": "trainer.observability.tensorboard",
+    "MLflowLogger": "trainer.observability.trackers",
+    "WandbLogger": "trainer.observability.trackers",
+    "ProgressBar": "trainer.callbacks.progress",
+    "ProgressLines": "trainer.callbacks.progress",
     "eval_mode": "trainer.freezing",
     "detach": "trainer.freezing",
     "freeze": "trainer.freezing",
@@ -46,11 +45,11 @@ _EXPORTS = {
     "Precision": "trainer.device",
     "to_device": "trainer.data",
     "DataError": "trainer.data",
-    "SanityCheckError": "trainer.sanity",
-    "Logger": "trainer.metrics",
-    "JsonlLogger": "trainer.metrics",
-    "CsvLogger": "trainer.metrics",
-    "export_model": "trainer.export",
+    "SanityCheckError": "trainer.loop.sanity",
+    "Logger": "trainer.observability.metrics",
+    "JsonlLogger": "trainer.observability.metrics",
+    "CsvLogger": "trainer.observability.metrics",
+    "export_model": "trainer.evaluation.export",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -69,20 +68,21 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from trainer.callbacks import BestCheckpoints, EarlyStopping, EMAWeights, GradNormLogger, ThroughputMonitor
+    from trainer.callbacks import BestCheckpoints, EarlyStopping, EMAWeights, GradNormLogger
     from trainer.schedules import WarmupDecay
-    from trainer.tensorboard import TensorBoardLogger
-    from trainer.trackers import MLflowLogger, WandbLogger
+    from trainer.observability.tensorboard import TensorBoardLogger
+    from trainer.observability.trackers import MLflowLogger, WandbLogger
     from trainer.config import (
         CheckpointConfig, GradLoggingConfig, InitFromConfig, ProfileConfig, ThroughputConfig, TrainerConfig,
     )
-    from trainer.data import DataError, to_device
-    from trainer.sanity import SanityCheckError
+    from trainer.data.batches import to_device
+    from trainer.data.sources import DataError
+    from trainer.loop.sanity import SanityCheckError
     from trainer.device import Precision, resolve_device, seed_everything
-    from trainer.export import export_model
+    from trainer.evaluation.export import export_model
     from trainer.hooks import HOOKS, Callback
-    from trainer.metrics import CsvLogger, JsonlLogger, Logger
+    from trainer.observability.metrics import CsvLogger, JsonlLogger, Logger
     from trainer.freezing import detach, ema_update, eval_mode, freeze, freeze_matching, frozen_copy, unfreeze
-    from trainer.progress import ProgressBar, ProgressLines
+    from trainer.callbacks.progress import ProgressBar, ProgressLines
     from trainer.trainer import Trainer
-    from trainer.weights import WeightsError, read_weights
+    from trainer.checkpoint.weights import WeightsError, read_weights

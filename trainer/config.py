@@ -77,7 +77,7 @@ class GradLoggingConfig(StrictModel):
 
 
 class MLflowSettings(StrictModel):
-    """The ``mlflow`` logger's options (``trainer.trackers.MLflowLogger``)."""
+    """The ``mlflow`` logger's options (``trainer.observability.trackers.MLflowLogger``)."""
 
     tracking_uri: str | None = Field(
         None,
@@ -89,7 +89,7 @@ class MLflowSettings(StrictModel):
 
 
 class WandbSettings(StrictModel):
-    """The ``wandb`` logger's options (``trainer.trackers.WandbLogger``)."""
+    """The ``wandb`` logger's options (``trainer.observability.trackers.WandbLogger``)."""
 
     project: str | None = Field(None, description="W&B project. Default: WANDB_PROJECT, else trainer.")
     entity: str | None = Field(None, description="W&B user or team. Default: W&B's own (WANDB_ENTITY or your default).")
@@ -250,7 +250,7 @@ class ThroughputConfig(StrictModel):
         None,
         gt=0,
         description="The device's peak FLOP/s at the run's precision, e.g. 989e12 (H100 SXM, bf16 dense). null: "
-        "from a table of common GPUs for bf16/fp16 (trainer.timing.PEAK_FLOPS); on CPU and under fp32, MFU is "
+        "from a table of common GPUs for bf16/fp16 (trainer.observability.timing.PEAK_FLOPS); on CPU and under fp32, MFU is "
         "then not logged.",
     )
 

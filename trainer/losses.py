@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from trainer.data import describe
+from trainer.data.batches import describe
 
 SUM, COUNT = "loss_sum", "count"
 EXAMPLE = "{'loss_sum': F.cross_entropy(logits, labels, reduction='sum'), 'count': (labels != -100).sum()}"

@@ -27,24 +27,33 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import (compilation, distributed, evaluation, manual, memory, metric_objects, prediction, progress, sanity,
-                     signals, timing, weights)
+from trainer import memory
+from trainer.loop import compilation
+from trainer.parallel import distributed
+from trainer.evaluation import validate as evaluation
+from trainer.loop import manual
+from trainer.observability import metric_objects
+from trainer.evaluation import prediction
+from trainer.callbacks import progress
+from trainer.loop import sanity
+from trainer.loop import signals
+from trainer.observability import timing
+from trainer.checkpoint import weights
 from trainer import run_dir as run_files
-from trainer import strategy as strategies
+from trainer.parallel import strategy as strategies
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig, compile_settings
-from trainer.data import (
-    DataError, EndTogether, EpochSource, LoaderStates, describe, is_stateful_loader, make_source, to_device,
-)
+from trainer.data.batches import describe, to_device
+from trainer.data.sources import DataError, EndTogether, EpochSource, is_stateful_loader, LoaderStates, make_source
 from trainer.device import (
     Precision, model_init, out_of_memory_message, resolve_device, seed_everything, torch_settings,
 )
 from trainer.freezing import UnfrozenGroups, detach, eval_mode, matching_names
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.losses import SUM, summed
-from trainer.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricBuffer
-from trainer.nonfinite import NonFiniteGuard
-from trainer.profiling import RunProfiler, snapshot_note
+from trainer.observability.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricBuffer
+from trainer.loop.nonfinite import NonFiniteGuard
+from trainer.observability.profiling import RunProfiler, snapshot_note
 
 
 def _same_batch(batch: Any, device: torch.device, non_blocking: bool, dtype: torch.dtype | None) -> Any:
@@ -77,13 +86,13 @@ class Trainer:
     once the model is on its device and wrapped or sharded, so it sees the parameters it will
     step); ``None`` calls ``configure_optimizers()``. ``scheduler``: a scheduler, or a function of
     the optimizer. Several optimizers (a list, and a list of schedulers with ``None`` where one has
-    none) need ``manual_step`` (``trainer.manual``). ``run_config``: the configuration saved in
+    none) need ``manual_step`` (``trainer.loop.manual``). ``run_config``: the configuration saved in
     checkpoints (default: ``config``'s fields; the command line passes the whole resolved YAML
     config). ``metrics``: metric objects by name (``{"f1": torchmetrics.classification.MulticlassF1Score(10)}``)
     that the default ``validation_step`` updates with ``(outputs, targets)`` and evaluation computes
     over the whole set as ``val/<name>`` (see ``validation_step``).
 
-    What callbacks and subclasses may read (README, "Callbacks and subclasses"): ``config``,
+    What callbacks and subclasses may read (docs/callbacks.md): ``config``,
     ``device``, ``metrics``, ``module`` (the plain model: its parameters, its state dict) and ``model`` (what
     steps call: ``module`` wrapped by DDP, sharded by FSDP or compiled), ``optimizer``,
     ``scheduler`` (with several, the first), ``optimizers``, ``schedulers``, ``global_step``
@@ -157,7 +166,7 @@ class Trainer:
             manual.refuse_sharded(self.strategy)  # before sharding: FSDP reduces inside backward
         stepped = self.strategy.wrap(self.module, optimizer)
         if manual_mode:
-            stepped = self.module  # a step of its own averages gradients itself (trainer.manual), never through DDP
+            stepped = self.module  # a step of its own averages gradients itself (trainer.loop.manual), never through DDP
         if meta and self.strategy.sharded:
             weights.materialize(self.module, self.device)  # each rank's shards only
         self._built_on_meta = meta
@@ -294,7 +303,7 @@ class Trainer:
         A value may also be a metric object (``update``/``compute``/``reset``: a torchmetrics
         ``Metric``) updated here, created once (``self.f1`` in ``__init__``, or ``metrics=``): its
         ``compute()`` after the pass, over the whole set and every rank, is ``val/<name>``; it is
-        reset before each evaluation (``trainer.metric_objects``).
+        reset before each evaluation (``trainer.observability.metric_objects``).
 
         The default reports the loss (a ``loss_fn`` may return ``loss_sum`` and ``count``, as
         ``trainer.losses.summed_cross_entropy`` does), for class logits ``(N, C)`` with integer
@@ -328,7 +337,7 @@ class Trainer:
         with ``self.optimizer_step(optimizer)``; return ``None`` or a dict of values, each logged as
         ``train/<name>`` (its mean over the log interval's micro-batches). ``self.optimizers`` holds
         every optimizer, in the order ``configure_optimizers()`` gave them. ``global_step`` counts
-        accumulation windows, not optimizer steps (``trainer.manual``, docs/loop.md)."""
+        accumulation windows, not optimizer steps (``trainer.loop.manual``, docs/loop.md)."""
         raise NotImplementedError  # never called: the automatic step runs unless a subclass overrides this
 
     def manual_backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -577,7 +586,7 @@ class Trainer:
         loss, data, a step, a callback), from the original exception. Leaves weights, gradients,
         buffers, train/eval flags, RNG states and optimizer exactly as they were, so a run trains
         the same with it or without. ``fit()`` runs it first (once) unless ``sanity_check: false``;
-        under torchrun every rank runs it. See ``trainer.sanity``."""
+        under torchrun every rank runs it. See ``trainer.loop.sanity``."""
         self._check_open()
         self.apply_init_from()
         sanity.run(self)
@@ -643,14 +652,14 @@ class Trainer:
         # has floating-point tensors to convert.
         move = to_device if self.device.type != "cpu" or dtype is not None else _same_batch
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
-        steps_itself = self._manual  # a subclass's manual_step: it backs and steps (trainer.manual)
+        steps_itself = self._manual  # a subclass's manual_step: it backs and steps (trainer.loop.manual)
         nullcontext = contextlib.nullcontext()
         try:
             epoch_len: int | None = len(self._source)
         except TypeError:
             epoch_len = None
 
-        times = self._times  # where the time goes (trainer.timing): a clock reading after each phase
+        times = self._times  # where the time goes (trainer.observability.timing): a clock reading after each phase
         source = self._source
         self._call("on_train_epoch_start")
         fresh = self.batch_in_epoch == 0
@@ -734,7 +743,7 @@ class Trainer:
 
     def _step(self) -> None:
         """One optimizer step. A step whose loss or gradients are not finite is skipped, which means
-        the same whether that is decided here or on the device (see ``trainer.nonfinite``)."""
+        the same whether that is decided here or on the device (see ``trainer.loop.nonfinite``)."""
         h = self._hooks
         optimizer = self.optimizer
         self._unscale(optimizer)  # fp16: unscale so the hooks, the check and clipping see true gradients
@@ -1065,7 +1074,7 @@ class Trainer:
         as ``EMAWeights``, as ``evaluate`` uses them; no hook fires.
 
         Under torchrun every rank calls it; each predicts its share and rank 0 receives the shares
-        batch by batch and returns the whole; the other ranks return ``None`` (``trainer.prediction``
+        batch by batch and returns the whole; the other ranks return ``None`` (``trainer.evaluation.prediction``
         says which data can be split, and how a padded share's repeats are dropped).
 
         ``out``: write them instead (rank 0), atomically, and return a ``prediction.Written`` (path,
@@ -1080,7 +1089,7 @@ class Trainer:
         order = prediction.sample_order(source)
         gather = order is not None and distributed.active()
         if not (main or gather or self.sharded):
-            return None  # every rank sees the same batches (see trainer.prediction): rank 0's are the result
+            return None  # every rank sees the same batches (see trainer.evaluation.prediction): rank 0's are the result
         batches = (prediction.rounds(source, self.sharded, self.device) if gather
                    else self.strategy.eval_batches(source))
         collector = prediction.Collector(target) if main else None

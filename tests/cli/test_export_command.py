@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import PROJECT_CONFIG
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import app
-from trainer.export import build_model
+from trainer.evaluation.export import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import list_checkpoints, load_checkpoint
-from trainer.timing import is_timing
+from trainer.observability.timing import is_timing
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "tests" / "project"

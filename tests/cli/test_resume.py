@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from trainer.timing import is_timing
+from trainer.observability.timing import is_timing
 
 PROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "project")
 

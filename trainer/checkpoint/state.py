@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer import distributed
+from trainer.parallel import distributed
 from trainer.checkpoint import files
 from trainer.checkpoint.background import BackgroundWriter
 from trainer.checkpoint.files import CheckpointError

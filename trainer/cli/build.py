@@ -271,7 +271,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     import torch
 
     from trainer.device import model_init, resolve_device, seed_everything
-    from trainer.metric_objects import is_metric
+    from trainer.observability.metric_objects import is_metric
     from trainer.trainer import Trainer
 
     try:
@@ -291,7 +291,8 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         raise source.at(trainer_at, f"'{trainer_path}' is not a subclass of trainer.Trainer")
     # With init_from under fsdp no rank builds the whole model: it is built on the meta device and
     # the Trainer gives each rank memory for its own shards, which the weights file then fills.
-    from trainer import distributed, weights
+    from trainer.parallel import distributed
+    from trainer.checkpoint import weights
 
     on_meta = torch.device("meta") if weights.builds_on_meta(run, distributed.from_env()) else contextlib.nullcontext()
     with on_meta, model_init(run.precision):  # bf16-true: the weights are made in bf16, as a model factory's are
@@ -300,7 +301,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         raise source.at(("model",), f"'{run.model.target}' returned a {type(model).__name__}, not a torch.nn.Module")
     check_patterns(model, run.activation_checkpointing, source)
     if isinstance(run.compile, CompileConfig):
-        from trainer.compilation import check_backend
+        from trainer.loop.compilation import check_backend
 
         try:
             check_backend(run.compile.backend)
@@ -316,7 +317,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     if isinstance(run.loss, str):
         loss_fn = import_target(run.loss, source, ("loss",))
         if inspect.isclass(loss_fn):  # called as loss_fn(output, target) it would build an object, not a loss
-            from trainer.sanity import functional_of
+            from trainer.loop.sanity import functional_of
 
             functional = functional_of(loss_fn)
             raise source.at(("loss",), f"{run.loss} is a class; use {{_target_: {run.loss}}} to build an instance"
@@ -365,14 +366,14 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     loggers = []
     for i, spec in enumerate(run.loggers if run_dir is not None else []):
         if spec == "tensorboard":
-            from trainer.tensorboard import TensorBoardLogger
+            from trainer.observability.tensorboard import TensorBoardLogger
 
             try:
                 loggers.append(TensorBoardLogger(run_dir / TENSORBOARD))
             except ImportError as exc:
                 raise source.at(("loggers", i), str(exc)) from None
         elif spec in TRACKERS or isinstance(spec, TrackerLogger):
-            from trainer.trackers import MLflowLogger, WandbLogger
+            from trainer.observability.trackers import MLflowLogger, WandbLogger
 
             name, settings = spec.settings if isinstance(spec, TrackerLogger) else (spec, None)
             options = settings.model_dump(exclude_none=True) if settings is not None else {}

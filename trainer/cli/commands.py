@@ -227,10 +227,10 @@ def _unwritable(run_dir: Path, exc: OSError) -> str:
 def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim, accept_changes: bool) -> None:
     from trainer.cli.build import build
     from trainer.checkpoint import CheckpointError, find_resume_checkpoint
-    from trainer.data import DataError
-    from trainer.metrics import truncate_metrics
-    from trainer.signals import Interrupted
-    from trainer.trackers import TrackerError
+    from trainer.data.sources import DataError
+    from trainer.observability.metrics import truncate_metrics
+    from trainer.loop.signals import Interrupted
+    from trainer.observability.trackers import TrackerError
 
     try:
         finished = _finished_at(run_dir, cfg) if resume == "auto" else None
@@ -317,7 +317,7 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
 def _init_from(source: Source, trainer, prefix: str = "") -> None:
     """Load ``init_from`` (if set); a file that is missing, unreadable or does not fit the model is a
     config error at ``init_from``. Under torchrun every rank loads; rank 0 says what."""
-    from trainer.weights import WeightsError
+    from trainer.checkpoint.weights import WeightsError
 
     try:
         loaded = trainer.apply_init_from()
@@ -328,7 +328,7 @@ def _init_from(source: Source, trainer, prefix: str = "") -> None:
 
 
 def _entry(source: Source, cfg, part: str | None, callback: int | None) -> tuple[str, tuple]:
-    """The config entry behind a part of the run (``trainer.sanity.PARTS``): a label and its path."""
+    """The config entry behind a part of the run (``trainer.loop.sanity.PARTS``): a label and its path."""
     trainer_path = cfg.trainer.target if not isinstance(cfg.trainer, str) else cfg.trainer
     if part == "model":
         return f"{cfg.model.target}(...)", ("model",)
@@ -347,8 +347,8 @@ def _entry(source: Source, cfg, part: str | None, callback: int | None) -> tuple
 def _sanity_pass(source: Source, cfg, trainer) -> None:
     """The sanity pass (unless ``sanity_check: false``); a failure is a config error at the entry
     responsible. Under torchrun every rank runs it."""
-    from trainer.data import DataError
-    from trainer.sanity import SanityCheckError
+    from trainer.data.sources import DataError
+    from trainer.loop.sanity import SanityCheckError
 
     if not cfg.sanity_check:
         return
@@ -364,7 +364,7 @@ def _sanity_pass(source: Source, cfg, trainer) -> None:
 
 def _raise_if_users(source: Source, cfg, trainer, exc: Exception) -> None:
     """A ``FailedRun`` naming the user's code when ``exc`` came from it; our own errors pass."""
-    from trainer.sanity import culprit, one_line
+    from trainer.loop.sanity import culprit, one_line
 
     found = culprit(trainer, exc)
     if found is None:
@@ -427,7 +427,7 @@ def _ending(trainer) -> str:
 
 
 def _report(trainer, run_dir: Path) -> None:
-    from trainer.progress import epoch_text
+    from trainer.callbacks.progress import epoch_text
 
     if not trainer.is_main_process:
         return
@@ -528,7 +528,7 @@ def predict(
         source, cfg = _load(config, overrides)
         _check_exists(checkpoint)  # before anything is built
         from trainer.cli.build import build
-        from trainer.prediction import PredictionError, check_out
+        from trainer.evaluation.prediction import PredictionError, check_out
 
         try:
             check_out(out, "--out")
@@ -636,7 +636,7 @@ def export(
     serving, and the model's config beside it (needs safetensors)."""
     with _reporting(debug):
         from trainer.checkpoint import CheckpointError
-        from trainer.export import ExportError, SafetensorsMissing, export_model
+        from trainer.evaluation.export import ExportError, SafetensorsMissing, export_model
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

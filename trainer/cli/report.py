@@ -112,7 +112,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
     values = [r[metric] for r in records if metric in r and isinstance(r[metric], (int, float))]
     best = (max if mode == "max" else min)(values) if values else None
     checkpoints = list_checkpoints(checkpoint_dir(run_dir))
-    # The share of wall time spent waiting for data in the latest log interval (trainer.timing).
+    # The share of wall time spent waiting for data in the latest log interval (trainer.observability.timing).
     waits = [r["time/data"] for r in records if isinstance(r.get("time/data"), (int, float))]
     return {
         "name": run_dir.name,
@@ -147,7 +147,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt.format(*header).rstrip()] + [fmt.format(*line).rstrip() for line in lines] + notes)
 
 
-# The shares of a step's wall time (trainer.timing), with their line styles on the plot's panel.
+# The shares of a step's wall time (trainer.observability.timing), with their line styles on the plot's panel.
 _TIME_SHARES = {"time/data": "-", "time/compute": "--", "time/optimizer": ":", "time/other": "-.",
                 "time/gpu_busy": (0, (5, 1, 1, 1, 1, 1))}
 

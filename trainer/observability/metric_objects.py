@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.data import describe
+from trainer.data.batches import describe
 
 MAX_LOGGED = 1024  # elements of one tensor result logged as separate values; beyond, too many columns
 

@@ -2,7 +2,7 @@
 ranks (sums and counts, not a mean of means), one host read per evaluation. A ``loss_sum`` with its
 ``count`` (``trainer.losses``) gives ``loss``: the sum over every batch and rank divided by the
 total count. Metric objects (``update``/``compute``/``reset``, such as torchmetrics') that the step
-returns are computed once after the pass, over the whole set (``trainer.metric_objects``)."""
+returns are computed once after the pass, over the whole set (``trainer.observability.metric_objects``)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from trainer import distributed, metric_objects
-from trainer.data import batch_size_of, describe, to_device
+from trainer.parallel import distributed
+from trainer.observability import metric_objects
+from trainer.data.batches import batch_size_of, describe, to_device
 from trainer.losses import COUNT, SUM, summed
 
 

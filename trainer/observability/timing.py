@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from trainer.config import ThroughputConfig
-from trainer.data import _first_tensor, batch_size_of
+from trainer.data.batches import batch_size_of, first_tensor
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' datasheets, by a part of the device
 # name; the first match wins, so a longer name comes before its prefix (A100 before A10).
@@ -69,7 +69,7 @@ def table_peak_flops(device_name: str, precision: str) -> float | None:
 def tokens_in(batch: Any) -> int:
     """The tokens of a batch: the element count of its first tensor when that holds integer ids of
     two or more dimensions (``(batch, sequence)``); 0 otherwise. Read from the shape: no sync."""
-    first = _first_tensor(batch)
+    first = first_tensor(batch)
     if first is None or first.ndim < 2 or first.is_floating_point() or first.is_complex() or first.dtype == torch.bool:
         return 0
     return first.numel()

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from trainer import distributed
-from trainer.data import batch_size_of
+from trainer.parallel import distributed
+from trainer.data.batches import batch_size_of
 from trainer.losses import COUNT, SUM
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL, write_text_atomic
 

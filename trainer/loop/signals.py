@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from trainer import distributed
+from trainer.parallel import distributed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

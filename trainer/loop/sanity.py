@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from trainer import losses, metric_objects
+from trainer import losses
+from trainer.observability import metric_objects
 from trainer.checkpoint.files import rng_state, set_rng_state
-from trainer.data import EndTogether, IterableSource, StatefulSource, describe, to_device
+from trainer.data.batches import describe, to_device
+from trainer.data.sources import EndTogether, IterableSource, StatefulSource
 from trainer.device import out_of_memory_message, torch_settings
 from trainer.freezing import eval_mode
 from trainer.memory import suggestion
@@ -318,7 +320,7 @@ def _untouched(trainer: Trainer) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- whose code raised
 
-_TRAINER = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TRAINER = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the package
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _STDLIB = os.path.dirname(os.path.abspath(os.__file__)) + os.sep
 _SITE = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep for k in ("purelib", "platlib")})

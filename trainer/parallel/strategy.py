@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer import distributed
+from trainer.parallel import distributed
 
 
 class SingleProcess:

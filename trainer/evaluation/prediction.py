@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer import distributed
+from trainer.parallel import distributed
 from trainer import run_dir as run_files
-from trainer.data import batch_size_of, describe, to_device
+from trainer.data.batches import batch_size_of, describe, to_device
 
 SUFFIXES = (".pt", ".safetensors")
 TENSOR_NAME = "predictions"  # a single tensor's name in a .safetensors file

@@ -265,5 +265,5 @@ def _config_text(model: dict[str, Any], checkpoint: Path, step: int) -> str:
     import yaml
 
     return (f"# The model of {checkpoint} (step {step}), written by trainer export beside its weights.\n"
-            "# Build it with trainer.export.build_model(this file), then load_state_dict(load_file(weights), strict=True).\n"
+            "# Build it with trainer.evaluation.export.build_model(this file), then load_state_dict(load_file(weights), strict=True).\n"
             + yaml.safe_dump({"model": model}, sort_keys=False))

@@ -1,0 +1,1 @@
+"""Using trained weights: evaluation passes, prediction and export."""
