@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,20 +68,7 @@ class Precision:
         else:
             self.autocast = torch.autocast(device_type=device.type, dtype=self.dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
-
-    def steps(self, optimizer: torch.optim.Optimizer) -> tuple[Callable, Callable, Callable, Callable]:
-        """``(scale, unscale, step, skip)`` for the loop, resolved once: fp16 goes through the scaler,
-        the others straight to the optimizer (no scaler calls per step). ``skip`` ends a step that
-        is not taken (the scaler still updates its scale)."""
-        scaler = self.scaler
-        if not scaler.is_enabled():
-            return _same, _ignore, optimizer.step, _ignore
-
-        def step() -> None:
-            scaler.step(optimizer)  # skipped by the scaler on an fp16 overflow
-            scaler.update()
-
-        return scaler.scale, scaler.unscale_, step, scaler.update
+        self.scale = self.scaler.scale if name == "fp16" else _same  # what backward gets: the loss, fp16-scaled
 
     def __repr__(self) -> str:
         return f"Precision({self.name!r})"
@@ -112,10 +98,6 @@ def model_init(precision: str) -> contextlib.AbstractContextManager:
 
 def _same(value: Any) -> Any:
     return value
-
-
-def _ignore(*args: Any) -> None:
-    return None
 
 
 def seed_everything(seed: int) -> None:

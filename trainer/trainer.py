@@ -17,7 +17,6 @@ import gc
 import json
 import math
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,21 +42,18 @@ from trainer import run_dir as run_files
 from trainer.parallel import strategy as strategies
 from trainer.callbacks import GradNormLogger
 from trainer.config import TrainerConfig, compile_settings
-from trainer.data.batches import describe, to_device
-from trainer.data.sources import DataError, EndTogether, EpochSource, is_stateful_loader, LoaderStates, make_source
+from trainer.data.batches import describe, mover
+from trainer.data.sources import DataError, EpochSource, LoaderStates, empty_epoch, is_stateful_loader, make_source
 from trainer.device import (
     Precision, model_init, out_of_memory_message, resolve_device, seed_everything, torch_settings,
 )
 from trainer.freezing import UnfrozenGroups, detach, eval_mode, matching_names
 from trainer.hooks import HOOKS, collect_hooks
-from trainer.losses import SUM, summed
-from trainer.observability.metrics import CsvLogger, JsonlLogger, LogInterval, Logger, MetricBuffer
+from trainer.loop.step import OptimizerStep, split_loss
+from trainer.observability.metrics import CsvLogger, JsonlLogger, Logger, MetricBuffer
+from trainer.observability.telemetry import Telemetry
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.observability.profiling import RunProfiler, snapshot_note
-
-
-def _same_batch(batch: Any, device: torch.device, non_blocking: bool, dtype: torch.dtype | None) -> Any:
-    return batch
 
 
 def _length(source: Any) -> int | None:
@@ -148,6 +144,7 @@ class Trainer:
 
         self.device = resolve_device(cfg.device, self.layout.local_rank if self.layout.enabled else None)
         self.precision = Precision(cfg.precision, self.device)
+        self._move = mover(self.device, self.precision.param_dtype)  # a batch onto the device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._joined_group = distributed.init(self.layout, self.device)  # close() leaves it then
@@ -213,9 +210,6 @@ class Trainer:
         self.loggers: list[Logger] = list(loggers) if self.is_main_process else []
         self.history: list[dict[str, float]] = []
         self.logged_records = 0  # records sent to the loggers in the whole run, resumes included
-        self._metrics = MetricBuffer()
-        self._interval = LogInterval(self.device)
-        self._times = timing.for_run(cfg.throughput, self.module, self.device, cfg.precision)  # time/*, tokens/s, mfu
         self._profiler = RunProfiler(cfg.profile, self.device, self.run_dir, self.layout.rank)
 
         # Progress, saved in checkpoints.
@@ -231,12 +225,15 @@ class Trainer:
 
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizers, self.device,
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
-        self._scale, self._unscale, self._step_optimizer, self._skip_optimizer = self.precision.steps(self.optimizer)
+        # The optimizer step, for the automatic loop and manual_step alike (trainer.loop.step).
+        steppers = {}
         if compiled is not None and compiled.optimizer:  # fp16 is refused by the config: the scaler steps eagerly
-            self._step_optimizer = compilation.compile_step(self.optimizer, compiled, self.strategy.sharded)
-        self._recompiles = compilation.Recompiles() if compiled is not None else None
-        self._clip_params = self.trainable_parameters()
-        self._check_grads = cfg.precision != "fp16"
+            steppers[id(self.optimizer)] = compilation.compile_step(self.optimizer, compiled, self.strategy.sharded)
+        self._step = OptimizerStep(self, self._hooks, self.strategy, self._guard, self.precision.scaler,
+                                   self.optimizers, self.schedulers, self.device, cfg.clip_grad_norm, steppers)
+        if not manual_mode:  # clipping and the non-finite check see every trainable parameter
+            self._step.set_params(self.optimizer, self.trainable_parameters())
+        self._telemetry = self._build_telemetry(compiled is not None)
         self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler, others=self.optimizers[1:])
         several = len(self.optimizers) > 1
         self._checkpointer = ckpt.Checkpointer(
@@ -246,18 +243,42 @@ class Trainer:
             # checkpointer restores the values this run takes, see load_checkpoint).
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
                                          "validated_step"), ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
-                         self._guard, self._interval,
+                         self._guard, self._telemetry.interval,
                          LoaderStates(lambda: self._train_source() if is_stateful_loader(self.train_data) else None)],
             config=self.resolved_config, unfrozen=self._unfrozen, loggers=self.loggers,
         )
         self._unheld_warned: set[str] = set()
-        self._first_step_clock: float | None = None
         self.validated_step: int | None = None  # the step of the last validation (saved: not repeated on resume)
         self._started = False  # a later fit() continues; it does not seed again
         self._source: EpochSource | None = None
         self._val_source: EpochSource | None = None
         self._sanity_checked = False  # fit() runs the sanity pass once per Trainer
-        self._manual = manual.ManualSteps(self) if manual_mode else None  # the subclass's own step
+        self._manual = (manual.ManualSteps(self, self._step, self.optimizers, self._hooks, self.precision,
+                                           self.layout.world_size, lambda: cfg.grad_accum_steps)
+                        if manual_mode else None)  # the subclass's own step
+
+    def _build_telemetry(self, compiled: bool) -> Telemetry:
+        """The log records' sources (trainer.observability.telemetry): each optimizer's lr, CUDA's peak
+        memory, recompilations."""
+        cfg = self.config
+        times = timing.for_run(cfg.throughput, self.module, self.device, cfg.precision)  # time/*, tokens/s, mfu
+        telemetry = Telemetry(self.device, times, self._guard)
+        optimizers = self.optimizers
+
+        def learning_rates(metrics: MetricBuffer) -> None:
+            metrics.put("lr", optimizers[0].param_groups[0]["lr"])
+            for i, opt in enumerate(optimizers[1:], start=1):  # several optimizers: the others' as lr/<i>
+                metrics.put(f"lr/{i}", opt.param_groups[0]["lr"])
+
+        telemetry.register(before_copy=learning_rates)
+        if self.device.type == "cuda":
+            device = self.device
+            telemetry.register(after_copy=lambda: {"cuda_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30})
+        if compiled:
+            recompiles = compilation.Recompiles()
+            telemetry.register(after_copy=lambda: {"compile/recompiles": recompiles.count()},
+                               on_first_step=recompiles.start)  # compilations from then on are recompilations
+        return telemetry
 
     # ----------------------------------------------------------------- override points
 
@@ -407,7 +428,8 @@ class Trainer:
             patterns = [what] if isinstance(what, str) else list(what)
             names = matching_names(self.module, patterns, "unfreeze")
         added = self._unfrozen.add(names, patterns, **hyperparameters)
-        self._clip_params = self.trainable_parameters()  # clipping and the non-finite check see them too
+        if self._manual is None:  # clipping and the non-finite check see them too
+            self._step.set_params(self.optimizer, self.trainable_parameters())
         return added
 
     def register_state(self, name: str, obj: Any) -> None:
@@ -450,7 +472,7 @@ class Trainer:
 
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a value; tensors stay on the device and become numbers at the next log point."""
-        self._metrics.put(name, value)
+        self._telemetry.log(name, value)
 
     @property
     def sharded(self) -> bool:
@@ -528,9 +550,7 @@ class Trainer:
                     if callable(getattr(logger, "start", None)):  # a tracker opens its run (the checkpoint's, on resume)
                         logger.start(self.resolved_config)
                 # With compile: true the first step includes compilation; it is timed on its own.
-                self._first_step_clock = time.perf_counter() if cfg.compile else None
-                self._interval.clock = time.perf_counter()
-                self._times.restart(self.global_step)
+                self._telemetry.start(self.global_step, time_first_step=bool(cfg.compile))
                 self._call("on_fit_start")
                 self._profiler.begin(self.global_step + 1, self.total_steps())
                 self._background_saves = cfg.checkpoint.async_
@@ -640,73 +660,36 @@ class Trainer:
         return files
 
     def _train_epoch(self) -> None:
-        cfg = self.config
+        cfg, source, telemetry, h = self.config, self._source, self._telemetry, self._hooks
         accum = cfg.grad_accum_steps
-        h = self._hooks
-        autocast = self.precision.autocast
-        scale = self._scale
-        track, track_sum = self._interval.track, self._interval.track_sum
-        non_blocking = self.device.type == "cuda"
-        dtype = self.precision.param_dtype  # bf16-true: floating-point inputs become bf16 on the way in
-        # On CPU, batches are already where they belong: no per-step walk over them, unless bf16-true
-        # has floating-point tensors to convert.
-        move = to_device if self.device.type != "cpu" or dtype is not None else _same_batch
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
-        steps_itself = self._manual  # a subclass's manual_step: it backs and steps (trainer.loop.manual)
-        nullcontext = contextlib.nullcontext()
-        try:
-            epoch_len: int | None = len(self._source)
-        except TypeError:
-            epoch_len = None
-
-        times = self._times  # where the time goes (trainer.observability.timing): a clock reading after each phase
-        source = self._source
+        move = self._move
+        epoch_len = _length(source)
         self._call("on_train_epoch_start")
         fresh = self.batch_in_epoch == 0
         step_now = True  # an epoch starts, or resumes, at a step boundary
-        for batch in times.batches(source.epoch(self.epoch, self.batch_in_epoch)):
+        for batch in telemetry.batches(source.epoch(self.epoch, self.batch_in_epoch)):
             self.batch_in_epoch += 1
             step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len or source.last_batch
-            batch = move(batch, self.device, non_blocking, dtype)
-            times.fetched()
+            batch = move(batch)
+            telemetry.fetched()
             for fn in h["on_train_batch_start"]:
                 fn(self, batch)
-            if steps_itself is not None:
-                # The user's step backs and steps in one call: its optimizer steps count as compute.
-                outputs = steps_itself.micro_batch(batch, step_now)
-                times.computed()
-                if step_now:
-                    steps_itself.end_window()
-                    times.stepped()
-            else:
-                with autocast:
+            if self._manual is None:
+                with self.precision.autocast:
                     outputs = self.training_step(batch)
-                is_dict = isinstance(outputs, dict)
-                if is_dict and SUM in outputs:
-                    # A sum over items: its gradient is divided by the step's count of items at the step.
-                    loss, count = summed(outputs, "training_step")
-                    divided = loss
-                else:
-                    loss = outputs["loss"] if is_dict else outputs
-                    if not isinstance(loss, torch.Tensor):
-                        raise TypeError(
-                            f"training_step must return a loss Tensor, a dict with a 'loss' Tensor, or a dict with "
-                            f"'loss_sum' and 'count' Tensors, got {describe(outputs)}"
-                        )
-                    divided, count = (loss / accum if accum > 1 else loss), None
+                loss, divided, count = split_loss(outputs, accum)
                 for fn in h["on_before_backward"]:
                     fn(self, loss)
                 # Under DDP / FSDP the micro-batches before the step skip the gradient all-reduce.
-                with no_sync() if no_sync is not None and not step_now else nullcontext:
-                    self.backward(scale(divided))
-                if count is None:
-                    track(loss, outputs, batch)
-                else:
-                    track_sum(loss, count, outputs, batch)
-                times.computed()
-                if step_now:
-                    self._step()
-                    times.stepped()
+                with no_sync() if no_sync is not None and not step_now else contextlib.nullcontext():
+                    self.backward(self.precision.scale(divided))
+                telemetry.computed(batch, outputs, loss, count)
+            else:  # the subclass's manual_step backs and steps itself: its steps count as compute
+                outputs = self._manual.micro_batch(batch, step_now, self.global_step + 1)
+                telemetry.computed(batch, outputs)
+            if step_now:
+                self._optimizer_step()
             if h["on_train_batch_end"]:
                 outputs = detach(outputs)
                 for fn in h["on_train_batch_end"]:
@@ -716,23 +699,9 @@ class Trainer:
                     return
                 break  # stopping on the epoch's last batch still ends the epoch
         if fresh and self.batch_in_epoch == 0:  # looping on would never reach max_steps
-            if isinstance(source, EndTogether):
-                raise DataError(
-                    f"epoch {self.epoch} of the training stream yielded no batch on at least one of the "
-                    f"{self.layout.world_size} ranks, and every rank ends an epoch with the shortest stream: give "
-                    "each rank (and each DataLoader worker) at least one batch of items"
-                )
-            raise DataError(
-                f"epoch {self.epoch} of the training data yielded no batch; a {type(self.train_data).__name__} "
-                "that can be read only once (a generator, an iterator) runs dry after the first epoch: pass a "
-                "Dataset, a DataLoader or a list"
-            )
-        if not step_now and epoch_len is None:
-            # the last, partial window of an iterable of unknown length
-            if steps_itself is None:
-                self._step()
-            else:
-                steps_itself.end_window()
+            raise empty_epoch(source, self.epoch, self.train_data, self.layout.world_size)
+        if not step_now and epoch_len is None:  # the last, partial window of an iterable of unknown length
+            self._optimizer_step()
             self._after_step()
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -741,52 +710,23 @@ class Trainer:
         if every and self.val_data is not None and self.epoch % every == 0 and self.validated_step != self.global_step:
             self._validate(epoch=self.epoch - 1)  # tagged with the epoch it evaluates
 
-    def _step(self) -> None:
-        """One optimizer step. A step whose loss or gradients are not finite is skipped, which means
-        the same whether that is decided here or on the device (see ``trainer.loop.nonfinite``)."""
-        h = self._hooks
-        optimizer = self.optimizer
-        self._unscale(optimizer)  # fp16: unscale so the hooks, the check and clipping see true gradients
-        loss = self._interval.step_loss
-        if self._interval.step_count is not None:
-            # Summed losses: from here on the gradients are those of the mean over every item of the
-            # step on every rank (one scalar all-reduce of the count), and the loss the step's mean.
-            loss = loss * self.strategy.mean_over_items(self._clip_params, self._interval.step_count)
-        for fn in h["on_after_backward"]:
-            fn(self)
-        # Under fp16 the scaler owns overflowing gradients (it skips the step and lowers the scale).
-        clipping = self.config.clip_grad_norm is not None
-        value, found, norm = self.strategy.step_value(loss, self._clip_params, self._check_grads, clipping)
-        skipped = self._guard.check(value, found, self.global_step + 1, loss)  # may raise
-        self._interval.end_step(skipped)
-        if clipping:
-            self.strategy.clip(self._clip_params, self.config.clip_grad_norm, norm)
-        for fn in h["on_before_optimizer_step"]:
-            fn(self, optimizer)
-        if skipped is True:
-            self._skip_optimizer()
+    def _optimizer_step(self) -> None:
+        """The accumulation window's optimizer step (under ``manual_step``, the steps it asked for),
+        then the step count (trainer.loop.step)."""
+        if self._manual is None:
+            skipped = self._step(self.optimizer, self.global_step + 1, *self._telemetry.step_loss())
         else:
-            self._step_optimizer()  # with a device-side flag, a bad step skips itself here
-        if self.scheduler is not None:
-            self.scheduler.step()  # a skipped step still counts, so data and schedule stay aligned
-        for fn in h["on_before_zero_grad"]:
-            fn(self, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        self._guard.done()
+            self._manual.end_window()
+            skipped = True  # manual_step's values are tracked already: the window has no loss of its own
+        self._step.end_window()
+        self._telemetry.stepped(skipped)
         self.global_step += 1
 
     def _after_step(self) -> bool:
         """Log, validate, checkpoint and decide whether to stop, at an optimizer-step boundary."""
         cfg = self.config
         step = self.global_step
-        if self._first_step_clock is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # note: CPU-GPU sync point, once, to time compilation
-            self.log("time/first_step_s", time.perf_counter() - self._first_step_clock)
-            self._first_step_clock = None
-            self._interval.clock = time.perf_counter()  # throughput without the compile
-            self._times.restart(step)
-            self._recompiles.start()  # compilations from here on are recompilations
+        self._telemetry.boundary(step)
         log_point = step % cfg.log_every_n_steps == 0
         if log_point:
             self._flush_logs()
@@ -882,35 +822,11 @@ class Trainer:
     # ----------------------------------------------------------------- metrics
 
     def _flush_logs(self) -> None:
-        """The log point: every pending value becomes a float in one copy, then goes to the history,
-        the ``on_log`` hook and the loggers."""
-        if not self._interval.micro_batches and not self._metrics:
-            return
-        record: dict[str, float] = {"step": self.global_step, "epoch": self.last_step_epoch}
-        interval = self._interval
-        now = time.perf_counter()  # one reading: samples/s, tokens/s and the time shares share their interval
-        times = self._times.close(interval.clock, now, self.global_step, interval.micro_batches, interval.last_batch)
-        samples_per_sec = interval.put(self._metrics, now)
-        self._metrics.put("lr", self.optimizer.param_groups[0]["lr"])
-        for i, opt in enumerate(self.optimizers[1:], start=1):  # several optimizers: the others' as lr/<i>
-            self._metrics.put(f"lr/{i}", opt.param_groups[0]["lr"])
-        values, flags = self._metrics.flush(extra=self._guard.pending(), reduce=distributed.mean_over_ranks)
-        # (note: the flush is the CPU-GPU sync point of the log interval)
-        record.update(values)
-        if flags is not None:
-            self._guard.read(flags)
-        if not self._guard.took_steps() or record.get("train/count") == 0:
-            # Every step of the interval was skipped, or (summed losses) its steps held no item:
-            # no loss to show.
-            record.pop("train/loss", None)
-        record["samples_per_sec"] = samples_per_sec
-        record.update(times)
-        record.update(self._times.gpu_busy())  # the GPU's events, complete since the flush
-        if self.device.type == "cuda":
-            record["cuda_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self._recompiles is not None:
-            record["compile/recompiles"] = self._recompiles.count()
-        self._emit(record)
+        """The log point: the record of the interval (trainer.observability.telemetry) goes to the
+        history, the ``on_log`` hook and the loggers."""
+        record = self._telemetry.record(self.global_step, self.last_step_epoch)
+        if record is not None:
+            self._emit(record)
 
     def _emit(self, record: dict[str, float]) -> None:
         self.history.append(record)

@@ -542,3 +542,18 @@ def _length(source: EpochSource) -> int | None:
         return len(source)
     except TypeError:
         return None
+
+
+def empty_epoch(source: EpochSource, epoch: int, data: Any, world_size: int) -> DataError:
+    """The error for an epoch of the training data that yielded no batch (looping on would never
+    reach ``max_steps``)."""
+    if isinstance(source, EndTogether):
+        return DataError(
+            f"epoch {epoch} of the training stream yielded no batch on at least one of the {world_size} ranks, and "
+            "every rank ends an epoch with the shortest stream: give each rank (and each DataLoader worker) at "
+            "least one batch of items"
+        )
+    return DataError(
+        f"epoch {epoch} of the training data yielded no batch; a {type(data).__name__} that can be read only once "
+        "(a generator, an iterator) runs dry after the first epoch: pass a Dataset, a DataLoader or a list"
+    )

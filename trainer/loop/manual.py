@@ -26,11 +26,15 @@ communicate. FSDP is refused: its gradients are reduced inside backward, by the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from trainer.device import Precision
+from trainer.loop.step import OptimizerStep
 
 
 
@@ -101,30 +105,34 @@ def refuse_sharded(strategy: Any) -> None:
 
 
 class ManualSteps:
-    """The state of ``manual_step``'s accumulation window and what its two helpers do."""
+    """The state of ``manual_step``'s accumulation window and what its two helpers do. ``owner``:
+    the Trainer whose ``manual_step`` runs and whom the hooks receive; ``step``: the run's
+    ``OptimizerStep``; ``accum``: the micro-batches of a window (read at each backward: a resume on
+    another number of ranks may have changed it)."""
 
-    def __init__(self, trainer: Any):
-        t = self.trainer = trainer
-        refuse_sharded(t.strategy)
-        self.scaler = t.precision.scaler
+    def __init__(self, owner: Any, step: OptimizerStep, optimizers: list[torch.optim.Optimizer],
+                 hooks: Mapping[str, Sequence[Callable[..., Any]]], precision: Precision, world_size: int,
+                 accum: Callable[[], int]):
+        self.owner, self.optimizer_step = owner, step
+        self.before_backward = hooks["on_before_backward"]
+        self.autocast = precision.autocast
+        self.scaler = precision.scaler
         self.fp16 = self.scaler.is_enabled()
-        self.world = t.layout.world_size if t.layout.enabled else 1
-        # Each optimizer's parameters, listed once (what its clipping, check and averaging see).
-        self.params = {id(opt): [p for g in opt.param_groups for p in g["params"]] for opt in t.optimizers}
-        self.index = {id(opt): i for i, opt in enumerate(t.optimizers)}
-        self.schedulers = {id(opt): s for opt, s in zip(t.optimizers, t.schedulers)}
-        self.zero = torch.zeros((), device=t.device)  # the step's value: its gradients decide alone
+        self.world = world_size
+        self.accum = accum
+        self.index = {id(opt): i for i, opt in enumerate(optimizers)}
+        self.number = 0  # the optimizer step the window makes
         self.stepping = False  # the current micro-batch ends the window
         self.stepped: set[int] = set()  # the optimizers (their ids) stepped in the window
         self.requested: list[torch.optim.Optimizer] = []  # asked for before the window's last micro-batch
         self.dry = False  # the sanity pass: backward only, nothing steps, no hook fires
 
-    def micro_batch(self, batch: Any, step_now: bool) -> Any:
-        """Run ``manual_step`` on one micro-batch; ``step_now``: it is the window's last."""
-        t = self.trainer
-        self.stepping = step_now
-        with t.precision.autocast:
-            outputs = t.manual_step(batch)
+    def micro_batch(self, batch: Any, step_now: bool, number: int) -> Any:
+        """Run ``manual_step`` on one micro-batch of the window of optimizer step ``number``;
+        ``step_now``: it is the window's last."""
+        self.stepping, self.number = step_now, number
+        with self.autocast:
+            outputs = self.owner.manual_step(batch)
         if outputs is not None and not isinstance(outputs, dict):
             raise TypeError(
                 f"manual_step must return None or a dict of values to log (e.g. {{'d_loss': d_loss}}), got "
@@ -136,16 +144,9 @@ class ManualSteps:
                     f"manual_step returned {name!r}: {type(value).__name__}; each value of its dict is logged as "
                     f"train/{name} and must be a tensor or a number"
                 )
-        t._interval.track_metrics(outputs, batch)
         return outputs
 
-    @property
-    def accum(self) -> int:
-        # Read at each backward: a resume on another number of ranks may have changed it.
-        return self.trainer.config.grad_accum_steps
-
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        t = self.trainer
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"manual_backward(loss) needs a scalar loss tensor, got {shown}; reduce it (loss.mean())")
@@ -153,9 +154,10 @@ class ManualSteps:
         if self.dry:
             torch.autograd.backward(loss, inputs=inputs)
             return
-        for fn in t._hooks["on_before_backward"]:
-            fn(t, loss)
-        divided = loss / self.accum if self.accum > 1 else loss
+        for fn in self.before_backward:
+            fn(self.owner, loss)
+        accum = self.accum()
+        divided = loss / accum if accum > 1 else loss
         torch.autograd.backward(self.scaler.scale(divided) if self.fp16 else divided, inputs=inputs)
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -171,17 +173,16 @@ class ManualSteps:
             # The scaler unscales an optimizer once between its updates, and updates once per window.
             raise RuntimeError(
                 f"manual_step stepped optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__}) twice in "
-                f"optimizer step {self.trainer.global_step + 1} under precision: fp16, whose one GradScaler update "
+                f"optimizer step {self.number} under precision: fp16, whose one GradScaler update "
                 "per window allows one step per optimizer: step it once per manual_step, or use bf16"
             )
         self._step(optimizer)
         return True
 
     def end_window(self) -> None:
-        """After the window's last micro-batch: the scaler's update and the step count."""
-        t = self.trainer
-        # Steps asked for on the window's earlier micro-batches and not again on its last (one that
-        # alternates, or the last, partial window of data of unknown length) are taken now.
+        """After the window's last micro-batch: the steps asked for on the window's earlier
+        micro-batches and not again on its last (one that alternates, or the last, partial window
+        of data of unknown length) are taken now."""
         for optimizer in self.requested:
             if id(optimizer) not in self.stepped:
                 self._step(optimizer)
@@ -189,56 +190,25 @@ class ManualSteps:
         self.stepping = False
         if not self.stepped:
             raise RuntimeError(
-                f"manual_step ended optimizer step {t.global_step + 1} without stepping an optimizer: call "
+                f"manual_step ended optimizer step {self.number} without stepping an optimizer: call "
                 "self.optimizer_step(optimizer) for each optimizer that should step, after manual_backward(loss) "
                 "(on the micro-batches before the window's last it only notes the request)"
             )
         self.stepped.clear()
-        if self.fp16:
-            self.scaler.update()  # once per window, after every optimizer stepped (torch's AMP recipe)
-        t._interval.end_step(True)  # the window's micro-batches, for throughput; its metrics are tracked already
-        t.global_step += 1
 
     def _params_of(self, optimizer: Any, where: str) -> list[torch.Tensor]:
-        params = self.params.get(id(optimizer))
-        if params is None:
+        if id(optimizer) not in self.index:
             raise ValueError(
                 f"{where}: the {type(optimizer).__name__} given is not one of this Trainer's optimizers; pass one "
                 "of self.optimizers (what configure_optimizers() returned, after the Trainer built it)"
             )
-        return params
+        return self.optimizer_step.params[id(optimizer)]
 
     def _step(self, optimizer: torch.optim.Optimizer) -> None:
-        t = self.trainer
-        h = t._hooks
-        params = self.params[id(optimizer)]
         if self.world > 1:
-            _average_over_ranks(params, self.world)
-        if self.fp16:
-            self.scaler.unscale_(optimizer)  # the hooks, the check and clipping see true gradients
-        for fn in h["on_after_backward"]:
-            fn(t)
-        clipping = t.config.clip_grad_norm is not None
-        # Under fp16 the scaler owns non-finite gradients: it skips the step and lowers the scale.
-        value, found, norm = t.strategy.step_value(self.zero, params, not self.fp16, clipping)
-        skipped = t._guard.check(value, found, t.global_step + 1, None, optimizer=optimizer,
-                                 name=f"optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__})")
-        if clipping:
-            t.strategy.clip(params, t.config.clip_grad_norm, norm)
-        for fn in h["on_before_optimizer_step"]:
-            fn(t, optimizer)
-        if skipped is not True:
-            if self.fp16:
-                self.scaler.step(optimizer)
-            else:
-                optimizer.step()  # with a device-side flag, a bad step skips itself here
-        scheduler = self.schedulers[id(optimizer)]
-        if scheduler is not None:
-            scheduler.step()  # a skipped step still counts, so data and schedule stay aligned
-        for fn in h["on_before_zero_grad"]:
-            fn(t, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        t._guard.done(optimizer)
+            _average_over_ranks(self.optimizer_step.params[id(optimizer)], self.world)
+        self.optimizer_step(optimizer, self.number,
+                            name=f"optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__})")
         self.stepped.add(id(optimizer))
 
 
@@ -246,8 +216,6 @@ def _average_over_ranks(params: list[torch.Tensor], world: int) -> None:
     """Every rank's gradients of ``params`` replaced by their mean over the ranks: one all-reduce of
     one flat buffer. A parameter this rank's backward did not reach counts as a zero gradient, so
     that every rank sends the same layout."""
-    import torch.distributed as dist
-
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

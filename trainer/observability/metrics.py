@@ -193,7 +193,7 @@ class LogInterval:
         if self.loss_sum is not None and self.summed:
             # Each rank's sum over the count of every rank: the mean over ranks at the log point
             # makes it the sum over every rank's items divided by their count. A count of 0 (no
-            # item in the interval) logs no loss (see Trainer._flush_logs).
+            # item in the interval) logs no loss (see Telemetry.record).
             count = self.loss_count
             metrics.put("train/loss", self.loss_sum * (distributed.world_size() / torch.where(count > 0, count, 1.0)))
             metrics.put("train/count", count)

@@ -1,0 +1,150 @@
+"""Telemetry: the one object the training loop tells where it is, and that makes the log records.
+
+The loop calls, per micro-batch, ``batches`` (around the data source), ``fetched``, ``computed``
+and, at the end of an accumulation window, ``stepped``; at each optimizer-step boundary
+``boundary``, and at a log point ``record``. Nothing in these per-step calls waits for the device:
+losses and metrics stay device tensors in the ``LogInterval`` and the ``MetricBuffer``, and the
+log point turns them all into floats in one copy.
+
+A record holds ``step`` and ``epoch``; the log interval's ``train/loss``, ``train/<extra>`` and
+``samples_per_sec``; the values given to ``log`` (``Trainer.log``); the shares of wall time
+(``trainer.observability.timing``); and what the sources registered when the Trainer was built
+add: ``before_copy`` sources put values into the buffer that is copied to the host (each
+optimizer's ``lr``), ``after_copy`` sources return host values to add (peak memory,
+recompilations).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import torch
+
+from trainer.observability.metrics import LogInterval, MetricBuffer
+from trainer.observability.timing import StepTimes
+from trainer.parallel import distributed
+
+
+class Flags(Protocol):
+    """Per-step flags kept on the device between log points (the non-finite guard's)."""
+
+    def pending(self) -> torch.Tensor | None: ...
+
+    def read(self, flags: list[float]) -> None: ...
+
+    def took_steps(self) -> bool: ...
+
+
+class Telemetry:
+    def __init__(self, device: torch.device, times: StepTimes, guard: Flags):
+        self.device = device
+        self.interval = LogInterval(device)  # saved in checkpoints: a resumed run logs the same numbers
+        self.metrics = MetricBuffer()
+        self.times = times
+        self.guard = guard  # its unread device flags go to the host in the log point's one copy
+        self.before_copy: list[Callable[[MetricBuffer], None]] = []
+        self.after_copy: list[Callable[[], dict[str, float]]] = []
+        self.on_first_step: list[Callable[[], None]] = []
+        self._first_step_clock: float | None = None
+
+    def register(self, before_copy: Callable[[MetricBuffer], None] | None = None,
+                 after_copy: Callable[[], dict[str, float]] | None = None,
+                 on_first_step: Callable[[], None] | None = None) -> None:
+        """A source of record values (see the module), or ``on_first_step``: called once the first,
+        separately timed step (``start(time_first_step=True)``) has ended."""
+        if before_copy is not None:
+            self.before_copy.append(before_copy)
+        if after_copy is not None:
+            self.after_copy.append(after_copy)
+        if on_first_step is not None:
+            self.on_first_step.append(on_first_step)
+
+    def start(self, step: int, time_first_step: bool) -> None:
+        """A ``fit`` starts after ``step``. With ``time_first_step`` (compilation) the first step is
+        timed on its own as ``time/first_step_s``, and throughput counts from its end."""
+        now = time.perf_counter()
+        self._first_step_clock = now if time_first_step else None
+        self.interval.clock = now
+        self.times.restart(step)
+
+    # ----------------------------------------------------------------- the loop's calls, per micro-batch
+
+    def batches(self, source: Iterable[Any]) -> Iterator[Any]:
+        return self.times.batches(source)
+
+    def fetched(self) -> None:
+        self.times.fetched()
+
+    def computed(self, batch: Any, outputs: Any, loss: torch.Tensor | None = None,
+                 count: torch.Tensor | None = None) -> None:
+        """Forward and backward of a micro-batch are done: its loss (a mean, or with ``count`` a sum
+        over items) and ``outputs``' extra values join the interval; without ``loss`` (``manual_step``)
+        the returned values alone."""
+        if loss is None:
+            self.interval.track_metrics(outputs, batch)
+        elif count is None:
+            self.interval.track(loss, outputs, batch)
+        else:
+            self.interval.track_sum(loss, count, outputs, batch)
+        self.times.computed()
+
+    def step_loss(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The loss of the step in progress (summed over its micro-batches), and its item count for summed losses."""
+        return self.interval.step_loss, self.interval.step_count
+
+    def stepped(self, skipped: bool | torch.Tensor) -> None:
+        """The window's optimizer step is done (launched, on CUDA); ``skipped`` leaves its loss out."""
+        self.interval.end_step(skipped)
+        self.times.stepped()
+
+    # ----------------------------------------------------------------- step boundaries and log points
+
+    def log(self, name: str, value: Any) -> None:
+        self.metrics.put(name, value)
+
+    def boundary(self, step: int) -> None:
+        """After optimizer step ``step``: the end of a separately timed first step."""
+        if self._first_step_clock is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # note: CPU-GPU sync point, once, to time compilation
+        now = time.perf_counter()
+        self.metrics.put("time/first_step_s", now - self._first_step_clock)
+        self._first_step_clock = None
+        self.interval.clock = now  # throughput without the compile
+        self.times.restart(step)
+        for fn in self.on_first_step:
+            fn()
+
+    def record(self, step: int, epoch: int) -> dict[str, float] | None:
+        """The log point: every pending value becomes a float in one copy; ``None`` when nothing
+        happened since the last one."""
+        interval = self.interval
+        if not interval.micro_batches and not self.metrics:
+            return None
+        record: dict[str, float] = {"step": step, "epoch": epoch}
+        now = time.perf_counter()  # one reading: samples/s, tokens/s and the time shares share their interval
+        times = self.times.close(interval.clock, now, step, interval.micro_batches, interval.last_batch)
+        samples_per_sec = interval.put(self.metrics, now)
+        for put in self.before_copy:
+            put(self.metrics)
+        values, flags = self.metrics.flush(extra=self.guard.pending(), reduce=distributed.mean_over_ranks)
+        # (note: the flush is the CPU-GPU sync point of the log interval)
+        record.update(values)
+        if flags is not None:
+            self.guard.read(flags)
+        if not self.guard.took_steps() or record.get("train/count") == 0:
+            # Every step of the interval was skipped, or (summed losses) its steps held no item:
+            # no loss to show.
+            record.pop("train/loss", None)
+        record["samples_per_sec"] = samples_per_sec
+        record.update(times)
+        record.update(self.times.gpu_busy())  # the GPU's events, complete since the copy
+        for values_of in self.after_copy:
+            record.update(values_of())
+        return record
+
+
+__all__ = ["Telemetry"]
