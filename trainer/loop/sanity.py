@@ -14,6 +14,10 @@ all-reduces) or the compiled one: without collectives, or, under FSDP, with the 
 rank. Training data that can be read only once (a generator) is not read, nor is a loader that
 keeps its own position (a ``StatefulDataLoader``), which the read would move.
 
+The Trainer hands over what the pass needs besides its public attributes (``Parts``: its data
+sources, evaluator and manual step, the steps its class overrides, its own code that acts for a
+part of the user's run): this module never imports the Trainer nor reads inside it.
+
 ``culprit`` tells the user's code from ours in any exception: the command line shows the user's
 failures as theirs (the part, the file and line) and keeps "internal error" for our own.
 """
@@ -27,9 +31,10 @@ import os
 import re
 import sysconfig
 from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from types import CodeType, FrameType
+from typing import Any, NoReturn
 
 import torch
 
@@ -41,9 +46,6 @@ from trainer.data.sources import EndTogether, IterableSource, StatefulSource
 from trainer.device import out_of_memory_message, torch_settings
 from trainer.freezing import eval_mode
 from trainer.memory import suggestion
-
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
 
 # What a failure is blamed on; "trainer" is another method of the user's Trainer subclass (a hook).
 PARTS = ("model", "loss", "data", "training_step", "manual_step", "validation_step", "backward", "callback", "trainer")
@@ -58,26 +60,49 @@ class SanityCheckError(Exception):
         self.part, self.subject, self.problem, self.callback = part, subject, problem, callback
 
 
-def run(trainer: Trainer) -> None:
+# The steps a Trainer subclass may override, as ``Parts.overridden`` lists them.
+STEPS = ("training_step", "validation_step", "backward", "manual_step")
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the sanity pass and ``culprit`` need of a Trainer besides its public attributes (model,
+    data, loss, callbacks, config, steps); the Trainer builds it once, as ``trainer.sanity_parts``.
+
+    ``data``: the run's data sources (``train_source()``, ``val_source()``: ``RunData``);
+    ``evaluator``: ``prepare_metrics()`` and the ``metric_objects`` evaluation has met
+    (``Evaluator``); ``manual``: the subclass's own step (``ManualSteps``), or None; ``overridden``:
+    the ``STEPS`` the Trainer's class overrides; ``defaults``: the Trainer's own code that acts for
+    a part of the user's run, and which: ``"loss"`` (the default steps' call of ``loss_fn``),
+    ``"data"`` (their reading of a batch), ``"backward"`` (the default backward, the training
+    step's part); ``monitoring``: the callback classes whose ``monitor`` validation must report."""
+
+    data: Any
+    evaluator: Any
+    manual: Any
+    overridden: frozenset[str]
+    defaults: Mapping[CodeType, str]
+    monitoring: tuple[type, ...]
+
+
+def run(trainer: Any) -> None:
     """The sanity pass over ``trainer`` (see the module's docstring); raises ``SanityCheckError``."""
-    _check_loss(trainer)
+    parts = trainer.sanity_parts
+    _check_loss(trainer, parts)
     with _untouched(trainer), torch_settings(trainer.device, trainer.config.deterministic):
-        _training_batch(trainer)
-        _validation_batch(trainer)
+        _training_batch(trainer, parts)
+        _validation_batch(trainer, parts)
 
 
-def _check_loss(trainer: Trainer) -> None:
+def _check_loss(trainer: Any, parts: Parts) -> None:
     """What needs no batch to be found wrong."""
-    from trainer.trainer import Trainer
-
     loss_fn = trainer.loss_fn
     if inspect.isclass(loss_fn):
         name = f"{loss_fn.__module__}.{loss_fn.__qualname__}"
         raise SanityCheckError("loss", "loss_fn", f"is the class {name}, not a loss: pass an instance, "
                                f"{name}(), or a function such as {functional_of(loss_fn) or 'torch.nn.functional.cross_entropy'}")
-    own = type(trainer)
-    needs = [step for step in ("training_step", "validation_step") if getattr(own, step) is getattr(Trainer, step)
-             and (step == "training_step" and trainer._manual is None or step == "validation_step" and trainer.val_data is not None)]
+    needs = [step for step in ("training_step", "validation_step") if step not in parts.overridden
+             and (step == "training_step" and parts.manual is None or step == "validation_step" and trainer.val_data is not None)]
     if loss_fn is None and needs:
         raise SanityCheckError("loss", "loss_fn", f"is missing, and the default {' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} it: pass "
                                "Trainer(..., loss_fn=torch.nn.functional.cross_entropy), or override "
@@ -93,11 +118,11 @@ def functional_of(cls: type) -> str | None:
     return None
 
 
-def _training_batch(trainer: Trainer) -> None:
+def _training_batch(trainer: Any, parts: Parts) -> None:
     if trainer.train_data is None:
         return  # fit() says what is missing; evaluate() needs no training data
     try:
-        source = trainer._train_source()
+        source = parts.data.train_source()
     except TypeError as exc:
         raise SanityCheckError("data", "the training data", f"cannot be used: {exc}") from exc
     if _read_once(source):
@@ -108,18 +133,18 @@ def _training_batch(trainer: Trainer) -> None:
         if batch is None:
             return  # empty: fit() raises its DataError
         batch = to_device(batch, trainer.device, dtype=trainer.precision.param_dtype)
-        if trainer._manual is not None:
-            _manual_batch(trainer, batch)
+        if parts.manual is not None:
+            _manual_batch(trainer, parts.manual, batch)
             return
         with trainer.precision.autocast:
             outputs = trainer.training_step(batch)
-        _check_summed(trainer, outputs, "training_step", "the first training batch")
+        _check_summed(trainer, parts, outputs, "training_step", "the first training batch")
         if isinstance(outputs, dict) and losses.SUM in outputs:
             loss = outputs[losses.SUM]
         else:
             loss = outputs["loss"] if isinstance(outputs, dict) and "loss" in outputs else outputs
         if not isinstance(loss, torch.Tensor):
-            part, subject = _step(trainer, "training_step")
+            part, subject = _step(trainer, parts, "training_step")
             raise SanityCheckError(part, subject, f"returned {describe(outputs)}, not a loss Tensor (or a dict with "
                                    "a 'loss' Tensor, or 'loss_sum' and 'count' Tensors) on the first training batch")
         trainer.backward(loss)
@@ -131,37 +156,37 @@ def _training_batch(trainer: Trainer) -> None:
     except SanityCheckError:
         raise
     except Exception as exc:
-        _blame(trainer, exc, "training_step" if trainer._manual is None else "manual_step", "the first training batch", batch)
+        _blame(trainer, parts, exc, "training_step" if parts.manual is None else "manual_step", "the first training batch",
+               batch)
 
 
-def _manual_batch(trainer: Trainer, batch: Any) -> None:
+def _manual_batch(trainer: Any, steps: Any, batch: Any) -> None:
     """A subclass's own step (``manual_step``) on the batch: its backwards run, no optimizer steps."""
-    trainer._manual.dry = True
+    steps.dry = True
     try:
         with trainer.precision.autocast:
             trainer.manual_step(batch)
     finally:
-        trainer._manual.dry = False
+        steps.dry = False
 
 
-def _validation_batch(trainer: Trainer) -> None:
+def _validation_batch(trainer: Any, parts: Parts) -> None:
     if trainer.val_data is None:
         return
     try:
-        if trainer._val_source is None:
-            trainer._val_source = trainer._make_source(trainer.val_data, shuffle=False, pad=False)
+        source = parts.data.val_source()
     except TypeError as exc:
         raise SanityCheckError("data", "the validation data", f"cannot be used: {exc}") from exc
-    if _read_once(trainer._val_source):
+    if _read_once(source):
         return
     batch = None
     try:
         # Under FSDP this agrees on the number of batches with the other ranks (every rank runs it).
-        first = next(iter(trainer.strategy.eval_batches(trainer._val_source)), None)
+        first = next(iter(trainer.strategy.eval_batches(source)), None)
         if first is None:
             return
         batch = to_device(first[0], trainer.device, dtype=trainer.precision.param_dtype)
-        trainer._prepare_metrics()
+        parts.evaluator.prepare_metrics()
         outputs = None
         try:
             with eval_mode(trainer.module), trainer.precision.autocast:
@@ -171,37 +196,35 @@ def _validation_batch(trainer: Trainer) -> None:
             # The batch's update leaves no trace in a metric object (it is not computed here: that
             # is a collective, and a rank may have no validation batch).
             returned = outputs if isinstance(outputs, dict) else {}
-            for metric in {id(m): m for m in [*trainer._metric_objects.values(), *returned.values()]
+            for metric in {id(m): m for m in [*parts.evaluator.metric_objects.values(), *returned.values()]
                            if metric_objects.is_metric(m)}.values():
                 metric.reset()
     except SanityCheckError:
         raise
     except Exception as exc:
-        _blame(trainer, exc, "validation_step", "the first validation batch", batch)
+        _blame(trainer, parts, exc, "validation_step", "the first validation batch", batch)
     if not isinstance(outputs, dict):
-        part, subject = _step(trainer, "validation_step")
+        part, subject = _step(trainer, parts, "validation_step")
         raise SanityCheckError(part, subject, f"returned {describe(outputs)}, not a dict of metric tensors, on the "
                                "first validation batch")
-    _check_summed(trainer, outputs, "validation_step", "the first validation batch")
+    _check_summed(trainer, parts, outputs, "validation_step", "the first validation batch")
     names = set(outputs) - {losses.SUM, losses.COUNT} | ({"loss"} if losses.SUM in outputs else set())
     objects = [f"val/{name}" for name, value in outputs.items() if metric_objects.is_metric(value)]
-    _check_monitors(trainer, sorted(f"val/{name}" for name in names), objects)
+    _check_monitors(trainer, parts, sorted(f"val/{name}" for name in names), objects)
 
 
-def _check_summed(trainer: Trainer, outputs: Any, step: str, what: str) -> None:
+def _check_summed(trainer: Any, parts: Parts, outputs: Any, step: str, what: str) -> None:
     """A step's ``loss_sum`` without its ``count``, or of the wrong kind (``trainer.losses``)."""
     problem = losses.problem(outputs) if isinstance(outputs, dict) and losses.SUM in outputs else None
     if problem is not None:
-        part, subject = _step(trainer, step)
+        part, subject = _step(trainer, parts, step)
         raise SanityCheckError(part, subject, f"returned {problem} on {what}: return {losses.EXAMPLE}")
 
 
-def _check_monitors(trainer: Trainer, reported: list[str], objects: list[str] = ()) -> None:
+def _check_monitors(trainer: Any, parts: Parts, reported: list[str], objects: list[str] = ()) -> None:
     """``objects``: the names of metric objects, whose values may be dicts or tensors (``val/f1/3``)."""
-    from trainer.callbacks import BestCheckpoints, EarlyStopping
-
     for i, cb in enumerate(trainer.callbacks):
-        if isinstance(cb, (EarlyStopping, BestCheckpoints)) and cb.monitor not in reported and not any(
+        if isinstance(cb, parts.monitoring) and cb.monitor not in reported and not any(
                 cb.monitor.startswith(f"{name}/") for name in objects):
             close = difflib.get_close_matches(cb.monitor, reported, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "monitor one of them, or report it from validation_step"
@@ -210,18 +233,16 @@ def _check_monitors(trainer: Trainer, reported: list[str], objects: list[str] = 
                 f"{', '.join(reported) or 'nothing'}; {hint}", callback=i)
 
 
-def _step(trainer: Trainer, step: str) -> tuple[str, str]:
+def _step(trainer: Any, parts: Parts, step: str) -> tuple[str, str]:
     """The part to blame for what a step returned: the loss under the default step, else the step."""
-    from trainer.trainer import Trainer
-
-    if getattr(type(trainer), step) is getattr(Trainer, step):
+    if step not in parts.overridden:
         return "loss", f"the loss ({_name(trainer.loss_fn)})"
     return step, f"{type(trainer).__name__}.{step}"
 
 
-def _blame(trainer: Trainer, exc: Exception, step: str, what: str, batch: Any) -> NoReturn:
+def _blame(trainer: Any, parts: Parts, exc: Exception, step: str, what: str, batch: Any) -> NoReturn:
     """Raise ``SanityCheckError`` from ``exc`` when it came from the user's side, else ``exc`` itself."""
-    found = culprit(trainer, exc)
+    found = _culprit(trainer, parts, exc)
     if found is None:
         raise exc  # our own bug: the traceback, as it is
     part = found.part if found.part not in (None, "trainer") else step
@@ -289,7 +310,7 @@ def _generators(*datas: Any) -> list[torch.Generator]:
 
 
 @contextlib.contextmanager
-def _untouched(trainer: Trainer) -> Iterator[None]:
+def _untouched(trainer: Any) -> Iterator[None]:
     """Run the steps on the plain module and put back everything a forward and backward change."""
     module = trainer.module
     rng = rng_state()
@@ -360,10 +381,14 @@ class Culprit:
         return f"{shown}:{line} in {function}"
 
 
-def culprit(trainer: Trainer, exc: BaseException) -> Culprit | None:
+def culprit(trainer: Any, exc: BaseException) -> Culprit | None:
     """Whose code raised ``exc``: ``None`` when it is ours (the innermost frame outside torch and the
     standard library is in the ``trainer`` package, and no part of the user's run is deeper), else
     the part of the run (or ``None``: some other code of the user's) and the user's innermost frame."""
+    return _culprit(trainer, trainer.sanity_parts, exc)
+
+
+def _culprit(trainer: Any, parts: Parts, exc: BaseException) -> Culprit | None:
     frames: list[tuple[FrameType, int]] = []
     tb = exc.__traceback__
     while tb is not None:
@@ -374,7 +399,7 @@ def culprit(trainer: Trainer, exc: BaseException) -> Culprit | None:
     # the user's came first (a helper of theirs that one of our functions called).
     part, callback, users_first = None, None, False
     for frame, _ in reversed(frames):
-        part, callback = _part(trainer, frame)
+        part, callback = _part(trainer, parts, frame)
         if part is not None:
             break
         filename = frame.f_code.co_filename
@@ -392,25 +417,23 @@ def culprit(trainer: Trainer, exc: BaseException) -> Culprit | None:
     return Culprit(part, callback, frame)
 
 
-def _part(trainer: Trainer, frame: FrameType) -> tuple[str | None, int | None]:
+def _part(trainer: Any, parts: Parts, frame: FrameType) -> tuple[str | None, int | None]:
     """The part of the run ``frame`` belongs to, if any."""
-    from trainer.trainer import Trainer
-
     code = frame.f_code
+    default = parts.defaults.get(code)
     owner = frame.f_locals.get("self")
     if owner is not None and isinstance(owner, torch.nn.Module) and any(owner is m for m in trainer.module.modules()):
         return "model", None
     loss_fn = trainer.loss_fn
-    if loss_fn is not None and (owner is loss_fn or code is getattr(loss_fn, "__code__", None) or code is Trainer._loss.__code__):
+    if loss_fn is not None and (owner is loss_fn or code is getattr(loss_fn, "__code__", None) or default == "loss"):
         return "loss", None
-    if code is Trainer._unpack.__code__ or (owner is not None and any(
+    if default == "data" or (owner is not None and any(
             owner is d for d in (trainer.train_data, trainer.val_data) if d is not None)):
         return "data", None
-    if code is Trainer.backward.__code__:
-        return _step(trainer, "training_step")[0], None
+    if default == "backward":
+        return _step(trainer, parts, "training_step")[0], None
     for step in ("training_step", "validation_step", "backward"):
-        own = getattr(type(trainer), step)
-        if own is not getattr(Trainer, step) and code is getattr(own, "__code__", None):
+        if step in parts.overridden and code is getattr(getattr(type(trainer), step), "__code__", None):
             return step, None
     for i, cb in enumerate(trainer.callbacks):
         # The built-in callbacks are ours: their failures stay internal errors.
