@@ -19,8 +19,8 @@ touch "$out/pytest.txt" "$out/bench.txt" "$out/bench_compile.txt" "$out/ckpt_sta
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$out/torch.txt"
 
-# Includes the sync-debug check, time/gpu_busy from CUDA events (tests/test_timing.py) and the memory
-# snapshot of a real out-of-memory error with a trace of CUDA kernels (tests/test_profiling.py).
+# Includes the sync-debug check, time/gpu_busy from CUDA events (tests/observability/test_timing.py) and the memory
+# snapshot of a real out-of-memory error with a trace of CUDA kernels (tests/observability/test_profiling.py).
 echo "== pytest -m cuda (includes the sync-debug check, time/gpu_busy, the memory snapshot on OOM)"
 want pytest && timeout 150 python -m pytest -q -m cuda tests/ -p no:cacheprovider 2>&1 | tee "$out/pytest.txt"
 

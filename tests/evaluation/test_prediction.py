@@ -2,11 +2,8 @@
 test metrics apart from the run. One torchrun launch checks two ranks against one process."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +12,10 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from helpers import classification, mlp, quiet
+from helpers import PROJECT, classification, loopback_ok, mlp, process_env, quiet
 from trainer import EMAWeights, Trainer
 from trainer.evaluation.prediction import Collector, PredictionError
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT = Path(__file__).resolve().parent / "project"
 
 
 class Rows(Dataset):
@@ -164,25 +159,12 @@ def test_test_reports_test_metrics_apart_from_the_run(tmp_path):
     assert not (tmp_path / "run" / "test.json").exists()  # a replaced run's test report goes with it
 
 
-def loopback_ok() -> bool:
-    try:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            a.listen(1)
-            b.connect(a.getsockname())
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.distributed
 @pytest.mark.skipif(not loopback_ok(), reason="this machine cannot open loopback sockets between processes")
 def test_two_ranks_predict_each_sample_once_in_order_and_test_as_one_process(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "predict_script.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 37 samples over two ranks; the DistributedSampler's padded share repeats one of them.
     for name in ("tensors", "dataset", "sampler"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import classification, mlp, quiet
+from helpers import PROJECT, classification, count_conversions, loopback_ok, mlp, process_env, quiet
 from trainer import Trainer
 from trainer.evaluation import validate as evaluation
 from trainer.observability.metric_objects import untouched
@@ -186,13 +186,12 @@ def test_two_ranks_give_the_single_process_values_on_sets_that_do_not_divide_eve
     import subprocess
     import sys
 
-    from test_distributed import PROJECT, env, loopback_ok
 
     if not loopback_ok():
         pytest.skip("this machine cannot open loopback sockets between processes")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "metrics_script.py")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env(), cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report-{rank}.json").read_text()) for rank in (0, 1)]
 
@@ -226,8 +225,6 @@ def test_the_sanity_pass_leaves_no_state_in_a_returned_metric_object():
 def test_host_reads_do_not_grow_with_the_number_of_batches():
     """The values are read once per evaluation, with the batch means; a metric's update reads
     nothing (torchmetrics' argument checks off), so a set twice as long reads as often."""
-    from test_sync import count_conversions
-
     t = trainer_of(Trainer, metrics={"f1": MulticlassF1Score(num_classes=3, average="macro", validate_args=False)})
     counts = []
     for n in (32, 64):

@@ -1,5 +1,5 @@
 """trainer.weights and init_from: every kind of weights file read, checked, renamed and loaded into a
-model before step 1; the meta device; resume. (Sharded models under torchrun: test_distributed.py.)"""
+model before step 1; the meta device; resume. (Sharded models under torchrun: tests/parallel/test_distributed.py.)"""
 
 import math
 import shutil

@@ -3,18 +3,15 @@
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import batches, classification, mlp, quiet
+from helpers import ROOT, batches, classification, mlp, process_env, quiet
 from trainer import BestCheckpoints, Callback, EarlyStopping, EMAWeights, Trainer, ema_update, frozen_copy
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.schedules import WarmupDecay
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Scripted(Trainer):
@@ -202,13 +199,10 @@ def test_runs_table_shows_an_interrupted_run(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(config)
     marker = tmp_path / "sent"
-    project = Path(__file__).parent / "project"
     env_cfg = tmp_path / "stop.yaml"
     env_cfg.write_text(config + f"callbacks:\n  - {{_target_: killers.KillAt, where: after_step, step: 3, "
                                 f"marker: '{marker}', signum: 15}}\n")
-    import os
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(project), os.environ.get("PYTHONPATH", "")]))
+    env = process_env()
     run = lambda *a: subprocess.run([sys.executable, "-m", "trainer", *map(str, a)], capture_output=True, text=True,
                                     env=env, timeout=300)
     assert run("run", cfg, f"out_dir={tmp_path / 'runs'}", "name=done", "max_epochs=1").returncode == 0

@@ -1,38 +1,11 @@
 """No host syncs between log points: every tensor-to-host conversion is counted over 20 steps."""
 
-import contextlib
-
 import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import classification, mlp
+from helpers import classification, count_conversions, mlp
 from trainer import ProgressBar, Trainer
-
-CONVERSIONS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
-
-
-@contextlib.contextmanager
-def count_conversions():
-    counts = {name: 0 for name in CONVERSIONS}
-    originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
-
-    def counting(name):
-        original = originals[name]
-
-        def wrapper(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in CONVERSIONS:
-        setattr(torch.Tensor, name, counting(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 @pytest.mark.parametrize("accum, precision, checkpointed",

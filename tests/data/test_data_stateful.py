@@ -2,17 +2,16 @@
 restored without reading a batch to get back; a plain DataLoader is read and skipped, loudly."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from helpers import process_env
 from trainer import Callback, Trainer
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.observability.timing import is_timing
@@ -20,8 +19,6 @@ from trainer.observability.timing import is_timing
 pytest.importorskip("torchdata")
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ROOT / "tests" / "project"
 
 
 class Counting(Dataset):
@@ -158,8 +155,7 @@ optimizer: {{_target_: torch.optim.AdamW, lr: 1.0e-2}}
 
 
 def run(cfg, reads, *args):
-    env = dict(os.environ, READS_LOG=str(reads),
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")]))
+    env = process_env(READS_LOG=str(reads))
     return subprocess.run([sys.executable, "-m", "trainer", "run", str(cfg), *args], env=env, capture_output=True,
                           text=True, timeout=300)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import batches, mlp, quiet
+from helpers import batches, count_conversions, mlp, quiet
 from trainer import Trainer
 from trainer.checkpoint.state import config_changes
 from trainer.loop.compilation import Recompiles, check_optimizer, compile_step
@@ -112,8 +112,6 @@ def test_optimizers_whose_step_cannot_be_compiled_are_refused():
 
 
 def test_the_compiled_step_reads_nothing_from_the_device():
-    from test_sync import count_conversions
-
     torch._dynamo.reset()
     model = mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=False)

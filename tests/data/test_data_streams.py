@@ -2,20 +2,17 @@
 that says it splits itself checked at its first batches, ranks whose streams end at different
 lengths ending together under torchrun, and each rank's stateful loader resumed from its own state."""
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import IterableDataset
 
+from helpers import PROJECT, process_env
 from trainer.data.sources import DataError, make_source, SplitStream
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ROOT / "tests" / "project"
 
 
 class Numbered(IterableDataset):
@@ -65,9 +62,7 @@ def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_
     pytest.importorskip("torchdata")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "streams_script.py"), str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)  # a hang fails here
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())  # a hang fails here
     assert proc.returncode == 0, proc.stderr[-3000:]
     # (the two ranks share stdout, so their lines may interleave)
     split = dict(((int(r), int(e)), list(map(int, s.split())))

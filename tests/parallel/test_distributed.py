@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import PROJECT, loopback_ok, process_env
 from trainer.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT = Path(__file__).resolve().parent / "project"
 
 CONFIG = """\
 name: {name}
@@ -43,37 +41,21 @@ optimizer:
 """
 
 
-def loopback_ok() -> bool:
-    try:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            a.listen(1)
-            b.connect(a.getsockname())
-        return True
-    except OSError:
-        return False
-
-
 pytestmark = [
     pytest.mark.distributed,
     pytest.mark.skipif(not loopback_ok(), reason="this machine cannot open loopback sockets between processes"),
 ]
 
 
-def env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1")
-
-
 def torchrun(*args, timeout=240, **environ):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "trainer", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(env(), **environ))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=process_env(**environ))
 
 
 def single(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env())
+                          timeout=timeout, env=process_env())
 
 
 def write(tmp_path, name, batch, extra=""):
@@ -143,7 +125,7 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, one_process):
         subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                           "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                           "--rdzv_id=nodes-test", "-m", "trainer", "run", str(cfg)],
-                         stdout=file, stderr=subprocess.STDOUT, env=env())
+                         stdout=file, stderr=subprocess.STDOUT, env=process_env())
         for node, file in zip((0, 1), files)
     ]
     for file in files:
@@ -228,7 +210,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "trainer", "run", str(tmp_path / "term.yaml")]
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=dict(env(), PYTHONFAULTHANDLER="1"))
+                             env=process_env(PYTHONFAULTHANDLER="1"))
     run_dir = tmp_path / "runs" / "term"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
@@ -470,7 +452,7 @@ def test_close_drops_the_ddp_wrapper_before_destroying_the_group(mode):
     main thread, holding the GIL, joined a gloo thread waiting for it); close() drops the wrapper first."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "ddp_script.py"), mode]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: wrapper gone at destroy [True], initialized False" in proc.stdout, proc.stdout
@@ -481,7 +463,7 @@ def test_close_drops_the_ddp_wrapper_before_destroying_the_group(mode):
 def test_fsdp_from_a_users_script(tmp_path, precision, held):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "fsdp_script.py"), str(tmp_path / "run"), precision]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # (the two ranks share stdout, so their lines may interleave)
     reports = sorted(re.findall(r"rank (\d): sharded=(\w+) skipped=(\d+) step=(\d+) val/loss=([\d.]+) "
@@ -502,7 +484,7 @@ def test_fsdp_from_a_users_script(tmp_path, precision, held):
 def test_fsdp_refuses_fused_sgd_with_the_reason(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "fsdp_script.py"), str(tmp_path / "run"), "fp32", "fused_sgd"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())
     assert proc.returncode != 0
     assert "fused SGD has no kernel for sharded parameters" in proc.stderr, proc.stderr[-3000:]
 
@@ -685,7 +667,7 @@ def test_fsdp_init_from_fills_each_ranks_shards_as_one_process_loads(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "fsdp_script.py"), "init_from", str(out), str(files)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=process_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     names = ["safetensors", "state_dict", "checkpoint", "sharded", "resumed", "yaml"]
@@ -724,7 +706,7 @@ def test_summed_losses_give_the_gradient_of_the_whole_batchs_token_mean():
     all-reduce per optimizer step. The same runs with per-micro-batch mean losses miss all of it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "tokens_script.py")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # (the two ranks share stdout, so their lines may interleave)
     lines = re.findall(r"rank (\d) (\w+) (\w+): grads_match=(\w+) train_loss=([\d.]+) val_loss=([\d.]+) "
@@ -746,11 +728,11 @@ def test_manual_step_on_two_ranks_matches_one_process_with_twice_the_batch(tmp_p
     and the logged losses are the means over the ranks. strategy: fsdp is refused on every rank."""
     script = str(PROJECT / "manual_script.py")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          script, str(tmp_path), "ddp", "8"], capture_output=True, text=True, timeout=240, env=env())
+                          script, str(tmp_path), "ddp", "8"], capture_output=True, text=True, timeout=240, env=process_env())
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("fsdp refused: manual_step under strategy: fsdp") == 2, two.stdout
     one = subprocess.run([sys.executable, script, str(tmp_path), "single", "16"], capture_output=True, text=True,
-                         timeout=240, env=env())
+                         timeout=240, env=process_env())
     assert one.returncode == 0, one.stderr[-3000:]
     ddp, single_run = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("ddp", "single"))
     assert (ddp["world_size"], single_run["world_size"], ddp["step"], single_run["step"]) == (2, 1, 6, 6)

@@ -2,7 +2,6 @@
 with MLflow's client and from W&B's own run files."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import classification, mlp
+from helpers import classification, mlp, process_env
 from trainer import Callback, MLflowLogger, Trainer, WandbLogger
 from trainer.observability.trackers import flatten, wandb_history
 from trainer.observability.timing import is_timing
@@ -20,7 +19,6 @@ from trainer.observability.timing import is_timing
 pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
 
-PROJECT = Path(__file__).resolve().parent / "project"
 
 
 pytestmark = pytest.mark.usefixtures("offline_trackers")
@@ -191,8 +189,8 @@ callbacks:
   - {{_target_: killers.KillAt, where: after_validation, step: 18, marker: '{marker}', flush_loggers: true}}
 """)
     # (not the W&B service this test process started: a run killed there would hold its run id)
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    env.update(PYTHONPATH=os.pathsep.join([str(PROJECT.parent.parent), str(PROJECT), os.environ.get("PYTHONPATH", "")]))
+    env = process_env()
+    env.pop("WANDB_SERVICE", None)
     first = subprocess.run([sys.executable, "-m", "trainer", "run", config], env=env, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == -signal.SIGKILL, first.stderr

@@ -5,11 +5,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).parent / "project"
+from helpers import PROJECT
 
 
 def start(*args, marker=None):
