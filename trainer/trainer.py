@@ -235,10 +235,8 @@ class Trainer:
             self._step.set_params(self.optimizer, self.trainable_parameters())
         self._telemetry = self._build_telemetry(compiled is not None)
         self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler, others=self.optimizers[1:])
-        several = len(self.optimizers) > 1
         self._checkpointer = ckpt.Checkpointer(
-            self.strategy, self.module, self.optimizers if several else self.optimizer,
-            self.schedulers if several else self.scheduler, self.precision.scaler, self.callbacks,
+            self.strategy, self.module, self.optimizers, self.schedulers, self.precision.scaler, self.callbacks,
             # batch_size and grad_accum_steps as trained: a resume on other ranks may have set them (the
             # checkpointer restores the values this run takes, see load_checkpoint).
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",

@@ -1,6 +1,6 @@
 """What a checkpoint holds: assembled from the run's stateful parts, and given back to them.
 
-The Trainer hands the ``Checkpointer`` its parts (model, optimizer, scheduler, scaler, callbacks,
+The Trainer hands the ``Checkpointer`` its parts (model, optimizers, schedulers, scaler, callbacks,
 and the objects whose small dicts make up ``trainer_state``: its own counters, the non-finite
 guard, the log interval in progress); the checkpointer owns the layout of the checkpoint, the
 file or sharded write, and restoring every part from it. Saved state that no part claims, and a
@@ -190,20 +190,21 @@ class Attributes:
 class Checkpointer:
     """Assembles, writes and restores the checkpoint of one run.
 
+    ``optimizers``: every optimizer of the run (several under ``Trainer.manual_step``), and
+    ``schedulers`` the scheduler of each, ``None`` where one has none. A checkpoint holds their
+    states as ``_as_saved`` says: one optimizer's as it is, several as a list in that order.
     ``train_state``: objects whose ``state_dict()`` dicts together form the checkpoint's
-    ``trainer_state`` (each takes its own keys back in ``load_state_dict``). ``optimizer`` and
-    ``scheduler`` may be lists of one length (several optimizers, ``Trainer.manual_step``): the
-    checkpoint then holds lists of their states, in that order.
+    ``trainer_state`` (each takes its own keys back in ``load_state_dict``).
     """
 
-    def __init__(self, strategy: Any, module: nn.Module, optimizer: Any, scheduler: Any,
-                 scaler: Any, callbacks: list[Any], train_state: list[Any], config: dict[str, Any],
-                 unfrozen: Any = None, loggers: list[Any] | None = None):
-        self.several = isinstance(optimizer, list)
-        self.optimizers = optimizer if self.several else [optimizer]
-        self.schedulers = scheduler if self.several else [scheduler]
-        self.strategy, self.module, self.optimizer = strategy, module, self.optimizers[0]
-        self.scheduler, self.scaler = self.schedulers[0], scaler
+    def __init__(self, strategy: Any, module: nn.Module, optimizers: list[torch.optim.Optimizer],
+                 schedulers: list[Any], scaler: Any, callbacks: list[Any], train_state: list[Any],
+                 config: dict[str, Any], unfrozen: Any = None, loggers: list[Any] | None = None):
+        if len(schedulers) != len(optimizers):
+            raise ValueError(f"{len(optimizers)} optimizer(s) and {len(schedulers)} scheduler(s): give one scheduler "
+                             "per optimizer, None where it has none")
+        self.optimizers, self.schedulers = list(optimizers), list(schedulers)
+        self.strategy, self.module, self.scaler = strategy, module, scaler
         # rank 0's loggers (the list itself: fit adds its files to it); those with a state_dict, such
         # as a tracker's run id, are kept like callbacks' states
         self.loggers = loggers if loggers is not None else []
@@ -232,21 +233,18 @@ class Checkpointer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly, as plain data (``weights_only``-loadable). Under
         torchrun every rank calls it together (the log interval gathers every rank's part)."""
-        model_state, optimizer_state = self.strategy.state_dicts(self.module, self.optimizer)
+        model_state, first = self.strategy.state_dicts(self.module, self.optimizers[0])
+        # Several optimizers train a whole model on every rank (manual_step refuses fsdp): plain state dicts.
+        optimizer_states = [first, *(opt.state_dict() for opt in self.optimizers[1:])]
         trainer_state: dict[str, Any] = {"world_size": self.strategy.layout.world_size,
-                                         "optimizer_class": type(self.optimizer).__name__}
-        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
-        if self.several:  # a whole model on every rank (manual_step refuses fsdp): plain state dicts
-            optimizer_state = [opt.state_dict() for opt in self.optimizers]
-            scheduler_state = [s.state_dict() if s is not None else None for s in self.schedulers]
-            trainer_state["optimizer_class"] = [type(opt).__name__ for opt in self.optimizers]
+                                         "optimizer_class": _as_saved([type(opt).__name__ for opt in self.optimizers])}
         for part in self.train_state:
             trainer_state.update(part.state_dict())
         return {
             "version": files.VERSION,
             "model": model_state,
-            "optimizer": optimizer_state,
-            "scheduler": scheduler_state,
+            "optimizer": _as_saved(optimizer_states),
+            "scheduler": _as_saved([s.state_dict() if s is not None else None for s in self.schedulers]),
             "scaler": self.scaler.state_dict(),
             "trainer_state": trainer_state,
             "rng": files.rng_state(),
@@ -342,14 +340,13 @@ class Checkpointer:
             current.update(dataclasses.asdict(layout))
             ts.update(batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps)
         saved_class = ts.get("optimizer_class") or _optimizer_class(saved_config)
-        classes = [type(opt).__name__ for opt in self.optimizers]
-        new_class = saved_class is not None and saved_class != (classes if self.several else classes[0])
-        if self.several or isinstance(saved_class, list):
+        several = len(self.optimizers) > 1
+        new_class = saved_class is not None and saved_class != _as_saved([type(opt).__name__ for opt in self.optimizers])
+        saved_states = _per_optimizer(state["optimizer"])
+        if several or isinstance(saved_class, list):
             # Several optimizers (built in code or by configure_optimizers): their number, classes and groups.
-            saved_states = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
-            saved_classes = saved_class if isinstance(saved_class, list) else [saved_class]
             saved["optimizers"] = {str(i): _optimizer_summary(s["param_groups"], c)
-                                   for i, (s, c) in enumerate(zip(saved_states, saved_classes))}
+                                   for i, (s, c) in enumerate(zip(saved_states, _per_optimizer(saved_class)))}
             current["optimizers"] = {str(i): _optimizer_summary(opt.param_groups, type(opt).__name__)
                                      for i, opt in enumerate(self.optimizers)}
         elif "optimizer" not in self.config:  # built in code: the optimizer itself says what it is
@@ -357,10 +354,10 @@ class Checkpointer:
             # groups the optimizer was built with.
             saved_groups = state["optimizer"]["param_groups"]
             saved_groups = saved_groups[:len(saved_groups) - len((state.get("unfrozen") or {}).get("groups", []))]
-            groups = self.optimizer.param_groups
+            groups = self.optimizers[0].param_groups
             groups = groups[:len(groups) - (len(self.unfrozen.groups) if self.unfrozen is not None else 0)]
             saved["optimizer"] = _optimizer_summary(saved_groups, saved_class)
-            current["optimizer"] = _optimizer_summary(groups, type(self.optimizer).__name__)
+            current["optimizer"] = _optimizer_summary(groups, type(self.optimizers[0]).__name__)
         changes = config_changes(saved, current)
         resumed = Resumed(changes, saved_layout, layout, notice)
         breaking = [c for c in changes if c[0].split(".")[0] in EXACT + ("optimizers",)]
@@ -387,26 +384,24 @@ class Checkpointer:
             self._shard_full(state, where, optimizer=not (new_class and accept_changes))
         else:
             self.load_model(state["model"], where)
-            saved_states = state["optimizer"] if self.several else [state["optimizer"]]
-            if isinstance(state["optimizer"], list) != self.several or len(saved_states) != len(self.optimizers):
+            if len(saved_states) != len(self.optimizers):
                 raise CheckpointError(
-                    f"checkpoint {where} holds the state of {len(saved_states) if isinstance(state['optimizer'], list) else 1} "
-                    f"optimizer(s) but this run has {len(self.optimizers)}; resume with the optimizers the run was started with"
+                    f"checkpoint {where} holds the state of {len(saved_states)} optimizer(s) but this run has "
+                    f"{len(self.optimizers)}; resume with the optimizers the run was started with"
                 )
             if not (new_class and accept_changes):
                 for i, (opt, saved_state) in enumerate(zip(self.optimizers, saved_states)):
                     try:
                         opt.load_state_dict(saved_state)
                     except (ValueError, KeyError, RuntimeError) as exc:
-                        which = f"optimizer {i}" if self.several else "optimizer"
+                        which = f"optimizer {i}" if several else "optimizer"
                         raise CheckpointError(
                             f"checkpoint {where}: the {which} state does not fit this {which} ({exc}); "
                             "resume with the config the run was started with"
                         ) from None
-        saved_schedulers = state["scheduler"] if self.several else [state["scheduler"]]
-        for i, (scheduler, saved_state) in enumerate(zip(self.schedulers, saved_schedulers)):
+        for i, (scheduler, saved_state) in enumerate(zip(self.schedulers, _per_optimizer(state["scheduler"]))):
             if (saved_state is None) != (scheduler is None):
-                which = f"optimizer {i}" if self.several else "this run"
+                which = f"optimizer {i}" if several else "this run"
                 raise CheckpointError(
                     f"checkpoint {where} was written {'without' if saved_state is None else 'with'} a scheduler "
                     f"but {which} has {'one' if scheduler is not None else 'none'}"
@@ -486,11 +481,12 @@ class Checkpointer:
         """Model and optimizer state from a DCP directory, into this run's layout (sharded or not)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        optimizer = self.optimizers[0]  # fsdp: one optimizer (manual_step refuses it)
+        model_state, optimizer_state = get_state_dict(self.module, optimizer)
         tensors = {"model": model_state, "optimizer": optimizer_state["state"]}
         files.load_sharded(tensors, state["sharded"])
         try:
-            set_state_dict(self.module, self.optimizer, model_state_dict=tensors["model"],
+            set_state_dict(self.module, optimizer, model_state_dict=tensors["model"],
                            optim_state_dict={"state": tensors["optimizer"],
                                              "param_groups": state["optimizer"]["param_groups"]})
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -513,13 +509,14 @@ class Checkpointer:
         set_model_state_dict(self.module, state["model"], options=full)
         if not optimizer:
             return
+        optimizer = self.optimizers[0]  # fsdp: one optimizer (manual_step refuses it)
         names = {id(p): name for name, p in self.module.named_parameters()}
-        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
         saved = state["optimizer"]
         try:
             keyed = {"state": {order[i]: value for i, value in saved["state"].items()},
                      "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
-            set_optimizer_state_dict(self.module, self.optimizer, keyed, options=full)
+            set_optimizer_state_dict(self.module, optimizer, keyed, options=full)
         except (ValueError, KeyError, IndexError, RuntimeError) as exc:
             raise CheckpointError(
                 f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
@@ -547,6 +544,17 @@ class Checkpointer:
     def load_model(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         files.check_model_state(self.module, saved, where)
         self.module.load_state_dict(saved)
+
+
+def _as_saved(values: list[Any]) -> Any:
+    """Values of each optimizer (states, schedulers' states, class names) as a checkpoint holds
+    them: one optimizer's value as it is, several as a list (the layout of every checkpoint so far)."""
+    return values if len(values) > 1 else values[0]
+
+
+def _per_optimizer(value: Any) -> list[Any]:
+    """``_as_saved``'s inverse: a checkpoint's value as one per optimizer."""
+    return value if isinstance(value, list) else [value]
 
 
 def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, hyper: list[dict[str, Any]]) -> None:

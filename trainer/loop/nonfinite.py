@@ -28,10 +28,12 @@ CAPACITY = 4096  # flags kept on the device between two reads
 
 
 class NonFiniteGuard:
-    def __init__(self, policy: str, max_consecutive: int, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
+    """``optimizers``: every optimizer of the run (several under ``Trainer.manual_step``); the first
+    is the one a check without an ``optimizer`` is for."""
+
+    def __init__(self, policy: str, max_consecutive: int, optimizers: list[torch.optim.Optimizer],
                  device: torch.device, fp16: bool, check: str = "auto"):
         self.policy, self.max_consecutive = policy, max_consecutive
-        optimizers = optimizer if isinstance(optimizer, list) else [optimizer]  # several: Trainer.manual_step
         self.optimizer = optimizers[0]
         self.device = device
         fused = all(group.get("fused") for opt in optimizers for group in opt.param_groups)
