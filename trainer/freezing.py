@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import fnmatch
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -128,6 +129,22 @@ class UnfrozenGroups:
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
         self.others = list(others)  # the run's other optimizers (manual_step): what they hold is held too
         self.groups: list[list[str]] = []
+        self.warned: set[str] = set()  # the unheld parameters already named
+
+    def unfreeze(self, what: nn.Module | str | Sequence[str], **hyper: Any) -> list[str]:
+        """``Trainer.unfreeze``: a submodule of the model, or the parameters whose names match glob
+        patterns, unfrozen and added to the optimizer (``add``)."""
+        if isinstance(what, nn.Module):
+            ids = {id(p) for p in what.parameters()}
+            names = [n for n, p in self.module.named_parameters() if id(p) in ids]
+            if not names:
+                raise ValueError(f"unfreeze: the {type(what).__name__} given holds no parameter of trainer.module; "
+                                 "pass a submodule of the model, or a name pattern such as 'encoder.*'")
+            patterns: Sequence[str] = ()
+        else:
+            patterns = [what] if isinstance(what, str) else list(what)
+            names = matching_names(self.module, patterns, "unfreeze")
+        return self.add(names, patterns, **hyper)
 
     def add(self, names: Sequence[str], patterns: Sequence[str] = (), **hyper: Any) -> list[str]:
         """Unfreeze the parameters ``names`` (their modules to train mode) and give the optimizer
@@ -179,6 +196,19 @@ class UnfrozenGroups:
         gradients and are never stepped."""
         held = {id(p) for opt in [self.optimizer, *self.others] for group in opt.param_groups for p in group["params"]}
         return [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in held]
+
+    def warn_unheld(self) -> None:
+        """Parameters that require gradients but no optimizer group holds get gradients and never
+        change: say so once per parameter (one pass over the parameters, at fit and epoch starts)."""
+        unheld = [n for n in self.unheld() if n not in self.warned]
+        if unheld:
+            self.warned.update(unheld)
+            shown = ", ".join(unheld[:8]) + (f" and {len(unheld) - 8} more" if len(unheld) > 8 else "")
+            warnings.warn(
+                f"{len(unheld)} parameter(s) require gradients but the optimizer does not hold them, so they will "
+                f"not train: {shown}; add them with trainer.unfreeze(module_or_pattern, lr=...), or freeze them",
+                stacklevel=3,
+            )
 
 
 def frozen_copy(module: M) -> M:

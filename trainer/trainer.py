@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import sys
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,8 @@ from trainer import checkpoint as ckpt
 from trainer import memory
 from trainer.loop import compilation
 from trainer.parallel import distributed
-from trainer.evaluation import validate as evaluation
 from trainer.loop import manual
 from trainer.observability import metric_objects
-from trainer.evaluation import prediction
 from trainer.callbacks import progress
 from trainer.loop import sanity
 from trainer.loop import signals
@@ -40,27 +36,22 @@ from trainer.observability import timing
 from trainer.checkpoint import weights
 from trainer import run_dir as run_files
 from trainer.parallel import strategy as strategies
-from trainer.callbacks import GradNormLogger
+from trainer.callbacks import BestCheckpoints, EarlyStopping, GradNormLogger
 from trainer.config import TrainerConfig, compile_settings
 from trainer.data.batches import describe, mover
-from trainer.data.sources import DataError, EpochSource, LoaderStates, empty_epoch, is_stateful_loader, make_source
+from trainer.data.run_data import RunData
+from trainer.data.sources import LoaderStates, empty_epoch, is_stateful_loader, length_of
+from trainer.evaluation.evaluator import Evaluator
 from trainer.device import (
     Precision, model_init, out_of_memory_message, resolve_device, seed_everything, torch_settings,
 )
-from trainer.freezing import UnfrozenGroups, detach, eval_mode, matching_names
+from trainer.freezing import UnfrozenGroups, detach
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.loop.step import OptimizerStep, split_loss
 from trainer.observability.metrics import CsvLogger, JsonlLogger, Logger, MetricBuffer
 from trainer.observability.telemetry import Telemetry
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.observability.profiling import RunProfiler, snapshot_note
-
-
-def _length(source: Any) -> int | None:
-    try:
-        return len(source)
-    except TypeError:
-        return None
 
 
 class Trainer:
@@ -174,11 +165,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.metrics = metric_objects.check(metrics if metrics is not None else {}, "metrics")
         metric_objects.to_device(self.metrics.values(), self.device)
-        # Every metric object evaluation has met: these and those validation_step returned (reset
-        # before each evaluation).
-        self._metric_objects: dict[str, Any] = dict(self.metrics)
-        self.train_data = train_data
-        self.val_data = val_data
+        self._data = RunData(train_data, val_data, cfg, self.device, self.layout.rank, self.layout.world_size)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_main_process = self.layout.rank == 0  # writes files, shows progress
         # saved in checkpoints
@@ -242,18 +229,23 @@ class Trainer:
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
                                          "validated_step"), ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
                          self._guard, self._telemetry.interval,
-                         LoaderStates(lambda: self._train_source() if is_stateful_loader(self.train_data) else None)],
+                         LoaderStates(lambda: self._data.train_source() if is_stateful_loader(train_data) else None)],
             config=self.resolved_config, unfrozen=self._unfrozen, loggers=self.loggers,
         )
-        self._unheld_warned: set[str] = set()
+        self._evaluator = Evaluator(self, self._data, self.strategy, self.precision, cfg.deterministic, self.callbacks,
+                                    self._hooks, self.metrics)
         self.validated_step: int | None = None  # the step of the last validation (saved: not repeated on resume)
         self._started = False  # a later fit() continues; it does not seed again
-        self._source: EpochSource | None = None
-        self._val_source: EpochSource | None = None
         self._sanity_checked = False  # fit() runs the sanity pass once per Trainer
         self._manual = (manual.ManualSteps(self, self._step, self.optimizers, self._hooks, self.precision,
                                            self.layout.world_size, lambda: cfg.grad_accum_steps)
                         if manual_mode else None)  # the subclass's own step
+        # What the sanity pass and culprit() need beyond the public attributes (trainer.loop.sanity).
+        self.sanity_parts = sanity.Parts(
+            self._data, self._evaluator, self._manual,
+            overridden=frozenset(s for s in sanity.STEPS if getattr(type(self), s) is not getattr(Trainer, s)),
+            defaults={Trainer._loss.__code__: "loss", Trainer._unpack.__code__: "data", Trainer.backward.__code__: "backward"},
+            monitoring=(EarlyStopping, BestCheckpoints))
 
     def _build_telemetry(self, compiled: bool) -> Telemetry:
         """The log records' sources (trainer.observability.telemetry): each optimizer's lr, CUDA's peak
@@ -415,17 +407,7 @@ class Trainer:
                 "trainer.unfreeze under torchrun: DDP/FSDP reduce only the gradients of parameters that "
                 "required them when the model was wrapped; unfreeze before building the Trainer instead"
             )
-        if isinstance(what, nn.Module):
-            ids = {id(p) for p in what.parameters()}
-            names = [n for n, p in self.module.named_parameters() if id(p) in ids]
-            if not names:
-                raise ValueError(f"unfreeze: the {type(what).__name__} given holds no parameter of trainer.module; "
-                                 "pass a submodule of the model, or a name pattern such as 'encoder.*'")
-            patterns: Sequence[str] = ()
-        else:
-            patterns = [what] if isinstance(what, str) else list(what)
-            names = matching_names(self.module, patterns, "unfreeze")
-        added = self._unfrozen.add(names, patterns, **hyperparameters)
+        added = self._unfrozen.unfreeze(what, **hyperparameters)
         if self._manual is None:  # clipping and the non-finite check see them too
             self._step.set_params(self.optimizer, self.trainable_parameters())
         return added
@@ -455,22 +437,25 @@ class Trainer:
         self._init_pending = False
         return f"init_from: {loaded}"
 
-    def _warn_unheld(self) -> None:
-        """Parameters that require gradients but no optimizer group holds get gradients and never
-        change: say so once per parameter (one pass over the parameters, at fit and epoch starts)."""
-        unheld = [n for n in self._unfrozen.unheld() if n not in self._unheld_warned]
-        if unheld:
-            self._unheld_warned.update(unheld)
-            shown = ", ".join(unheld[:8]) + (f" and {len(unheld) - 8} more" if len(unheld) > 8 else "")
-            warnings.warn(
-                f"{len(unheld)} parameter(s) require gradients but the optimizer does not hold them, so they will "
-                f"not train: {shown}; add them with trainer.unfreeze(module_or_pattern, lr=...), or freeze them",
-                stacklevel=3,
-            )
-
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a value; tensors stay on the device and become numbers at the next log point."""
         self._telemetry.log(name, value)
+
+    @property
+    def train_data(self) -> Any:
+        return self._data.train
+
+    @train_data.setter
+    def train_data(self, data: Any) -> None:
+        self._data.train = data
+
+    @property
+    def val_data(self) -> Any:
+        return self._data.val
+
+    @val_data.setter
+    def val_data(self, data: Any) -> None:
+        self._data.val = data
 
     @property
     def sharded(self) -> bool:
@@ -520,12 +505,7 @@ class Trainer:
         # A later fit continues, also after an early stop or a signal (raise the limits first).
         self.should_stop, self.stop_reason, self.stopped_by_signal = False, None, None
         self._signals.reset()
-        try:
-            empty = len(self._train_source()) == 0
-        except TypeError:  # of unknown length: an epoch that yields nothing is caught where it happens
-            empty = False
-        if empty:
-            raise DataError(f"the training data ({type(self.train_data).__name__}) holds no batch: it is empty")
+        self._data.check_not_empty()
         if resume_from is None and not self._started and self.run_dir is not None:
             self._claim_run_dir(overwrite)
         if resume_from is not None:
@@ -533,7 +513,7 @@ class Trainer:
         self.apply_init_from()  # a fresh run's starting weights (nothing once a checkpoint's are loaded)
         if cfg.sanity_check and not self._sanity_checked:
             self.sanity_check()  # before the metric files are opened
-        self._warn_unheld()
+        self._unfrozen.warn_unheld()
         if not self._started:
             seed_everything(cfg.seed)
             self._started = True
@@ -555,7 +535,7 @@ class Trainer:
                 try:
                     while not self._done():
                         self._train_epoch()
-                        self._warn_unheld()  # a plain unfreeze() in a hook during the epoch
+                        self._unfrozen.warn_unheld()  # a plain unfreeze() in a hook during the epoch
                 except torch.OutOfMemoryError as exc:
                     raise torch.OutOfMemoryError(out_of_memory_message(
                         exc, self.device, self.global_step + 1, cfg.batch_size, cfg.grad_accum_steps,
@@ -658,11 +638,11 @@ class Trainer:
         return files
 
     def _train_epoch(self) -> None:
-        cfg, source, telemetry, h = self.config, self._source, self._telemetry, self._hooks
+        cfg, source, telemetry, h = self.config, self._data.train_source(), self._telemetry, self._hooks
         accum = cfg.grad_accum_steps
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
         move = self._move
-        epoch_len = _length(source)
+        epoch_len = length_of(source)
         self._call("on_train_epoch_start")
         fresh = self.batch_in_epoch == 0
         step_now = True  # an epoch starts, or resumes, at a step boundary
@@ -781,41 +761,12 @@ class Trainer:
     def total_steps(self) -> int | None:
         """Optimizer steps this run takes, when the data length says so (for progress and schedules)."""
         cfg = self.config
-        try:
-            per_epoch = math.ceil(len(self._train_source()) / cfg.grad_accum_steps)
-        except TypeError:
-            per_epoch = None
+        length = length_of(self._data.train_source())
+        per_epoch = math.ceil(length / cfg.grad_accum_steps) if length is not None else None
         max_epochs = self.total_epochs()
         by_epochs = per_epoch * max_epochs if per_epoch is not None and max_epochs is not None else None
         limits = [n for n in (cfg.max_steps, by_epochs) if n is not None]
         return min(limits) if limits else None
-
-    def _train_source(self) -> EpochSource:
-        if self._source is None:
-            if self.train_data is None:
-                raise ValueError("fit() needs training data: Trainer(model, optimizer, train_data=...)")
-            source = self._make_source(self.train_data, shuffle=True, pad=True)
-            if self.layout.world_size > 1:
-                # Every rank steps together: a loader with a length must give each rank as many batches
-                # (one object gather, once per Trainer; streams of unknown length end together, EndTogether).
-                lengths = distributed.all_gather_objects(_length(source))
-                if len(set(lengths)) > 1:
-                    shown = ", ".join(f"rank {r}: {n if n is not None else 'unknown'}" for r, n in enumerate(lengths))
-                    raise DataError(
-                        f"the training data gives the ranks different numbers of batches per epoch ({shown}), so "
-                        "they would not step together; pass the Dataset itself (the Trainer gives every rank an "
-                        "equal share), a DataLoader with a DistributedSampler (it pads the shares to equal "
-                        "lengths), or an IterableDataset (ranks end each epoch together at the shortest stream)")
-            self._source = source
-        return self._source
-
-    def _make_source(self, data: Any, shuffle: bool, pad: bool) -> EpochSource:
-        """``pad``: under torchrun equal shares per rank (training); without, no sample twice (evaluation)."""
-        cfg = self.config
-        return make_source(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                           shuffle=shuffle, device=self.device, rank=self.layout.rank,
-                           world_size=self.layout.world_size, pad=pad, timeout=cfg.data_timeout or 0,
-                           stream_split=cfg.stream_split)
 
     # ----------------------------------------------------------------- metrics
 
@@ -865,27 +816,11 @@ class Trainer:
         if resumed.notice and self.is_main_process:
             print(f"trainer: {resumed.notice}", flush=True)
         if cfg.batch_size != configured.batch_size:
-            self._source = None  # built with the configured batch_size
+            self._data.rebuild()  # built with the configured batch_size
         saved, now = resumed.saved, resumed.layout
         if saved is not None and (saved.batch_size, saved.world_size) != (now.batch_size, now.world_size):
-            self.batch_in_epoch = self._position(self.batch_in_epoch * saved.batch_size * saved.world_size)
+            self.batch_in_epoch = self._data.position(self.batch_in_epoch * saved.batch_size * saved.world_size)
         return resumed.describe()
-
-    def _position(self, consumed: int) -> int:
-        """The micro-batches of this run that consume the epoch's first ``consumed`` samples (all
-        ranks together): ``ResumableSampler`` deals the epoch's permutation out to the ranks in turn,
-        so after ``k`` micro-batches of ``b`` samples on each of ``n`` ranks its first ``k * b * n``
-        samples are consumed, whatever ``n`` is. Exact at optimizer-step boundaries, where every
-        checkpoint of ``fit`` is written: the global batch divides ``consumed``."""
-        source = self._train_source() if consumed and self.train_data is not None else None
-        if source is not None and source.sampler is None:
-            warnings.warn(
-                f"resuming on another batch layout inside an epoch of a {type(self.train_data).__name__}: its "
-                "position is mapped by samples seen, which is exact only if it deals samples out to the ranks as "
-                "the Trainer's sampler does; pass a Dataset for an exact resume", stacklevel=3)
-        elif source is not None and consumed >= source.sampler.n:
-            return len(source)  # the checkpoint ended the epoch's data (its last step padded on some ranks)
-        return consumed // (self.config.batch_size * self.layout.world_size)
 
     def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:
         """The model's weights from a checkpoint (file or sharded directory, or a loaded one). With
@@ -945,41 +880,16 @@ class Trainer:
         """
         self._check_open()
         self.apply_init_from()
-        own = data is None
-        if own and self.val_data is None:
-            raise ValueError("evaluate() needs data: evaluate(data) or Trainer(..., val_data=...)")
-        if own:
-            if self._val_source is None:
-                self._val_source = self._make_source(self.val_data, shuffle=False, pad=False)
-            source = self._val_source
-            self._call("on_validation_start")
-        else:
-            source = self._make_source(data, shuffle=False, pad=False)
-        batches = self.strategy.eval_batches(source)
-        if own:  # callbacks that watch validation's batches (the progress bar counts them)
-            for cb in self.callbacks:
-                if hasattr(cb, "validation_batches"):
-                    batches = cb.validation_batches(self, batches, _length(source))
-        self._prepare_metrics()
-        with self._evaluating():
-            values = evaluation.evaluate(self.validation_step, batches, self.device, self.precision.param_dtype,
-                                         self._metric_objects)
-        metrics = {f"{prefix}/{name}": value for name, value in values.items()}
-        if own:
-            self._call("on_validation_end", metrics)
-        return metrics
+        return self._evaluator.evaluate(data, prefix)
 
     def test(self, data: Any) -> dict[str, float]:
         """``evaluate(data, prefix="test")``: ``{"test/<name>": mean over samples}``, exact over ranks.
         Nothing about the run changes: no hook fires, the history, metric files, best checkpoint and
         early stopping stay as they were. With a ``run_dir``, rank 0 also writes the report to
         ``<run_dir>/test.json`` (``{"step": ..., "test/...": ...}``, replacing an earlier one)."""
-        metrics = self.evaluate(data, prefix="test")
-        if self.run_dir is not None and self.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            report = json.dumps({"step": self.global_step, **metrics}, indent=2) + "\n"
-            run_files.write_text_atomic(self.run_dir / run_files.TEST, report)
-        return metrics
+        self._check_open()
+        self.apply_init_from()
+        return self._evaluator.test(data, self.run_dir, self.global_step, self.is_main_process)
 
     def predict(self, data: Any, out: str | Path | None = None) -> Any:
         """``predict_step``'s outputs for every sample of ``data``, in data order, each sample once,
@@ -997,54 +907,7 @@ class Trainer:
         as ``"predictions"``, a dict under its keys, a tuple as ``"0"``, ``"1"``, ...)."""
         self._check_open()
         self.apply_init_from()
-        main = self.is_main_process
-        target = prediction.check_out(out) if out is not None and main else None  # rank 0 writes
-        source = self._make_source(data, shuffle=False, pad=False)
-        order = prediction.sample_order(source)
-        gather = order is not None and distributed.active()
-        if not (main or gather or self.sharded):
-            return None  # every rank sees the same batches (see trainer.evaluation.prediction): rank 0's are the result
-        batches = (prediction.rounds(source, self.sharded, self.device) if gather
-                   else self.strategy.eval_batches(source))
-        collector = prediction.Collector(target) if main else None
-        result, written = None, None
-        try:
-            with self._evaluating():
-                prediction.predict(self.predict_step, batches, self.device, self.precision.param_dtype, order,
-                                   gather, collector)
-            if collector is not None:
-                result, written = collector.finish()
-        finally:
-            if collector is not None:
-                collector.close()
-        return written if out is not None else result
-
-    @contextlib.contextmanager
-    def _evaluating(self) -> Iterator[None]:
-        """What evaluate and predict run under: the module evaluation calls, torch's settings, the
-        evaluation weights of callbacks such as EMAWeights, eval mode and autocast; afterwards the
-        training module back and, under FSDP, resharded."""
-        stepped, self.model = self.model, self.strategy.eval_module(self.model, self.module)
-        try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(torch_settings(self.device, self.config.deterministic))
-                for cb in self.callbacks:
-                    if hasattr(cb, "evaluation_weights"):
-                        stack.enter_context(cb.evaluation_weights(self))
-                stack.enter_context(eval_mode(self.module))
-                stack.enter_context(self.precision.autocast)
-                yield
-        finally:
-            self.model = stepped
-            self.strategy.end_evaluation(self.module)
-
-    def _prepare_metrics(self) -> None:
-        """Before an evaluation: the metric objects on the Trainer's device (also those a subclass
-        keeps as attributes, which validation_step may not have returned yet), and reset."""
-        held = [value for value in vars(self).values() if metric_objects.is_metric(value)]
-        metric_objects.to_device([*self._metric_objects.values(), *held], self.device)
-        for metric in self._metric_objects.values():
-            metric.reset()
+        return self._evaluator.predict(data, out, self.is_main_process, self.sharded)
 
     def _validate(self, epoch: int) -> None:
         self.validated_step = self.global_step

@@ -296,7 +296,7 @@ class StatefulSource(EpochSource):
         return batches
 
     def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
-        length = _length(self)
+        length = length_of(self)
         count = 0
         while True:
             if self.reads_ahead:
@@ -532,12 +532,12 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
             f"training/validation data must be a torch Dataset, a DataLoader or an iterable of batches; "
             f"got {type(data).__name__}"
         )
-    if world_size > 1 and pad and _length(source) is None:
+    if world_size > 1 and pad and length_of(source) is None:
         source = EndTogether(source, device)  # training only: evaluation has no collective per batch
     return source
 
 
-def _length(source: EpochSource) -> int | None:
+def length_of(source: EpochSource) -> int | None:
     try:
         return len(source)
     except TypeError:
