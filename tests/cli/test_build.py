@@ -5,11 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer.cli.build import (
-    check_arguments, data_splits, import_target, instantiate, kernel_defaults, optimizer_factory, split_data,
-)
-from trainer.cli.run_config import Component
-from trainer.cli.yaml_source import ConfigError, Source, Where
+from trainer.cli.build import data_splits, kernel_defaults, optimizer_factory, split_data
+from trainer.components import Component, check_arguments, import_target, instantiate
+from trainer.yaml_source import ConfigError, Source, Where
 
 AT = ("optimizer",)
 

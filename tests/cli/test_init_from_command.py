@@ -69,7 +69,7 @@ def test_resume_auto_continues_from_the_checkpoint_without_reading_init_from(pro
 
 def test_init_from_keys_are_checked_at_their_line(project):
     from trainer.cli.run_config import validate
-    from trainer.cli.yaml_source import ConfigError, Source
+    from trainer.yaml_source import ConfigError, Source
 
     for text, expected in [
         ("init_from:\n  path: w.pt\n  strickt: true\n", "init_from.strickt: unknown key 'strickt'; did you mean 'strict'?"),

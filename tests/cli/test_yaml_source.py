@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli.yaml_source import ConfigError, Source, parse_scalar
+from trainer.yaml_source import ConfigError, Source, parse_scalar
 
 TEXT = """\
 max_steps: 10

@@ -133,7 +133,7 @@ def init_from(run_dir: str, weights_dir: str) -> None:
 
     from trainer.cli.build import build
     from trainer.cli.run_config import validate
-    from trainer.cli.yaml_source import Source
+    from trainer.yaml_source import Source
 
     dist.init_process_group("gloo")  # the script's own group, kept across the Trainers below
     out, files = Path(run_dir), Path(weights_dir)

@@ -1,5 +1,5 @@
-"""The command line, a thin shell over the library: parse (``yaml_source``, ``run_config``), build
-(``build``), train (``commands``), report (``report``). Torch-free at import: the commands that
+"""The command line, a thin shell over the library: parse (``trainer.yaml_source``, ``run_config``),
+build (``build``, with ``trainer.components``), train (``commands``), report (``report``). Torch-free at import: the commands that
 need torch import it when they run.
 """
 

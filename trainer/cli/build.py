@@ -1,5 +1,6 @@
-"""From a validated config to objects: import each ``_target_``, check its arguments against the
-target's signature and type hints, call it, and hand the results to the Trainer.
+"""From a validated config to objects: each component built (``trainer.components``: import its
+``_target_``, check its arguments against the target's signature and type hints, call it), and the
+results handed to the Trainer.
 
 Every failure is a ``ConfigError`` that points at the line of the value responsible.
 """
@@ -7,147 +8,30 @@ Every failure is a ``ConfigError`` that points at the line of the value responsi
 from __future__ import annotations
 
 import contextlib
-import difflib
-import importlib
 import inspect
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+import torch
+from torch.distributed.tensor import DTensor
 
-from trainer.cli.run_config import TRACKERS, Component, RunConfig, TrackerLogger, trainer_config
-from trainer.cli.yaml_source import ConfigError, Path_, Source
+from trainer.checkpoint import weights
+from trainer.cli.run_config import TRACKERS, RunConfig, TrackerLogger, trainer_config
+from trainer.components import Component, bind, check_arguments, import_target, instantiate
 from trainer.config import CompileConfig, compile_settings
+from trainer.device import model_init, resolve_device, seed_everything
+from trainer.freezing import matching_names
+from trainer.loop.compilation import check_backend
+from trainer.loop.sanity import functional_of
+from trainer.memory import matching_modules
+from trainer.observability.metric_objects import is_metric
+from trainer.observability.tensorboard import TensorBoardLogger
+from trainer.observability.trackers import MLflowLogger, WandbLogger
+from trainer.parallel import distributed
 from trainer.run_dir import TENSORBOARD
-
-_ARBITRARY = ConfigDict(arbitrary_types_allowed=True)
-
-
-def import_target(dotted_path: str, source: Source, path: Path_) -> Any:
-    """Import ``package.module.attr`` (attributes may nest), reporting at ``path`` when it fails."""
-    parts = dotted_path.split(".")
-    module = None
-    for split in range(len(parts) - 1, 0, -1):
-        name = ".".join(parts[:split])
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            missing_self = exc.name is not None and (exc.name == name or name.startswith(exc.name + "."))
-            if not missing_self:
-                # the module exists but something it imports does not
-                raise source.at(path, f"importing '{name}' failed: {exc}") from exc
-            continue
-        except Exception as exc:
-            raise source.at(path, f"importing '{name}' failed: {type(exc).__name__}: {exc}") from exc
-        break
-    if module is None:
-        raise source.at(
-            path,
-            f"cannot import '{dotted_path}': no module named '{parts[0]}' (is it installed, or a .py file in the "
-            "current directory?)",
-        )
-    obj: Any = module
-    for i, attr in enumerate(parts[split:], start=split):
-        if not hasattr(obj, attr):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(attr, names, n=1)
-            hint = f"; did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
-            raise source.at(path, f"cannot import '{dotted_path}': '{'.'.join(parts[:i])}' has no attribute '{attr}'{hint}")
-        obj = getattr(obj, attr)
-    return obj
-
-
-def _signature(target: Any) -> inspect.Signature | None:
-    try:
-        return inspect.signature(target)
-    except (TypeError, ValueError):  # some builtins have none
-        return None
-
-
-def _hints(target: Any) -> dict[str, Any]:
-    fn = target.__init__ if inspect.isclass(target) else target
-    try:
-        return typing.get_type_hints(fn)
-    except Exception:  # unresolvable forward references: fall back to the target's own checks
-        return {}
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def check_arguments(target: Any, kwargs: dict[str, Any], source: Source, path: Path_, skip: int,
-                    label: str) -> dict[str, Any]:
-    """Check keyword arguments against ``target``'s signature and type hints, before calling it.
-
-    ``skip`` leading parameters are filled by the framework (the parameters for an optimizer,
-    the optimizer for a scheduler). Returns the arguments, converted where the hint says so
-    (``"3e-4"`` to ``3e-4`` for a float).
-    """
-    sig = _signature(target)
-    if sig is None:
-        return kwargs
-    params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    named = [p for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    accepted = {p.name for p in named}
-    for key in kwargs:
-        if key not in accepted and not takes_any:
-            close = difflib.get_close_matches(key, sorted(accepted), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise source.at(path + (key,), f"{label} takes no argument '{key}'; {hint}it takes: {', '.join(p.name for p in named) or 'none'}")
-    for p in named:
-        if p.default is p.empty and p.name not in kwargs:
-            raise source.at(path, f"{label} needs the argument '{p.name}'")
-    hints = _hints(target)
-    checked = dict(kwargs)
-    for key, value in kwargs.items():
-        hint = hints.get(key)
-        if hint is None or hint is typing.Any:
-            continue
-        try:
-            adapter = TypeAdapter(hint, config=_ARBITRARY)
-        except Exception:  # a hint pydantic cannot express: leave it to the target
-            continue
-        try:
-            converted = adapter.validate_python(value)
-        except ValidationError:
-            raise source.at(path + (key,), f"{label} expects {_type_name(hint)} for '{key}', found {value!r}") from None
-        if isinstance(converted, (bool, int, float, str, tuple)):
-            checked[key] = converted
-    return checked
-
-
-def bind(component: Component, source: Source, path: Path_, skip: int = 0) -> Callable[..., Any]:
-    """Import and check a component now; return the call, which takes the ``skip`` leading arguments
-    the framework fills (the parameters of an optimizer, the optimizer of a scheduler) and keyword
-    ``defaults`` the config did not set. Nested ``{_target_: ...}`` arguments are built here."""
-    target = import_target(component.target, source, path + ("_target_",))
-    label = component.target
-    if not callable(target):
-        raise source.at(path + ("_target_",), f"'{label}' is not callable")
-    kwargs = {}
-    for key, value in component.kwargs.items():
-        if isinstance(value, dict) and "_target_" in value:
-            value = instantiate(Component.model_validate(value), source, path + (key,))
-        kwargs[key] = value
-    kwargs = check_arguments(target, kwargs, source, path, skip, label)
-
-    def call(*args: Any, **defaults: Any) -> Any:
-        try:
-            return target(*args, **{**defaults, **kwargs})
-        except Exception as exc:
-            raise source.at(path, f"{label}(...) raised {type(exc).__name__}: {exc}") from exc
-
-    return call
-
-
-def instantiate(component: Component, source: Source, path: Path_, *args: Any) -> Any:
-    """Import, check and call a component with ``args`` first."""
-    return bind(component, source, path, len(args))(*args)
-
+from trainer.trainer import Trainer
+from trainer.yaml_source import ConfigError, Source
 
 SPLITS = ("train", "val", "test")
 
@@ -183,9 +67,6 @@ def kernel_defaults(target: Any, params: list[Any]) -> dict[str, Any]:
     """Fused kernels for the optimizers that have them (one kernel for all parameters instead of a
     Python loop; about twice as fast for a small model on CPU). Sharded (FSDP) parameters are
     DTensors: fused Adam/AdamW take them, SGD has no fused kernel for them and runs foreach."""
-    import torch
-    from torch.distributed.tensor import DTensor
-
     if target in (torch.optim.Adam, torch.optim.AdamW):
         return {"fused": True}
     if target is torch.optim.SGD:
@@ -217,8 +98,6 @@ def optimizers_factory(entries: dict[str, Any], model: Any, source: Source) -> t
     """Several optimizers (``optimizers:``), each over the parameters its patterns name, checked now:
     the function that builds them from the Trainer's trainable parameters, and their schedulers
     (functions of their optimizer, or None)."""
-    from trainer.freezing import matching_names
-
     made, schedulers = [], []
     for name, entry in entries.items():
         path = ("optimizers", name)
@@ -247,8 +126,6 @@ def optimizers_factory(entries: dict[str, Any], model: Any, source: Source) -> t
 
 def check_patterns(model: Any, patterns: list[str], source: Source) -> None:
     """Each ``activation_checkpointing`` pattern matches a module of the model, or the error points at it."""
-    from trainer.memory import matching_modules
-
     listed = isinstance(source.data.get("activation_checkpointing"), list)
     for i, pattern in enumerate(patterns):
         try:
@@ -268,12 +145,6 @@ class Built:
 
 def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     """Build the model, data, loss, optimizer, scheduler, callbacks and Trainer of a run."""
-    import torch
-
-    from trainer.device import model_init, resolve_device, seed_everything
-    from trainer.observability.metric_objects import is_metric
-    from trainer.trainer import Trainer
-
     try:
         resolve_device(run.device)
     except ValueError as exc:
@@ -291,9 +162,6 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         raise source.at(trainer_at, f"'{trainer_path}' is not a subclass of trainer.Trainer")
     # With init_from under fsdp no rank builds the whole model: it is built on the meta device and
     # the Trainer gives each rank memory for its own shards, which the weights file then fills.
-    from trainer.parallel import distributed
-    from trainer.checkpoint import weights
-
     on_meta = torch.device("meta") if weights.builds_on_meta(run, distributed.from_env()) else contextlib.nullcontext()
     with on_meta, model_init(run.precision):  # bf16-true: the weights are made in bf16, as a model factory's are
         model = instantiate(run.model, source, ("model",))
@@ -301,8 +169,6 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         raise source.at(("model",), f"'{run.model.target}' returned a {type(model).__name__}, not a torch.nn.Module")
     check_patterns(model, run.activation_checkpointing, source)
     if isinstance(run.compile, CompileConfig):
-        from trainer.loop.compilation import check_backend
-
         try:
             check_backend(run.compile.backend)
         except ValueError as exc:
@@ -317,8 +183,6 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     if isinstance(run.loss, str):
         loss_fn = import_target(run.loss, source, ("loss",))
         if inspect.isclass(loss_fn):  # called as loss_fn(output, target) it would build an object, not a loss
-            from trainer.loop.sanity import functional_of
-
             functional = functional_of(loss_fn)
             raise source.at(("loss",), f"{run.loss} is a class; use {{_target_: {run.loss}}} to build an instance"
                             + (f", or {functional}" if functional else ""))
@@ -366,15 +230,11 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     loggers = []
     for i, spec in enumerate(run.loggers if run_dir is not None else []):
         if spec == "tensorboard":
-            from trainer.observability.tensorboard import TensorBoardLogger
-
             try:
                 loggers.append(TensorBoardLogger(run_dir / TENSORBOARD))
             except ImportError as exc:
                 raise source.at(("loggers", i), str(exc)) from None
         elif spec in TRACKERS or isinstance(spec, TrackerLogger):
-            from trainer.observability.trackers import MLflowLogger, WandbLogger
-
             name, settings = spec.settings if isinstance(spec, TrackerLogger) else (spec, None)
             options = settings.model_dump(exclude_none=True) if settings is not None else {}
             try:

@@ -10,6 +10,7 @@ This module imports typer, pydantic and yaml only; torch is imported by the comm
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import json
 import os
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
+import yaml
 
 from trainer import run_dir as run_files
-from trainer.cli.yaml_source import ConfigError, Source
+from trainer.cli.report import NoSuchMetric, UnreadableRun, format_table, plot_runs, runs_table, write_status
+from trainer.yaml_source import ConfigError, Source
 
 app = typer.Typer(
     add_completion=False,
@@ -92,8 +95,6 @@ def _load(config: Path, overrides: Optional[list[str]]):
 
 
 def _resolved_yaml(run) -> str:
-    import yaml
-
     return yaml.safe_dump(run.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
@@ -246,8 +247,6 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     built = build(source, cfg, None if claim.refusal else run_dir)
     if claim.refusal:
         raise claim.refusal
-    from trainer.cli.report import write_status
-
     if resume_from is not None:
         # Restored and checked against this config before anything in the run directory changes.
         try:
@@ -566,8 +565,6 @@ def _split(source: Source, cfg, built, name: str, purpose: str):
 
     returned = ", ".join(built.splits)
     if name not in SPLITS:
-        import difflib
-
         close = difflib.get_close_matches(name, list(built.splits), n=1)
         hint = f"did you mean --data {close[0]}? " if close else ""
         raise UserError(f"--data {name}: no such split; {hint}the data callable returns {returned}")
@@ -668,8 +665,6 @@ def _bytes(n: int) -> str:
 def runs(out_dir: Path = typer.Argument(Path("runs"), help="The folder that holds run directories.")) -> None:
     """A table of the runs in OUT_DIR: status, steps, best monitored value, newest checkpoint."""
     with _reporting(False):
-        from trainer.cli.report import format_table, runs_table
-
         if not out_dir.is_dir():
             raise UserError(f"{out_dir}: no such folder of runs")
         rows = runs_table(out_dir)
@@ -686,8 +681,6 @@ def plot(
     """Plot train/val loss, the monitored metric, LR, gradient norm and any --metric against step, one
     shared step axis, runs overlaid; panels without data are left out (needs matplotlib)."""
     with _reporting(False):
-        from trainer.cli.report import NoSuchMetric, UnreadableRun, plot_runs
-
         missing = [str(d) for d in run_dirs if not (d / run_files.METRICS_JSONL).exists()]
         if missing:
             raise UserError(f"no {run_files.METRICS_JSONL} in {', '.join(missing)}: pass run directories such as "

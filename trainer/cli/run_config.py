@@ -13,27 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from trainer.cli.yaml_source import ConfigError, Source, dotted
+from trainer.components import Component
 from trainer.config import MLflowSettings, TrainerConfig, WandbSettings
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL, NAME_MAX_BYTES, TENSORBOARD, name_problem
-
-
-class Component(BaseModel):
-    """``{_target_: dotted.path, ...keyword arguments}``: the target is imported and called."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-    target: str = Field(alias="_target_", description="Dotted path of the class or function to call.")
-
-    @field_validator("target")
-    @classmethod
-    def _dotted(cls, value: str) -> str:
-        if "." not in value:
-            raise ValueError(f"expected a dotted path such as torch.optim.AdamW, got {value!r}")
-        return value
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+from trainer.yaml_source import ConfigError, Source, dotted
 
 
 class TrackerLogger(BaseModel):

@@ -26,9 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from trainer import run_dir as run_files
 from trainer.checkpoint import files
+from trainer.components import Component, instantiate
+from trainer.yaml_source import ConfigError, Source
 
 SUFFIX = ".safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -102,10 +108,6 @@ def build_model(config: str | Path) -> torch.nn.Module:
     """The module an export's ``NAME.yaml`` describes, freshly initialised: load the exported
     weights into it with ``load_state_dict(safetensors.torch.load_file(...), strict=True)``. A
     problem with the file is a ``ConfigError`` that points at its line."""
-    from trainer.cli.build import instantiate
-    from trainer.cli.run_config import Component
-    from trainer.cli.yaml_source import ConfigError, Source
-
     source = Source.load(Path(config))
     section = source.data.get("model") if isinstance(source.data, dict) else None
     if not isinstance(section, dict) or "_target_" not in section:
@@ -209,10 +211,6 @@ def _model_state(state: dict[str, Any], checkpoint: Path) -> dict[str, torch.Ten
     """The model's state_dict: from the file, or from a sharded checkpoint's DCP files, read whole."""
     if not state.get("sharded"):
         return state["model"]
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     # The metadata's index was checked by load_checkpoint before DCP unpickles it here.
     metadata = FileSystemReader(state["sharded"]).read_metadata()
     model: dict[str, torch.Tensor] = {}
@@ -262,8 +260,6 @@ def _servable(state: dict[str, Any], cast: torch.dtype | None, checkpoint: Path)
 
 
 def _config_text(model: dict[str, Any], checkpoint: Path, step: int) -> str:
-    import yaml
-
     return (f"# The model of {checkpoint} (step {step}), written by trainer export beside its weights.\n"
             "# Build it with trainer.evaluation.export.build_model(this file), then load_state_dict(load_file(weights), strict=True).\n"
             + yaml.safe_dump({"model": model}, sort_keys=False))
