@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,22 +26,23 @@ from trainer import memory
 from trainer.loop import compilation
 from trainer.parallel import distributed
 from trainer.loop import manual
+from trainer.checkpoint.saving import RunCheckpoints
+from trainer.loop.placement import place
+from trainer.loop.run_length import RunLength
 from trainer.observability import metric_objects
-from trainer.callbacks import progress
+from trainer import callbacks as builtin_callbacks
 from trainer.loop import sanity
 from trainer.loop import signals
 from trainer.observability import timing
 from trainer.checkpoint import weights
 from trainer import run_dir as run_files
-from trainer.parallel import strategy as strategies
-from trainer.callbacks import BestCheckpoints, EarlyStopping, GradNormLogger
 from trainer.config import TrainerConfig, compile_settings
 from trainer.data.batches import describe, mover
 from trainer.data.run_data import RunData
 from trainer.data.sources import LoaderStates, empty_epoch, is_stateful_loader, length_of
 from trainer.evaluation.evaluator import Evaluator
 from trainer.device import (
-    Precision, model_init, out_of_memory_message, resolve_device, seed_everything, torch_settings,
+    out_of_memory_message, seed_everything, torch_settings,
 )
 from trainer.freezing import UnfrozenGroups, detach
 from trainer.hooks import HOOKS, collect_hooks
@@ -114,54 +113,17 @@ class Trainer:
             raise TypeError(f"config must be a TrainerConfig or a dict of its fields, got {type(config).__name__}")
         cfg = self.config
         self.layout = distributed.from_env()  # rank 0 of 1 outside torchrun
-        if callable(model) and not isinstance(model, nn.Module):
-            seed_everything(cfg.seed)  # the initial weights are drawn from the seeded generator
-            # With init_from under fsdp the weights come from the file, shard by shard: the model
-            # is built without memory and each rank materialises its shards only. bf16-true: made
-            # in bf16, never in fp32 first.
-            on_meta = torch.device("meta") if weights.builds_on_meta(cfg, self.layout) else contextlib.nullcontext()
-            with on_meta, model_init(cfg.precision):
-                model = model()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or a function that builds one, got {type(model).__name__}")
-        meta = weights.on_meta(model)
-        if meta and cfg.init_from is None:
-            raise ValueError("the model is on the meta device, without values: set init_from to load its weights, "
-                             "or build it on a real device")
-        if meta and isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError("an optimizer built on a model on the meta device holds parameters that are replaced "
-                             "when the model gets its memory; pass a function of the parameters instead "
-                             "(optimizer=lambda params: torch.optim.AdamW(params, lr=...))")
-
-        self.device = resolve_device(cfg.device, self.layout.local_rank if self.layout.enabled else None)
-        self.precision = Precision(cfg.precision, self.device)
-        self._move = mover(self.device, self.precision.param_dtype)  # a batch onto the device
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self._joined_group = distributed.init(self.layout, self.device)  # close() leaves it then
-        self.strategy = strategies.choose(cfg.strategy, self.layout, self.device, self.configure_sharding)
-
-        # The plain (or, under fsdp, sharded) module. bf16-true converts it here, before the optimizer
-        # is built, so that the optimizer's state is bf16 too (an optimizer built before the Trainer
-        # holds the same parameters, converted in place; its state, made at its first step, follows).
-        self.module = model if meta else model.to(device=self.device, dtype=self.precision.param_dtype)
-        if cfg.activation_checkpointing:  # before sharding and compiling, which then see it (trainer.memory)
-            memory.checkpoint_activations(self.module, cfg.activation_checkpointing)
-        if meta and not self.strategy.sharded:
-            weights.materialize(self.module, self.device)
         manual_mode = type(self).manual_step is not Trainer.manual_step
-        if manual_mode:
-            manual.refuse_sharded(self.strategy)  # before sharding: FSDP reduces inside backward
-        stepped = self.strategy.wrap(self.module, optimizer)
-        if manual_mode:
-            stepped = self.module  # a step of its own averages gradients itself (trainer.loop.manual), never through DDP
-        if meta and self.strategy.sharded:
-            weights.materialize(self.module, self.device)  # each rank's shards only
-        self._built_on_meta = meta
+        placed = place(model, optimizer, cfg, self.layout, self.configure_sharding, steps_itself=manual_mode)
+        self.device, self.precision, self.strategy = placed.device, placed.precision, placed.strategy
+        self.module = placed.module  # the plain (under fsdp, sharded) module
+        self._joined_group = placed.joined_group  # close() leaves it then
+        self._built_on_meta = placed.built_on_meta
+        self._move = mover(self.device, self.precision.param_dtype)  # a batch onto the device
         # init_from is loaded when fit (or evaluate) first needs the weights, unless a checkpoint's came first.
         self._init_pending = cfg.init_from is not None
         compiled = compile_settings(cfg.compile)
-        self.model = compilation.compile_model(stepped, compiled)  # what training steps call
+        self.model = compilation.compile_model(placed.stepped, compiled)  # what training steps call
         self.loss_fn = loss_fn
         self.metrics = metric_objects.check(metrics if metrics is not None else {}, "metrics")
         metric_objects.to_device(self.metrics.values(), self.device)
@@ -175,23 +137,9 @@ class Trainer:
         self.optimizers, self.schedulers = manual.resolve_optimizers(
             optimizer, scheduler, self.configure_optimizers, self.trainable_parameters)
         self.optimizer, self.scheduler = self.optimizers[0], self.schedulers[0]
-        if len(self.optimizers) > 1 and not manual_mode:
-            raise ValueError(
-                f"{len(self.optimizers)} optimizers were given, and the automatic training step steps one: override "
-                "manual_step(batch) in your Trainer subclass to back each loss into its optimizer's parameters and "
-                "step it (docs/loop.md), or give one optimizer with several parameter groups"
-            )
-        manual.check_disjoint(self.optimizers, self.module)
-        for opt in self.optimizers:
-            self.strategy.check_optimizer(opt)
+        manual.check_optimizers(self.optimizers, self.module, self.strategy, steps_itself=manual_mode)
 
-        self.callbacks = list(callbacks)
-        if cfg.grad_logging.every_n_steps:
-            grad = cfg.grad_logging
-            self.callbacks.append(GradNormLogger(grad.every_n_steps, grad.per_layer, grad.histograms))
-        shown = progress.for_mode(cfg.progress)
-        if shown is not None:
-            self.callbacks.append(shown)
+        self.callbacks = [*callbacks, *builtin_callbacks.from_config(cfg)]
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
 
         self.loggers: list[Logger] = list(loggers) if self.is_main_process else []
@@ -208,7 +156,6 @@ class Trainer:
         self.stopped_by_signal: int | None = None
         self._signals = signals.StopSignals()
         self._closed = False
-        self._background_saves = False  # checkpoint.async, while fit's loop runs
 
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizers, self.device,
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
@@ -234,6 +181,9 @@ class Trainer:
         )
         self._evaluator = Evaluator(self, self._data, self.strategy, self.precision, cfg.deterministic, self.callbacks,
                                     self._hooks, self.metrics)
+        self._saves = RunCheckpoints(self._checkpointer, self.run_dir, cfg.checkpoint, self._signals.deferred,
+                                     self.is_main_process, self.strategy.sharded)
+        self._length = RunLength(cfg, self._data)
         self.validated_step: int | None = None  # the step of the last validation (saved: not repeated on resume)
         self._started = False  # a later fit() continues; it does not seed again
         self._sanity_checked = False  # fit() runs the sanity pass once per Trainer
@@ -245,7 +195,7 @@ class Trainer:
             self._data, self._evaluator, self._manual,
             overridden=frozenset(s for s in sanity.STEPS if getattr(type(self), s) is not getattr(Trainer, s)),
             defaults={Trainer._loss.__code__: "loss", Trainer._unpack.__code__: "data", Trainer.backward.__code__: "backward"},
-            monitoring=(EarlyStopping, BestCheckpoints))
+            monitoring=(builtin_callbacks.EarlyStopping, builtin_callbacks.BestCheckpoints))
 
     def _build_telemetry(self, compiled: bool) -> Telemetry:
         """The log records' sources (trainer.observability.telemetry): each optimizer's lr, CUDA's peak
@@ -531,7 +481,7 @@ class Trainer:
                 self._telemetry.start(self.global_step, time_first_step=bool(cfg.compile))
                 self._call("on_fit_start")
                 self._profiler.begin(self.global_step + 1, self.total_steps())
-                self._background_saves = cfg.checkpoint.async_
+                self._saves.background = cfg.checkpoint.async_
                 try:
                     while not self._done():
                         self._train_epoch()
@@ -549,14 +499,11 @@ class Trainer:
                     self._flush_logs()
                 if self.val_data is not None and self.validated_step != self.global_step and not stopped:
                     self._validate(epoch=self.last_step_epoch)  # final metrics
-                self._background_saves = False  # the final checkpoint is on disk when fit returns
+                self._saves.release()  # the final checkpoint is on disk when fit returns
                 if cfg.checkpoint.save_final and self.run_dir is not None and not stopped:
                     self.save_checkpoint()
-                with self._signals.deferred():
-                    self._checkpointer.release()  # the last background write is on disk, or raises
             except BaseException as exc:
-                self._background_saves = False
-                self._finish_write()
+                self._saves.finish()
                 self._call("on_exception", exc)
                 raise
             finally:
@@ -566,16 +513,6 @@ class Trainer:
                     self.loggers.remove(logger)
         self._call("on_fit_end")
         return self.history
-
-    def _finish_write(self) -> None:
-        """On the way out of fit with an exception: a checkpoint being written in the background is
-        finished (a stop signal meanwhile waits for it), and its own failure is reported beside the
-        exception that ends the run."""
-        try:
-            with self._signals.deferred():
-                self._checkpointer.release()
-        except Exception as error:
-            print(f"trainer: {error}", file=sys.stderr, flush=True)
 
     def sanity_check(self) -> None:
         """One training micro-batch forward and backward (no optimizer step) and one validation batch
@@ -710,7 +647,7 @@ class Trainer:
             self._flush_logs()
         if cfg.eval_every_n_steps and self.val_data is not None and step % cfg.eval_every_n_steps == 0:
             self._validate(epoch=self.epoch)
-        save_point = bool(cfg.checkpoint.every_n_steps) and step % cfg.checkpoint.every_n_steps == 0
+        save_point = self._saves.due(step)
         if self._signals.agreed(log_point or save_point, self.device):
             self._stop_on_signal()
         elif save_point:
@@ -745,28 +682,16 @@ class Trainer:
         return self.epoch - 1 if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch
 
     def _done(self) -> bool:
-        cfg = self.config
-        if self.should_stop:
-            return True
-        if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
-            return True
-        return self.total_epochs() is not None and self.epoch >= self.total_epochs()
+        return self.should_stop or self._length.done(self.global_step, self.epoch)
 
     def total_epochs(self) -> int | None:
         """Epochs this run may take: ``max_epochs``, or one when neither limit is set (None: only
         ``max_steps`` limits the run)."""
-        cfg = self.config
-        return cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
+        return self._length.total_epochs()
 
     def total_steps(self) -> int | None:
         """Optimizer steps this run takes, when the data length says so (for progress and schedules)."""
-        cfg = self.config
-        length = length_of(self._data.train_source())
-        per_epoch = math.ceil(length / cfg.grad_accum_steps) if length is not None else None
-        max_epochs = self.total_epochs()
-        by_epochs = per_epoch * max_epochs if per_epoch is not None and max_epochs is not None else None
-        limits = [n for n in (cfg.max_steps, by_epochs) if n is not None]
-        return min(limits) if limits else None
+        return self._length.total_steps()
 
     # ----------------------------------------------------------------- metrics
 
@@ -846,26 +771,8 @@ class Trainer:
         memory; a thread writes it, then rotates and calls ``on_written``. A save waits for the write
         before it, and ``fit`` for the last; a failed write is raised by the save or fit that waits
         for it. Outside ``fit`` a save returns with the checkpoint on disk."""
-        if self.run_dir is None:
-            raise ValueError("save_checkpoint() needs a run_dir: Trainer(..., run_dir='runs/my-run')")
-        self._guard.flush()
-        directory = run_files.checkpoint_dir(self.run_dir)
-        path = Path(path) if path is not None else directory / run_files.checkpoint_name(self.global_step, self.sharded)
-        keep_last = self.config.checkpoint.keep_last
-
-        def written() -> None:  # rank 0, once the checkpoint is complete: rotation never meets a partial one
-            if rotate:
-                ckpt.rotate(directory, keep_last)
-            if on_written is not None:
-                on_written(path)
-
-        try:
-            with self._signals.deferred():  # a second stop signal lets the checkpoint (or its copy) finish first
-                self._checkpointer.save(path, self.is_main_process, self.global_step, background=self._background_saves,
-                                        on_written=written if self.is_main_process else None)
-        finally:
-            distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete (or copied)
-        return path if self.is_main_process else None
+        self._guard.flush()  # its unread device flags go into the checkpoint read
+        return self._saves.save(self.global_step, path, rotate, on_written)
 
     # ----------------------------------------------------------------- evaluation
 

@@ -80,6 +80,21 @@ def resolve_optimizers(optimizer: Any, scheduler: Any, configure: Callable[[], A
     return optimizers, schedulers
 
 
+def check_optimizers(optimizers: list[torch.optim.Optimizer], module: nn.Module, strategy: Any,
+                     steps_itself: bool) -> None:
+    """Several optimizers need a step of the subclass's own, each holding its own parameters; and
+    each optimizer must suit the strategy."""
+    if len(optimizers) > 1 and not steps_itself:
+        raise ValueError(
+            f"{len(optimizers)} optimizers were given, and the automatic training step steps one: override "
+            "manual_step(batch) in your Trainer subclass to back each loss into its optimizer's parameters and "
+            "step it (docs/loop.md), or give one optimizer with several parameter groups"
+        )
+    check_disjoint(optimizers, module)
+    for opt in optimizers:
+        strategy.check_optimizer(opt)
+
+
 def check_disjoint(optimizers: list[torch.optim.Optimizer], module: nn.Module) -> None:
     """Two optimizers that hold one parameter would both step it, each with its own state: refused."""
     owner: dict[int, int] = {}
@@ -226,4 +241,4 @@ def _average_over_ranks(params: list[torch.Tensor], world: int) -> None:
     torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
-__all__ = ["ManualSteps", "check_disjoint", "refuse_sharded", "resolve_optimizers"]
+__all__ = ["ManualSteps", "check_disjoint", "check_optimizers", "refuse_sharded", "resolve_optimizers"]

@@ -1,0 +1,39 @@
+"""How long a run is: ``max_steps``, ``max_epochs`` (one epoch when neither is set), and what the
+training data's length makes of them."""
+
+from __future__ import annotations
+
+import math
+
+from trainer.config import TrainerConfig
+from trainer.data.run_data import RunData
+from trainer.data.sources import length_of
+
+
+class RunLength:
+    def __init__(self, config: TrainerConfig, data: RunData):
+        self.config, self.data = config, data
+
+    def total_epochs(self) -> int | None:
+        cfg = self.config
+        return cfg.max_epochs if cfg.max_epochs is not None else (1 if cfg.max_steps is None else None)
+
+    def total_steps(self) -> int | None:
+        cfg = self.config
+        length = length_of(self.data.train_source())
+        per_epoch = math.ceil(length / cfg.grad_accum_steps) if length is not None else None
+        epochs = self.total_epochs()
+        by_epochs = per_epoch * epochs if per_epoch is not None and epochs is not None else None
+        limits = [n for n in (cfg.max_steps, by_epochs) if n is not None]
+        return min(limits) if limits else None
+
+    def done(self, step: int, epoch: int) -> bool:
+        """Whether a run that has taken ``step`` optimizer steps and is in ``epoch`` has ended."""
+        max_steps = self.config.max_steps
+        if max_steps is not None and step >= max_steps:
+            return True
+        epochs = self.total_epochs()
+        return epochs is not None and epoch >= epochs
+
+
+__all__ = ["RunLength"]
