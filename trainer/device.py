@@ -9,6 +9,11 @@ from typing import Any
 
 import torch
 
+try:
+    import numpy as np
+except ImportError:  # numpy is optional: nothing of it to seed
+    np = None
+
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-true": torch.bfloat16}
 
@@ -103,11 +108,7 @@ def _same(value: Any) -> Any:
 def seed_everything(seed: int) -> None:
     """Seed python, numpy (when installed), torch and every CUDA device."""
     random.seed(seed)
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional
-        pass
-    else:
+    if np is not None:
         np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
@@ -117,11 +118,8 @@ def seed_worker(worker_id: int) -> None:
     derive python's and numpy's seeds from it so every worker differs and repeats run to run."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
-    try:
-        import numpy as np
-    except ImportError:
-        return
-    np.random.seed(seed)
+    if np is not None:
+        np.random.seed(seed)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from trainer.hooks import Callback
 
 
@@ -61,8 +63,6 @@ class ProgressBar(Callback):
     def on_fit_start(self, trainer) -> None:
         if not trainer.is_main_process or not (self.force or sys.stderr.isatty()):
             return
-        from tqdm.auto import tqdm
-
         self._epochs = trainer.total_epochs()
         self.bar = tqdm(total=trainer.total_steps(), initial=trainer.global_step, unit="step", dynamic_ncols=True,
                         desc=epoch_text(trainer.epoch, self._epochs))
@@ -85,8 +85,6 @@ class ProgressBar(Callback):
         if self.bar is None:
             yield from batches
             return
-        from tqdm.auto import tqdm
-
         self.val_bar = tqdm(total=total, desc="validation", unit="batch", leave=False, dynamic_ncols=True)
         try:
             for item in batches:

@@ -21,7 +21,8 @@ from trainer.checkpoint.files import (
     set_rng_state,
 )
 from trainer.run_dir import checkpoint_name, list_checkpoints
-from trainer.checkpoint.state import Attributes, BatchLayout, Checkpointer, keep_global_batch, state_key
+from trainer.checkpoint.state import Attributes, Checkpointer, keep_global_batch, state_key
+from trainer.data.batches import BatchLayout
 
 __all__ = [
     "Attributes", "BatchLayout", "KEYS", "SHARDED_STATE", "VERSION", "CheckpointError", "Checkpointer", "check_model_state", "checkpoint_name",

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from trainer.checkpoint.files import CheckpointError
 
@@ -42,8 +44,6 @@ class BackgroundWriter:
     @property
     def stager(self) -> Any:
         if self._stager is None:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
             cuda = self.device.type == "cuda"
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                         use_async_staging=False, use_non_blocking_copy=cuda))
@@ -106,8 +106,6 @@ class BackgroundWriter:
             self.release()
         finally:
             if self.group is not None:
-                import torch.distributed as dist
-
                 if dist.is_initialized():
                     dist.destroy_process_group(self.group)
                 self.group = None

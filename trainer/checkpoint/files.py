@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pathlib
 import pickle
 import random
 import re
@@ -43,8 +44,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem as dcp_fs
+import torch.distributed.checkpoint.metadata as dcp_meta
 
 from trainer.run_dir import checkpoint_dir, list_checkpoints
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional: checkpoints then hold no numpy generator state
+    np = None
 
 VERSION = 1
 # The parts every checkpoint holds; "states" and "unfrozen" came later and may be absent.
@@ -349,11 +359,6 @@ class _MetadataUnpickler(pickle.Unpickler):
     DCP's own metadata classes, torch dtypes and paths allowed, before DCP itself opens it."""
 
     def find_class(self, module: str, name: str) -> Any:
-        import pathlib
-
-        import torch.distributed.checkpoint.filesystem as dcp_fs
-        import torch.distributed.checkpoint.metadata as dcp_meta
-
         found = None
         if module in (dcp_meta.__name__, dcp_fs.__name__):
             found = getattr(dcp_meta if module == dcp_meta.__name__ else dcp_fs, name, None)
@@ -384,9 +389,7 @@ def _check_dcp_metadata(path: Path) -> Any:
         raise CheckpointError(
             f"checkpoint metadata {path} is unreadable or holds objects other than DCP metadata ({exc}); refused"
         ) from None
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    pickled = [key for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, BytesStorageMetadata)]
+    pickled = [key for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, dcp_meta.BytesStorageMetadata)]
     if pickled:
         raise CheckpointError(
             f"checkpoint {path.parent} stores pickled objects ({', '.join(pickled[:4])}), which could run code "
@@ -401,8 +404,6 @@ def save_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pat
     ``tensors`` (model and optimizer state, sharded) go through DCP; ``state`` (the rest) is rank 0's
     ``trainer.pt``. The directory is assembled under a temporary name and renamed when complete, so
     a kill at any instant leaves earlier checkpoints and no half-written one under a final name."""
-    import torch.distributed.checkpoint as dcp
-
     path = Path(path)
     tmp = _begin_sharded(tensors, path, is_main)
     with _writing_sharded(path, tmp, is_main):
@@ -417,8 +418,6 @@ def start_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pa
     copies this rank's shards into CPU memory with ``stager`` and starts writing them; the function
     returned (for the writer thread) waits for that, then hashes, gathers the digests and renames as
     ``save_sharded`` does, with collectives on ``group`` only. ``state`` must be a copy already."""
-    import torch.distributed.checkpoint as dcp
-
     path = Path(path)
     tmp = _begin_sharded(tensors, path, is_main)
     with _writing_sharded(path, tmp, is_main):
@@ -434,8 +433,6 @@ def start_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pa
 
 def _begin_sharded(tensors: dict[str, Any], path: Path, is_main: bool) -> Path:
     """The checks and the empty temporary directory, on every rank; returns the directory."""
-    import torch.distributed as dist
-
     others = [key for key, value in _leaves(tensors) if not isinstance(value, torch.Tensor)]
     if others:
         # DCP would pickle them, and loading pickles could run code.
@@ -465,8 +462,6 @@ def _writing_sharded(path: Path, tmp: Path, is_main: bool) -> Iterator[None]:
 
 def _finish_sharded(state: dict[str, Any], path: Path, tmp: Path, is_main: bool, group: Any) -> None:
     """Once DCP's files are on disk: the digests, ``trainer.pt`` and the rename."""
-    import torch.distributed as dist
-
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if world > 1 else 0
     # Each rank hashes the files it wrote, in parallel and while they are likely still in its page cache.
@@ -508,8 +503,6 @@ def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def load_sharded(tensors: dict[str, Any], path: str | Path) -> None:
     """Fill ``tensors`` (state dicts of this run's model and optimizer, sharded or not) in place
     from a sharded checkpoint; DCP reshards to this run's layout."""
-    import torch.distributed.checkpoint as dcp
-
     try:
         dcp.load(tensors, checkpoint_id=path)
     except Exception as exc:  # DCP wraps rank failures in its own exception types
@@ -570,8 +563,6 @@ def link_best(target: Path, link: Path) -> None:
     try:
         os.link(target, tmp)
     except OSError:  # a file system without hard links: a copy
-        import shutil
-
         shutil.copyfile(target, tmp)
     os.replace(tmp, link)
     _fsync_dir(link.parent)
@@ -604,9 +595,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    try:
-        import numpy as np
-    except ImportError:
+    if np is None:
         return state
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
@@ -621,8 +610,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
-        import numpy as np
-
         npy = state["numpy"]
         np.random.set_state((npy["kind"], npy["keys"].numpy().astype("uint32"), npy["pos"], npy["has_gauss"], npy["cached"]))
 

@@ -18,12 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    set_state_dict,
+)
 
+from trainer.hooks import Callback
 from trainer.parallel import distributed
 from trainer.checkpoint import files
 from trainer.checkpoint.background import BackgroundWriter
 from trainer.checkpoint.files import CheckpointError
+from trainer.data.batches import BatchLayout, rank_count
 
 _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written before state keys
 
@@ -33,32 +40,6 @@ _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written 
 # product, the global batch, fixes which samples make a step (see BatchLayout).
 EXACT = ("seed", "precision", "model", "optimizer", "scheduler", "data", "loss", "trainer")
 BATCH_KEYS = ("batch_size", "grad_accum_steps", "world_size")
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchLayout:
-    """How a run makes its optimizer steps: micro-batches of ``batch_size`` samples,
-    ``grad_accum_steps`` of them per step on each of ``world_size`` ranks.
-
-    Step ``s`` of an epoch takes the samples ``global_batch * s`` up to ``global_batch * (s + 1)``
-    of the epoch's permutation, whatever the three numbers are (``ResumableSampler`` deals the
-    permutation out to the ranks in turn), so two layouts with one global batch train alike."""
-
-    batch_size: int
-    grad_accum_steps: int
-    world_size: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum_steps * self.world_size
-
-    def __str__(self) -> str:
-        return (f"{self.global_batch} = batch_size {self.batch_size} x grad_accum_steps {self.grad_accum_steps} "
-                f"x {_ranks(self.world_size)}")
-
-
-def _ranks(n: int) -> str:
-    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def keep_global_batch(saved: BatchLayout, configured: BatchLayout, policy: str, accept_changes: bool,
@@ -78,7 +59,7 @@ def keep_global_batch(saved: BatchLayout, configured: BatchLayout, policy: str, 
     fits = {name: target // (other * world) for name, other in
             (("grad_accum_steps", configured.batch_size), ("batch_size", configured.grad_accum_steps))
             if target % (other * world) == 0}
-    written = (f"checkpoint {where} was trained with a global batch of {saved}; on {_ranks(world)} this config "
+    written = (f"checkpoint {where} was trained with a global batch of {saved}; on {rank_count(world)} this config "
                f"makes it {configured.global_batch}")
     accept = "accept a new global batch (trainer run --accept-changes; in code load_checkpoint(..., accept_changes=True))"
     scaled = {"scale_accumulation": "grad_accum_steps", "scale_batch_size": "batch_size"}.get(policy)
@@ -92,12 +73,12 @@ def keep_global_batch(saved: BatchLayout, configured: BatchLayout, policy: str, 
                   f"{policy_that_fits}, or"
         else:
             fix = (f"{target} is not a multiple of {'grad_accum_steps' if scaled == 'batch_size' else 'batch_size'} {kept} "
-                   f"x {_ranks(world)}. Resume on {', '.join(map(str, worlds[:12])) or saved.world_size} rank(s), "
+                   f"x {rank_count(world)}. Resume on {', '.join(map(str, worlds[:12])) or saved.world_size} rank(s), "
                    f"or set batch_size and grad_accum_steps so that batch_size x grad_accum_steps x {world} = "
                    f"{target}, or")
         raise CheckpointError(f"{written} (on_world_size_change: {policy}): {fix} {accept}")
     layout = dataclasses.replace(configured, **{scaled: fits[scaled]})
-    notice = (f"resumed on {_ranks(world)} a run trained on {_ranks(saved.world_size)}: {scaled} "
+    notice = (f"resumed on {rank_count(world)} a run trained on {rank_count(saved.world_size)}: {scaled} "
               f"{getattr(configured, scaled)} -> {fits[scaled]} keeps its global batch of {layout} "
               f"(on_world_size_change: {policy})")
     return layout, notice
@@ -143,8 +124,6 @@ def state_key(callback: Any) -> str:
 def is_stateful(callback: Any) -> bool:
     """A callback that keeps state: it defines ``state_dict`` (beyond ``Callback``'s empty one) and
     ``load_state_dict``; one without the other would be saved and never restored, an error."""
-    from trainer.hooks import Callback
-
     def own(name: str) -> bool:
         method = getattr(type(callback), name, None)
         return method is not None and method is not getattr(Callback, name)
@@ -275,8 +254,6 @@ class Checkpointer:
                 then()
                 return
             if self._writer.group is None:  # the writes' collectives run beside the loop's: a group of their own
-                import torch.distributed as dist
-
                 self._writer.group = dist.new_group(backend="gloo")
             state = self._writer.snapshot(state) if is_main else state
             finish = files.start_sharded(state, tensors, path, is_main, self._writer.group, self._writer.stager)
@@ -479,8 +456,6 @@ class Checkpointer:
 
     def _load_sharded(self, state: dict[str, Any], where: str) -> None:
         """Model and optimizer state from a DCP directory, into this run's layout (sharded or not)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
         optimizer = self.optimizers[0]  # fsdp: one optimizer (manual_step refuses it)
         model_state, optimizer_state = get_state_dict(self.module, optimizer)
         tensors = {"model": model_state, "optimizer": optimizer_state["state"]}
@@ -500,23 +475,19 @@ class Checkpointer:
         shards: every rank read the file and keeps its own part of each tensor. The optimizer's state
         is keyed by position, as ``torch.optim`` saves it; positions name the same parameters in the
         same order as in the run that wrote it (as for ``Optimizer.load_state_dict``)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
-        )
-
         files.check_model_state(self.module, state["model"], where)
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, state["model"], options=full)
         if not optimizer:
             return
-        optimizer = self.optimizers[0]  # fsdp: one optimizer (manual_step refuses it)
+        first = self.optimizers[0]  # fsdp: one optimizer (manual_step refuses it)
         names = {id(p): name for name, p in self.module.named_parameters()}
-        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        order = [names[id(p)] for group in first.param_groups for p in group["params"]]
         saved = state["optimizer"]
         try:
             keyed = {"state": {order[i]: value for i, value in saved["state"].items()},
                      "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
-            set_optimizer_state_dict(self.module, optimizer, keyed, options=full)
+            set_optimizer_state_dict(self.module, first, keyed, options=full)
         except (ValueError, KeyError, IndexError, RuntimeError) as exc:
             raise CheckpointError(
                 f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
@@ -535,8 +506,6 @@ class Checkpointer:
             else:
                 self.load_model(state["model"], where)
             return
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
         tensors = {"model": get_model_state_dict(self.module)}
         files.load_sharded(tensors, state["sharded"])
         set_model_state_dict(self.module, tensors["model"])

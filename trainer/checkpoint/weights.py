@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch import nn
 
 from trainer import run_dir as run_files
@@ -174,8 +177,6 @@ class WeightsFile:
         self._dcp_load({"model": targets}, no_dist=False)
 
     def _dcp_load(self, tensors: dict[str, Any], no_dist: bool) -> None:
-        import torch.distributed.checkpoint as dcp
-
         try:
             with warnings.catch_warnings():  # reading in one process is what no_dist asks for, not a guess to warn of
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
@@ -317,8 +318,6 @@ def _check_tied(module: nn.Module, source: WeightsFile, renamed: dict[str, str])
 
 def _copy(module: nn.Module, state: dict[str, torch.Tensor], source: WeightsFile, names: dict[str, str]) -> None:
     """Copy the file's tensors (``names``: the model's name -> the file's) into the model."""
-    from torch.distributed.tensor import DTensor
-
     if not any(isinstance(state[k], DTensor) for k in names):
         # A whole model: torch's own loading, with the module's load hooks.
         module.load_state_dict({k: source.read(name) for k, name in names.items()}, strict=False)
@@ -326,8 +325,6 @@ def _copy(module: nn.Module, state: dict[str, torch.Tensor], source: WeightsFile
     if source.kind == "sharded checkpoint":
         source.load_shards({name: state[k] for k, name in names.items()})
         return
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     # The state dict's DTensors share their local storage with the parameters: each rank copies
     # its own block of each tensor into it, one tensor at a time, and never holds a whole one.
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Batches: moving them to the device, their size, and a few words or a digest of them for messages."""
+"""Batches: moving them to the device, their size, and a few words or a digest of them for messages;
+how a run's steps are made of them on its ranks (``BatchLayout``)."""
 
 from __future__ import annotations
 
@@ -116,3 +117,30 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, dict):
         for v in obj.values():
             yield from _tensors(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How a run makes its optimizer steps: micro-batches of ``batch_size`` samples,
+    ``grad_accum_steps`` of them per step on each of ``world_size`` ranks.
+
+    Step ``s`` of an epoch takes the samples ``global_batch * s`` up to ``global_batch * (s + 1)``
+    of the epoch's permutation, whatever the three numbers are (``ResumableSampler`` deals the
+    permutation out to the ranks in turn), so two layouts with one global batch train alike."""
+
+    batch_size: int
+    grad_accum_steps: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum_steps * self.world_size
+
+    def __str__(self) -> str:
+        return (f"{self.global_batch} = batch_size {self.batch_size} x grad_accum_steps {self.grad_accum_steps} "
+                f"x {rank_count(self.world_size)}")
+
+
+def rank_count(n: int) -> str:
+    """``1 rank``, ``2 ranks``: a number of ranks in words."""
+    return f"{n} rank" if n == 1 else f"{n} ranks"

@@ -10,6 +10,7 @@ recompile limit and runs the function eagerly. ``compile/recompiles`` in the log
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import torch
@@ -29,9 +30,7 @@ def compile_model(model: nn.Module, settings: CompileConfig | None) -> nn.Module
 
 def check_backend(backend: str) -> None:
     """An unknown backend is refused here, not at the first step (torch.compile checks it only then)."""
-    import difflib
-
-    from torch._dynamo import list_backends
+    from torch._dynamo import list_backends  # half a second to import: only runs that compile pay it
 
     known = list_backends(exclude_tags=())
     if backend not in known:
@@ -116,6 +115,6 @@ class Recompiles:
 
 
 def _frames() -> int:
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # as check_backend: only runs that compile import it
 
     return counters["frames"]["total"]

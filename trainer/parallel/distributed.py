@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -174,8 +175,6 @@ def shard_model(module: nn.Module, mp_policy: Any = None) -> None:
     """FSDP2's usual plan: every block of every ``nn.ModuleList`` becomes its own unit (its parameters
     are gathered just before it runs and freed after), then the root takes the rest. Parameters
     shared between the root's modules (tied embeddings) stay together in the root unit."""
-    from torch.distributed.fsdp import fully_shard
-
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for sub in list(module.modules()):
         if isinstance(sub, nn.ModuleList):

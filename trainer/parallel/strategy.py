@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from trainer.parallel import distributed
 
@@ -150,8 +152,6 @@ class FSDP(SingleProcess):
         # FSDP keeps the root unit's parameters gathered after its forward, for the backward that
         # follows in training; after evaluation none follows, and the module would hold unsharded
         # parameters, not the ones the optimizer steps, until the next training forward.
-        from torch.distributed.fsdp import FSDPModule
-
         for unit in module.modules():
             if isinstance(unit, FSDPModule):
                 unit.reshard()
@@ -184,8 +184,6 @@ class FSDP(SingleProcess):
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # DTensor gradients: torch's own path
 
     def state_dicts(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         return get_state_dict(module, optimizer)
 
     def eval_batches(self, source: Any) -> Iterator[tuple[Any, bool]]:
