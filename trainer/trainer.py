@@ -54,40 +54,21 @@ from trainer.observability.profiling import RunProfiler, snapshot_note
 
 
 class Trainer:
-    """Trains ``model`` on ``train_data`` with ``optimizer``.
+    """Trains ``model`` on ``train_data`` with ``optimizer``: the public API, and the wiring of the
+    components that decide for themselves (placement, data, the optimizer step, telemetry,
+    checkpoints, evaluation, run length, stop signals).
 
-    ``model``: a module, or a function that builds one (``lambda: Net(...)``), called after seeding
-    with ``config.seed`` so that the initial weights repeat run to run. ``config.init_from`` names
-    weights to start from instead (``apply_init_from``); under torchrun with ``strategy: fsdp`` the
-    function is then called on the meta device and each rank gets memory for its shards only.
+    ``model``: a module, or a function that builds one after seeding (``config.init_from`` names
+    weights to start from instead). ``train_data`` / ``val_data``: a ``Dataset``, tensors, a
+    ``DataLoader``, a stateful loader, an ``IterableDataset`` or any iterable of batches
+    (docs/data.md). ``optimizer``: an optimizer, or a function of the trainable parameters; ``None``
+    calls ``configure_optimizers()``; several need ``manual_step`` (docs/loop.md). ``scheduler``: a
+    scheduler, or a function of the optimizer. ``run_config``: the configuration saved in
+    checkpoints (default: ``config``'s fields). ``metrics``: metric objects by name, which the
+    default ``validation_step`` updates (docs/observability.md).
 
-    ``train_data`` / ``val_data``: a ``Dataset`` (the Trainer builds the DataLoader with a seeded,
-    resumable order), a ``TensorDataset`` or tuple/dict of tensors (batched by index slicing on
-    the device), a loader that keeps its own position (torchdata's ``StatefulDataLoader``: each
-    rank's state is checkpointed and restored without reading), an ``IterableDataset`` (split over
-    ranks and workers, ``stream_split``), a ``DataLoader``, or any iterable of batches
-    (docs/data.md).
-
-    ``optimizer``: an optimizer, or a function of the trainable parameters that builds one (called
-    once the model is on its device and wrapped or sharded, so it sees the parameters it will
-    step); ``None`` calls ``configure_optimizers()``. ``scheduler``: a scheduler, or a function of
-    the optimizer. Several optimizers (a list, and a list of schedulers with ``None`` where one has
-    none) need ``manual_step`` (``trainer.loop.manual``). ``run_config``: the configuration saved in
-    checkpoints (default: ``config``'s fields; the command line passes the whole resolved YAML
-    config). ``metrics``: metric objects by name (``{"f1": torchmetrics.classification.MulticlassF1Score(10)}``)
-    that the default ``validation_step`` updates with ``(outputs, targets)`` and evaluation computes
-    over the whole set as ``val/<name>`` (see ``validation_step``).
-
-    What callbacks and subclasses may read (docs/callbacks.md): ``config``,
-    ``device``, ``metrics``, ``module`` (the plain model: its parameters, its state dict) and ``model`` (what
-    steps call: ``module`` wrapped by DDP, sharded by FSDP or compiled), ``optimizer``,
-    ``scheduler`` (with several, the first), ``optimizers``, ``schedulers``, ``global_step``
-    (optimizer steps done; under ``manual_step``, accumulation windows), ``epoch`` (the epoch in progress, from
-    0; after an epoch ends, the epochs done), ``batch_in_epoch`` (micro-batches of it consumed),
-    ``last_step_epoch``, ``total_steps()``, ``total_epochs()``, ``history`` (every log record),
-    ``run_dir``, ``is_main_process`` (rank 0), ``skipped_steps``, ``stop_reason`` and
-    ``stopped_by_signal``. To end the run, call ``stop(reason)`` (or set ``should_stop``).
-    The rest is internal.
+    What callbacks and subclasses may read is listed in docs/callbacks.md ("What a callback or
+    subclass may read"); the rest is internal. To end the run, call ``stop(reason)``.
     """
 
     def __init__(
@@ -118,10 +99,8 @@ class Trainer:
         self.device, self.precision, self.strategy = placed.device, placed.precision, placed.strategy
         self.module = placed.module  # the plain (under fsdp, sharded) module
         self._joined_group = placed.joined_group  # close() leaves it then
-        self._built_on_meta = placed.built_on_meta
         self._move = mover(self.device, self.precision.param_dtype)  # a batch onto the device
-        # init_from is loaded when fit (or evaluate) first needs the weights, unless a checkpoint's came first.
-        self._init_pending = cfg.init_from is not None
+        self._init_from = weights.InitFrom(cfg.init_from, self.module, reset_missing=placed.built_on_meta)
         compiled = compile_settings(cfg.compile)
         self.model = compilation.compile_model(placed.stepped, compiled)  # what training steps call
         self.loss_fn = loss_fn
@@ -376,16 +355,7 @@ class Trainer:
         loaded before it (``load_checkpoint``, ``fit(resume_from=...)``, ``load_weights``,
         ``load_model_state``): a resumed run continues from its checkpoint. Under torchrun every rank calls it together. Raises
         ``WeightsError`` (prefixed ``init_from:``) for a file that is missing, unreadable or does not fit."""
-        if not self._init_pending:
-            return None
-        spec = self.config.init_from
-        try:
-            loaded = weights.load(self.module, spec.path, strict=spec.strict, rename=spec.rename,
-                                  rename_regex=spec.rename_regex, reset_missing=self._built_on_meta)
-        except weights.WeightsError as exc:
-            raise weights.WeightsError(f"init_from: {exc}") from None
-        self._init_pending = False
-        return f"init_from: {loaded}"
+        return self._init_from.apply()
 
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a value; tensors stay on the device and become numbers at the next log point."""
@@ -736,7 +706,7 @@ class Trainer:
         cfg = self.config
         configured = ckpt.BatchLayout(cfg.batch_size, cfg.grad_accum_steps, self.layout.world_size)
         resumed = self._checkpointer.load(source, accept_changes, configured, cfg.on_world_size_change)
-        self._init_pending = False  # the checkpoint's weights win over init_from
+        self._init_from.cancel()  # the checkpoint's weights win over init_from
         self._started = True  # the random state is the checkpoint's: fit() must not seed again
         if resumed.notice and self.is_main_process:
             print(f"trainer: {resumed.notice}", flush=True)
@@ -752,13 +722,13 @@ class Trainer:
         ``states``, also what evaluation uses besides them: the callbacks' state (``EMAWeights``'
         average) and the registered objects' (``register_state``); not the optimizer or progress."""
         self._checkpointer.load_weights(source, states)
-        self._init_pending = False
+        self._init_from.cancel()
 
     def load_model_state(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         """A model state dict (a checkpoint's ``"model"``) into the model, naming every missing,
         unexpected or reshaped key first; ``where`` names its origin in the message."""
         self._checkpointer.load_model(saved, where)
-        self._init_pending = False
+        self._init_from.cancel()
 
     def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True,
                         on_written: Callable[[Path], None] | None = None) -> Path | None:

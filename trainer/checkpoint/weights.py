@@ -382,3 +382,29 @@ def reset(module: nn.Module, names: list[str], why: str) -> None:
         )
     for owner in owners:
         module.get_submodule(owner).reset_parameters()
+
+class InitFrom:
+    """``config.init_from``: loaded once, when ``fit`` (or evaluation) first needs the weights, and
+    not at all once a checkpoint's weights came first (``cancel``): a resumed run continues from its
+    checkpoint. ``reset_missing``: the model was built on the meta device, so a tensor the file lacks
+    is initialised rather than left without values."""
+
+    def __init__(self, spec: Any, module: nn.Module, reset_missing: bool):
+        self.spec, self.module, self.reset_missing = spec, module, reset_missing
+        self.pending = spec is not None
+
+    def cancel(self) -> None:
+        self.pending = False
+
+    def apply(self) -> str | None:
+        """One line saying what was loaded, or ``None`` when there is nothing (left) to load."""
+        if not self.pending:
+            return None
+        spec = self.spec
+        try:
+            loaded = load(self.module, spec.path, strict=spec.strict, rename=spec.rename,
+                          rename_regex=spec.rename_regex, reset_missing=self.reset_missing)
+        except WeightsError as exc:
+            raise WeightsError(f"init_from: {exc}") from None
+        self.pending = False
+        return f"init_from: {loaded}"
