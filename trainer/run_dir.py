@@ -105,8 +105,12 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    # The rename is durable only once the folder's entry is on disk.
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # the rename is durable only once the folder's entry is on disk
+
+
+def fsync_dir(directory: Path) -> None:
+    """Put a folder's entries (a rename, a link, a new file) on disk."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -148,10 +152,7 @@ def remove_temp_files(run_dir: str | Path) -> list[Path]:
     found = [p for folder in (run_dir, checkpoint_dir(run_dir)) if folder.is_dir() and not folder.is_symlink()
              for p in folder.iterdir() if TEMP_NAME.match(p.name)]
     for path in found:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        _delete(path)
     return found
 
 
@@ -184,10 +185,15 @@ def clear(run_dir: str | Path) -> None:
     """Delete everything in a run directory but its lock file, so the lock stays held throughout.
     Links inside are removed, never followed. Call it holding the lock."""
     for path in contents(run_dir):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        _delete(path)
+
+
+def _delete(path: Path) -> None:
+    """A file, a link (never followed) or a folder with everything in it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 class RunDirBusy(Exception):

@@ -49,7 +49,7 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_fs
 import torch.distributed.checkpoint.metadata as dcp_meta
 
-from trainer.run_dir import checkpoint_dir, list_checkpoints
+from trainer.run_dir import checkpoint_dir, fsync_dir, list_checkpoints
 
 try:
     import numpy as np
@@ -70,14 +70,6 @@ _CHUNK = 1 << 20
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message names the file and what to do."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _DigestWriter:
@@ -134,7 +126,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -484,7 +476,7 @@ def _finish_sharded(state: dict[str, Any], path: Path, tmp: Path, is_main: bool,
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _hashed_by(name: str, world: int) -> int:
@@ -558,14 +550,14 @@ def link_best(target: Path, link: Path) -> None:
     if target.is_dir():
         os.symlink(target.name, tmp)
         os.replace(tmp, link)
-        _fsync_dir(link.parent)
+        fsync_dir(link.parent)
         return
     try:
         os.link(target, tmp)
     except OSError:  # a file system without hard links: a copy
         shutil.copyfile(target, tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
 
 
 def rotate(directory: str | Path, keep_last: int | None) -> None:

@@ -405,36 +405,14 @@ class Checkpointer:
     def load_states(self, state: dict[str, Any], where: str) -> None:
         """The callbacks' and the registered objects' state, each by its key; what nobody claims,
         and what finds nothing saved, is reported."""
-        self._load_callbacks(state["callbacks"], where)
-        saved = state.get("states") or {}
-        for name, obj in self.states.items():
-            if name in saved:
-                obj.load_state_dict(saved[name])
-            else:
-                warnings.warn(f"checkpoint {where} holds no state registered as {name!r}; it starts afresh",
-                              stacklevel=4)
-        unclaimed = sorted(set(saved) - set(self.states))
-        if unclaimed:
-            warnings.warn(
-                f"checkpoint {where} holds state registered as {', '.join(map(repr, unclaimed))} that nothing in "
-                "this run registered (trainer.register_state); it is ignored",
-                stacklevel=4,
-            )
-
-    def _load_callbacks(self, saved: dict[str, Any], where: str) -> None:
-        saved = _legacy_keys(saved, list(self.callbacks.items()))
-        for key, cb in self.callbacks.items():
-            if key in saved:
-                cb.load_state_dict(saved[key])
-            else:
-                warnings.warn(f"checkpoint {where} holds no state for callback {key!r}; it starts afresh", stacklevel=4)
-        unclaimed = sorted(set(saved) - set(self.callbacks))
-        if unclaimed:
-            warnings.warn(
-                f"checkpoint {where} holds state for callback(s) {', '.join(map(repr, unclaimed))} that no callback "
-                "of this run claims; it is ignored (a callback removed, or its state_key changed?)",
-                stacklevel=4,
-            )
+        _give_back(self.callbacks, _legacy_keys(state["callbacks"], list(self.callbacks.items())),
+                   lambda key: f"checkpoint {where} holds no state for callback {key!r}; it starts afresh",
+                   lambda keys: f"checkpoint {where} holds state for callback(s) {keys} that no callback of this run "
+                                "claims; it is ignored (a callback removed, or its state_key changed?)", stacklevel=3)
+        _give_back(self.states, state.get("states") or {},
+                   lambda name: f"checkpoint {where} holds no state registered as {name!r}; it starts afresh",
+                   lambda names: f"checkpoint {where} holds state registered as {names} that nothing in this run "
+                                 "registered (trainer.register_state); it is ignored", stacklevel=4)
 
     def _stateful_loggers(self) -> dict[str, Any]:
         return {state_key(lg): lg for lg in self.loggers if callable(getattr(lg, "state_dict", None))}
@@ -443,16 +421,10 @@ class Checkpointer:
         """Only rank 0 has loggers; the other ranks leave the saved states alone."""
         if self.strategy.layout.rank != 0:
             return
-        loggers = self._stateful_loggers()
-        for key, logger in loggers.items():
-            if key in saved:
-                logger.load_state_dict(saved[key])
-            else:
-                warnings.warn(f"checkpoint {where} holds no state for logger {key!r}; it starts a new run", stacklevel=4)
-        unclaimed = sorted(set(saved) - set(loggers))
-        if unclaimed:
-            warnings.warn(f"checkpoint {where} holds state for logger(s) {', '.join(map(repr, unclaimed))} that no "
-                          "logger of this run claims; it is ignored (a logger removed?)", stacklevel=4)
+        _give_back(self._stateful_loggers(), saved,
+                   lambda key: f"checkpoint {where} holds no state for logger {key!r}; it starts a new run",
+                   lambda keys: f"checkpoint {where} holds state for logger(s) {keys} that no logger of this run "
+                                "claims; it is ignored (a logger removed?)", stacklevel=4)
 
     def _load_sharded(self, state: dict[str, Any], where: str) -> None:
         """Model and optimizer state from a DCP directory, into this run's layout (sharded or not)."""
@@ -513,6 +485,21 @@ class Checkpointer:
     def load_model(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         files.check_model_state(self.module, saved, where)
         self.module.load_state_dict(saved)
+
+
+def _give_back(parts: dict[str, Any], saved: dict[str, Any], missing: Callable[[str], str],
+               unclaimed: Callable[[str], str], stacklevel: int) -> None:
+    """Each part's saved state, by its key. A part that finds none, and saved state that no part
+    claims, are warned of (``missing(key)``, ``unclaimed(keys listed)``) at the caller's
+    ``stacklevel``: never passed over in silence."""
+    for key, part in parts.items():
+        if key in saved:
+            part.load_state_dict(saved[key])
+        else:
+            warnings.warn(missing(key), stacklevel=stacklevel + 1)
+    left = sorted(set(saved) - set(parts))
+    if left:
+        warnings.warn(unclaimed(", ".join(map(repr, left))), stacklevel=stacklevel + 1)
 
 
 def _as_saved(values: list[Any]) -> Any:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from trainer.parallel import distributed
+from trainer.parallel.strategy import lockstep
 from trainer import run_dir as run_files
 from trainer.data.batches import batch_size_of, describe, to_device
 
@@ -150,26 +151,10 @@ def predict(step: Callable[[Any], Any], batches: Any, device: torch.device, dtyp
 def rounds(source: Any, sharded: bool, device: torch.device) -> Iterator[tuple[Any, bool]]:
     """``(batch, counted)`` for the same number of rounds on every rank: a rank whose share has run
     out yields ``(None, False)``, or under FSDP (where every forward gathers from all ranks) its
-    last batch again, uncounted."""
-    try:
-        total: int | None = distributed.all_max(len(source), device)
-    except TypeError:
-        total = None  # unknown length: the ranks agree round by round
-    batches = iter(source.epoch(0, 0))
-    last, done = None, 0
-    while total is None or done < total:
-        batch = next(batches, None)
-        if total is None and not distributed.all_max(int(batch is not None), device):
-            return
-        if batch is not None:
-            last = batch
-            yield batch, True
-        elif sharded and last is None:
-            raise PredictionError(f"rank {distributed.rank()} has no batch to predict: under strategy: fsdp every "
-                                  "rank needs at least one (there are fewer samples than ranks)")
-        else:
-            yield (last if sharded else None), False
-        done += 1
+    last batch again, uncounted (``strategy.lockstep``)."""
+    return lockstep(source, device, repeat_last=sharded, no_batch=lambda: PredictionError(
+        f"rank {distributed.rank()} has no batch to predict: under strategy: fsdp every rank needs at least one "
+        "(there are fewer samples than ranks)"))
 
 
 class Collector:

@@ -31,7 +31,7 @@ import os
 import re
 import sysconfig
 from collections.abc import Iterator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any, NoReturn
@@ -42,7 +42,7 @@ from trainer import losses
 from trainer.observability import metric_objects
 from trainer.checkpoint.files import rng_state, set_rng_state
 from trainer.data.batches import describe, to_device
-from trainer.data.sources import EndTogether, IterableSource, StatefulSource
+from trainer.data.sources import EndTogether, IterableSource, StatefulSource, loader_generators
 from trainer.device import out_of_memory_message, torch_settings
 from trainer.freezing import eval_mode
 from trainer.memory import suggestion
@@ -121,11 +121,8 @@ def functional_of(cls: type) -> str | None:
 def _training_batch(trainer: Any, parts: Parts) -> None:
     if trainer.train_data is None:
         return  # fit() says what is missing; evaluate() needs no training data
-    try:
-        source = parts.data.train_source()
-    except TypeError as exc:
-        raise SanityCheckError("data", "the training data", f"cannot be used: {exc}") from exc
-    if _read_once(source):
+    source = _readable(parts.data.train_source, "the training data")
+    if source is None:
         return
     batch = None
     try:
@@ -173,11 +170,8 @@ def _manual_batch(trainer: Any, steps: Any, batch: Any) -> None:
 def _validation_batch(trainer: Any, parts: Parts) -> None:
     if trainer.val_data is None:
         return
-    try:
-        source = parts.data.val_source()
-    except TypeError as exc:
-        raise SanityCheckError("data", "the validation data", f"cannot be used: {exc}") from exc
-    if _read_once(source):
+    source = _readable(parts.data.val_source, "the validation data")
+    if source is None:
         return
     batch = None
     try:
@@ -284,6 +278,15 @@ def _name(obj: Any) -> str:
     return f"{getattr(named, '__module__', '')}.{getattr(named, '__qualname__', repr(named))}".lstrip(".")
 
 
+def _readable(make: Callable[[], Any], what: str) -> Any:
+    """The source ``make`` builds, or None when a batch read here would be missing from the run."""
+    try:
+        source = make()
+    except TypeError as exc:
+        raise SanityCheckError("data", what, f"cannot be used: {exc}") from exc
+    return None if _read_once(source) else source
+
+
 def _read_once(source: Any) -> bool:
     """An iterator or generator: reading a batch here would take it from the run. A loader that keeps
     its own position is not read either: the read would move the position the run starts from."""
@@ -300,12 +303,10 @@ def _inner(source: Any) -> Any:
 
 def _generators(*datas: Any) -> list[torch.Generator]:
     """The generators a user's DataLoader draws its order and worker seeds from."""
-    found = []
-    for data in datas:
-        for owner in (data, getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
-            g = getattr(owner, "generator", None)
-            if isinstance(g, torch.Generator) and all(g is not f for f in found):
-                found.append(g)
+    found: list[torch.Generator] = []
+    for g in (g for data in datas for g in loader_generators(data)):
+        if all(g is not f for f in found):
+            found.append(g)
     return found
 
 

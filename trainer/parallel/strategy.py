@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from trainer.data.sources import length_of
 from trainer.parallel import distributed
 
 
@@ -189,25 +190,34 @@ class FSDP(SingleProcess):
     def eval_batches(self, source: Any) -> Iterator[tuple[Any, bool]]:
         """Every forward gathers parameters from all ranks, so every rank must run as many as the
         others: a rank whose (unpadded) share has run out repeats its last batch without counting it."""
-        try:
-            rounds: int | None = distributed.all_max(len(source), self.device)
-        except TypeError:
-            rounds = None  # unknown length: the ranks agree batch by batch
-        batches = iter(source.epoch(0, 0))
-        last, done = None, 0
-        while rounds is None or done < rounds:
-            batch = next(batches, None)
-            if rounds is None and not distributed.all_max(int(batch is not None), self.device):
-                return
-            if batch is None and last is None:
-                raise ValueError(
-                    f"rank {self.layout.rank} has no validation batch: under strategy: fsdp every rank needs at "
-                    "least one (there are fewer validation samples than ranks)"
-                )
-            if batch is not None:
-                last = batch
-            yield (batch, True) if batch is not None else (last, False)
-            done += 1
+        return lockstep(source, self.device, repeat_last=True, no_batch=lambda: ValueError(
+            f"rank {self.layout.rank} has no validation batch: under strategy: fsdp every rank needs at least one "
+            "(there are fewer validation samples than ranks)"))
+
+
+def lockstep(source: Any, device: torch.device, repeat_last: bool,
+             no_batch: Callable[[], Exception]) -> Iterator[tuple[Any, bool]]:
+    """``(batch, counted)`` pairs of one pass over ``source``, as many on every rank as on the rank
+    with the most: a rank whose share has run out yields ``(None, False)``, or with ``repeat_last``
+    (under FSDP, where every forward gathers from all ranks) its last batch again, uncounted; a rank
+    with no batch to repeat raises ``no_batch()``. One collective, or one per batch for a source of
+    unknown length."""
+    length = length_of(source)
+    rounds = distributed.all_max(length, device) if length is not None else None  # None: agreed batch by batch
+    batches = iter(source.epoch(0, 0))
+    last, done = None, 0
+    while rounds is None or done < rounds:
+        batch = next(batches, None)
+        if rounds is None and not distributed.all_max(int(batch is not None), device):
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        elif repeat_last and last is None:
+            raise no_batch()
+        else:
+            yield (last if repeat_last else None), False
+        done += 1
 
 
 def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
