@@ -12,7 +12,6 @@ non-finite guard, the checkpointer, evaluation and stop signals each live in a m
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -566,9 +565,11 @@ class Trainer:
                 loss, divided, count = split_loss(outputs, accum)
                 for fn in h["on_before_backward"]:
                     fn(self, loss)
-                # Under DDP / FSDP the micro-batches before the step skip the gradient all-reduce.
-                with no_sync() if no_sync is not None and not step_now else contextlib.nullcontext():
+                if no_sync is None or step_now:
                     self.backward(self.precision.scale(divided))
+                else:  # under DDP / FSDP the micro-batches before the step skip the gradient all-reduce
+                    with no_sync():
+                        self.backward(self.precision.scale(divided))
                 telemetry.computed(batch, outputs, loss, count)
             else:  # the subclass's manual_step backs and steps itself: its steps count as compute
                 outputs = self._manual.micro_batch(batch, step_now, self.global_step + 1)

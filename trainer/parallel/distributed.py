@@ -140,16 +140,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
-def union_of_names(named: dict[str, Any]) -> list[str]:
-    """The sorted union of every rank's keys (one small object gather, at evaluations only)."""
-    mine = sorted(named)
-    if not active():
-        return mine
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return sorted(set().union(*gathered))
-
-
 # ----------------------------------------------------------------------------- FSDP2
 
 
