@@ -46,7 +46,8 @@ from trainer.device import (
 from trainer.freezing import UnfrozenGroups, detach
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.loop.step import OptimizerStep, split_loss
-from trainer.observability.metrics import CsvLogger, JsonlLogger, Logger, MetricBuffer
+from trainer.observability.metrics import Logger, MetricBuffer
+from trainer.observability.records import Records
 from trainer.observability.telemetry import Telemetry
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.observability.profiling import RunProfiler, snapshot_note
@@ -120,9 +121,8 @@ class Trainer:
         self.callbacks = [*callbacks, *builtin_callbacks.from_config(cfg)]
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
 
-        self.loggers: list[Logger] = list(loggers) if self.is_main_process else []
-        self.history: list[dict[str, float]] = []
-        self.logged_records = 0  # records sent to the loggers in the whole run, resumes included
+        self._records = Records(loggers, self.run_dir, self.is_main_process, lambda record: self._call("on_log", record))
+        self.loggers, self.history = self._records.loggers, self._records.history  # the same lists
         self._profiler = RunProfiler(cfg.profile, self.device, self.run_dir, self.layout.rank)
 
         # Progress, saved in checkpoints.
@@ -151,10 +151,11 @@ class Trainer:
             self.strategy, self.module, self.optimizers, self.schedulers, self.precision.scaler, self.callbacks,
             # batch_size and grad_accum_steps as trained: a resume on other ranks may have set them (the
             # checkpointer restores the values this run takes, see load_checkpoint).
-            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "logged_records",
-                                         "validated_step"), ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
+            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "validated_step"),
+                         ckpt.Attributes(self._records, "logged_records"),
+                         ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
                          self._guard, self._telemetry.interval,
-                         LoaderStates(lambda: self._data.train_source() if is_stateful_loader(train_data) else None)],
+                         LoaderStates(lambda: self._data.train_source() if is_stateful_loader(self._data.train) else None)],
             config=self.resolved_config, unfrozen=self._unfrozen, loggers=self.loggers,
         )
         self._evaluator = Evaluator(self, self._data, self.strategy, self.precision, cfg.deterministic, self.callbacks,
@@ -440,12 +441,10 @@ class Trainer:
         for scheduler in self.schedulers:
             if hasattr(scheduler, "set_total_steps"):  # schedules that need the run's length
                 scheduler.set_total_steps(self.total_steps())
-        opened = self._open_metric_files()
+        self._records.open()
         with self._signals.installed(), torch_settings(self.device, cfg.deterministic):
             try:
-                for logger in self.loggers:
-                    if callable(getattr(logger, "start", None)):  # a tracker opens its run (the checkpoint's, on resume)
-                        logger.start(self.resolved_config)
+                self._records.start(self.resolved_config)
                 # With compile: true the first step includes compilation; it is timed on its own.
                 self._telemetry.start(self.global_step, time_first_step=bool(cfg.compile))
                 self._call("on_fit_start")
@@ -477,9 +476,7 @@ class Trainer:
                 raise
             finally:
                 self._profiler.end()
-                for logger in opened:  # the user's loggers are the user's to close
-                    logger.close()
-                    self.loggers.remove(logger)
+                self._records.close()
         self._call("on_fit_end")
         return self.history
 
@@ -533,15 +530,6 @@ class Trainer:
         if self.is_main_process:
             run_files.remove_run_outputs(self.run_dir)
         distributed.barrier()
-
-    def _open_metric_files(self) -> list[Logger]:
-        """``metrics.jsonl`` and ``metrics.csv`` for this ``fit`` (appended to by a later one)."""
-        if self.run_dir is None or not self.is_main_process:
-            return []
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        files = [JsonlLogger(self.run_dir / run_files.METRICS_JSONL), CsvLogger(self.run_dir / run_files.METRICS_CSV)]
-        self.loggers[:0] = files
-        return files
 
     def _train_epoch(self) -> None:
         cfg, source, telemetry, h = self.config, self._data.train_source(), self._telemetry, self._hooks
@@ -671,14 +659,7 @@ class Trainer:
         history, the ``on_log`` hook and the loggers."""
         record = self._telemetry.record(self.global_step, self.last_step_epoch)
         if record is not None:
-            self._emit(record)
-
-    def _emit(self, record: dict[str, float]) -> None:
-        self.history.append(record)
-        self.logged_records += 1
-        self._call("on_log", record)
-        for logger in self.loggers:
-            logger.log(record)
+            self._records.emit(record)
 
     def _call(self, hook: str, *args: Any) -> None:
         for fn in self._hooks[hook]:
@@ -790,7 +771,7 @@ class Trainer:
     def _validate(self, epoch: int) -> None:
         self.validated_step = self.global_step
         metrics = self.evaluate()
-        self._emit({"step": self.global_step, "epoch": epoch, **metrics})
+        self._records.emit({"step": self.global_step, "epoch": epoch, **metrics})
 
 
 __all__ = ["Trainer", "HOOKS"]
