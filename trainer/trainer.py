@@ -213,18 +213,10 @@ class Trainer:
 
     def configure_sharding(self, module: nn.Module) -> None:
         """Apply ``torch.distributed.fsdp.fully_shard`` to ``module`` (``strategy: fsdp`` under torchrun).
-
-        The default makes every block of every ``nn.ModuleList`` a unit, then the root; with
-        ``precision: bf16`` parameters are gathered in bf16 and gradients reduced in fp32; with
-        ``bf16-true`` the parameters are bf16 already, and are sharded, gathered and reduced in bf16.
-        Override to choose other units; the root must be sharded last.
-        """
-        policy = None
-        if self.config.precision == "bf16":
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        distributed.shard_model(module, policy)
+        The default makes every block of every ``nn.ModuleList`` a unit, then the root, gathering in
+        the run's precision (``distributed.shard_model``). Override to choose other units; the root
+        must be sharded last."""
+        distributed.shard_model(module, self.config.precision)
 
     def training_step(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """Return the mean loss, or a dict with ``"loss"`` and extra metrics (logged as

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -161,11 +161,15 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return all_sum(squares).sqrt().float()
 
 
-def shard_model(module: nn.Module, mp_policy: Any = None) -> None:
+def shard_model(module: nn.Module, precision: str = "fp32") -> None:
     """FSDP2's usual plan: every block of every ``nn.ModuleList`` becomes its own unit (its parameters
     are gathered just before it runs and freed after), then the root takes the rest. Parameters
-    shared between the root's modules (tied embeddings) stay together in the root unit."""
-    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    shared between the root's modules (tied embeddings) stay together in the root unit. With
+    ``precision: bf16`` parameters are gathered in bf16 and gradients reduced in fp32; with
+    ``bf16-true`` the parameters are bf16 already, and are sharded, gathered and reduced in bf16."""
+    kwargs = {}
+    if precision == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for sub in list(module.modules()):
         if isinstance(sub, nn.ModuleList):
             for block in sub:
