@@ -8,16 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from trainer.cli import app
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
+from helpers import ROOT, in_process, invoke
 
 
 def line_of(path, needle):
@@ -66,7 +58,7 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path, project):
     assert '"step": 2' in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text()
 
 
-def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path, project, run_cli):
+def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path, project):
     project.write("""\
         import torch
         from torch import nn
@@ -95,15 +87,16 @@ def test_user_project_with_its_own_model_and_trainer_subclass(tmp_path, project,
     text = project.text.replace("trainer.examples.models.MLP", "my_models.Net").replace(
         "  in_features: 16\n  out_features: 4\n  hidden: 8\n", "  width: 12\n")
     project.write("trainer: my_trainer.MyTrainer\n" + text)
-    proc = run_cli("run", "cfg.yaml", cwd=project.root)
+    proc = in_process("run", "cfg.yaml", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 4]  # the log points of four steps
     assert all("train/custom" in r and "train/margin" in r for r in train)
 
 
-def test_quickstart_config_runs(tmp_path, run_cli):
-    proc = run_cli("run", ROOT / "configs" / "quickstart.yaml", f"out_dir={tmp_path}", "progress=off")
+def test_quickstart_config_runs(tmp_path):
+    proc = in_process("run", ROOT / "configs" / "quickstart.yaml", f"out_dir={tmp_path}", "progress=off")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.splitlines()[0]
     assert line.startswith("finished: step 160, epoch 5")
@@ -207,14 +200,14 @@ class Probe(Callback):
 """
 
 
-def test_eval_evaluates_the_ema_weights_the_run_reported_and_fires_no_validation_hook(project, run_cli):
+def test_eval_evaluates_the_ema_weights_the_run_reported_and_fires_no_validation_hook(project):
     project.write(PROBE, "probe.py")
     project.write(project.text + "callbacks:\n  - {_target_: trainer.EMAWeights, decay: 0.5}\n"
                   "  - {_target_: probe.Probe}\n  - {_target_: trainer.EarlyStopping, patience: 1}\n")
-    assert run_cli("run", project.config, "max_steps=8", cwd=project.root).returncode == 0
+    assert in_process("run", project.config, "max_steps=8", cwd=project.root).returncode == 0
     fired = (project.root / "fired.txt").read_text()
     checkpoint = project.runs / "t" / "checkpoints" / "step-00000008.pt"
-    proc = run_cli("eval", project.config, "--checkpoint", checkpoint, cwd=project.root)
+    proc = in_process("eval", project.config, "--checkpoint", checkpoint, cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["weights"] == "ema"
@@ -224,13 +217,13 @@ def test_eval_evaluates_the_ema_weights_the_run_reported_and_fires_no_validation
     assert (project.root / "fired.txt").read_text() == fired  # neither Probe nor EarlyStopping ran
 
 
-def test_mean_teacher_keeps_its_teacher_through_checkpoints_and_eval(tmp_path, run_cli):
+def test_mean_teacher_keeps_its_teacher_through_checkpoints_and_eval(tmp_path):
     pytest.importorskip("sklearn")
     args = ["max_epochs=4", "eval_every_n_epochs=2", f"out_dir={tmp_path}", "progress_bar=false"]
-    assert run_cli("run", ROOT / "configs" / "ema_teacher.yaml", *args).returncode == 0
+    assert in_process("run", ROOT / "configs" / "ema_teacher.yaml", *args).returncode == 0
     run = tmp_path / "ema_teacher"
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
-    proc = run_cli("eval", ROOT / "configs" / "ema_teacher.yaml", *args, "--checkpoint", checkpoint)
+    proc = in_process("eval", ROOT / "configs" / "ema_teacher.yaml", *args, "--checkpoint", checkpoint)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     last_val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
@@ -274,9 +267,9 @@ def assert_user_error(code, out, *needles):
         assert needle in out, f"{needle!r} not in {out!r}"
 
 
-def test_yaml_syntax_error_has_file_and_line(tmp_path, project, run_cli):
+def test_yaml_syntax_error_has_file_and_line(tmp_path, project):
     cfg = project.write(project.text + "callbacks: [1, 2\n")
-    proc = run_cli("check", cfg)
+    proc = in_process("check", cfg)
     assert_user_error(proc.returncode, proc.stderr, f"{cfg}:", "YAML syntax error")
     line = int(proc.stderr.split(f"{cfg}:")[1].split(":")[0])
     assert line >= line_of(cfg, "callbacks")
@@ -366,13 +359,13 @@ def test_missing_sections(tmp_path, project):
     assert_user_error(code, out, "missing required section 'model'")
 
 
-def test_cuda_requested_on_a_machine_without_it(tmp_path, project, run_cli):
+def test_cuda_requested_on_a_machine_without_it(tmp_path, project):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     cfg = project.write(with_line(project.text, "seed: 0", "seed: 0\ndevice: cuda"))
-    proc = run_cli("run", cfg, cwd=project.root)
+    proc = in_process("run", cfg, cwd=project.root)
     assert_user_error(proc.returncode, proc.stderr, f"{cfg}:{line_of(cfg, 'device: cuda')}:",
                       "CUDA is not available")
 
@@ -464,13 +457,13 @@ def test_numbers_may_be_written_as_numeric_strings_but_not_as_booleans(project):
                                  "expected an integer, found false\n")
 
 
-def test_debug_shows_the_traceback(tmp_path, project, run_cli):
+def test_debug_shows_the_traceback(tmp_path, project):
     cfg = project.write(with_line(project.text, "lr: 0.1", "lr: -1"))
-    proc = run_cli("check", cfg, "--debug")
+    proc = in_process("check", cfg, "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "Invalid learning rate" in proc.stderr
 
 
-def test_a_failure_in_the_users_hook_exits_one_and_names_it(tmp_path, project, run_cli):
+def test_a_failure_in_the_users_hook_exits_one_and_names_it(tmp_path, project):
     project.write("""\
         from trainer import Trainer
 
@@ -479,7 +472,7 @@ def test_a_failure_in_the_users_hook_exits_one_and_names_it(tmp_path, project, r
                 raise KeyError("a bug in the user's code")
         """, "broken.py")
     project.write("trainer: broken.Broken\n" + project.text)
-    proc = run_cli("run", "cfg.yaml", cwd=project.root)
+    proc = in_process("run", "cfg.yaml", cwd=project.root)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     assert proc.stderr.strip() == ('error: the run failed after 0 optimizer steps: KeyError: "a bug in the user\'s code", '
@@ -622,15 +615,15 @@ def test_the_checkpoint_holds_the_whole_run_config(tmp_path, project):
     assert state["config"]["optimizer"] == {"_target_": "torch.optim.SGD", "lr": 0.1}
 
 
-def test_runs_lists_a_damaged_run_beside_the_good_ones(tmp_path, project, run_cli):
+def test_runs_lists_a_damaged_run_beside_the_good_ones(tmp_path, project):
     cfg = project.write(project.text + "out_dir: runs\n"
                         "callbacks:\n"
                         "  - {_target_: trainer.EarlyStopping, monitor: val/loss, patience: 5}\n"
                         "  - {_target_: trainer.BestCheckpoints, monitor: val/acc, mode: max}\n")
-    assert run_cli("run", cfg, "max_steps=12", cwd=project.root).returncode == 0  # three evaluations
+    assert in_process("run", cfg, "max_steps=12", cwd=project.root).returncode == 0  # three evaluations
     shutil.copytree(project.runs / "t", project.runs / "damaged")  # a second run, then damaged
     (project.runs / "damaged" / "status.json").write_text('{"status": ')
-    proc = run_cli("runs", cwd=project.root)
+    proc = in_process("runs", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:3]}
@@ -642,17 +635,7 @@ def test_runs_lists_a_damaged_run_beside_the_good_ones(tmp_path, project, run_cl
     assert "damaged: JSONDecodeError" in proc.stdout
 
 
-@pytest.mark.parametrize("old,name", [("yaml_source", "Source"), ("run_config", "validate"), ("build", "build"),
-                                      ("report", "runs_table")])
-def test_old_import_paths_warn_and_still_work(old, name):
-    proc = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c",
-                           f"from trainer.{old} import {name}\nimport trainer.cli.{old} as new\n"
-                           f"assert {name} is new.{name}"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert f"DeprecationWarning: trainer.{old} moved to trainer.cli.{old}" in proc.stderr
-
-
-def test_stop_from_a_callback_ends_the_run_and_the_reason_is_reported(project, run_cli):
+def test_stop_from_a_callback_ends_the_run_and_the_reason_is_reported(project):
     project.write("""\
         from trainer import Callback
 
@@ -664,7 +647,7 @@ def test_stop_from_a_callback_ends_the_run_and_the_reason_is_reported(project, r
         """, name="stopper.py")
     cfg = project.write(project.text.replace("max_steps: 4", "max_steps: 20")
                         + "callbacks: [{_target_: stopper.StopAt}]\n")
-    proc = run_cli("run", cfg, cwd=project.root)
+    proc = in_process("run", cfg, cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     # Step 3 is the third of the first epoch's four: epoch 1, counted from 1 as people count.
     assert proc.stdout.startswith("enough: step 3 looked fine: step 3, epoch 1; train/loss "), proc.stdout

@@ -23,7 +23,7 @@ from trainer.losses import COUNT, SUM
 from trainer.run_dir import METRICS_CSV, METRICS_JSONL, write_text_atomic
 
 if TYPE_CHECKING:
-    from trainer.checkpoint.state import BatchLayout
+    from trainer.data.batches import BatchLayout
 
 
 class Logger(Protocol):
