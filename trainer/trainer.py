@@ -55,21 +55,9 @@ from trainer.observability.profiling import RunProfiler, snapshot_note
 
 class Trainer:
     """Trains ``model`` on ``train_data`` with ``optimizer``: the public API, and the wiring of the
-    components that decide for themselves (placement, data, the optimizer step, telemetry,
-    checkpoints, evaluation, run length, stop signals).
-
-    ``model``: a module, or a function that builds one after seeding (``config.init_from`` names
-    weights to start from instead). ``train_data`` / ``val_data``: a ``Dataset``, tensors, a
-    ``DataLoader``, a stateful loader, an ``IterableDataset`` or any iterable of batches
-    (docs/data.md). ``optimizer``: an optimizer, or a function of the trainable parameters; ``None``
-    calls ``configure_optimizers()``; several need ``manual_step`` (docs/loop.md). ``scheduler``: a
-    scheduler, or a function of the optimizer. ``run_config``: the configuration saved in
-    checkpoints (default: ``config``'s fields). ``metrics``: metric objects by name, which the
-    default ``validation_step`` updates (docs/observability.md).
-
-    What callbacks and subclasses may read is listed in docs/callbacks.md ("What a callback or
-    subclass may read"); the rest is internal. To end the run, call ``stop(reason)``.
-    """
+    components that decide for themselves. What each argument takes: docs/callbacks.md ("Override
+    points", and docs/loop.md for several optimizers); what callbacks and subclasses may read is in
+    the same page, the rest is internal. To end the run, call ``stop(reason)``."""
 
     def __init__(
         self,
@@ -202,10 +190,8 @@ class Trainer:
     # ----------------------------------------------------------------- override points
 
     def configure_optimizers(self) -> Any:
-        """Return an optimizer, or ``(optimizer, scheduler)``. Called once when no optimizer is passed.
-
-        ``self.trainable_parameters()`` gives the parameters that require gradients.
-        """
+        """Return an optimizer, or ``(optimizer, scheduler)``; called once when no optimizer is passed.
+        ``self.trainable_parameters()`` gives the parameters that require gradients (docs/loop.md)."""
         raise TypeError(
             "no optimizer: pass Trainer(model, optimizer=...) or override configure_optimizers() "
             "in your Trainer subclass, e.g. return torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)"
@@ -219,28 +205,17 @@ class Trainer:
         distributed.shard_model(module, self.config.precision)
 
     def training_step(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Return the mean loss, or a dict with ``"loss"`` and extra metrics (logged as
-        ``train/<name>``), or a dict with ``"loss_sum"`` (summed over the batch's items: tokens,
-        samples) and ``"count"`` (their number, a tensor) instead of ``"loss"``: each step's
-        gradient is then that of the mean over every item of the step, across micro-batches and
-        ranks, and ``train/loss`` the mean over the items of the log interval (``trainer.losses``)."""
+        """Return the mean loss, a dict with ``"loss"`` and extra metrics (``train/<name>``), or one
+        with ``"loss_sum"`` and ``"count"`` instead of ``"loss"`` for the mean over every item of the
+        step, across micro-batches and ranks (docs/memory.md, "Losses over tokens")."""
         x, y = self._unpack(batch, "training_step")
         return self._loss(self.model(x), y)
 
     def validation_step(self, batch: Any) -> dict[str, Any]:
-        """Return per-batch mean metrics; they are averaged over samples as ``val/<name>``. A
-        ``"loss_sum"`` with its ``"count"`` gives ``val/loss``: the sum over the whole set and every
-        rank divided by the total count.
-
-        A value may also be a metric object (``update``/``compute``/``reset``: a torchmetrics
-        ``Metric``) updated here, created once (``self.f1`` in ``__init__``, or ``metrics=``): its
-        ``compute()`` after the pass, over the whole set and every rank, is ``val/<name>``; it is
-        reset before each evaluation (``trainer.observability.metric_objects``).
-
-        The default reports the loss (a ``loss_fn`` may return ``loss_sum`` and ``count``, as
-        ``trainer.losses.summed_cross_entropy`` does), for class logits ``(N, C)`` with integer
-        targets ``acc``, and each of ``metrics`` updated with ``(outputs, targets)``.
-        """
+        """Return per-batch means (averaged over samples as ``val/<name>``), ``"loss_sum"`` and
+        ``"count"`` for ``val/loss``, or metric objects, created once and computed over the whole set
+        (docs/observability.md). The default reports ``loss``, ``acc`` for class logits and each of
+        ``metrics`` (docs/callbacks.md, "Override points")."""
         x, y = self._unpack(batch, "validation_step")
         out = self.model(x)
         loss = self._loss(out, y)
@@ -252,9 +227,8 @@ class Trainer:
         return {**metrics, **self.metrics}
 
     def predict_step(self, batch: Any) -> Any:
-        """What ``predict`` collects for a batch: a tensor, or a dict or tuple of tensors, each with one
-        row per sample. The default runs the model on the inputs: the batch when it is a tensor, its
-        first item when it is a tuple or list (``(inputs, targets)``, or inputs alone)."""
+        """What ``predict`` collects for a batch: a tensor, or a dict or tuple of tensors, one row per
+        sample. The default: the model on the batch, or on its first item (docs/config.md)."""
         if isinstance(batch, torch.Tensor):
             return self.model(batch)
         if isinstance(batch, (tuple, list)) and batch:
@@ -263,28 +237,20 @@ class Trainer:
                         f"with them, got {describe(batch)}; override predict_step(self, batch) in a Trainer subclass")
 
     def manual_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
-        """Override to take over the whole training step (GANs, actor-critic, alternating updates):
-        called once per micro-batch instead of ``training_step``, ``backward`` and the optimizer
-        step. Back each loss with ``self.manual_backward(loss, optimizer)`` and step each optimizer
-        with ``self.optimizer_step(optimizer)``; return ``None`` or a dict of values, each logged as
-        ``train/<name>`` (its mean over the log interval's micro-batches). ``self.optimizers`` holds
-        every optimizer, in the order ``configure_optimizers()`` gave them. ``global_step`` counts
-        accumulation windows, not optimizer steps (``trainer.loop.manual``, docs/loop.md)."""
+        """Override to take over the whole training step (GANs, alternating updates): called once per
+        micro-batch instead of ``training_step``, ``backward`` and the optimizer step, it calls
+        ``manual_backward`` and ``optimizer_step`` and returns ``None`` or values to log as
+        ``train/<name>``. ``global_step`` then counts accumulation windows (docs/loop.md)."""
         raise NotImplementedError  # never called: the automatic step runs unless a subclass overrides this
 
     def manual_backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """In ``manual_step``: backward of ``loss`` as the automatic step does it (divided by
-        ``grad_accum_steps``, scaled under fp16, ``on_before_backward`` first). With ``optimizer``
-        the gradients go only into the parameters it holds (a generator's loss leaves the
-        discriminator's gradients alone)."""
+        """In ``manual_step``: backward of ``loss`` as the automatic step does it; with ``optimizer``,
+        the gradients go only into the parameters it holds (docs/loop.md)."""
         self._manual_steps("manual_backward").backward(loss, optimizer)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """In ``manual_step``: on the accumulation window's last micro-batch, step ``optimizer`` as
-        the automatic step does (gradients averaged over ranks, fp16 unscale, ``on_after_backward``,
-        the non-finite check, clipping, ``on_before_optimizer_step``, the step, its scheduler,
-        ``on_before_zero_grad``, ``zero_grad``) and return True; before it, return False and let the
-        gradients accumulate."""
+        """In ``manual_step``: on the accumulation window's last micro-batch, step ``optimizer`` as the
+        automatic step does and return True; before it, return False (docs/loop.md)."""
         return self._manual_steps("optimizer_step").step(optimizer)
 
     def _manual_steps(self, helper: str) -> manual.ManualSteps:
@@ -296,11 +262,8 @@ class Trainer:
         return self._manual
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Fill ``.grad``. ``loss`` is already divided by ``grad_accum_steps`` (a ``loss_sum`` is not:
-        the step divides the gradients by the count) and, for fp16, scaled.
-
-        Override to call ``loss.backward(v)`` for a non-scalar loss.
-        """
+        """Fill ``.grad`` from ``loss``, already divided by ``grad_accum_steps`` (a ``loss_sum`` is not)
+        and scaled under fp16. Override to call ``loss.backward(v)`` for a non-scalar loss."""
         if loss.ndim != 0:
             raise ValueError(
                 f"training_step returned a non-scalar loss of shape {tuple(loss.shape)}; reduce it "
@@ -314,16 +277,10 @@ class Trainer:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def unfreeze(self, what: nn.Module | str | Sequence[str], **hyperparameters: Any) -> list[str]:
-        """Unfreeze a submodule of the model, or the parameters whose names match glob patterns
-        (``"encoder.*"``), and add those the optimizer does not hold as one new parameter group with
-        ``hyperparameters`` (``lr=1e-4``; unset ones: the first group's). Modules go to train mode.
-
-        Checkpoints record the group, and a resume rebuilds it before restoring the optimizer. Under
-        a scheduler with per-group base rates the new group follows the schedule from its ``lr``.
-        Returns the names added to the optimizer (empty when it held them all already).
-        """
+        """Unfreeze a submodule, or the parameters matching glob patterns (``"encoder.*"``), and add
+        those the optimizer does not hold as one new parameter group with ``hyperparameters``
+        (``lr=1e-4``); returns the names added. Not under torchrun (docs/callbacks.md, "Freezing")."""
         if self.layout.world_size > 1:
-            # DDP and FSDP decide at wrapping time which parameters they reduce gradients for.
             raise NotImplementedError(
                 "trainer.unfreeze under torchrun: DDP/FSDP reduce only the gradients of parameters that "
                 "required them when the model was wrapped; unfreeze before building the Trainer instead"
@@ -334,19 +291,14 @@ class Trainer:
         return added
 
     def register_state(self, name: str, obj: Any) -> None:
-        """Keep ``obj`` (anything with ``state_dict()`` and ``load_state_dict()``: a module, an
-        optimizer, a small class) in checkpoints under ``name``; ``load_checkpoint`` and ``trainer
-        eval`` give its state back. A resume warns about a saved name nothing registered, and about
-        a registered one the checkpoint lacks."""
+        """Keep ``obj`` (anything with ``state_dict()`` and ``load_state_dict()``) in checkpoints under
+        ``name``; a resume and ``trainer eval`` give its state back (docs/callbacks.md)."""
         self._checkpointer.register(name, obj)
 
     def apply_init_from(self) -> str | None:
-        """Load ``config.init_from`` into the model now; returns one line saying what was loaded, or
-        ``None`` when there is nothing to load. ``fit``, ``evaluate`` and ``sanity_check`` call it first,
-        so it runs once, before the first step, and not at all when a checkpoint's weights were
-        loaded before it (``load_checkpoint``, ``fit(resume_from=...)``, ``load_weights``,
-        ``load_model_state``): a resumed run continues from its checkpoint. Under torchrun every rank calls it together. Raises
-        ``WeightsError`` (prefixed ``init_from:``) for a file that is missing, unreadable or does not fit."""
+        """Load ``config.init_from`` into the model now (every rank together); returns one line saying
+        what was loaded, or ``None`` when there is nothing (left) to load, as after a checkpoint's
+        weights. Raises ``WeightsError`` (docs/memory.md, "Starting from weights")."""
         return self._init_from.apply()
 
     def log(self, name: str, value: torch.Tensor | float) -> None:
@@ -399,17 +351,9 @@ class Trainer:
 
     def fit(self, resume_from: str | Path | dict[str, Any] | None = None, overwrite: bool = False) -> list[dict[str, float]]:
         """Train until ``max_steps`` or ``max_epochs``; returns ``history`` (every log record).
-
-        ``resume_from``: a checkpoint path (or a loaded checkpoint) to continue from exactly.
-        SIGTERM / SIGINT stop the run at the next optimizer-step boundary after a checkpoint
-        (``stopped_by_signal`` then holds the signal number). A second ``fit()`` continues from
-        where the first stopped (raise ``max_steps`` or ``max_epochs`` first), appending to the
-        same metric files.
-
-        A ``run_dir`` that holds another run's metrics or checkpoints is refused, unless this fit
-        resumes it (``resume_from``, or ``load_checkpoint`` first) or ``overwrite=True``, which
-        deletes that run's metric files and checkpoints first.
-        """
+        ``resume_from``: a checkpoint to continue from exactly. A ``run_dir`` holding another run is
+        refused unless resumed or ``overwrite=True``, which deletes its files (docs/checkpoints.md).
+        A second ``fit()`` continues where the first stopped (docs/config.md)."""
         cfg = self.config
         self._check_open()
         if cfg.checkpoint.every_n_steps and self.run_dir is None:
@@ -453,9 +397,8 @@ class Trainer:
                         + snapshot_note(self._profiler.out_of_memory())) from exc
                 stopped = self.stopped_by_signal is not None
                 if not (stopped and self.run_dir is not None):
-                    # Stopped by a signal, the log interval in progress is in the checkpoint: the resumed
-                    # run logs it at its log point, as the uninterrupted run does (logged now, a tracker
-                    # would keep a point that run never logged).
+                    # Stopped by a signal, the interval in progress is in the checkpoint for the resumed run
+                    # to log (logged now too, a tracker would keep a point the uninterrupted run never logged).
                     self._flush_logs()
                 if self.val_data is not None and self.validated_step != self.global_step and not stopped:
                     self._validate(epoch=self.last_step_epoch)  # final metrics
@@ -473,26 +416,17 @@ class Trainer:
         return self.history
 
     def sanity_check(self) -> None:
-        """One training micro-batch forward and backward (no optimizer step) and one validation batch
-        through ``validation_step``, whose metric names must include what ``EarlyStopping`` and
-        ``BestCheckpoints`` monitor. Raises ``SanityCheckError`` naming the part that failed (model,
-        loss, data, a step, a callback), from the original exception. Leaves weights, gradients,
-        buffers, train/eval flags, RNG states and optimizer exactly as they were, so a run trains
-        the same with it or without. ``fit()`` runs it first (once) unless ``sanity_check: false``;
-        under torchrun every rank runs it. See ``trainer.loop.sanity``."""
+        """One training micro-batch forward and backward and one validation batch, leaving the run
+        exactly as it was; raises ``SanityCheckError`` naming the part that failed. ``fit()`` runs it
+        first unless ``sanity_check: false`` (docs/config.md, "The sanity pass")."""
         self._check_open()
         self.apply_init_from()
         sanity.run(self)
         self._sanity_checked = True
 
     def close(self) -> None:
-        """Under torchrun, on every rank after the last ``fit``/``evaluate``: leave the process group
-        (a group the script joined itself is left to the script). Outside torchrun this does nothing.
-
-        A wrapper that holds the group (DDP's) goes first, so that the group is destroyed from
-        torch's registry, never from the wrapper (see ``strategy.DDP.unwrap``). With ``compile:
-        true`` under DDP this clears torch.compile's caches, which hold the wrapper too.
-        """
+        """Under torchrun, on every rank after the last ``fit``/``evaluate``: drop the DDP wrapper, then
+        leave the process group the Trainer joined; outside torchrun, nothing (docs/distributed.md)."""
         self._checkpointer.close()  # a write in flight first; then its process group goes
         if self.strategy.unwrap():
             self.model = self.module
@@ -608,8 +542,7 @@ class Trainer:
         return done
 
     def _stop_on_signal(self) -> None:
-        # The log interval in progress goes into the checkpoint, not to the logs: the resumed run
-        # logs it at the same log point, with the same values, as an uninterrupted run.
+        # The interval in progress goes into the checkpoint, not the logs: the resumed run logs it.
         signum = self._signals.received
         path = self.save_checkpoint() if self.run_dir is not None else None
         self.stopped_by_signal = signum
@@ -617,27 +550,22 @@ class Trainer:
         self.stop_reason = f"stopped by {signals.name(signum)}" + (f", checkpoint {path}" if path else "")
 
     def stop(self, reason: str) -> None:
-        """End the run at the next optimizer-step boundary (after the step in progress, or at once
-        between steps), as ``max_steps`` would: the final validation and checkpoint follow.
-        ``reason`` becomes ``stop_reason``, which opens the summary line of ``trainer run`` and is the
-        ``reason`` in ``status.json``; when several ask, the first reason given is kept."""
+        """End the run at the next optimizer-step boundary, as ``max_steps`` would; ``reason`` becomes
+        ``stop_reason`` (when several ask, the first is kept). docs/callbacks.md."""
         self.should_stop = True
         if self.stop_reason is None:
             self.stop_reason = reason
 
     @property
     def last_step_epoch(self) -> int:
-        """The epoch (from 0) the latest optimizer step belongs to, which its records carry:
-        ``epoch`` during an epoch; between epochs, when ``epoch`` already counts the one that
-        ended, that one."""
+        """The epoch (from 0) of the latest optimizer step, which its records carry (docs/callbacks.md)."""
         return self.epoch - 1 if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch
 
     def _done(self) -> bool:
         return self.should_stop or self._length.done(self.global_step, self.epoch)
 
     def total_epochs(self) -> int | None:
-        """Epochs this run may take: ``max_epochs``, or one when neither limit is set (None: only
-        ``max_steps`` limits the run)."""
+        """Epochs this run may take: ``max_epochs``, 1 when neither limit is set, None under ``max_steps`` alone."""
         return self._length.total_epochs()
 
     def total_steps(self) -> int | None:
@@ -647,8 +575,7 @@ class Trainer:
     # ----------------------------------------------------------------- metrics
 
     def _flush_logs(self) -> None:
-        """The log point: the record of the interval (trainer.observability.telemetry) goes to the
-        history, the ``on_log`` hook and the loggers."""
+        """The log point: the interval's record goes to the history, ``on_log`` and the loggers."""
         record = self._telemetry.record(self.global_step, self.last_step_epoch)
         if record is not None:
             self._records.emit(record)
@@ -660,23 +587,15 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimizer, scheduler, scaler, progress,
-        RNG states and stateful callbacks, as plain data (``weights_only``-loadable). Under torchrun
+        """Everything needed to continue exactly, as plain data (docs/checkpoints.md). Under torchrun
         every rank calls it together; under ``strategy: fsdp`` it holds this rank's shards."""
         return self._checkpointer.state_dict()
 
     def load_checkpoint(self, source: str | Path | dict[str, Any], accept_changes: bool = False) -> list[str]:
-        """Restore everything ``state_dict`` saved, from a checkpoint (file or sharded directory) or an
-        already loaded one; ``fit()`` then continues from it.
-
-        A checkpoint written with another seed, global batch (batch size x accumulation x world
-        size), precision, model, data or optimizer is refused with every difference listed, unless
-        ``accept_changes``: then this Trainer's values apply from here on (the optimizer's
-        hyperparameters, a new optimizer class with fresh state, the data position mapped by samples
-        seen). On another number of ranks, with the batch_size and grad_accum_steps the checkpoint
-        was written with, ``config.on_world_size_change`` keeps the global batch: it sets
-        ``config.grad_accum_steps`` (or ``batch_size``) and rank 0 prints one line that says so.
-        Returns the differences, one line each."""
+        """Restore everything ``state_dict`` saved (a file, a sharded directory or a loaded checkpoint);
+        ``fit()`` then continues from it. A changed seed, global batch, precision, model, data or
+        optimizer is refused unless ``accept_changes``; returns the differences, one line each
+        (docs/checkpoints.md; another number of ranks: docs/distributed.md)."""
         cfg = self.config
         configured = ckpt.BatchLayout(cfg.batch_size, cfg.grad_accum_steps, self.layout.world_size)
         resumed = self._checkpointer.load(source, accept_changes, configured, cfg.on_world_size_change)
@@ -692,9 +611,8 @@ class Trainer:
         return resumed.describe()
 
     def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:
-        """The model's weights from a checkpoint (file or sharded directory, or a loaded one). With
-        ``states``, also what evaluation uses besides them: the callbacks' state (``EMAWeights``'
-        average) and the registered objects' (``register_state``); not the optimizer or progress."""
+        """The model's weights from a checkpoint (file, sharded directory or loaded); with ``states``,
+        the callbacks' and registered state too, for evaluation, never the optimizer or progress."""
         self._checkpointer.load_weights(source, states)
         self._init_from.cancel()
 
@@ -706,56 +624,33 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True,
                         on_written: Callable[[Path], None] | None = None) -> Path | None:
-        """Write ``<run_dir>/checkpoints/step-<step>.pt`` (or ``path``) atomically and rotate old
-        periodic ones; under ``strategy: fsdp``, the directory ``step-<step>/``. Under torchrun every
-        rank calls it together: rank 0 writes the file (with fsdp, each rank its shards) and the
-        others get ``None``. ``on_written(path)`` runs on rank 0 once the checkpoint is complete.
-
-        With ``checkpoint.async`` a save inside ``fit`` returns once the state is copied into CPU
-        memory; a thread writes it, then rotates and calls ``on_written``. A save waits for the write
-        before it, and ``fit`` for the last; a failed write is raised by the save or fit that waits
-        for it. Outside ``fit`` a save returns with the checkpoint on disk."""
+        """Write ``<run_dir>/checkpoints/step-<step>.pt`` (or ``path``) atomically and rotate old ones;
+        every rank calls it together, rank 0 gets the path and the others ``None``. With
+        ``checkpoint.async`` a save inside ``fit`` returns before the write ends (docs/checkpoints.md)."""
         self._guard.flush()  # its unread device flags go into the checkpoint read
         return self._saves.save(self.global_step, path, rotate, on_written)
 
     # ----------------------------------------------------------------- evaluation
 
     def evaluate(self, data: Any = None, prefix: str = "val") -> dict[str, float]:
-        """Run ``validation_step`` over ``data`` under ``eval_mode``; returns ``{"<prefix>/<name>":
-        mean over samples}``, and the computed value of each metric object it returned (reset first).
-
-        Without ``data`` this is the run's own validation on ``val_data``: the validation hooks
-        fire, so ``EarlyStopping`` and ``BestCheckpoints`` act on it. With ``data`` (a test set,
-        say, with ``prefix="test"``) no hook fires and nothing about the run changes. Either way
-        the evaluation weights of callbacks such as ``EMAWeights`` are used.
-        """
+        """Run ``validation_step`` over ``data`` in eval mode; returns ``{"<prefix>/<name>": value}``.
+        Without ``data``, the run's own validation on ``val_data``, with its hooks; with ``data``, no
+        hook fires and nothing about the run changes (docs/callbacks.md, "Override points")."""
         self._check_open()
         self.apply_init_from()
         return self._evaluator.evaluate(data, prefix)
 
     def test(self, data: Any) -> dict[str, float]:
-        """``evaluate(data, prefix="test")``: ``{"test/<name>": mean over samples}``, exact over ranks.
-        Nothing about the run changes: no hook fires, the history, metric files, best checkpoint and
-        early stopping stay as they were. With a ``run_dir``, rank 0 also writes the report to
-        ``<run_dir>/test.json`` (``{"step": ..., "test/...": ...}``, replacing an earlier one)."""
+        """``evaluate(data, prefix="test")``, which changes nothing about the run; with a ``run_dir``,
+        rank 0 also writes ``<run_dir>/test.json`` (docs/config.md, "Predict and test")."""
         self._check_open()
         self.apply_init_from()
         return self._evaluator.test(data, self.run_dir, self.global_step, self.is_main_process)
 
     def predict(self, data: Any, out: str | Path | None = None) -> Any:
-        """``predict_step``'s outputs for every sample of ``data``, in data order, each sample once,
-        concatenated along dim 0: a tensor, or a dict or tuple of tensors as ``predict_step`` returns.
-        Eval mode, no_grad, autocast as in training, and the evaluation weights of callbacks such
-        as ``EMAWeights``, as ``evaluate`` uses them; no hook fires.
-
-        Under torchrun every rank calls it; each predicts its share and rank 0 receives the shares
-        batch by batch and returns the whole; the other ranks return ``None`` (``trainer.evaluation.prediction``
-        says which data can be split, and how a padded share's repeats are dropped).
-
-        ``out``: write them instead (rank 0), atomically, and return a ``prediction.Written`` (path,
-        samples, shapes): ``NAME.pt`` is ``torch.save`` of what would be returned; ``NAME.safetensors``
-        is streamed through a temp file beside it and never held in memory whole (a tensor is stored
-        as ``"predictions"``, a dict under its keys, a tuple as ``"0"``, ``"1"``, ...)."""
+        """``predict_step``'s outputs for every sample of ``data``, in order, concatenated along dim 0;
+        under torchrun every rank calls it, rank 0 gets them and the others ``None``. ``out``: write a
+        ``.pt`` or ``.safetensors`` file instead and return a ``prediction.Written`` (docs/config.md)."""
         self._check_open()
         self.apply_init_from()
         return self._evaluator.predict(data, out, self.is_main_process, self.sharded)
