@@ -46,7 +46,7 @@ from trainer.device import (
 from trainer.freezing import UnfrozenGroups, detach
 from trainer.hooks import HOOKS, collect_hooks
 from trainer.loop.step import OptimizerStep, split_loss
-from trainer.observability.metrics import Logger, MetricBuffer
+from trainer.observability.metrics import Logger
 from trainer.observability.records import Records
 from trainer.observability.telemetry import Telemetry
 from trainer.loop.nonfinite import NonFiniteGuard
@@ -133,7 +133,9 @@ class Trainer:
                                    self.optimizers, self.schedulers, self.device, cfg.clip_grad_norm, steppers)
         if not manual_mode:  # clipping and the non-finite check see every trainable parameter
             self._step.set_params(self.optimizer, self.trainable_parameters())
-        self._telemetry = self._build_telemetry(compiled is not None)
+        times = timing.for_run(cfg.throughput, self.module, self.device, cfg.precision)  # time/*, tokens/s, mfu
+        self._telemetry = Telemetry.for_run(self.device, times, self._guard, self.optimizers,
+                                            compilation.Recompiles() if compiled is not None else None)
         self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler, others=self.optimizers[1:])
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizers, self.schedulers, self.precision.scaler, self.callbacks,
@@ -163,29 +165,6 @@ class Trainer:
             overridden=frozenset(s for s in sanity.STEPS if getattr(type(self), s) is not getattr(Trainer, s)),
             defaults={Trainer._loss.__code__: "loss", Trainer._unpack.__code__: "data", Trainer.backward.__code__: "backward"},
             monitoring=(builtin_callbacks.EarlyStopping, builtin_callbacks.BestCheckpoints))
-
-    def _build_telemetry(self, compiled: bool) -> Telemetry:
-        """The log records' sources (trainer.observability.telemetry): each optimizer's lr, CUDA's peak
-        memory, recompilations."""
-        cfg = self.config
-        times = timing.for_run(cfg.throughput, self.module, self.device, cfg.precision)  # time/*, tokens/s, mfu
-        telemetry = Telemetry(self.device, times, self._guard)
-        optimizers = self.optimizers
-
-        def learning_rates(metrics: MetricBuffer) -> None:
-            metrics.put("lr", optimizers[0].param_groups[0]["lr"])
-            for i, opt in enumerate(optimizers[1:], start=1):  # several optimizers: the others' as lr/<i>
-                metrics.put(f"lr/{i}", opt.param_groups[0]["lr"])
-
-        telemetry.register(before_copy=learning_rates)
-        if self.device.type == "cuda":
-            device = self.device
-            telemetry.register(after_copy=lambda: {"cuda_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30})
-        if compiled:
-            recompiles = compilation.Recompiles()
-            telemetry.register(after_copy=lambda: {"compile/recompiles": recompiles.count()},
-                               on_first_step=recompiles.start)  # compilations from then on are recompilations
-        return telemetry
 
     # ----------------------------------------------------------------- override points
 

@@ -17,7 +17,7 @@ recompilations).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +48,27 @@ class Telemetry:
         self.after_copy: list[Callable[[], dict[str, float]]] = []
         self.on_first_step: list[Callable[[], None]] = []
         self._first_step_clock: float | None = None
+
+    @classmethod
+    def for_run(cls, device: torch.device, times: StepTimes, guard: Flags, optimizers: Sequence[Any],
+                recompiles: Any = None) -> Telemetry:
+        """A run's telemetry with its sources: each optimizer's ``lr`` (the others' as ``lr/<i>``),
+        CUDA's peak memory, and with ``recompiles`` (a counter with ``start()`` and ``count()``, when
+        the model is compiled) ``compile/recompiles``, counted from the end of the first step."""
+        telemetry = cls(device, times, guard)
+
+        def learning_rates(metrics: MetricBuffer) -> None:
+            metrics.put("lr", optimizers[0].param_groups[0]["lr"])
+            for i, opt in enumerate(optimizers[1:], start=1):
+                metrics.put(f"lr/{i}", opt.param_groups[0]["lr"])
+
+        telemetry.register(before_copy=learning_rates)
+        if device.type == "cuda":
+            telemetry.register(after_copy=lambda: {"cuda_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30})
+        if recompiles is not None:
+            telemetry.register(after_copy=lambda: {"compile/recompiles": recompiles.count()},
+                               on_first_step=recompiles.start)
+        return telemetry
 
     def register(self, before_copy: Callable[[MetricBuffer], None] | None = None,
                  after_copy: Callable[[], dict[str, float]] | None = None,
