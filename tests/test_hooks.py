@@ -1,35 +1,46 @@
 """trainer/hooks.py: the hook names, their typo check and the dispatch table."""
 
 import pytest
+import torch
+from torch.nn import functional as F
 
+from helpers import batches, mlp, quiet
+from trainer import Trainer
 from trainer.hooks import HOOKS, Callback, check_hook_names, collect_hooks
-
-# The order the module docstring documents: the run's start, one optimizer step in the
-# order its parts happen, then the epoch's end, validation, the run's end and the error path.
-DOCUMENTED_ORDER = (
-    "on_fit_start",
-    "on_train_epoch_start",
-    "on_train_batch_start",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
-    "on_train_batch_end",
-    "on_log",
-    "on_train_epoch_end",
-    "on_validation_start",
-    "on_validation_end",
-    "on_fit_end",
-    "on_exception",
-)
-
 
 class Base:
     """Stands in for the Trainer class given to collect_hooks as ``base``."""
 
 
-def test_hooks_are_listed_in_the_documented_order():
-    assert HOOKS == DOCUMENTED_ORDER
+class Recorder(Callback):
+    """Appends the name of every hook called to ``calls``."""
+
+    def __init__(self):
+        self.calls = []
+
+
+for _name in HOOKS:
+    setattr(Recorder, _name, lambda self, trainer, *args, _name=_name: self.calls.append(_name))
+
+
+def test_a_run_calls_every_hook_first_in_the_order_hooks_lists():
+    """HOOKS is the documented order: a run that reaches every hook first calls each in that order,
+    on_exception last, from a run that fails. (tests/test_trainer.py pins the whole sequence of a step.)"""
+    recorder = Recorder()
+    model = mlp()
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), val_data=batches(1, 4),
+            loss_fn=F.cross_entropy, callbacks=[recorder], config=quiet(max_steps=2)).fit()
+    assert list(dict.fromkeys(recorder.calls)) == list(HOOKS[:-1])
+
+    class Fails(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch):
+            raise RuntimeError("a bug in a callback")
+
+    recorder = Recorder()
+    with pytest.raises(RuntimeError, match="a bug in a callback"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4), loss_fn=F.cross_entropy,
+                callbacks=[recorder, Fails()], config=quiet(max_steps=2, sanity_check=False)).fit()
+    assert recorder.calls[-1] == "on_exception" and recorder.calls.count("on_exception") == 1
 
 
 def test_callback_base_defines_every_hook_and_nothing_else_named_on():

@@ -77,13 +77,16 @@ def token_run(**config):
 
 def test_tokens_per_second_and_mfu_from_the_models_flops_and_a_given_peak():
     history = token_run(throughput={"peak_flops": 2e9})
+    assert [r["step"] for r in history] == [2, 4]  # the log points
     for record in history:
         # Both rates count the same micro-batches over the same interval, read from one clock reading.
         assert record["tokens_per_sec"] / record["samples_per_sec"] == pytest.approx(12)
         assert record["mfu"] == pytest.approx(1.5e6 * record["samples_per_sec"] / 2e9)
     configured = token_run(throughput={"flops_per_sample": 3e6, "peak_flops": 2e9})  # the config wins
     assert configured[-1]["mfu"] == pytest.approx(3e6 * configured[-1]["samples_per_sec"] / 2e9)
-    assert all("mfu" not in r for r in token_run())  # on CPU without a peak: no MFU
+    plain = token_run()
+    assert [r["step"] for r in plain] == [2, 4] and all("tokens_per_sec" in r for r in plain)
+    assert all("mfu" not in r for r in plain)  # on CPU without a peak: no MFU
 
 
 def test_mfu_from_the_models_flops_per_token():
@@ -168,10 +171,12 @@ def test_gpu_spans_are_reused_and_a_step_in_progress_carries_over(monkeypatch):
     from trainer.observability import timing
 
     clock = iter(range(100))
+    created = []
 
     class Event:
         def __init__(self, enable_timing):
             self.at = None
+            created.append(self)
 
         def record(self):
             self.at = next(clock) * 1000.0  # milliseconds, as CUDA's
@@ -188,11 +193,11 @@ def test_gpu_spans_are_reused_and_a_step_in_progress_carries_over(monkeypatch):
         spans.start()
         spans.start()  # a later micro-batch of the same step: no new span
         spans.end()
-    assert spans.busy_seconds() == 3.0 and len(spans._pool) == 3
+    assert spans.busy_seconds() == 3.0 and len(created) == 6  # three spans, a pair of events each
     spans.start()
     spans.end()
     spans.start()  # a step in progress at the log point
     assert spans.busy_seconds() == 1.0
     spans.end()
-    assert spans.busy_seconds() == 1.0 and len(spans._pool) == 3  # the carried span, in the reused pool
+    assert spans.busy_seconds() == 1.0 and len(created) == 6  # the carried span: the same events, reused
     assert spans.busy_seconds() is None  # nothing in the interval
