@@ -1,16 +1,97 @@
 """Small models and data shared by the tests, and the paths and checks the process tests use."""
 
 import contextlib
+import importlib
 import os
 import socket
+import sys
+import textwrap
+import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 # The scripts and modules that tests run as processes, or name in a config (killers.KillAt, ...).
 PROJECT = ROOT / "tests" / "project"
+
+
+# A tiny MLP on synthetic data, four SGD steps; runs go to the default out_dir, runs/, beside it.
+PROJECT_CONFIG = """\
+name: t
+seed: 0
+max_steps: 4
+batch_size: 16
+progress: "off"
+log_every_n_steps: 2
+model:
+  _target_: trainer.examples.models.MLP
+  in_features: 16
+  out_features: 4
+  hidden: 8
+data:
+  _target_: trainer.examples.synthetic.classification
+  n_train: 64
+  n_val: 32
+loss: torch.nn.functional.cross_entropy
+optimizer:
+  _target_: torch.optim.SGD
+  lr: 0.1
+"""
+
+
+def project_config(*bases: dict, **changes) -> str:
+    """PROJECT_CONFIG with the changes of each of ``bases``, then of ``changes``, made in turn: a value
+    sets a top-level key, None removes it, and a mapping is merged into the key's mapping
+    (``model={"hidden": 32}`` changes one argument of the model), unless it names another
+    ``_target_``, which replaces the component. Written as YAML with each component on one line:
+    ``model: {_target_: trainer.examples.models.MLP, in_features: 16, out_features: 4, hidden: 32}``."""
+    config = yaml.safe_load(PROJECT_CONFIG)
+    for layer in (*bases, changes):
+        for key, value in layer.items():
+            old = config.get(key)
+            if value is None:
+                config.pop(key, None)
+            elif isinstance(value, dict) and isinstance(old, dict) and value.get("_target_", old.get("_target_")) == \
+                    old.get("_target_"):
+                config[key] = {**old, **value}
+            else:
+                config[key] = value
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=1000)
+
+
+# project_config's changes for a run that draws from every random generator (killers.NoisyTrainer, dropout):
+# 18 steps in three epochs, a log point every 4 steps, validation every epoch, a checkpoint every 5.
+NOISY = dict(name="r", trainer="killers.NoisyTrainer", seed=5, max_steps=None, max_epochs=3, log_every_n_steps=4,
+             eval_every_n_epochs=1, checkpoint={"every_n_steps": 5, "keep_last": 10},
+             model={"hidden": 16, "dropout": 0.2}, data={"n_train": 96},
+             optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2})
+
+
+@dataclass
+class Project:
+    """A user's project folder: ``cfg.yaml`` (``text``), its own modules beside it, ``runs/``."""
+
+    root: Path
+    text: str = PROJECT_CONFIG
+
+    @property
+    def config(self) -> Path:
+        return self.root / "cfg.yaml"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def write(self, text: str, name: str = "cfg.yaml") -> Path:
+        """Write a file of the project (dedented) and return its path."""
+        path = self.root / name
+        path.write_text(textwrap.dedent(text))
+        return path
 
 
 def mlp(seed: int = 0, sizes=(8, 16, 3), dropout: float = 0.0) -> nn.Module:
@@ -49,6 +130,16 @@ def quiet(**overrides):
     return cfg
 
 
+def project_module(name: str):
+    """The module ``name`` of tests/project (killers, fsdp_script, ...), imported in this process;
+    sys.path is left as it was."""
+    sys.path.insert(0, str(PROJECT))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(PROJECT))
+
+
 def process_env(**extra) -> dict:
     """The environment of a process a test starts: this checkout and tests/project/ importable."""
     path = os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")])
@@ -65,6 +156,17 @@ def loopback_ok() -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def reserved_port():
+    """A free loopback port, held for the block: bound with SO_REUSEADDR and not listening, so that a
+    server that sets SO_REUSEADDR too (torch's TCPStore) listens on it while no other socket is given
+    it meanwhile. (A port found free and then released could be taken before the server starts.)"""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 CONVERSIONS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
@@ -92,3 +194,104 @@ def count_conversions():
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+def assert_tensors_equal(a, b, path="state"):
+    """``a`` and ``b`` (tensors, or dicts, lists and tuples of them and of plain values) are equal bit
+    for bit, dtypes included; the message names the first path where they differ."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_tensors_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tensors_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@dataclass
+class Result:
+    """What ``in_process`` returns: the fields of a CompletedProcess that the tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    output: str  # stdout and stderr interleaved, as a terminal shows them
+
+
+def in_process(*args, cwd=None, env=None) -> Result:
+    """``trainer ARGS`` run in this process: the command's entry point (``trainer.cli.main``) with its
+    output captured by typer's CliRunner, without an interpreter start. ``cwd`` is the folder it runs
+    in (its modules importable, as ``python -m`` makes them), ``env`` variables set for the call;
+    tests/project is importable, as ``process_env`` makes it for a process. Warnings reach stderr as
+    in a process of its own (Python's default filters), not pytest's summary. Afterwards the folder,
+    sys.argv, sys.path, the variables and the modules imported from the user's folder are as they
+    were, so that the next call's ``my_model.py`` is its own.
+
+    What needs the real process stays with the ``run_cli`` fixture: exit statuses after a signal or a
+    kill, a second process, what the interpreter itself does (imports at start, ``-W``)."""
+    from typer.testing import CliRunner
+
+    from trainer.cli import main
+
+    saved_cwd, saved_argv, saved_path, saved_modules = os.getcwd(), sys.argv, list(sys.path), set(sys.modules)
+    saved_env = {name: os.environ.get(name) for name in env or {}}
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        os.environ.update({name: str(value) for name, value in (env or {}).items()})
+        sys.path.insert(0, str(PROJECT))
+        sys.argv = ["trainer", *map(str, args)]
+        importlib.invalidate_caches()  # files written since the last import in a folder already on sys.path
+        with CliRunner().isolation() as (stdout, stderr, output), warnings.catch_warnings():
+            _python_warning_defaults()
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            except Exception:  # what Python prints for an exception nothing caught, as the process would
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            captured = [stream.getvalue().decode() for stream in (stdout, stderr, output)]
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for name in set(sys.modules) - saved_modules:
+            file = getattr(sys.modules[name], "__file__", None) or ""
+            if file and not file.startswith((sys.prefix, sys.base_prefix, str(ROOT))):
+                del sys.modules[name]  # the user's own module, from the folder the command ran in
+    return Result(code, *captured)
+
+
+def _python_warning_defaults() -> None:
+    """Inside ``warnings.catch_warnings()``: the filters of a Python process started without -W, and
+    warnings printed to the current sys.stderr in Python's own form (pytest would record them)."""
+    warnings.resetwarnings()
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category, append=True)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+
+
+def invoke(*args) -> tuple[int, str]:
+    """``trainer ARGS`` in this process (``in_process``): the exit code and the output."""
+    result = in_process(*args)
+    return result.returncode, result.output
