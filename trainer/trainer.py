@@ -512,7 +512,9 @@ class Trainer:
         if cfg.eval_every_n_steps and self.val_data is not None and step % cfg.eval_every_n_steps == 0:
             self._validate(epoch=self.epoch)
         save_point = self._saves.due(step)
-        if self._signals.agreed(log_point or save_point, self.device):
+        # A stop signal: alone, acted on at once; under torchrun, at the points where the ranks agree.
+        if (self._signals.received or log_point or save_point) and self._signals.agreed(log_point or save_point,
+                                                                                         self.device):
             self._stop_on_signal()
         elif save_point:
             self.save_checkpoint()

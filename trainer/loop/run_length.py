@@ -29,11 +29,10 @@ class RunLength:
 
     def done(self, step: int, epoch: int) -> bool:
         """Whether a run that has taken ``step`` optimizer steps and is in ``epoch`` has ended."""
-        max_steps = self.config.max_steps
-        if max_steps is not None and step >= max_steps:
-            return True
-        epochs = self.total_epochs()
-        return epochs is not None and epoch >= epochs
+        cfg = self.config  # read each time: a later fit may have raised the limits
+        if cfg.max_steps is not None:
+            return step >= cfg.max_steps or (cfg.max_epochs is not None and epoch >= cfg.max_epochs)
+        return epoch >= (cfg.max_epochs if cfg.max_epochs is not None else 1)
 
 
 __all__ = ["RunLength"]

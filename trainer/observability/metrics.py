@@ -45,7 +45,7 @@ class MetricBuffer:
         self._pending: dict[str, Any] = {}
 
     def put(self, name: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
             value = value.detach()
         self._pending[name] = value
 
@@ -59,13 +59,14 @@ class MetricBuffer:
         pending, self._pending = self._pending, {}
         record: dict[str, float] = {}
         names: list[str] = []
-        parts: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
         for name, value in sorted(pending.items()):
             if isinstance(value, torch.Tensor):
                 names.append(name)
-                parts.append((value.double().mean() if value.ndim else value.double()).reshape(1))
+                values.append(value.double().mean() if value.ndim else value)
             else:
                 record[name] = float(value)
+        parts = [_stacked(values)] if values else []
         if extra is not None:
             parts.append(extra.double())
         if not parts:
@@ -270,6 +271,15 @@ class LogInterval:
             for name, value in state["extra_sums"][rank].items()
         }
         self.extra_count = state["extra_count"]
+
+
+def _stacked(values: list[torch.Tensor]) -> torch.Tensor:
+    """Scalar tensors as one float64 tensor, each converted exactly (an int64 count too), in one op."""
+    out = torch.empty(len(values), dtype=torch.float64, device=values[0].device)
+    try:
+        return torch.stack(values, out=out)
+    except RuntimeError:  # a value on another device (a CPU tensor logged during a CUDA run)
+        return torch.stack([v.to(out.device) for v in values], out=out)
 
 
 def _count(value: Any) -> int | float:
