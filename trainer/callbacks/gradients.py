@@ -31,7 +31,7 @@ class GradNormLogger(Callback):
     def on_after_backward(self, trainer) -> None:
         if (trainer.global_step + 1) % self.every_n_steps:
             return
-        named = [(n, p.grad) for n, p in trainer.module.named_parameters() if p.grad is not None]
+        named = [(n, g) for n, p in trainer.module.named_parameters() if (g := p.grad) is not None]
         if not named:
             return
         self._names = [n for n, _ in named]

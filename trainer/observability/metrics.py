@@ -54,8 +54,9 @@ class MetricBuffer:
 
     def flush(self, extra: torch.Tensor | None = None, reduce: Any = None) -> tuple[dict[str, float], list[float] | None]:
         """All pending values as floats, plus ``extra`` (a 1-d tensor) as a list, with a single
-        device-to-host copy for all of them. ``reduce`` (e.g. a mean over ranks) is applied to the
-        tensor values first; they are taken in name order, the same on every rank."""
+        device-to-host copy for all of them. ``reduce`` (e.g. a mean over ranks; ``None`` with one
+        process) is applied to the tensor values first; they are taken in name order, the same on
+        every rank."""
         pending, self._pending = self._pending, {}
         record: dict[str, float] = {}
         names: list[str] = []
@@ -66,6 +67,10 @@ class MetricBuffer:
                 values.append(value.double().mean() if value.ndim else value)
             else:
                 record[name] = float(value)
+        if reduce is None and extra is None and values and values[0].device.type == "cpu":
+            # On the CPU a read of each value is cheaper than gathering them into one tensor first.
+            record.update((name, value.item()) for name, value in zip(names, values))
+            return record, None
         parts = [_stacked(values)] if values else []
         if extra is not None:
             parts.append(extra.double())

@@ -151,7 +151,8 @@ class Telemetry:
         samples_per_sec = interval.put(self.metrics, now)
         for put in self.before_copy:
             put(self.metrics)
-        values, flags = self.metrics.flush(extra=self.guard.pending(), reduce=distributed.mean_over_ranks)
+        reduce = distributed.mean_over_ranks if distributed.active() else None
+        values, flags = self.metrics.flush(extra=self.guard.pending(), reduce=reduce)
         # (note: the flush is the CPU-GPU sync point of the log interval)
         record.update(values)
         if flags is not None:

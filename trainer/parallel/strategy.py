@@ -55,7 +55,7 @@ class SingleProcess:
         if need_norm:
             norm = _grad_norm(params, self.device)
             return step_loss + norm, None, norm
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = present_grads(params)
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
         return step_loss, self._found, None
@@ -70,7 +70,7 @@ class SingleProcess:
         DTensor gradients included). A total of 0 counts as 1: the gradient of no items stays zero."""
         total = distributed.all_sum(count)
         factor = (self.layout.world_size / torch.where(total > 0, total, 1.0)).float()
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = present_grads(params)
         if grads:
             torch._foreach_mul_(grads, factor)
         return factor
@@ -220,8 +220,14 @@ def lockstep(source: Any, device: torch.device, repeat_last: bool,
         done += 1
 
 
+def present_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients that exist (a parameter the backward did not reach has none), reading each
+    ``.grad`` once: a read costs about as much as a small tensor op."""
+    return [g for p in params if (g := p.grad) is not None]
+
+
 def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = present_grads(params)
     if not grads:
         return torch.zeros((), device=device)
     return torch.linalg.vector_norm(distributed.norms(grads))
