@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS)
 
-from helpers import PROJECT_CONFIG, ROOT, Project  # noqa: E402, F401  (PROJECT_CONFIG: tests still import it from here)
+from helpers import ROOT, Project  # noqa: E402
 
 TESTS = ROOT / "tests"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import batches, classification, mlp, quiet
+from helpers import batches, classification, mlp, project_module, quiet
 from trainer import Trainer, resolve_device
 
 pytestmark = pytest.mark.cuda
@@ -92,11 +92,7 @@ def test_no_host_sync_between_log_points():
 
 
 def test_nan_is_skipped_on_the_device_and_reported_at_the_log_point():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "project"))
-    from killers import NaNTrainer
+    NaNTrainer = project_module("killers").NaNTrainer
 
     model = mlp()
     t = NaNTrainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), batches(8, 8),

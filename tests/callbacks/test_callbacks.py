@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import ROOT, batches, classification, mlp, process_env, quiet
+from helpers import ROOT, batches, classification, in_process, mlp, process_env, quiet
 from trainer import BestCheckpoints, Callback, EarlyStopping, EMAWeights, Trainer, ema_update, frozen_copy
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.schedules import WarmupDecay
@@ -170,11 +170,6 @@ def test_tensorboard_event_files_are_readable(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()  # beside the files, not instead of them
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
 def test_plot_writes_a_png_that_opens(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
@@ -186,12 +181,12 @@ def test_plot_writes_a_png_that_opens(tmp_path):
                 run_dir=tmp_path / name, config=quiet(batch_size=16, max_epochs=3,
                                                       grad_logging={"every_n_steps": 1})).fit()
     out = tmp_path / "curves.png"
-    proc = cli("plot", tmp_path / "a", tmp_path / "b", "--out", out)
+    proc = in_process("plot", tmp_path / "a", tmp_path / "b", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 0
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > 500
-    assert cli("plot", tmp_path / "nope").returncode == 2
+    assert in_process("plot", tmp_path / "nope").returncode == 2
 
 
 def test_runs_table_shows_an_interrupted_run(tmp_path):
@@ -202,12 +197,11 @@ def test_runs_table_shows_an_interrupted_run(tmp_path):
     env_cfg = tmp_path / "stop.yaml"
     env_cfg.write_text(config + f"callbacks:\n  - {{_target_: killers.KillAt, where: after_step, step: 3, "
                                 f"marker: '{marker}', signum: 15}}\n")
-    env = process_env()
-    run = lambda *a: subprocess.run([sys.executable, "-m", "trainer", *map(str, a)], capture_output=True, text=True,
-                                    env=env, timeout=300)
-    assert run("run", cfg, f"out_dir={tmp_path / 'runs'}", "name=done", "max_epochs=1").returncode == 0
-    assert run("run", env_cfg, f"out_dir={tmp_path / 'runs'}", "name=stopped").returncode == 143
-    proc = run("runs", tmp_path / "runs")
+    assert in_process("run", cfg, f"out_dir={tmp_path / 'runs'}", "name=done", "max_epochs=1").returncode == 0
+    stopped = subprocess.run([sys.executable, "-m", "trainer", "run", env_cfg, f"out_dir={tmp_path / 'runs'}",
+                              "name=stopped"], capture_output=True, text=True, env=process_env(), timeout=300)
+    assert stopped.returncode == 143, stopped.stderr  # a real process, stopped by a real SIGTERM
+    proc = in_process("runs", tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
     assert rows["done"][1] == "finished" and rows["done"][2] == "32"

@@ -16,8 +16,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, Project
-from helpers import classification, mlp
+from helpers import ROOT, Project, classification, mlp
 from trainer import Trainer, TrainerConfig
 from trainer.callbacks.progress import ProgressLines
 
@@ -44,13 +43,21 @@ def run_piped(project, *args):
 
 
 @pytest.fixture(scope="module")
-def piped(tmp_path_factory):
-    """One piped run of the test project, shared by the tests that read it."""
-    project = Project(tmp_path_factory.mktemp("piped"))
-    project.write(project.text)
-    proc = run_piped(project, *PIPED)
-    assert proc.returncode == 0, proc.stderr
-    return project, proc
+def piped(shared_run):
+    """One piped run of the test project, shared by the tests that read it: the project and what the
+    run wrote to stdout and stderr."""
+
+    def make(folder):
+        project = Project(folder)
+        project.write(project.text)
+        proc = run_piped(project, *PIPED)
+        assert proc.returncode == 0, proc.stderr
+        (folder / "stdout").write_text(proc.stdout)
+        (folder / "stderr").write_text(proc.stderr)
+
+    folder = shared_run("progress.piped", make)
+    shown = subprocess.CompletedProcess([], 0, (folder / "stdout").read_text(), (folder / "stderr").read_text())
+    return Project(folder), shown
 
 
 def test_piped_output_shows_one_line_per_log_point_and_per_validation(piped):

@@ -3,7 +3,6 @@ wait for it, fit waits for the last one, a failed write is raised, and the confi
 ``async`` everywhere. (Kills and signals during a background write: test_files.py.)"""
 
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import classification, mlp, quiet
+from helpers import assert_tensors_equal, classification, in_process, mlp, quiet
 from trainer import Callback, Trainer, TrainerConfig
 from trainer.callbacks import BestCheckpoints
 from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
@@ -35,21 +34,6 @@ def train(*args, **kwargs):
     trainer = build(*args, **kwargs)
     trainer.fit()
     return trainer
-
-
-def assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def without_config(state):
@@ -108,9 +92,9 @@ def test_a_background_checkpoint_is_the_state_at_its_step_while_the_loop_trains_
         "step-00000006.pt", "step-00000008.pt"]
     for name in names:  # bit for bit what the synchronous run wrote at that step
         written = load_checkpoint(tmp_path / "async" / "checkpoints" / name)
-        assert_same(without_config(written), without_config(load_checkpoint(tmp_path / "sync" / "checkpoints" / name)))
+        assert_tensors_equal(without_config(written), without_config(load_checkpoint(tmp_path / "sync" / "checkpoints" / name)))
         assert written["config"]["checkpoint"]["async"] is True
-    assert_same(trainer.module.state_dict(), reference.module.state_dict())
+    assert_tensors_equal(trainer.module.state_dict(), reference.module.state_dict())
 
 
 def test_fit_returns_once_the_last_background_write_is_on_disk(tmp_path, monkeypatch):
@@ -167,29 +151,10 @@ def test_best_checkpoints_link_a_complete_file(tmp_path):
         assert len(best) == 1 and os.path.samefile(best[0], folder / "best.pt")
         runs[name] = (best[0].name, load_checkpoint(folder / "best.pt"))
     assert runs["sync"][0] == runs["async"][0]
-    assert_same(without_config(runs["sync"][1]), without_config(runs["async"][1]))
+    assert_tensors_equal(without_config(runs["sync"][1]), without_config(runs["async"][1]))
 
 
 # ------------------------------------------------------------------ a write that fails
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """``small_disk(folder)``: a fresh 1 MiB tmpfs mounted on ``folder``; skips where mounting is not allowed."""
-    mounted = []
-
-    def mount(point: Path) -> Path:
-        point.mkdir(parents=True)
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (root in a namespace that allows mounts): {proc.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def fill(trainer):
@@ -204,11 +169,11 @@ def fill(trainer):
 
 
 @pytest.mark.parametrize("max_steps,found_at", [(8, 6), (4, 4)])
-def test_a_failed_background_write_is_raised_by_the_next_save_or_by_fit(tmp_path, small_disk, max_steps, found_at):
+def test_a_failed_background_write_is_raised_by_the_next_save_or_by_fit(tmp_path, mount_tmpfs, max_steps, found_at):
     # The disk is full from step 3 on: the write of step 4 fails in its thread, and the run fails at
     # the next save (step 6), or at the end of fit when there is none (save_final: false).
     run_dir = tmp_path / "run"
-    folder = small_disk(run_dir / "checkpoints")
+    folder = mount_tmpfs("1m", at=run_dir / "checkpoints")
     trainer = build(run_dir, True, callbacks=[At(3, fill)], max_steps=max_steps, save_final=False)
     with pytest.raises(CheckpointError) as raised:
         trainer.fit()
@@ -220,10 +185,10 @@ def test_a_failed_background_write_is_raised_by_the_next_save_or_by_fit(tmp_path
     assert load_checkpoint(folder / "step-00000002.pt")["trainer_state"]["global_step"] == 2
 
 
-def test_a_failed_background_write_is_reported_beside_the_exception_that_ends_the_run(tmp_path, small_disk,
+def test_a_failed_background_write_is_reported_beside_the_exception_that_ends_the_run(tmp_path, mount_tmpfs,
                                                                                       capsys):
     run_dir = tmp_path / "run"
-    folder = small_disk(run_dir / "checkpoints")
+    folder = mount_tmpfs("1m", at=run_dir / "checkpoints")
 
     def boom(trainer):
         raise RuntimeError("boom")
@@ -247,15 +212,15 @@ def test_the_key_is_async_in_files_and_either_name_in_code():
     assert config_changes(saved, now) == [("checkpoint.async", False, True)]
 
 
-def test_check_shows_async_and_names_it_in_errors(project, run_cli):
+def test_check_shows_async_and_names_it_in_errors(project):
     cfg = project.write(project.text + "checkpoint: {async: true}\n")
-    proc = run_cli("check", cfg, timeout=60)
+    proc = in_process("check", cfg)
     assert proc.returncode == 0, proc.stderr
     assert "checkpoint:\n  every_n_steps: null\n  keep_last: 3\n  save_final: true\n  async: true\n" in proc.stdout
     project.write(project.text + "checkpoint: {asyn: true}\n")
-    proc = run_cli("check", cfg, timeout=60)
+    proc = in_process("check", cfg)
     assert proc.returncode == 2 and "checkpoint.asyn: unknown key 'asyn'; did you mean 'async'?" in proc.stderr
-    proc = run_cli("check", project.write(project.text), "checkpoint.async=maybe", timeout=60)
+    proc = in_process("check", project.write(project.text), "checkpoint.async=maybe")
     assert proc.returncode == 2 and "checkpoint.async: Input should be a valid boolean" in proc.stderr
 
 

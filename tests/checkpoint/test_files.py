@@ -12,62 +12,34 @@ import sys
 import time
 import warnings
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import batches, mlp, quiet
+from helpers import assert_tensors_equal, batches, in_process, mlp, process_env, project_config, project_module, quiet
 from trainer import Trainer
 from trainer.checkpoint import (
     CheckpointError, find_resume_checkpoint, list_checkpoints, load_checkpoint, rotate, save_checkpoint, save_sharded,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-PROJECT = Path(__file__).resolve().parents[1] / "project"
-
-EXACT = """\
-name: exact
-out_dir: {out}
-trainer: killers.NoisyTrainer
-seed: 3
-max_epochs: 4
-batch_size: 16
-num_workers: 2
-grad_accum_steps: 2
-deterministic: true
-log_every_n_steps: 1
-eval_every_n_epochs: 2
-progress: "off"
-checkpoint: {every_n_steps: 3, keep_last: 2}
-model:
-  _target_: trainer.examples.models.MLP
-  in_features: 16
-  hidden: 32
-  out_features: 4
-  dropout: 0.2
-data:
-  _target_: trainer.examples.synthetic.classification
-  n_train: 200
-  n_val: 64
-loss: torch.nn.functional.cross_entropy
-optimizer:
-  _target_: torch.optim.AdamW
-  lr: 1.0e-2
-scheduler:
-  _target_: torch.optim.lr_scheduler.StepLR
-  step_size: 5
-  gamma: 0.5
-"""
+# The test project (helpers.PROJECT_CONFIG) made to draw from every random generator (NoisyTrainer,
+# dropout, two loader workers), with accumulation, a schedule and validation: 28 steps in four epochs.
+EXACT = project_config(
+    name="exact", out_dir="{out}", trainer="killers.NoisyTrainer", seed=3, max_steps=None, max_epochs=4, num_workers=2,
+    grad_accum_steps=2, deterministic=True, log_every_n_steps=1, eval_every_n_epochs=2,
+    checkpoint={"every_n_steps": 3, "keep_last": 2}, model={"hidden": 32, "dropout": 0.2},
+    data={"n_train": 200, "n_val": 64}, optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2},
+    scheduler={"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 5, "gamma": 0.5})
 
 
 def cli(*args, cwd=None, timeout=300, wait=True):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")]))
+    """``trainer ARGS`` as a real process: for a kill, a signal, an exit status, Python's warning lines."""
     cmd = [sys.executable, "-m", "trainer", *map(str, args)]
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+        return subprocess.Popen(cmd, cwd=cwd, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=process_env())
 
 
 def config(tmp_path, text=EXACT):
@@ -86,28 +58,16 @@ def train_losses(run_dir):
     return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
 
 
-def assert_tensors_equal(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_tensors_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_tensors_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run."""
-    tmp = tmp_path_factory.mktemp("reference")
-    proc = cli("run", config(tmp))
-    assert proc.returncode == 0, proc.stderr
-    run_dir = tmp / "runs" / "exact"
+def reference(shared_run):
+    """The uninterrupted run, made once (in a test process: what the tests check is that a killed run
+    resumes to it)."""
+
+    def make(folder):
+        proc = in_process("run", config(folder))
+        assert proc.returncode == 0, proc.stderr
+
+    run_dir = shared_run("files.reference", make) / "runs" / "exact"
     return final_state(run_dir), train_losses(run_dir)
 
 
@@ -134,7 +94,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, where, step):
     if where == "during_save":
         assert leftovers, "the kill should have left a half-written temp file"
         assert "step-00000009.pt" not in [p.name for p in list_checkpoints(run_dir / "checkpoints")]
-    second = cli("run", cfg, "--resume", "auto")
+    second = in_process("run", cfg, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert "resume: continuing from" in second.stdout
     assert_same_as_reference(reference, run_dir)
@@ -151,7 +111,7 @@ def test_sigkill_from_outside_at_a_random_moment(reference, tmp_path):
     time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    second = cli("run", cfg, "--resume", "auto")
+    second = in_process("run", cfg, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert_same_as_reference(reference, run_dir)
 
@@ -218,7 +178,7 @@ def test_sigkill_during_a_background_write_resumes_from_the_checkpoint_before(re
     run_dir = tmp_path / "runs" / "exact"
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-00000003.pt", "step-00000006.pt"]
     assert [name.split(".tmp-")[0] for name in temp_files(run_dir)] == [".step-00000009.pt"]
-    second = cli("run", cfg, "--resume", "auto")
+    second = in_process("run", cfg, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert f"continuing from {run_dir / 'checkpoints' / 'step-00000006.pt'} (step 6)" in second.stdout
     assert temp_files(run_dir) == []
@@ -332,7 +292,7 @@ def test_no_good_checkpoint_left_exits_2_naming_the_path(tmp_path):
     run_dir = tmp_path / "runs" / "exact"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "step-00000004.pt").write_bytes(b"PK\x03\x04garbage")
-    proc = cli("run", config(tmp_path), "--resume", "auto")
+    proc = in_process("run", config(tmp_path), "--resume", "auto")
     assert proc.returncode == 2
     assert "step-00000004.pt" in proc.stderr and "Traceback" not in proc.stderr
     assert "PytorchStreamReader" not in proc.stderr.split("error:")[-1]
@@ -340,7 +300,7 @@ def test_no_good_checkpoint_left_exits_2_naming_the_path(tmp_path):
 
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
     text = EXACT.replace("max_epochs: 4", "max_epochs: 1").replace("num_workers: 2", "num_workers: 0")
-    proc = cli("run", config(tmp_path, text), "--resume", "auto")
+    proc = in_process("run", config(tmp_path, text), "--resume", "auto")
     assert proc.returncode == 0, proc.stderr
     assert "no checkpoint" in proc.stdout and "starting from scratch" in proc.stdout
 
@@ -600,9 +560,9 @@ SMALL = EXACT.replace("max_epochs: 4", "max_epochs: 2").replace("num_workers: 2"
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    """A real run's directory, to copy and damage: checkpoints at steps 12 and 14 (the last)."""
+    """A run's directory, to copy and damage: checkpoints at steps 12 and 14 (the last)."""
     tmp = tmp_path_factory.mktemp("small_run")
-    proc = cli("run", config(tmp, SMALL))
+    proc = in_process("run", config(tmp, SMALL))
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in list_checkpoints(tmp / "runs" / "exact" / "checkpoints")][-2:] == [
         "step-00000012.pt", "step-00000014.pt"]
@@ -614,7 +574,7 @@ def test_eval_of_a_damaged_checkpoint_exits_2_with_one_line(small_run, tmp_path,
     shutil.copytree(small_run, tmp_path / "runs")
     newest = tmp_path / "runs" / "exact" / "checkpoints" / "step-00000014.pt"
     damage(newest, how)
-    proc = cli("eval", config(tmp_path, SMALL), "--checkpoint", newest)
+    proc = in_process("eval", config(tmp_path, SMALL), "--checkpoint", newest)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""  # no metrics of other weights
     last = proc.stderr.strip().splitlines()[-1]
@@ -625,7 +585,7 @@ def test_resume_auto_past_a_damaged_checkpoint_names_both_files(small_run, tmp_p
     shutil.copytree(small_run, tmp_path / "runs")
     checkpoints = tmp_path / "runs" / "exact" / "checkpoints"
     damage(checkpoints / "step-00000014.pt", "external_attributes")
-    proc = cli("run", config(tmp_path, SMALL), "--resume", "auto")
+    proc = in_process("run", config(tmp_path, SMALL), "--resume", "auto")
     assert proc.returncode == 0, proc.stderr
     assert f"{checkpoints / 'step-00000014.pt'} could not be loaded; falling back to " \
            f"{checkpoints / 'step-00000012.pt'} (step 12)" in proc.stderr
@@ -637,8 +597,7 @@ def test_resume_auto_past_a_damaged_checkpoint_names_both_files(small_run, tmp_p
 
 
 def nan_run(policy, tmp_path=None, **extra):
-    sys.path.insert(0, str(PROJECT))
-    from killers import NaNTrainer
+    NaNTrainer = project_module("killers").NaNTrainer
 
     model = mlp(seed=2)
     t = NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(8, 4), loss_fn=F.cross_entropy,
@@ -682,8 +641,7 @@ def test_too_many_consecutive_skips_become_an_error():
 def test_nan_on_the_device_path_with_a_fused_optimizer():
     """The CUDA path, run on CPU: the step skips itself on the device (fused optimizer) and the
     host finds out at the log point (here every step), naming the first bad step."""
-    sys.path.insert(0, str(PROJECT))
-    from killers import NaNTrainer
+    NaNTrainer = project_module("killers").NaNTrainer
 
     model = mlp(seed=2)
     t = NaNTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), batches(8, 4),

@@ -2,25 +2,16 @@
 for the many mistakes (same code path, no interpreter start per case)."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from conftest import PROJECT_CONFIG
+from helpers import PROJECT_CONFIG, ROOT, in_process, invoke
 from trainer.checkpoint import load_checkpoint
-from trainer.cli import app
 from trainer.evaluation.export import build_model
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +26,8 @@ def ema_run(tmp_path_factory):
     return root / "runs" / "t"
 
 
-def test_export_writes_the_ema_weights_and_the_model_config(ema_run, tmp_path, run_cli):
-    proc = run_cli("export", ema_run, "--out", tmp_path / "model.safetensors")
+def test_export_writes_the_ema_weights_and_the_model_config(ema_run, tmp_path):
+    proc = in_process("export", ema_run, "--out", tmp_path / "model.safetensors")
     assert proc.returncode == 0, proc.stderr
     newest = ema_run / "checkpoints" / "step-00000004.pt"
     assert proc.stdout.splitlines()[0].startswith(

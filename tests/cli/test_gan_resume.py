@@ -2,27 +2,24 @@
 with --resume auto ends with the uninterrupted run's weights, optimizer states and metric history."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import ROOT, in_process, process_env
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.observability.timing import is_timing
 
-ROOT = Path(__file__).resolve().parents[2]
-PROJECT = ROOT / "tests" / "project"
 SMALL = ["max_steps=40", "log_every_n_steps=10", "eval_every_n_steps=20", "checkpoint.every_n_steps=15",
          "batch_size=64", "model.hidden=32", "data.n_train=1024", "data.n_val=128", "progress=off"]
 
 
 def run(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], env=env, capture_output=True,
+    """``trainer ARGS`` as a real process, which the test kills."""
+    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], env=process_env(), capture_output=True,
                           text=True, timeout=300)
 
 
@@ -40,14 +37,14 @@ def records(run_dir):
 
 @pytest.mark.slow
 def test_gan_killed_mid_run_resumes_to_the_uninterrupted_runs_weights_and_metrics(tmp_path):
-    whole = run("run", config(tmp_path / "whole"), *SMALL)
+    whole = in_process("run", config(tmp_path / "whole"), *SMALL)
     assert whole.returncode == 0, whole.stderr
     marker = tmp_path / "cut" / "fired"
     kill = f"callbacks:\n  - {{_target_: killers.KillAt, where: after_step, step: 23, marker: '{marker}'}}\n"
     cut_config = config(tmp_path / "cut", kill)
     first = run("run", cut_config, *SMALL)
     assert first.returncode == -signal.SIGKILL and marker.exists(), first.stderr
-    second = run("run", cut_config, *SMALL, "--resume", "auto")
+    second = in_process("run", cut_config, *SMALL, "--resume", "auto")
     assert second.returncode == 0, second.stderr
 
     a_dir, b_dir = tmp_path / "whole" / "runs" / "gan", tmp_path / "cut" / "runs" / "gan"

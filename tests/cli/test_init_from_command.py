@@ -6,6 +6,7 @@ import safetensors.torch
 import torch
 import yaml
 
+from helpers import in_process
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.examples.models import MLP
 
@@ -17,10 +18,10 @@ def weights_file(project, name="start.safetensors"):
     return state
 
 
-def test_a_run_starts_from_init_from_and_records_it(project, run_cli):
+def test_a_run_starts_from_init_from_and_records_it(project):
     state = weights_file(project)
     project.write(project.text + "init_from: start.safetensors\n")
-    proc = run_cli("run", project.config, cwd=project.root)
+    proc = in_process("run", project.config, cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert "init_from: loaded 6 tensors from start.safetensors (safetensors)" in proc.stdout
     run_dir = project.runs / "t"
@@ -30,16 +31,16 @@ def test_a_run_starts_from_init_from_and_records_it(project, run_cli):
     assert final["config"]["init_from"]["path"] == "start.safetensors"
     assert sorted(final["model"]) == sorted(state)
 
-    check = run_cli("check", project.config, cwd=project.root)
+    check = in_process("check", project.config, cwd=project.root)
     assert check.returncode == 0, check.stderr
     assert "# init_from: loaded 6 tensors from start.safetensors (safetensors)" in check.stdout
 
 
-def test_a_missing_file_is_a_config_error_at_init_from(project, run_cli):
+def test_a_missing_file_is_a_config_error_at_init_from(project):
     project.write(project.text + "init_from: {path: nowhere/start.pt, strict: false}\n")
     line_number = project.text.count("\n") + 1
     for command in ("run", "check"):
-        proc = run_cli(command, project.config, cwd=project.root)
+        proc = in_process(command, project.config, cwd=project.root)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, proc.stderr
         assert lines[-1].startswith(f"error: {project.config}:{line_number}:")
@@ -49,15 +50,15 @@ def test_a_missing_file_is_a_config_error_at_init_from(project, run_cli):
     assert not (project.runs / "t" / "config.yaml").exists() and not (project.runs / "t" / "checkpoints").exists()
 
 
-def test_resume_auto_continues_from_the_checkpoint_without_reading_init_from(project, run_cli):
+def test_resume_auto_continues_from_the_checkpoint_without_reading_init_from(project):
     weights_file(project)
     project.write(project.text + "init_from: start.safetensors\ncheckpoint: {every_n_steps: 2, keep_last: null}\n")
-    whole = run_cli("run", project.config, "name=whole", cwd=project.root)
+    whole = in_process("run", project.config, "name=whole", cwd=project.root)
     assert whole.returncode == 0, whole.stderr
-    first = run_cli("run", project.config, "name=split", "max_steps=2", cwd=project.root)
+    first = in_process("run", project.config, "name=split", "max_steps=2", cwd=project.root)
     assert first.returncode == 0, first.stderr
     (project.root / "start.safetensors").unlink()  # a resume must not need it
-    second = run_cli("run", project.config, "name=split", "max_steps=4", "--resume", "auto", cwd=project.root)
+    second = in_process("run", project.config, "name=split", "max_steps=4", "--resume", "auto", cwd=project.root)
     assert second.returncode == 0, second.stderr
     assert "init_from" not in second.stdout  # nothing loaded: the checkpoint's weights go on training
     a = load_checkpoint(list_checkpoints(project.runs / "whole" / "checkpoints")[-1])

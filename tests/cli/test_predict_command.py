@@ -6,20 +6,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from conftest import PROJECT_CONFIG
+from helpers import PROJECT_CONFIG, in_process, invoke
 from trainer.checkpoint import load_checkpoint
-from trainer.cli import app
 from trainer.examples.models import MLP
 from trainer.examples.synthetic import classification
 
 WITH_TEST = PROJECT_CONFIG.replace("n_val: 32\n", "n_val: 32\n  n_test: 13\n")
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +34,9 @@ def expected_logits(run, split):
         return model.eval()(x)
 
 
-def test_predict_writes_the_test_splits_outputs_from_the_runs_newest_checkpoint(finished, run_cli):
+def test_predict_writes_the_test_splits_outputs_from_the_runs_newest_checkpoint(finished):
     root, config, run = finished
-    proc = run_cli("predict", config, "--checkpoint", run, "--out", "preds.pt", cwd=root)
+    proc = in_process("predict", config, "--checkpoint", run, "--out", "preds.pt", cwd=root)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == (
         "wrote preds.pt: 13 predictions of the test data, predictions (13, 4) float32; the trained weights of "

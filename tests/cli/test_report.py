@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from helpers import in_process
 from trainer import run_dir as run_files
 from trainer.cli.report import format_table, monitored, runs_table
 
@@ -115,18 +116,18 @@ def test_plot_draws_a_panel_per_metric_on_one_step_axis_and_no_empty_panel(tmp_p
     assert len({line.get_linestyle() for line in shares}) == 4  # one style per share, no gpu_busy logged on CPU
 
 
-def test_plot_metric_on_the_command_line(tmp_path, run_cli):
+def test_plot_metric_on_the_command_line(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
     runs = [write_logged_run(tmp_path, "a"), write_logged_run(tmp_path, "b", shift=0.05)]
     out = tmp_path / "curves.png"
-    proc = run_cli("plot", *runs, "--metric", "val/teacher_acc", "--metric", "val/loss", "--out", out)
+    proc = in_process("plot", *runs, "--metric", "val/teacher_acc", "--metric", "val/loss", "--out", out)
     assert proc.returncode == 0, proc.stderr
     with Image.open(out) as image:
         assert image.size == (990, round((0.6 + 2.4 * 5) * 110))  # five panels, one above the other
 
-    proc = run_cli("plot", *runs, "--metric", "val/teacher_ac", "--out", out)
+    proc = in_process("plot", *runs, "--metric", "val/teacher_ac", "--out", out)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --metric val/teacher_ac: no run logged it; did you mean 'val/teacher_acc'? logged: lr, train/loss, "

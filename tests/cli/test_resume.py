@@ -4,33 +4,12 @@ The runs train in bf16-true (weights, gradients and optimizer state in bf16); th
 held bit for bit by tests/checkpoint/test_files.py."""
 
 import json
-import os
 import signal
 
 import pytest
 
+from helpers import NOISY, in_process, process_env, project_config
 from trainer.observability.timing import is_timing
-
-PROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "project")
-
-CONFIG = """\
-name: r
-out_dir: {out}
-trainer: killers.NoisyTrainer
-seed: 5
-max_epochs: 3
-batch_size: 16
-log_every_n_steps: 4
-eval_every_n_epochs: 1
-progress: "off"
-precision: bf16-true
-checkpoint: {{every_n_steps: 5, keep_last: 10}}
-model: {{_target_: trainer.examples.models.MLP, in_features: 16, hidden: 16, out_features: 4, dropout: 0.2}}
-data: {{_target_: trainer.examples.synthetic.classification, n_train: 96, n_val: 32}}
-loss: torch.nn.functional.cross_entropy
-optimizer: {{_target_: torch.optim.AdamW, lr: 1.0e-2}}
-"""
-
 
 def records(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -40,32 +19,18 @@ def records(run_dir):
 
 def write(tmp_path, kill=""):
     path = tmp_path / "cfg.yaml"
-    path.write_text(CONFIG.format(out=tmp_path / "runs") + kill)
+    path.write_text(project_config(NOISY, out_dir=str(tmp_path / "runs"), precision="bf16-true") + kill)
     return path
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, run_cli_module):
+def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whole")
-    proc = run_cli_module("run", write(tmp))
+    proc = in_process("run", write(tmp))
     assert proc.returncode == 0, proc.stderr
     found = records(tmp / "runs" / "r")
     assert [r["step"] for r in found] == [4, 6, 8, 12, 12, 16, 18, 18]  # 6 steps an epoch, validation at 6, 12, 18
     return found
-
-
-@pytest.fixture(scope="module")
-def run_cli_module():
-    import subprocess
-    import sys
-
-    def run(*args):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(PROJECT), PROJECT,
-                                                          os.environ.get("PYTHONPATH", "")]))
-        return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], env=env, capture_output=True,
-                              text=True, timeout=300)
-
-    return run
 
 
 @pytest.mark.slow
@@ -77,40 +42,40 @@ def run_cli_module():
     ("after_step", 5, signal.SIGKILL),  # past the first log point, before the first checkpoint: a fresh start
 ])
 def test_metric_files_after_a_stop_and_a_resume_equal_the_uninterrupted_run(
-        uninterrupted, run_cli_module, tmp_path, where, step, signum):
+        uninterrupted, run_cli, tmp_path, where, step, signum):
     marker = tmp_path / "fired"
     kill = f"callbacks:\n  - {{_target_: killers.KillAt, where: {where}, step: {step}, marker: '{marker}', signum: {int(signum)}}}\n"
     cfg = write(tmp_path, kill)
-    first = run_cli_module("run", cfg)
+    first = run_cli("run", cfg, env={"PYTHONPATH": process_env()["PYTHONPATH"]})  # a real process, really stopped
     assert first.returncode in (-signal.SIGKILL, 128 + signal.SIGTERM), first.stderr
     assert marker.exists()
     if signum == signal.SIGTERM:  # a stopped run logged what the uninterrupted run logged up to then, no more
         stopped = records(tmp_path / "runs" / "r")
         assert stopped and stopped == uninterrupted[:len(stopped)]
-    second = run_cli_module("run", cfg, "--resume", "auto")
+    second = in_process("run", cfg, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert records(tmp_path / "runs" / "r") == uninterrupted
     # And a resume of the finished run adds nothing.
-    third = run_cli_module("run", cfg, "--resume", "auto")
+    third = in_process("run", cfg, "--resume", "auto")
     assert third.returncode == 0 and "nothing to continue" in third.stdout
     assert records(tmp_path / "runs" / "r") == uninterrupted
 
 
 @pytest.mark.slow
-def test_a_refused_resume_changes_nothing_and_accepted_changes_are_recorded(run_cli_module, tmp_path):
+def test_a_refused_resume_changes_nothing_and_accepted_changes_are_recorded(tmp_path):
     cfg = write(tmp_path)
-    assert run_cli_module("run", cfg, "max_epochs=1").returncode == 0
+    assert in_process("run", cfg, "max_epochs=1").returncode == 0
     run_dir = tmp_path / "runs" / "r"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
 
-    refused = run_cli_module("run", cfg, "--resume", "auto", "optimizer.lr=0.05", "batch_size=8")
+    refused = in_process("run", cfg, "--resume", "auto", "optimizer.lr=0.05", "batch_size=8")
     assert refused.returncode == 2, refused.stderr
     message = refused.stderr.strip().splitlines()[-1]
     assert "optimizer.lr: 0.01 -> 0.05 (breaks exact resume)" in message
     assert "batch_size: 16 -> 8 (breaks exact resume)" in message and "--accept-changes" in message
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
 
-    accepted = run_cli_module("run", cfg, "--resume", "auto", "optimizer.lr=0.05", "max_epochs=2", "--accept-changes")
+    accepted = in_process("run", cfg, "--resume", "auto", "optimizer.lr=0.05", "max_epochs=2", "--accept-changes")
     assert accepted.returncode == 0, accepted.stderr
     assert "optimizer.lr: 0.01 -> 0.05" in accepted.stdout
     assert "lr: 0.05" in (run_dir / "config.yaml").read_text()

@@ -1,7 +1,8 @@
 """What ``trainer run`` may do to the folders it is given: run names that stay inside out_dir,
 ``--overwrite`` that deletes only a run, a lock held by the live run, leftovers of killed saves,
 the machine's conditions as one line and exit 2, a finished run left alone and a failed one replaced.
-Real processes, real files, real mounts where a full or read-only disk is needed."""
+Real files, real mounts where a full or read-only disk is needed, a real live run to hold its lock; the
+command under test runs in this process (``in_process``: the same code path, no interpreter start)."""
 
 import fcntl
 import json
@@ -15,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project
+from helpers import Project, in_process, process_env
 from trainer import run_dir as run_files
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -42,12 +41,12 @@ def records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, run_cli) -> Path:
-    """The test project's run ``t`` as a real ``trainer run`` leaves it: finished at step 4, with its
-    final checkpoint. Made once for the module; ``copy_finished`` gives a test its own copy."""
+def finished_run(tmp_path_factory) -> Path:
+    """The test project's run ``t`` as ``trainer run`` leaves it: finished at step 4, with its final
+    checkpoint. Made once for the module; ``copy_finished`` gives a test its own copy."""
     project = Project(tmp_path_factory.mktemp("finished"))
     project.write(project.text)
-    proc = run_cli("run", project.config, cwd=project.root)
+    proc = in_process("run", project.config, cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     return project.runs / "t"
 
@@ -63,45 +62,45 @@ def copy_finished(finished_run: Path, to: Path) -> Path:
 
 @pytest.mark.parametrize("name", ["..", ".", "../../x", "a/b", "a\\\\b", "x" * 101, "\U0001F600" * 26, "a\\0b",
                                   "a\\nb"])
-def test_a_name_that_is_not_one_folder_is_refused_at_its_line(project, run_cli, name):
+def test_a_name_that_is_not_one_folder_is_refused_at_its_line(project, name):
     # A name that reaches outside out_dir (or that no file system takes) is a config error at its
     # line, before any folder is touched, --overwrite or not.
     project.write(f'name: "{name}"\n' + project.text.replace("name: t\n", ""))
     (project.root / "keep.txt").write_text("the user's file")
     before = snapshot(project.root)
-    line = one_error_line(run_cli("run", project.config, "--overwrite", cwd=project.root))
+    line = one_error_line(in_process("run", project.config, "--overwrite", cwd=project.root))
     assert line.startswith(f"error: {project.config}:1:7: name: ")
     assert snapshot(project.root) == before
 
 
-def test_dot_dot_with_overwrite_leaves_the_project_folder(project, run_cli, finished_run):
+def test_dot_dot_with_overwrite_leaves_the_project_folder(project, finished_run):
     (project.root / "my_model.py").write_text("# the user's code\n")
     copy_finished(finished_run, project.runs / "t")
     before = snapshot(project.root)
-    line = one_error_line(run_cli("run", project.config, "name=..", "--overwrite", cwd=project.root))
+    line = one_error_line(in_process("run", project.config, "name=..", "--overwrite", cwd=project.root))
     assert "command line 'name=..': name: '..' is not a folder of its own" in line
     assert snapshot(project.root) == before
 
 
-def test_dot_with_overwrite_leaves_the_other_runs(project, run_cli):
+def test_dot_with_overwrite_leaves_the_other_runs(project):
     for name in ("a", "b"):
-        assert run_cli("run", project.config, f"name={name}", cwd=project.root).returncode == 0
+        assert in_process("run", project.config, f"name={name}", cwd=project.root).returncode == 0
     before = snapshot(project.runs)
-    one_error_line(run_cli("run", project.config, "name=.", "--overwrite", cwd=project.root))
+    one_error_line(in_process("run", project.config, "name=.", "--overwrite", cwd=project.root))
     assert snapshot(project.runs) == before
 
 
 @pytest.mark.parametrize("name", ["../../outside", "/ABSOLUTE"])
-def test_a_name_never_writes_outside_out_dir(tmp_path, project, run_cli, name):
+def test_a_name_never_writes_outside_out_dir(tmp_path, project, name):
     name = name.replace("/ABSOLUTE", str(tmp_path / "absolute"))
-    one_error_line(run_cli("run", project.config, f"name={name}", cwd=project.root))
+    one_error_line(in_process("run", project.config, f"name={name}", cwd=project.root))
     assert not (tmp_path.parent / "outside").exists() and not (tmp_path / "absolute").exists()
     assert not project.runs.exists()
 
 
-def test_the_longest_name_allowed_makes_a_run(project, run_cli):
+def test_the_longest_name_allowed_makes_a_run(project):
     name = "n" * run_files.NAME_MAX_BYTES
-    proc = run_cli("run", project.config, f"name={name}", "max_steps=1", cwd=project.root)
+    proc = in_process("run", project.config, f"name={name}", "max_steps=1", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert (project.runs / name / run_files.CONFIG).is_file()
 
@@ -109,12 +108,12 @@ def test_the_longest_name_allowed_makes_a_run(project, run_cli):
 # ------------------------------------------------------------------ --overwrite deletes a run, and only a run
 
 
-def test_overwrite_replaces_only_the_run_it_names(project, run_cli, finished_run):
+def test_overwrite_replaces_only_the_run_it_names(project, finished_run):
     copy_finished(finished_run, project.runs / "t")
-    assert run_cli("run", project.config, "name=other", cwd=project.root).returncode == 0
+    assert in_process("run", project.config, "name=other", cwd=project.root).returncode == 0
     (project.runs / "notes.txt").write_text("beside the runs")
     others = {k: v for k, v in snapshot(project.runs).items() if not k.startswith("t/")}
-    proc = run_cli("run", project.config, "--overwrite", "max_steps=2", cwd=project.root)
+    proc = in_process("run", project.config, "--overwrite", "max_steps=2", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert [r["step"] for r in records(project.runs / "t") if "train/loss" in r] == [2]
     assert sorted(p.name for p in (project.runs / "t" / "checkpoints").iterdir()) == ["step-00000002.pt"]
@@ -122,35 +121,35 @@ def test_overwrite_replaces_only_the_run_it_names(project, run_cli, finished_run
 
 
 @pytest.mark.parametrize("flags", [["--overwrite"], [], ["--resume", "auto"]])
-def test_a_folder_that_is_not_a_run_is_left_alone(project, run_cli, flags):
+def test_a_folder_that_is_not_a_run_is_left_alone(project, flags):
     folder = project.runs / "t"
     folder.mkdir(parents=True)
     (folder / "thesis.tex").write_text("years of work")
     (folder / "data").mkdir()
     (folder / "data" / "x.csv").write_text("1,2\n")
     before = snapshot(folder)
-    line = one_error_line(run_cli("run", project.config, *flags, cwd=project.root))
+    line = one_error_line(in_process("run", project.config, *flags, cwd=project.root))
     assert "runs/t holds files that are not a run's (none of config.yaml, status.json, metrics.jsonl, checkpoints/)" in line and "pick another name=" in line
     assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == ["data", "thesis.tex"]
 
 
 @pytest.mark.parametrize("flags", [["--overwrite"], ["--resume", "auto"]])
-def test_a_run_directory_that_is_a_link_is_refused(tmp_path, project, run_cli, flags, finished_run):
+def test_a_run_directory_that_is_a_link_is_refused(tmp_path, project, flags, finished_run):
     # The link points at a real run elsewhere: --overwrite through it would empty that run.
     elsewhere = tmp_path / "elsewhere"
     copy_finished(finished_run, elsewhere / "t")
     project.runs.mkdir()
     (project.runs / "t").symlink_to(elsewhere / "t")
     before = snapshot(elsewhere)
-    line = one_error_line(run_cli("run", project.config, *flags, cwd=project.root))
+    line = one_error_line(in_process("run", project.config, *flags, cwd=project.root))
     assert "runs/t is a symbolic link; a run directory is a real folder in runs" in line
     assert snapshot(elsewhere) == before
 
 
-def test_overwrite_and_resume_together_are_refused(project, run_cli, finished_run):
+def test_overwrite_and_resume_together_are_refused(project, finished_run):
     copy_finished(finished_run, project.runs / "t")
     before = snapshot(project.runs)
-    line = one_error_line(run_cli("run", project.config, "--overwrite", "--resume", "auto", cwd=project.root))
+    line = one_error_line(in_process("run", project.config, "--overwrite", "--resume", "auto", cwd=project.root))
     assert "pass one of the two" in line
     assert snapshot(project.runs) == before
 
@@ -174,8 +173,7 @@ def start_slow_run(project) -> subprocess.Popen:
     project.write(SLOW, "slow.py")
     cfg = project.write(project.text.replace("max_steps: 4", "max_steps: 100000")
                         + "callbacks: [{_target_: slow.Slow}]\n", "slow.yaml")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(cfg)], cwd=project.root, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(cfg)], cwd=project.root, env=process_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     status = project.runs / "t" / run_files.STATUS
     deadline = time.monotonic() + 120
@@ -198,7 +196,7 @@ def lock_is_free(run_dir: Path) -> bool:
         os.close(fd)
 
 
-def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project, run_cli):
+def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project):
     first = start_slow_run(project)
     run_dir = project.runs / "t"
     shown = Path("runs", "t")  # as the command line names it, relative to the project folder
@@ -206,7 +204,7 @@ def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project, 
         assert not lock_is_free(run_dir)
         assert (run_dir / run_files.LOCK).read_text().strip() == str(first.pid)
         for flags in ([], ["--resume", "auto"], ["--overwrite"]):
-            line = one_error_line(run_cli("run", project.config, *flags, cwd=project.root))
+            line = one_error_line(in_process("run", project.config, *flags, cwd=project.root))
             assert f"{shown} is in use by a live run (process {first.pid}, see {shown / '.lock'})" in line, flags
             assert first.poll() is None  # the live run goes on, its directory in place
             assert (run_dir / run_files.CONFIG).is_file() and (run_dir / run_files.STATUS).is_file()
@@ -216,7 +214,7 @@ def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project, 
     assert first.returncode == -signal.SIGKILL
     assert lock_is_free(run_dir)  # the operating system dropped it with the process
     # It died before its first checkpoint: a new run of the name takes its place without --overwrite.
-    proc = run_cli("run", project.config, "max_steps=2", cwd=project.root)
+    proc = in_process("run", project.config, "max_steps=2", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert f"{shown}: replacing an earlier run whose process ended before its first checkpoint" in proc.stdout
     assert [r["step"] for r in records(run_dir) if "train/loss" in r] == [2]
@@ -225,7 +223,7 @@ def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project, 
 # ------------------------------------------------------------------ leftovers of killed saves
 
 
-def test_temp_files_of_killed_saves_go_at_the_next_start(project, run_cli, finished_run):
+def test_temp_files_of_killed_saves_go_at_the_next_start(project, finished_run):
     run_dir = copy_finished(finished_run, project.runs / "t")
     checkpoints = run_dir / "checkpoints"
     kept = snapshot(checkpoints)
@@ -236,7 +234,7 @@ def test_temp_files_of_killed_saves_go_at_the_next_start(project, run_cli, finis
     sharded = checkpoints / ".step-00000005.tmp"
     sharded.mkdir()
     (sharded / "__0_0.distcp").write_bytes(b"half a shard")
-    proc = run_cli("run", project.config, "--resume", "auto", "max_steps=6", cwd=project.root)
+    proc = in_process("run", project.config, "--resume", "auto", "max_steps=6", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert not any(p.exists() for p in [*leftovers, sharded])
     assert {k: v for k, v in snapshot(checkpoints).items() if k in kept} == kept
@@ -246,38 +244,16 @@ def test_temp_files_of_killed_saves_go_at_the_next_start(project, run_cli, finis
 # ------------------------------------------------------------------ the machine's conditions: one line, exit 2
 
 
-def test_out_dir_that_is_a_file(project, run_cli):
+def test_out_dir_that_is_a_file(project):
     project.runs.write_text("not a folder")
-    line = one_error_line(run_cli("run", project.config, cwd=project.root))
+    line = one_error_line(in_process("run", project.config, cwd=project.root))
     assert line == "error: out_dir runs is a file, not a folder; set out_dir= to a folder for runs"
     assert project.runs.read_text() == "not a folder"
 
 
-def test_out_dir_under_a_file_cannot_be_written(project, run_cli):
-    line = one_error_line(run_cli("run", project.config, "out_dir=cfg.yaml/runs", cwd=project.root))
+def test_out_dir_under_a_file_cannot_be_written(project):
+    line = one_error_line(in_process("run", project.config, "out_dir=cfg.yaml/runs", cwd=project.root))
     assert "cannot write cfg.yaml/runs" in line and "Not a directory" in line and "set out_dir=" in line
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path):
-    """``mount_tmpfs(size, read_only=False)``: a fresh tmpfs of ``size`` (e.g. '256k'), a real small or
-    read-only file system; skips where this process may not mount one."""
-    mounted = []
-
-    def mount(size: str, read_only: bool = False) -> Path:
-        point = tmp_path / f"fs{len(mounted)}"
-        point.mkdir()
-        options = f"size={size}" + (",ro" if read_only else "")
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (root in a namespace that allows mounts): {proc.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def fill(folder: Path) -> None:
@@ -291,25 +267,25 @@ def fill(folder: Path) -> None:
             assert exc.errno == 28  # ENOSPC
 
 
-def test_a_read_only_out_dir(project, run_cli, mount_tmpfs):
+def test_a_read_only_out_dir(project, mount_tmpfs):
     read_only = mount_tmpfs("64k", read_only=True)
-    line = one_error_line(run_cli("run", project.config, f"out_dir={read_only}", cwd=project.root))
+    line = one_error_line(in_process("run", project.config, f"out_dir={read_only}", cwd=project.root))
     assert f"cannot write {read_only / 't'}: Read-only file system; set out_dir= to a folder you can write" in line
 
 
-def test_a_full_disk_at_start(project, run_cli, mount_tmpfs):
+def test_a_full_disk_at_start(project, mount_tmpfs):
     disk = mount_tmpfs("256k")
     fill(disk)
-    line = one_error_line(run_cli("run", project.config, f"out_dir={disk}", cwd=project.root))
+    line = one_error_line(in_process("run", project.config, f"out_dir={disk}", cwd=project.root))
     assert "No space left on device; free some space, or set out_dir= to another disk" in line
 
 
-def test_a_full_disk_at_a_resume_keeps_the_run(project, run_cli, mount_tmpfs):
+def test_a_full_disk_at_a_resume_keeps_the_run(project, mount_tmpfs):
     disk = mount_tmpfs("1m")
-    assert run_cli("run", project.config, f"out_dir={disk}", cwd=project.root).returncode == 0
+    assert in_process("run", project.config, f"out_dir={disk}", cwd=project.root).returncode == 0
     before = snapshot(disk / "t")
     fill(disk)
-    line = one_error_line(run_cli("run", project.config, f"out_dir={disk}", "max_steps=8", "--resume", "auto",
+    line = one_error_line(in_process("run", project.config, f"out_dir={disk}", "max_steps=8", "--resume", "auto",
                                   cwd=project.root))
     assert "No space left on device" in line
     assert snapshot(disk / "t") == before
@@ -318,11 +294,11 @@ def test_a_full_disk_at_a_resume_keeps_the_run(project, run_cli, mount_tmpfs):
 # ------------------------------------------------------------------ finished runs, failed runs
 
 
-def test_resume_auto_of_a_finished_run_adds_nothing(project, run_cli, finished_run):
+def test_resume_auto_of_a_finished_run_adds_nothing(project, finished_run):
     run_dir = copy_finished(finished_run, project.runs / "t")
     before = snapshot(run_dir)
     for limits in ([], ["max_steps=3"]):  # the same limits, or limits already reached
-        proc = run_cli("run", project.config, "--resume", "auto", *limits, cwd=project.root)
+        proc = in_process("run", project.config, "--resume", "auto", *limits, cwd=project.root)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == ("runs/t: the run finished at step 4 and its newest checkpoint is the "
                                        "final one; nothing to continue (raise max_steps or max_epochs to train "
@@ -330,9 +306,9 @@ def test_resume_auto_of_a_finished_run_adds_nothing(project, run_cli, finished_r
         assert snapshot(run_dir) == before
 
 
-def test_resume_auto_of_a_finished_run_with_raised_limits_continues(project, run_cli, finished_run):
+def test_resume_auto_of_a_finished_run_with_raised_limits_continues(project, finished_run):
     run_dir = copy_finished(finished_run, project.runs / "t")
-    proc = run_cli("run", project.config, "--resume", "auto", "max_steps=6", cwd=project.root)
+    proc = in_process("run", project.config, "--resume", "auto", "max_steps=6", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert "finished: step 6" in proc.stdout
     steps = [r["step"] for r in records(run_dir) if "train/loss" in r]
@@ -352,35 +328,35 @@ class FailAt:
 """
 
 
-def test_a_run_that_failed_before_its_first_checkpoint_is_replaced(project, run_cli):
+def test_a_run_that_failed_before_its_first_checkpoint_is_replaced(project):
     project.write(FAIL, "fail.py")
     failing = project.write(project.text + "callbacks: [{_target_: fail.FailAt, step: 2}]\n", "failing.yaml")
-    assert run_cli("run", failing, cwd=project.root).returncode == 1
+    assert in_process("run", failing, cwd=project.root).returncode == 1
     run_dir = project.runs / "t"
     assert json.loads((run_dir / run_files.STATUS).read_text())["status"] == "failed"
-    proc = run_cli("run", project.config, cwd=project.root)
+    proc = in_process("run", project.config, cwd=project.root)
     assert proc.returncode == 0, proc.stderr
     assert "runs/t: replacing an earlier run that failed before its first checkpoint" in proc.stdout
     assert [r["step"] for r in records(run_dir) if "train/loss" in r] == [2, 4]
     assert json.loads((run_dir / run_files.STATUS).read_text())["status"] == "finished"
 
 
-def test_a_failed_run_with_a_checkpoint_is_kept(project, run_cli):
+def test_a_failed_run_with_a_checkpoint_is_kept(project):
     project.write(FAIL, "fail.py")
     failing = project.write(project.text + "checkpoint: {every_n_steps: 1}\n"
                             "callbacks: [{_target_: fail.FailAt, step: 3}]\n", "failing.yaml")
-    assert run_cli("run", failing, cwd=project.root).returncode == 1
+    assert in_process("run", failing, cwd=project.root).returncode == 1
     before = snapshot(project.runs)
-    line = one_error_line(run_cli("run", project.config, cwd=project.root))
+    line = one_error_line(in_process("run", project.config, cwd=project.root))
     assert "already holds a run; continue it with --resume auto" in line
     assert snapshot(project.runs) == before
 
 
-def test_the_config_is_checked_before_the_run_name(project, run_cli, finished_run):
+def test_the_config_is_checked_before_the_run_name(project, finished_run):
     copy_finished(finished_run, project.runs / "t")
     before = snapshot(project.runs)
-    line = one_error_line(run_cli("run", project.config, "optimizer.lr=abc", cwd=project.root))
+    line = one_error_line(in_process("run", project.config, "optimizer.lr=abc", cwd=project.root))
     assert "optimizer.lr: torch.optim.SGD expects" in line
-    line = one_error_line(run_cli("run", project.config, cwd=project.root))
+    line = one_error_line(in_process("run", project.config, cwd=project.root))
     assert "already holds a run" in line
     assert snapshot(project.runs) == before

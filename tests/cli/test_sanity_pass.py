@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import in_process
 import trainer as package
 from trainer import run_dir as run_files
 
@@ -50,22 +51,22 @@ def one_error_line(proc, code=2) -> str:
 
 @pytest.mark.parametrize("command", ["check", "run"])
 @pytest.mark.parametrize("mistake", list(MISTAKES))
-def test_a_mistake_that_fails_at_the_first_step_is_caught_before_it(project, run_cli, command, mistake):
+def test_a_mistake_that_fails_at_the_first_step_is_caught_before_it(project, command, mistake):
     old, new, expected = MISTAKES[mistake]
     assert old in project.text
     project.write(NOT_DATA, "my_data.py")
     project.write(project.text.replace(old, new))
-    proc = run_cli(command, "cfg.yaml", cwd=project.root)
+    proc = in_process(command, "cfg.yaml", cwd=project.root)
     assert expected in one_error_line(proc)
     assert "config OK" not in proc.stdout
     assert run_files.contents(project.runs / "t") == []  # nothing of the run written, not even its status
 
 
-def test_check_says_the_sanity_pass_ran_or_was_turned_off(project, run_cli):
-    proc = run_cli("check", "cfg.yaml", cwd=project.root)
+def test_check_says_the_sanity_pass_ran_or_was_turned_off(project):
+    proc = in_process("check", "cfg.yaml", cwd=project.root)
     assert proc.returncode == 0 and "# sanity pass: one training and one validation batch went through" in proc.stdout
     project.write(project.text.replace("in_features: 16", "in_features: 20"))
-    proc = run_cli("check", "cfg.yaml", "sanity_check=false", cwd=project.root)
+    proc = in_process("check", "cfg.yaml", "sanity_check=false", cwd=project.root)
     assert proc.returncode == 0 and "# sanity pass: off (sanity_check: false)" in proc.stdout
 
 
@@ -81,21 +82,21 @@ class MyTrainer(Trainer):
 """
 
 
-def test_the_users_error_during_a_run_is_shown_as_theirs(project, run_cli):
+def test_the_users_error_during_a_run_is_shown_as_theirs(project):
     project.write(FAILS_AT_STEP_3, "my_trainer.py")
     project.write("trainer: my_trainer.MyTrainer\n" + project.text)
-    proc = run_cli("run", "cfg.yaml", cwd=project.root)
+    proc = in_process("run", "cfg.yaml", cwd=project.root)
     line = one_error_line(proc, code=1)
     assert line == ("error: the run failed after 2 optimizer steps: RuntimeError: the third batch is bad, raised in "
                     "my_trainer.py:7 in training_step; --debug shows the traceback")
     status = json.loads((project.runs / "t" / run_files.STATUS).read_text())
     assert status["status"] == "failed" and status["error"] == "RuntimeError: the third batch is bad"
 
-    proc = run_cli("run", "cfg.yaml", "--debug", cwd=project.root)  # the failed run is replaced
+    proc = in_process("run", "cfg.yaml", "--debug", cwd=project.root)  # the failed run is replaced
     assert proc.returncode == 1 and "Traceback" in proc.stderr and 'my_trainer.py", line 7' in proc.stderr
 
 
-def test_our_own_bug_stays_an_internal_error(project, run_cli):
+def test_our_own_bug_stays_an_internal_error(project):
     # A function whose code claims a file of the trainer package: what a bug of ours looks like in a
     # traceback, without changing the package.
     ours = Path(package.__file__).parent / "callbacks.py"
@@ -112,7 +113,7 @@ def test_our_own_bug_stays_an_internal_error(project, run_cli):
                     scope["bug"](trainer)
         """, "calls_ours.py")
     project.write(project.text + "callbacks: [{_target_: calls_ours.CallsOurs}]\n")
-    proc = run_cli("run", "cfg.yaml", cwd=project.root)
+    proc = in_process("run", "cfg.yaml", cwd=project.root)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "internal error (exit 1)" in proc.stderr and "please report it" in proc.stderr
     assert json.loads((project.runs / "t" / run_files.STATUS).read_text())["status"] == "failed"

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from helpers import process_env
+from helpers import in_process, process_env, project_config
 from trainer import Callback, Trainer
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.observability.timing import is_timing
@@ -138,23 +138,17 @@ def test_a_checkpoint_from_another_number_of_workers_reads_back_to_the_position_
     assert trainer.global_step == 8
 
 
-CONFIG = """\
-name: s
-out_dir: {out}
-trainer: killers.NoisyTrainer
-seed: 3
-max_epochs: 3
-log_every_n_steps: 2
-progress: "off"
-checkpoint: {{every_n_steps: 4, keep_last: 10}}
-model: {{_target_: trainer.examples.models.MLP, in_features: 16, hidden: 16, out_features: 4, dropout: 0.2}}
-data: {{_target_: streams.logged_classification, n_train: 48, batch_size: 8}}
-loss: torch.nn.functional.cross_entropy
-optimizer: {{_target_: torch.optim.AdamW, lr: 1.0e-2}}
-"""
+# The test project (helpers.PROJECT_CONFIG) reading its batches from a StatefulDataLoader that logs each
+# index it reads (streams.logged_classification): 6 steps an epoch, three epochs, a checkpoint every 4.
+CONFIG = project_config(
+    name="s", out_dir="{out}", trainer="killers.NoisyTrainer", seed=3, max_steps=None, max_epochs=3, batch_size=None,
+    checkpoint={"every_n_steps": 4, "keep_last": 10}, model={"hidden": 16, "dropout": 0.2},
+    data={"_target_": "streams.logged_classification", "n_train": 48, "batch_size": 8},
+    optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2})
 
 
 def run(cfg, reads, *args):
+    """``trainer run`` as a real process, which the test kills."""
     env = process_env(READS_LOG=str(reads))
     return subprocess.run([sys.executable, "-m", "trainer", "run", str(cfg), *args], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -168,18 +162,18 @@ def test_a_killed_run_of_a_stateful_loader_from_yaml_resumes_reading_only_what_i
     the same weights and metric records."""
     whole = tmp_path / "whole"
     whole.mkdir()
-    (whole / "cfg.yaml").write_text(CONFIG.format(out=whole / "runs"))
-    proc = run(whole / "cfg.yaml", whole / "reads")
+    (whole / "cfg.yaml").write_text(CONFIG.replace("{out}", str(whole / "runs")))
+    proc = in_process("run", whole / "cfg.yaml", env={"READS_LOG": whole / "reads"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
     killed.mkdir()
     kill = (f"callbacks:\n  - {{_target_: killers.KillAt, where: after_step, step: 9, marker: '{killed / 'fired'}', "
             f"signum: {int(signal.SIGKILL)}}}\n")
-    (killed / "cfg.yaml").write_text(CONFIG.format(out=killed / "runs") + kill)
+    (killed / "cfg.yaml").write_text(CONFIG.replace("{out}", str(killed / "runs")) + kill)
     first = run(killed / "cfg.yaml", killed / "reads-first")
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
-    second = run(killed / "cfg.yaml", killed / "reads", "--resume", "auto")
+    second = in_process("run", killed / "cfg.yaml", "--resume", "auto", env={"READS_LOG": killed / "reads"})
     assert second.returncode == 0, second.stderr[-3000:]
 
     reads = (whole / "reads").read_text().split()

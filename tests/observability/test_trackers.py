@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import classification, mlp, process_env
+from helpers import NOISY, classification, in_process, mlp, process_env, project_config
 from trainer import Callback, MLflowLogger, Trainer, WandbLogger
 from trainer.observability.trackers import flatten, wandb_history
 from trainer.observability.timing import is_timing
@@ -169,25 +169,10 @@ def test_kill_9_and_resume_auto_leave_one_tracker_run_equal_to_the_metric_file(t
     out = tmp_path / "runs"
     marker = tmp_path / "fired"
     config = tmp_path / "cfg.yaml"
-    config.write_text(f"""\
-name: r
-out_dir: {out}
-trainer: killers.NoisyTrainer
-seed: 5
-max_epochs: 3
-batch_size: 16
-log_every_n_steps: 4
-eval_every_n_epochs: 1
-progress: "off"
-checkpoint: {{every_n_steps: 5, keep_last: 10}}
-model: {{_target_: trainer.examples.models.MLP, in_features: 16, hidden: 16, out_features: 4, dropout: 0.2}}
-data: {{_target_: trainer.examples.synthetic.classification, n_train: 96, n_val: 32}}
-loss: torch.nn.functional.cross_entropy
-optimizer: {{_target_: torch.optim.AdamW, lr: 1.0e-2}}
-loggers: [{{mlflow: {{experiment: kills}}}}, wandb]
-callbacks:
-  - {{_target_: killers.KillAt, where: after_validation, step: 18, marker: '{marker}', flush_loggers: true}}
-""")
+    loggers = [{"mlflow": {"experiment": "kills"}}, "wandb"]
+    config.write_text(project_config(NOISY, out_dir=str(out), loggers=loggers) + (
+        f"callbacks:\n  - {{_target_: killers.KillAt, where: after_validation, step: 18, marker: '{marker}', "
+        "flush_loggers: true}\n"))
     # (not the W&B service this test process started: a run killed there would hold its run id)
     env = process_env()
     env.pop("WANDB_SERVICE", None)
@@ -223,16 +208,16 @@ callbacks:
     assert without_timing(sorted(points)) == expected
 
 
-def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path, run_cli):
+def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path):
     """A tracking_uri whose folder is a file: one line naming the logger and what to check, exit 2,
     nothing trained; a config key outside MLflow's alphabet becomes a parameter all the same."""
-    from conftest import PROJECT_CONFIG
+    from helpers import PROJECT_CONFIG
 
     (tmp_path / "afile").write_text("not a folder")
     config = tmp_path / "cfg.yaml"
     config.write_text(PROJECT_CONFIG + f"out_dir: {tmp_path / 'runs'}\n"
                       f"loggers: [{{mlflow: {{tracking_uri: 'sqlite:///{tmp_path / 'afile' / 'x.db'}'}}}}]\n")
-    proc = run_cli("run", config)
+    proc = in_process("run", config)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the mlflow logger could not open its run (") and line.endswith(

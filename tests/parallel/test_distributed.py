@@ -4,42 +4,22 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import PROJECT, loopback_ok, process_env
+from helpers import PROJECT, loopback_ok, process_env, project_config, project_module, reserved_port
 from trainer.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, load_checkpoint
 
-CONFIG = """\
-name: {name}
-out_dir: {out}
-seed: 5
-max_epochs: 3
-batch_size: {batch}
-log_every_n_steps: 1
-progress: "off"
-checkpoint: {{every_n_steps: 4, keep_last: 2}}
-model:
-  _target_: trainer.examples.models.MLP
-  in_features: 16
-  hidden: 32
-  out_features: 4
-data:
-  _target_: trainer.examples.synthetic.classification
-  n_train: 128
-  n_val: 50
-loss: torch.nn.functional.cross_entropy
-optimizer:
-  _target_: torch.optim.AdamW
-  lr: 1.0e-2
-"""
-
+# The test project (helpers.PROJECT_CONFIG) for three epochs of AdamW: 24 steps at a global batch of 16.
+DDP = dict(seed=5, max_steps=None, max_epochs=3, log_every_n_steps=1, checkpoint={"every_n_steps": 4, "keep_last": 2},
+           model={"hidden": 32}, data={"n_train": 128, "n_val": 50},
+           optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2})
 
 pytestmark = [
     pytest.mark.distributed,
@@ -58,9 +38,10 @@ def single(*args, timeout=240):
                           timeout=timeout, env=process_env())
 
 
-def write(tmp_path, name, batch, extra=""):
+def write(tmp_path, name, batch, extra="", **changes):
+    """``name``.yaml: DDP's config with ``changes`` (as helpers.project_config takes them), then ``extra``."""
     path = tmp_path / f"{name}.yaml"
-    path.write_text(CONFIG.format(name=name, out=tmp_path / "runs", batch=batch) + extra)
+    path.write_text(project_config(DDP, name=name, out_dir=str(tmp_path / "runs"), batch_size=batch, **changes) + extra)
     return path
 
 
@@ -73,12 +54,14 @@ def final(run_dir):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def one_process(shared_run):
     """The run of one process with twice the batch (16), which two ranks of 8 must match; made once."""
-    tmp = tmp_path_factory.mktemp("one_process")
-    one = single("run", write(tmp, "single", batch=16))
-    assert one.returncode == 0, one.stderr
-    return tmp / "runs" / "single"
+
+    def make(folder):
+        one = single("run", write(folder, "single", batch=16))
+        assert one.returncode == 0, one.stderr
+
+    return shared_run("distributed.one_process", make) / "runs" / "single"
 
 
 def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process):
@@ -113,26 +96,24 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process)
 def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, one_process):
     # Two torchrun agents, one per "machine" (node_rank 0 and 1, one process each: both have
     # LOCAL_RANK 0), meeting at a c10d rendezvous endpoint on loopback.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cfg = write(tmp_path, "nodes", batch=8, extra="profile: {start_step: 2, steps: 1}\n")
     # Each agent's output goes to a file: a pipe that is not read while the test waits on the
     # other agent could fill and stall both.
     logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
     files = [log.open("w") for log in logs]
-    agents = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                          "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                          "--rdzv_id=nodes-test", "-m", "trainer", "run", str(cfg)],
-                         stdout=file, stderr=subprocess.STDOUT, env=process_env())
-        for node, file in zip((0, 1), files)
-    ]
-    for file in files:
-        file.close()  # each agent holds its own copy
-    for agent, log in zip(agents, logs):
-        agent.wait(timeout=240)
-        assert agent.returncode == 0, log.read_text()[-3000:]
+    with reserved_port() as port:  # held until the agents are done: no other test's socket takes it
+        agents = [
+            subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                              "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                              "--rdzv_id=nodes-test", "-m", "trainer", "run", str(cfg)],
+                             stdout=file, stderr=subprocess.STDOUT, env=process_env())
+            for node, file in zip((0, 1), files)
+        ]
+        for file in files:
+            file.close()  # each agent holds its own copy
+        for agent, log in zip(agents, logs):
+            agent.wait(timeout=240)
+            assert agent.returncode == 0, log.read_text()[-3000:]
     a, b = final(tmp_path / "runs" / "nodes"), final(one_process)
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
@@ -147,9 +128,7 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, one_process):
 def test_fewer_validation_samples_than_ranks(tmp_path):
     # One validation sample: rank 1's share is empty; it adds zeros to the exact reduction.
     def cfg(name, batch):
-        path = write(tmp_path, name, batch=batch)
-        path.write_text(path.read_text().replace("n_val: 50", "n_val: 1").replace("max_epochs: 3", "max_epochs: 1"))
-        return path
+        return write(tmp_path, name, batch=batch, data={"n_val": 1}, max_epochs=1)
 
     two = torchrun("run", cfg("ddp", 8))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -201,12 +180,9 @@ def _worker_pids(agent_pid):
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes through /proc")
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    cfg = write(tmp_path, "term", batch=8).read_text()
     # Far more epochs than it can run before the signal, however late a loaded machine lets the test
     # look (with 500 a run could finish first, and the signal then hit an exited process).
-    cfg = cfg.replace("max_epochs: 3", "max_epochs: 1000000").replace("log_every_n_steps: 1", "log_every_n_steps: 5")
-    cfg = cfg.replace("checkpoint: {every_n_steps: 4, keep_last: 2}", "checkpoint: {every_n_steps: 100000}")
-    (tmp_path / "term.yaml").write_text(cfg)
+    write(tmp_path, "term", batch=8, max_epochs=1000000, log_every_n_steps=5, checkpoint={"every_n_steps": 100000})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "trainer", "run", str(tmp_path / "term.yaml")]
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -253,11 +229,8 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
 def _elastic_config(tmp_path, name, extra=""):
     """128 samples, global batch 16 (8 a rank on two ranks): 8 steps an epoch, two epochs; a log point
     every 4 steps and a checkpoint every 3, so that each resume starts inside a log interval."""
-    path = write(tmp_path, name, batch=8, extra=extra)
-    path.write_text(path.read_text().replace("max_epochs: 3", "max_epochs: 2")
-                    .replace("log_every_n_steps: 1", "log_every_n_steps: 4")
-                    .replace("{every_n_steps: 4, keep_last: 2}", "{every_n_steps: 3, keep_last: null}"))
-    return path
+    return write(tmp_path, name, batch=8, extra=extra, max_epochs=2, log_every_n_steps=4,
+                 checkpoint={"every_n_steps": 3, "keep_last": None})
 
 
 def test_a_run_moves_from_two_ranks_to_one_and_back_keeping_its_global_batch(tmp_path):
@@ -377,9 +350,10 @@ def sharded(directory):
     """A sharded checkpoint's model and optimizer state as full tensors, read in this process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    out = directory.parent.parent / f"{directory.name}-full.pt"
-    dcp_to_torch_save(directory, out)
-    return torch.load(out, weights_only=True)
+    with tempfile.TemporaryDirectory() as folder:  # not beside it: a shared reference run is only read
+        out = Path(folder) / f"{directory.name}-full.pt"
+        dcp_to_torch_save(directory, out)
+        return torch.load(out, weights_only=True)
 
 
 def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
@@ -490,14 +464,16 @@ def test_fsdp_refuses_fused_sgd_with_the_reason(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fsdp_reference(tmp_path_factory):
-    """An uninterrupted 2-rank fsdp run with dropout (every rank draws from torch's generator)."""
-    tmp = tmp_path_factory.mktemp("fsdp_reference")
-    proc = torchrun("run", write_lm(tmp, "ref", batch=3, strategy="fsdp", dropout=0.1, checkpoint=EVERY_2))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # Validation (and the sanity pass's validation batch) leaves every parameter sharded: the optimizer's.
-    assert "the optimizer does not hold them" not in proc.stderr, proc.stderr[-3000:]
-    return tmp / "runs" / "ref"
+def fsdp_reference(shared_run):
+    """An uninterrupted 2-rank fsdp run with dropout (every rank draws from torch's generator); made once."""
+
+    def make(folder):
+        proc = torchrun("run", write_lm(folder, "ref", batch=3, strategy="fsdp", dropout=0.1, checkpoint=EVERY_2))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # Validation (and the sanity pass's validation batch) leaves every parameter sharded: the optimizer's.
+        assert "the optimizer does not hold them" not in proc.stderr, proc.stderr[-3000:]
+
+    return shared_run("distributed.fsdp_reference", make) / "runs" / "ref"
 
 
 @pytest.mark.slow
@@ -645,8 +621,7 @@ def test_fsdp_init_from_fills_each_ranks_shards_as_one_process_loads(tmp_path):
     from trainer import Trainer, read_weights
     from trainer.examples.char_lm import lm_loss, load
 
-    sys.path.insert(0, str(PROJECT))
-    from fsdp_script import rotary_lm
+    rotary_lm = project_module("fsdp_script").rotary_lm
 
     files = tmp_path / "weights"
     files.mkdir()
