@@ -34,7 +34,6 @@ from trainer.loop import sanity
 from trainer.loop import signals
 from trainer.observability import timing
 from trainer.checkpoint import weights
-from trainer import run_dir as run_files
 from trainer.config import TrainerConfig, compile_settings
 from trainer.data.batches import describe, mover
 from trainer.data.run_data import RunData
@@ -125,14 +124,9 @@ class Trainer:
 
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizers, self.device,
                                      fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
-        # The optimizer step, for the automatic loop and manual_step alike (trainer.loop.step).
-        steppers = {}
-        if compiled is not None and compiled.optimizer:  # fp16 is refused by the config: the scaler steps eagerly
-            steppers[id(self.optimizer)] = compilation.compile_step(self.optimizer, compiled, self.strategy.sharded)
-        self._step = OptimizerStep(self, self._hooks, self.strategy, self._guard, self.precision.scaler,
-                                   self.optimizers, self.schedulers, self.device, cfg.clip_grad_norm, steppers)
-        if not manual_mode:  # clipping and the non-finite check see every trainable parameter
-            self._step.set_params(self.optimizer, self.trainable_parameters())
+        self._step = OptimizerStep.for_run(self, self._hooks, self.strategy, self._guard, self.precision.scaler,
+                                           self.optimizers, self.schedulers, self.device, cfg.clip_grad_norm,
+                                           compiled, automatic=not manual_mode)
         times = timing.for_run(cfg.throughput, self.module, self.device, cfg.precision)  # time/*, tokens/s, mfu
         self._telemetry = Telemetry.for_run(self.device, times, self._guard, self.optimizers,
                                             compilation.Recompiles() if compiled is not None else None)
@@ -341,8 +335,8 @@ class Trainer:
         self.should_stop, self.stop_reason, self.stopped_by_signal = False, None, None
         self._signals.reset()
         self._data.check_not_empty()
-        if resume_from is None and not self._started and self.run_dir is not None:
-            self._claim_run_dir(overwrite)
+        if resume_from is None and not self._started:
+            self._saves.claim(overwrite)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.apply_init_from()  # a fresh run's starting weights (nothing once a checkpoint's are loaded)
@@ -421,20 +415,6 @@ class Trainer:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Trainer was closed (close() left the process group); build a new one to go on")
-
-    def _claim_run_dir(self, overwrite: bool) -> None:
-        """A fresh fit never appends to another run's metrics or replaces its checkpoints."""
-        earlier = run_files.earlier_run(self.run_dir)
-        if not earlier:
-            return
-        if not overwrite:
-            raise FileExistsError(
-                f"run_dir {self.run_dir} already holds a run ({', '.join(earlier)}); continue it with "
-                "fit(resume_from=<checkpoint>), replace it with fit(overwrite=True), or pass another run_dir"
-            )
-        if self.is_main_process:
-            run_files.remove_run_outputs(self.run_dir)
-        distributed.barrier()
 
     def _train_epoch(self) -> None:
         cfg, source, telemetry, h = self.config, self._data.train_source(), self._telemetry, self._hooks

@@ -27,6 +27,20 @@ class RunCheckpoints:
         self.deferred, self.main, self.sharded = deferred, main, sharded
         self.background = False  # checkpoint.async, while fit's loop runs
 
+    def claim(self, overwrite: bool) -> None:
+        """Before a fresh fit: it never appends to another run's metrics or replaces its checkpoints."""
+        earlier = run_files.earlier_run(self.run_dir) if self.run_dir is not None else []
+        if not earlier:
+            return
+        if not overwrite:
+            raise FileExistsError(
+                f"run_dir {self.run_dir} already holds a run ({', '.join(earlier)}); continue it with "
+                "fit(resume_from=<checkpoint>), replace it with fit(overwrite=True), or pass another run_dir"
+            )
+        if self.main:
+            run_files.remove_run_outputs(self.run_dir)
+        distributed.barrier()
+
     def due(self, step: int) -> bool:
         every = self.settings.every_n_steps
         return bool(every) and step % every == 0

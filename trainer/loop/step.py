@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from trainer.config import CompileConfig
 from trainer.data.batches import describe
+from trainer.loop import compilation
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.losses import SUM, summed
 
@@ -80,6 +82,22 @@ class OptimizerStep:
         self.params: dict[int, list[torch.Tensor]] = {}
         for opt in optimizers:
             self.set_params(opt, [p for group in opt.param_groups for p in group["params"]])
+
+    @classmethod
+    def for_run(cls, owner: Any, hooks: Mapping[str, Sequence[Callable[..., Any]]], strategy: Any,
+                guard: NonFiniteGuard, scaler: torch.amp.GradScaler, optimizers: Sequence[torch.optim.Optimizer],
+                schedulers: Sequence[Any], device: torch.device, clip_grad_norm: float | None,
+                compiled: CompileConfig | None, automatic: bool) -> OptimizerStep:
+        """The run's step: with ``compile.optimizer`` the first optimizer's step compiled (fp16 is
+        refused by the config: the scaler steps eagerly); ``automatic`` (no ``manual_step``): its
+        clipping and non-finite check see every trainable parameter of ``owner``."""
+        steppers = {}
+        if compiled is not None and compiled.optimizer:
+            steppers[id(optimizers[0])] = compilation.compile_step(optimizers[0], compiled, strategy.sharded)
+        step = cls(owner, hooks, strategy, guard, scaler, optimizers, schedulers, device, clip_grad_norm, steppers)
+        if automatic:
+            step.set_params(optimizers[0], owner.trainable_parameters())
+        return step
 
     def set_params(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
         """The parameters whose gradients ``optimizer``'s step checks, clips and rescales (the
