@@ -199,6 +199,7 @@ def one_rank_fsdp(tmp_path, monkeypatch):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_is_consolidated_into_one_file(tmp_path, one_rank_fsdp):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

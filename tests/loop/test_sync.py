@@ -138,6 +138,7 @@ def test_a_stream_adds_no_conversion_in_one_process():
     assert counts["tolist"] == 4 and counts["item"] == 1 and sum(counts.values()) == 5, counts
 
 
+@pytest.mark.slow
 def test_tracker_loggers_add_no_conversion(tmp_path, offline_trackers):
     """MLflow and W&B get floats at the log points, from a thread of their own: the loop reads
     nothing more with them attached."""

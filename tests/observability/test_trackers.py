@@ -99,6 +99,7 @@ def test_from_code_params_metrics_and_a_resume_into_the_same_runs(tmp_path):
     assert sorted(wandb_history(files[1])) == sorted(leet_points(files[1]))  # W&B's own reader agrees
 
 
+@pytest.mark.slow
 def test_a_resume_within_the_second_of_the_last_start_waits_for_the_next_second(tmp_path):
     """W&B names a run's folder after its start second and truncates the log in it: a resume started
     within that second would erase the run before it, so it waits for the next second."""
@@ -129,6 +130,7 @@ def leet_points(path):
     return points
 
 
+@pytest.mark.slow
 def test_a_send_the_tracker_refuses_warns_once_and_the_run_keeps_its_checkpoints_and_records(tmp_path):
     """MLflow refuses a metric name of 300 characters: the run goes on to its checkpoints, the tracker
     stops sending with one warning, and metrics.jsonl keeps every record."""
@@ -186,8 +188,7 @@ def test_kill_9_and_resume_auto_leave_one_tracker_run_equal_to_the_metric_file(t
     (killed,) = client.search_runs([client.get_experiment_by_name("kills").experiment_id])
     # step 16 is past the checkpoint of step 15: the resumed run replays it, and must not send it again
     assert [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")] == [4, 8, 12, 16]
-    second = subprocess.run([sys.executable, "-m", "trainer", "run", config, "--resume", "auto"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    second = in_process("run", config, "--resume", "auto")  # the resume need not be a process of its own
     assert second.returncode == 0, second.stderr
     run_dir = out / "r"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -208,6 +209,7 @@ def test_kill_9_and_resume_auto_leave_one_tracker_run_equal_to_the_metric_file(t
     assert without_timing(sorted(points)) == expected
 
 
+@pytest.mark.slow
 def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path):
     """A tracking_uri whose folder is a file: one line naming the logger and what to check, exit 2,
     nothing trained; a config key outside MLflow's alphabet becomes a parameter all the same."""

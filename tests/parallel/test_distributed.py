@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PROJECT, loopback_ok, process_env, project_config, project_module, reserved_port
+from helpers import PROJECT, in_process, loopback_ok, process_env, project_config, project_module, reserved_port
 from trainer.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, load_checkpoint
 
 # The test project (helpers.PROJECT_CONFIG) for three epochs of AdamW: 24 steps at a global batch of 16.
@@ -34,6 +34,7 @@ def torchrun(*args, timeout=240, **environ):
 
 
 def single(*args, timeout=240):
+    """``trainer ARGS`` in one process of its own: for a run that is killed, or that sets up a process group."""
     return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=process_env())
 
@@ -58,7 +59,7 @@ def one_process(shared_run):
     """The run of one process with twice the batch (16), which two ranks of 8 must match; made once."""
 
     def make(folder):
-        one = single("run", write(folder, "single", batch=16))
+        one = in_process("run", write(folder, "single", batch=16))
         assert one.returncode == 0, one.stderr
 
     return shared_run("distributed.one_process", make) / "runs" / "single"
@@ -132,7 +133,7 @@ def test_fewer_validation_samples_than_ranks(tmp_path):
 
     two = torchrun("run", cfg("ddp", 8))
     assert two.returncode == 0, two.stderr[-3000:]
-    one = single("run", cfg("single", 16))
+    one = in_process("run", cfg("single", 16))
     assert one.returncode == 0, one.stderr[-3000:]
     val = lambda d: [r["val/loss"] for r in records(d) if "val/loss" in r]
     assert val(tmp_path / "runs" / "ddp") == pytest.approx(val(tmp_path / "runs" / "single"), rel=1e-5)
@@ -249,7 +250,7 @@ def test_a_run_moves_from_two_ranks_to_one_and_back_keeping_its_global_batch(tmp
     first = torchrun("run", cfg)
     assert first.returncode != 0 and (tmp_path / "first").exists()
 
-    refused = single("run", cfg, "--resume", "auto", "on_world_size_change=error")
+    refused = single("run", cfg, "--resume", "auto", "on_world_size_change=error")  # (a KillAt waits in cfg)
     assert refused.returncode == 2
     assert ("was trained with a global batch of 16 = batch_size 8 x grad_accum_steps 1 x 2 ranks; on 1 rank this "
             "config makes it 8 (on_world_size_change: error): set grad_accum_steps: 2 or batch_size: 16 to keep it"
@@ -365,7 +366,7 @@ def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     extra = best + "activation_checkpointing: [Block]\n"
     two = torchrun("run", write_lm(tmp_path, "fsdp", batch=3, strategy="fsdp", optimizer=SGD, extra=extra))
     assert two.returncode == 0, two.stderr[-3000:]
-    one = single("run", write_lm(tmp_path, "single", batch=6, optimizer=SGD))
+    one = in_process("run", write_lm(tmp_path, "single", batch=6, optimizer=SGD))
     assert one.returncode == 0, one.stderr[-3000:]
     fsdp_dir, single_dir = tmp_path / "runs" / "fsdp", tmp_path / "runs" / "single"
 
@@ -392,8 +393,8 @@ def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5), metric
 
     # The sharded checkpoint loads in a single process: evaluation gives the run's last val/loss.
-    ev = single("eval", write_lm(tmp_path, "single", batch=6, optimizer=SGD), "--checkpoint",
-                fsdp_dir / "checkpoints" / "step-00000022")
+    ev = in_process("eval", write_lm(tmp_path, "single", batch=6, optimizer=SGD), "--checkpoint",
+                    fsdp_dir / "checkpoints" / "step-00000022")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads(ev.stdout)["val/loss"] == pytest.approx(
         [r["val/loss"] for r in fsdp_records if "val/loss" in r][-1], rel=1e-5)
@@ -598,7 +599,7 @@ def test_export_consolidates_the_two_ranks_shards_into_one_file(fsdp_reference, 
 
     from trainer.evaluation.export import build_model
 
-    proc = single("export", fsdp_reference, "--out", tmp_path / "lm.safetensors")
+    proc = in_process("export", fsdp_reference, "--out", tmp_path / "lm.safetensors")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"from {fsdp_reference / 'checkpoints' / 'step-00000022'}" in proc.stdout
     expected = sharded(fsdp_reference / "checkpoints" / "step-00000022")["model"]
