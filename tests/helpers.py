@@ -123,6 +123,20 @@ def classification(n: int = 96, seed: int = 1, features: int = 8, classes: int =
     return x, y
 
 
+class Rows(torch.utils.data.Dataset):
+    """A map-style dataset that is not a TensorDataset: the rows of ``x`` and ``y`` (the Trainer's
+    DataLoader path)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
 def quiet(**overrides):
     """A TrainerConfig dict with the progress bar off and logging every step."""
     cfg = {"progress": "off", "log_every_n_steps": 1}

@@ -10,23 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
-from helpers import PROJECT, classification, loopback_ok, mlp, process_env, quiet
+from helpers import PROJECT, Rows, classification, loopback_ok, mlp, process_env, quiet
 from trainer import EMAWeights, Trainer
 from trainer.evaluation.prediction import Collector, PredictionError
-
-
-
-class Rows(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 class Named(Trainer):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import classification, quiet
+from helpers import Rows, classification, quiet
 from trainer import EarlyStopping, SanityCheckError, Trainer
 from trainer.loop.sanity import culprit
 
@@ -34,22 +34,9 @@ def net(seed: int = 0) -> nn.Module:
     return model
 
 
-class Dataset(torch.utils.data.Dataset):
-    """A map-style dataset: the Trainer's own DataLoader, shuffled from the seed."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
 def run(sanity: bool, data: str):
     x, y = classification(96)
-    train = Dataset(x, y) if data == "dataset" else (x, y)
+    train = Rows(x, y) if data == "dataset" else (x, y)  # a map-style dataset: the Trainer's DataLoader, shuffled
     model = net()
     t = Noisy(model, lambda p: torch.optim.AdamW(p, lr=1e-2), train, val_data=classification(40, seed=5),
               loss_fn=F.cross_entropy,
