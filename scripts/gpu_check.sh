@@ -22,7 +22,8 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 # Includes the sync-debug check, time/gpu_busy from CUDA events (tests/observability/test_timing.py) and the memory
 # snapshot of a real out-of-memory error with a trace of CUDA kernels (tests/observability/test_profiling.py).
 echo "== pytest -m cuda (includes the sync-debug check, time/gpu_busy, the memory snapshot on OOM)"
-want pytest && timeout 150 python -m pytest -q -m cuda tests/ -p no:cacheprovider 2>&1 | tee "$out/pytest.txt"
+# Serially (-o addopts= drops pyproject's -n auto): the tests share one GPU, and one of them fills its memory.
+want pytest && timeout 150 python -m pytest -o addopts= -q -m cuda tests/ -p no:cacheprovider 2>&1 | tee "$out/pytest.txt"
 
 echo "== char_lm, bf16, Trainer vs raw loop"
 want overhead && timeout 70 python scripts/bench_overhead.py --device cuda --precision bf16 --workload char_lm --variant logging \
