@@ -131,9 +131,15 @@ class UnfrozenGroups:
         self.groups: list[list[str]] = []
         self.warned: set[str] = set()  # the unheld parameters already named
 
-    def unfreeze(self, what: nn.Module | str | Sequence[str], **hyper: Any) -> list[str]:
+    def unfreeze(self, what: nn.Module | str | Sequence[str], world_size: int = 1, **hyper: Any) -> list[str]:
         """``Trainer.unfreeze``: a submodule of the model, or the parameters whose names match glob
-        patterns, unfrozen and added to the optimizer (``add``)."""
+        patterns, unfrozen and added to the optimizer (``add``). Not under torchrun."""
+        if world_size > 1:
+            # DDP and FSDP decide at wrapping time which parameters they reduce gradients for.
+            raise NotImplementedError(
+                "trainer.unfreeze under torchrun: DDP/FSDP reduce only the gradients of parameters that "
+                "required them when the model was wrapped; unfreeze before building the Trainer instead"
+            )
         if isinstance(what, nn.Module):
             ids = {id(p) for p in what.parameters()}
             names = [n for n, p in self.module.named_parameters() if id(p) in ids]

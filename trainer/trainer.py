@@ -12,7 +12,6 @@ non-finite guard, the checkpointer, evaluation and stop signals each live in a m
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -155,10 +154,9 @@ class Trainer:
                         if manual_mode else None)  # the subclass's own step
         # What the sanity pass and culprit() need beyond the public attributes (trainer.loop.sanity).
         self.sanity_parts = sanity.Parts(
-            self._data, self._evaluator, self._manual,
-            overridden=frozenset(s for s in sanity.STEPS if getattr(type(self), s) is not getattr(Trainer, s)),
-            defaults={Trainer._loss.__code__: "loss", Trainer._unpack.__code__: "data", Trainer.backward.__code__: "backward"},
-            monitoring=(builtin_callbacks.EarlyStopping, builtin_callbacks.BestCheckpoints))
+            self._data, self._evaluator, self._manual, sanity.overridden(type(self), Trainer),
+            {Trainer._loss.__code__: "loss", Trainer._unpack.__code__: "data", Trainer.backward.__code__: "backward"},
+            (builtin_callbacks.EarlyStopping, builtin_callbacks.BestCheckpoints))
 
     # ----------------------------------------------------------------- override points
 
@@ -253,12 +251,7 @@ class Trainer:
         """Unfreeze a submodule, or the parameters matching glob patterns (``"encoder.*"``), and add
         those the optimizer does not hold as one new parameter group with ``hyperparameters``
         (``lr=1e-4``); returns the names added. Not under torchrun (docs/callbacks.md, "Freezing")."""
-        if self.layout.world_size > 1:
-            raise NotImplementedError(
-                "trainer.unfreeze under torchrun: DDP/FSDP reduce only the gradients of parameters that "
-                "required them when the model was wrapped; unfreeze before building the Trainer instead"
-            )
-        added = self._unfrozen.unfreeze(what, **hyperparameters)
+        added = self._unfrozen.unfreeze(what, self.layout.world_size, **hyperparameters)
         if self._manual is None:  # clipping and the non-finite check see them too
             self._step.set_params(self.optimizer, self.trainable_parameters())
         return added
@@ -403,10 +396,7 @@ class Trainer:
         self._checkpointer.close()  # a write in flight first; then its process group goes
         if self.strategy.unwrap():
             self.model = self.module
-            if self.config.compile:
-                # Compiled code and its guards hold the wrapper too, through reference cycles.
-                torch._dynamo.reset()
-                gc.collect()
+            compilation.forget(self.config.compile)  # compiled code holds the wrapper too
         if self._joined_group:
             distributed.shutdown()
             self._joined_group = False
@@ -564,11 +554,7 @@ class Trainer:
         self._started = True  # the random state is the checkpoint's: fit() must not seed again
         if resumed.notice and self.is_main_process:
             print(f"trainer: {resumed.notice}", flush=True)
-        if cfg.batch_size != configured.batch_size:
-            self._data.rebuild()  # built with the configured batch_size
-        saved, now = resumed.saved, resumed.layout
-        if saved is not None and (saved.batch_size, saved.world_size) != (now.batch_size, now.world_size):
-            self.batch_in_epoch = self._data.position(self.batch_in_epoch * saved.batch_size * saved.world_size)
+        self.batch_in_epoch = self._data.resumed(self.batch_in_epoch, configured, resumed.saved, resumed.layout)
         return resumed.describe()
 
     def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:

@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 from trainer.config import TrainerConfig
+from trainer.data.batches import BatchLayout
 from trainer.data.sources import DataError, EpochSource, length_of, make_source
 from trainer.parallel import distributed
 
@@ -75,6 +76,16 @@ class RunData:
     def rebuild(self) -> None:
         """The batch size changed (a resume on another number of ranks): sources are built anew."""
         self._train = None
+
+    def resumed(self, batch_in_epoch: int, configured: BatchLayout, saved: BatchLayout | None,
+                now: BatchLayout) -> int:
+        """After a checkpoint was loaded: the sources follow a batch size the resume changed, and a
+        position saved under another batch layout becomes this run's micro-batches (``position``)."""
+        if self.config.batch_size != configured.batch_size:
+            self.rebuild()  # built with the configured batch_size
+        if saved is not None and (saved.batch_size, saved.world_size) != (now.batch_size, now.world_size):
+            return self.position(batch_in_epoch * saved.batch_size * saved.world_size)
+        return batch_in_epoch
 
     def position(self, consumed: int) -> int:
         """The micro-batches of this run that consume the epoch's first ``consumed`` samples (all

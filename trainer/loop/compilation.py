@@ -11,7 +11,9 @@ recompile limit and runs the function eagerly. ``compile/recompiles`` in the log
 from __future__ import annotations
 
 import difflib
+import gc
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -118,3 +120,14 @@ def _frames() -> int:
     from torch._dynamo.utils import counters  # as check_backend: only runs that compile import it
 
     return counters["frames"]["total"]
+
+
+def forget(compiled: Any) -> None:
+    """After a wrapper (DDP's) is dropped: compiled code and its guards hold it too, through
+    reference cycles, so with ``compile`` they are cleared and collected."""
+    if compiled:
+        import torch._dynamo  # paid only by runs that compile
+
+        torch._dynamo.reset()
+        gc.collect()
+

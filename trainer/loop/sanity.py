@@ -85,6 +85,11 @@ class Parts:
     monitoring: tuple[type, ...]
 
 
+def overridden(cls: type, base: type) -> frozenset[str]:
+    """The ``STEPS`` that the Trainer class ``cls`` overrides of ``base``'s."""
+    return frozenset(step for step in STEPS if getattr(cls, step) is not getattr(base, step))
+
+
 def run(trainer: Any) -> None:
     """The sanity pass over ``trainer`` (see the module's docstring); raises ``SanityCheckError``."""
     parts = trainer.sanity_parts
