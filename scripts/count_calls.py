@@ -74,15 +74,16 @@ def main() -> None:
     x, y = batches[0]
     loss = loss_of(model(x), y).detach()
     trainer.global_step = 7
-    guard, interval = trainer._guard, trainer._interval
+    guard, telemetry = trainer._guard, trainer._telemetry
 
     def bookkeeping():
-        interval.track(loss, loss, (x, y))
-        interval.end_step(guard.check(interval.step_loss, None, 8, interval.step_loss))
+        telemetry.computed((x, y), loss, loss)
+        step_loss, _ = telemetry.step_loss()
+        telemetry.stepped(guard.check(step_loss, None, 8, step_loss))
         trainer._after_step()
 
     per_call = min(timeit.repeat(bookkeeping, number=20000, repeat=5)) / 20000 * 1e6
-    print(f"  _track + non-finite check + _after_step: {per_call:.2f} us per step (timeit, best of 5)")
+    print(f"  telemetry + non-finite check + _after_step: {per_call:.2f} us per step (timeit, best of 5)")
 
 
 if __name__ == "__main__":
