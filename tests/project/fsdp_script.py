@@ -171,7 +171,7 @@ def init_from(run_dir: str, weights_dir: str) -> None:
     built = build(source, validate(source), None)
     report("yaml", built.trainer)
     built.trainer.fit()
-    dist.destroy_process_group()
+    built.trainer.close()  # every rank meets, then leaves the group: a rank that left first could abort a peer
 
 
 if __name__ == "__main__":

@@ -161,6 +161,7 @@ def main():
         print(f"unequal rank {rank}: no error", flush=True)
     except Exception as exc:
         print(f"unequal rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+    dist.barrier()  # every rank meets before any leaves: a rank that left first could abort a peer
     dist.destroy_process_group()
 
 
