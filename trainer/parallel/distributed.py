@@ -8,8 +8,10 @@ Outside torchrun every function here is a no-op and nothing changes.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +48,11 @@ def from_env() -> Layout:
 
 def init(layout: Layout, device: torch.device) -> bool:
     """Join the process group (NCCL on CUDA, gloo on CPU) unless the script already did; True if joined here."""
-    if not layout.enabled or dist.is_initialized():
+    if not layout.enabled:
+        return False
+    if not _collecting_at_exit:
+        _collect_at_exit()
+    if dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     # A rank that dies leaves the others waiting in a collective; torchrun then stops them, and
@@ -55,6 +61,19 @@ def init(layout: Layout, device: torch.device) -> bool:
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return True
+
+
+_collecting_at_exit = False
+
+
+def _collect_at_exit() -> None:
+    """Under torchrun, what a finished run left unreachable (a Trainer, an FSDP module and the work
+    objects of collectives it keeps) is freed at exit while the interpreter is whole: freed during
+    interpreter shutdown, a tensor that gloo's work still holds needs the GIL there, and the rank
+    aborts ("terminate called without an active exception")."""
+    global _collecting_at_exit
+    atexit.register(gc.collect)
+    _collecting_at_exit = True
 
 
 def shutdown() -> None:
