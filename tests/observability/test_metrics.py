@@ -469,3 +469,15 @@ def test_a_log_interval_regrouped_for_other_ranks_logs_what_the_uninterrupted_ru
     summed = LogInterval.regroup({**saved, "summed": True, "item_count": 40.0}, BatchLayout(8, 1, 2),
                                  BatchLayout(8, 2, 1))
     assert summed["loss_sums"] == [10.0] and summed["item_count"] == 40.0
+
+
+def test_every_value_of_a_log_point_is_a_float_whatever_its_tensor_dtype():
+    # On the CPU each value is read on its own; an integer or bool tensor still logs as a float,
+    # as it does on a GPU (one float64 copy), so metric files read the same on either.
+    buffer = MetricBuffer()
+    buffer.put("count", torch.tensor(3))
+    buffer.put("flag", torch.tensor(True))
+    buffer.put("half", torch.tensor(0.5, dtype=torch.bfloat16))
+    record, _ = buffer.flush()
+    assert record == {"count": 3.0, "flag": 1.0, "half": 0.5}
+    assert {type(v) for v in record.values()} == {float}

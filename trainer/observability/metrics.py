@@ -69,7 +69,7 @@ class MetricBuffer:
                 record[name] = float(value)
         if reduce is None and extra is None and values and values[0].device.type == "cpu":
             # On the CPU a read of each value is cheaper than gathering them into one tensor first.
-            record.update((name, value.item()) for name, value in zip(names, values))
+            record.update((name, float(value.item())) for name, value in zip(names, values))
             return record, None
         parts = [_stacked(values)] if values else []
         if extra is not None:
