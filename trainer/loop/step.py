@@ -67,7 +67,7 @@ class OptimizerStep:
         self.after_backward = hooks["on_after_backward"]
         self.before_optimizer_step = hooks["on_before_optimizer_step"]
         self.before_zero_grad = hooks["on_before_zero_grad"]
-        fp16 = scaler.is_enabled()
+        self.fp16 = fp16 = scaler.is_enabled()
         self.scaler = scaler
         self.unscale = scaler.unscale_ if fp16 else _nothing
         self.check_grads = not fp16  # under fp16 the scaler owns non-finite gradients (it skips and lowers the scale)
@@ -132,7 +132,7 @@ class OptimizerStep:
 
     def end_window(self) -> None:
         """After the accumulation window's last optimizer step: the fp16 scale, updated once."""
-        if self.check_grads is False:
+        if self.fp16:
             self.scaler.update()
 
 
