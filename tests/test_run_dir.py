@@ -1,7 +1,14 @@
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
+from helpers import process_env
 from trainer import run_dir as run_files
 
 
@@ -19,13 +26,55 @@ def test_files_a_run_keeps_are_not_temp_names(name):
 
 
 def test_a_second_lock_on_a_run_directory_is_refused_until_the_first_is_released(tmp_path):
-    # flock belongs to the open file, so a second open in the same process conflicts like another process.
+    # The same process counts as another holder (and its first lock stays held: a record lock would
+    # end if the process opened and closed the file again).
     with run_files.RunLock(tmp_path):
-        assert (tmp_path / run_files.LOCK).read_text() == f"{os.getpid()}\n"
         with pytest.raises(run_files.RunDirBusy) as busy:
             run_files.RunLock(tmp_path)
         assert busy.value.pid == os.getpid()
+        assert run_files.lock_holder(tmp_path) == os.getpid()
+        assert holder_seen_from_another_process(tmp_path) == os.getpid()
+    assert holder_seen_from_another_process(tmp_path) is None
+    assert (tmp_path / run_files.LOCK).read_text() == f"{os.getpid()}\n"  # the last holder, read once it is free
     run_files.RunLock(tmp_path).release()
+
+
+def holder_seen_from_another_process(run_dir):
+    code = f"from trainer import run_dir as r; print(r.lock_holder({str(run_dir)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=process_env(), check=True)
+    return None if out.stdout.strip() == "None" else int(out.stdout)
+
+
+def test_a_process_forked_by_the_holder_does_not_hold_the_lock_once_the_holder_is_killed(tmp_path):
+    # The OOM killer's kill -9 reaches the main process alone; its DataLoader workers live on for
+    # seconds. A requeued run must take the directory at once.
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        from trainer import run_dir as r
+        lock = r.RunLock({str(tmp_path)!r})
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=process_env())
+    child = int(holder.stdout.readline())
+    try:
+        assert run_files.lock_holder(tmp_path) == holder.pid
+        with pytest.raises(run_files.RunDirBusy) as busy:
+            run_files.RunLock(tmp_path)
+        assert busy.value.pid == holder.pid
+        holder.kill()
+        holder.wait()
+        assert Path(f"/proc/{child}").exists()  # the orphan lives on
+        assert run_files.lock_holder(tmp_path) is None
+        run_files.RunLock(tmp_path).release()
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_a_link_in_place_of_the_lock_file_is_not_followed(tmp_path):
@@ -34,9 +83,28 @@ def test_a_link_in_place_of_the_lock_file_is_not_followed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / run_files.LOCK).symlink_to(target)
-    with pytest.raises(OSError):
+    with pytest.raises(run_files.LockFileError, match=r"\.lock is a symbolic link; .* remove it \(rm "):
         run_files.RunLock(run_dir)
     assert target.read_text() == "someone's file"
+
+
+def test_a_hard_link_in_place_of_the_lock_file_is_not_written_through(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("someone's file")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.link(target, run_dir / run_files.LOCK)
+    with pytest.raises(run_files.LockFileError, match=r"\.lock is a hard link shared with 1 other name"):
+        run_files.RunLock(run_dir)
+    assert target.read_text() == "someone's file"
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a FIFO"])
+def test_a_lock_file_that_is_no_file_is_named_for_what_it_is(tmp_path, kind):
+    lock = tmp_path / run_files.LOCK
+    lock.mkdir() if kind == "a folder" else os.mkfifo(lock)
+    with pytest.raises(run_files.LockFileError, match=rf"\.lock is {kind}; "):
+        run_files.RunLock(tmp_path)
 
 
 def test_clear_keeps_the_lock_and_removes_links_without_following_them(tmp_path):

@@ -4,7 +4,7 @@ Torch-free, so ``trainer runs`` stays fast.
 ::
 
     <out_dir>/<name>/
-        .lock                  held by the live run (flock), with its pid
+        .lock                  held by the live run (a lockf record lock), with its pid
         config.yaml            the resolved config the run trained with
         status.json            running | finished | interrupted | failed, with the pid
         metrics.jsonl          one JSON record per log point and evaluation
@@ -24,6 +24,8 @@ import fcntl
 import os
 import re
 import shutil
+import stat
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -205,41 +207,112 @@ class RunDirBusy(Exception):
         super().__init__(f"{run_dir} is in use by a live run ({holder}, see {run_dir / LOCK})")
 
 
-class RunLock:
-    """An exclusive ``flock`` on ``<run_dir>/.lock`` that holds this process's pid.
+class LockFileError(Exception):
+    """``.lock`` is not the plain file a run creates (a link, a folder, a FIFO, a hard link to
+    another file); it is never written through."""
 
-    The operating system drops the lock when the file is closed, which happens however the process
-    ends, ``kill -9`` included: a lock is never stale. Processes forked while it is held (DataLoader
-    workers) share it until they exit too. Raises ``RunDirBusy`` when a live process holds it.
+
+class RunLock:
+    """An exclusive lock on ``<run_dir>/.lock`` that holds this process's pid.
+
+    A POSIX record lock (``lockf``): the operating system drops it when the process ends, ``kill -9``
+    included, so a lock is never stale; and unlike ``flock`` it belongs to the process alone, so
+    processes forked while it is held (DataLoader workers, which outlive a killed main process by
+    seconds) never hold it. Raises ``RunDirBusy`` when a live process holds it, ``LockFileError``
+    when ``.lock`` is not a plain file of its own.
+
+    A record lock ends when its process closes any descriptor of the file, so the holder never
+    opens ``.lock`` a second time: a second ``RunLock`` in the same process is refused before it opens.
     """
+
+    _held: set[tuple[int, int]] = set()  # (device, inode) of the lock files this process holds
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+        self._key: tuple[int, int] | None = None
         path = self.run_dir / LOCK
-        # O_NOFOLLOW: a link planted in place of the lock file is an error, not a file elsewhere to write.
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with contextlib.suppress(FileNotFoundError):
+            found = os.lstat(path)
+            _check_lock_file(path, found)
+            if (found.st_dev, found.st_ino) in RunLock._held:
+                raise RunDirBusy(self.run_dir, os.getpid())
+        # O_NOFOLLOW: a link planted in place of the lock file is never followed; O_NONBLOCK: a FIFO
+        # planted there does not block the open; the checks then apply to what was opened.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(self._fd, 32, 0).decode("ascii", "replace").strip()
-            self.release()
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise RunDirBusy(self.run_dir, int(holder) if holder.isdigit() else None) from None
+            opened = os.fstat(fd)
+            _check_lock_file(path, opened)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    raise RunDirBusy(self.run_dir, _holder(fd)) from None
+                raise
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except BaseException:
+            os.close(fd)
             raise
-        try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        except OSError:
-            self.release()
-            raise
+        self._fd, self._key = fd, (opened.st_dev, opened.st_ino)
+        RunLock._held.add(self._key)
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+            os.close(self._fd)  # closing drops the lock
+            RunLock._held.discard(self._key)
+            self._fd = self._key = None
 
     def __enter__(self) -> "RunLock":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _check_lock_file(path: Path, found: os.stat_result) -> None:
+    if stat.S_ISLNK(found.st_mode):
+        kind = "a symbolic link"
+    elif stat.S_ISDIR(found.st_mode):
+        kind = "a folder"
+    elif stat.S_ISFIFO(found.st_mode):
+        kind = "a FIFO"
+    elif not stat.S_ISREG(found.st_mode):
+        kind = "not a regular file"
+    elif found.st_nlink != 1:
+        kind = f"a hard link shared with {found.st_nlink - 1} other name(s)"
+    else:
+        return
+    raise LockFileError(f"{path} is {kind}; a run's lock file is a plain file the run creates itself and it is "
+                        f"never written through anything else: remove it (rm {path}) and run again")
+
+
+def _holder(fd: int) -> int | None:
+    """The pid of the process holding the lock on ``fd``'s file, as the kernel reports it (F_GETLK:
+    a live process by definition), or None when it is gone or in another pid namespace."""
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        l_type, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return None
+    return pid if l_type != fcntl.F_UNLCK and pid > 0 else None
+
+
+def lock_holder(run_dir: str | Path) -> int | None:
+    """The live process holding ``run_dir``'s lock, or None: nothing holds it (the run ended, or its
+    process died however it did). Asks the kernel without taking the lock."""
+    path = Path(run_dir) / LOCK
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return None
+    if (found.st_dev, found.st_ino) in RunLock._held:
+        return os.getpid()  # opening it again here would drop this process's own lock
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _holder(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    finally:
+        os.close(fd)

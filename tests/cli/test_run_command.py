@@ -4,7 +4,6 @@ the machine's conditions as one line and exit 2, a finished run left alone and a
 Real files, real mounts where a full or read-only disk is needed, a real live run to hold its lock; the
 command under test runs in this process (``in_process``: the same code path, no interpreter start)."""
 
-import fcntl
 import json
 import os
 import shutil
@@ -185,23 +184,12 @@ def start_slow_run(project) -> subprocess.Popen:
     return proc
 
 
-def lock_is_free(run_dir: Path) -> bool:
-    fd = os.open(run_dir / run_files.LOCK, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project):
     first = start_slow_run(project)
     run_dir = project.runs / "t"
     shown = Path("runs", "t")  # as the command line names it, relative to the project folder
     try:
-        assert not lock_is_free(run_dir)
+        assert run_files.lock_holder(run_dir) == first.pid
         assert (run_dir / run_files.LOCK).read_text().strip() == str(first.pid)
         for flags in ([], ["--resume", "auto"], ["--overwrite"]):
             line = one_error_line(in_process("run", project.config, *flags, cwd=project.root))
@@ -212,7 +200,7 @@ def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project):
         os.kill(first.pid, signal.SIGKILL)
         first.communicate()
     assert first.returncode == -signal.SIGKILL
-    assert lock_is_free(run_dir)  # the operating system dropped it with the process
+    assert run_files.lock_holder(run_dir) is None  # the operating system dropped it with the process
     # It died before its first checkpoint: a new run of the name takes its place without --overwrite.
     proc = in_process("run", project.config, "max_steps=2", cwd=project.root)
     assert proc.returncode == 0, proc.stderr

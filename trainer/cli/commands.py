@@ -166,6 +166,8 @@ def _claim(run_dir: Path, name: str, resume: str | None, overwrite: bool) -> _Cl
         except run_files.RunDirBusy as exc:
             stop = f" or stop it (kill {exc.pid})" if exc.pid is not None else ""
             raise UserError(f"{exc}; wait for it to end{stop}, or pick another name, e.g. name={name}-2") from None
+        except run_files.LockFileError as exc:
+            raise UserError(str(exc)) from None
         try:
             run_files.remove_temp_files(run_dir)
             if not run_files.contents(run_dir) or resume is not None:

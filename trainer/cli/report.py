@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from trainer.run_dir import CONFIG, METRICS_JSONL, STATUS, checkpoint_dir, list_checkpoints
+from trainer.run_dir import CONFIG, METRICS_JSONL, STATUS, checkpoint_dir, list_checkpoints, lock_holder
 
 
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:
@@ -35,16 +35,6 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def run_status(run_dir: Path) -> str:
     path = run_dir / STATUS
     if not path.exists():
@@ -53,8 +43,8 @@ def run_status(run_dir: Path) -> str:
     status = data["status"]
     if not isinstance(status, str):
         raise ValueError(f"{STATUS} holds status {status!r}")
-    if status == "running" and not _alive(int(data.get("pid", -1))):
-        return "interrupted"  # killed without a chance to say so (SIGKILL, power loss)
+    if status == "running" and lock_holder(run_dir) is None:
+        return "died"  # its process ended without a chance to say so (SIGKILL, the OOM killer, power loss)
     return status
 
 
