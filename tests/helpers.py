@@ -3,8 +3,11 @@
 import contextlib
 import importlib
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 import textwrap
 import traceback
 import warnings
@@ -158,6 +161,64 @@ def process_env(**extra) -> dict:
     """The environment of a process a test starts: this checkout and tests/project/ importable."""
     path = os.pathsep.join([str(ROOT), str(PROJECT), os.environ.get("PYTHONPATH", "")])
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun's ranks, their DataLoader workers), read from /proc."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                queue += children
+    return found
+
+
+def run_or_stacks(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` that, should the job hang, fails with the Python stacks of every process
+    under it (SIGABRT with PYTHONFAULTHANDLER set) instead of a bare timeout."""
+    env = {**(kwargs.pop("env", None) or process_env()), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(5)  # the stacks are written; then whatever is left goes
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd} did not end within {timeout} s; what it printed and every process's "
+                             f"stacks:\n{out[-4000:]}\n{err[-20000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def wait_until_stuck(marker, proc):
+    """Until the loop waits for a batch that never comes: the data worker is stuck (it touches
+    ``marker`` as it starts to hang) and the main thread has used up the batches the worker made
+    before (it sleeps, its CPU time unchanged). The worker runs ahead of the loop: on a loaded machine
+    a signal sent at the marker alone could reach a loop that still has a step to take, and that
+    stops it at that step's boundary, not at the second signal."""
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the worker never got stuck"
+        time.sleep(0.1)
+    stat = Path(f"/proc/{proc.pid}/task/{proc.pid}/stat")  # the main thread
+    if not stat.exists():
+        return
+    before = None
+    while True:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        now = (fields[0], int(fields[11]) + int(fields[12]))  # state; utime + stime of the main thread
+        if now[0] == "S" and now == before:
+            return
+        assert time.monotonic() < deadline and proc.poll() is None, "the loop never waited for the stuck worker"
+        before = now
+        time.sleep(0.3)
 
 
 def loopback_ok() -> bool:

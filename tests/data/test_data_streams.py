@@ -3,14 +3,13 @@ that says it splits itself checked at its first batches, ranks whose streams end
 lengths ending together under torchrun, and each rank's stateful loader resumed from its own state."""
 
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 from torch.utils.data import IterableDataset
 
-from helpers import PROJECT, process_env
+from helpers import PROJECT, run_or_stacks
 from trainer.data.sources import DataError, make_source, SplitStream
 
 
@@ -62,7 +61,7 @@ def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_
     pytest.importorskip("torchdata")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(PROJECT / "streams_script.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())  # a hang fails here
+    proc = run_or_stacks(cmd, timeout=240)  # a hang fails here, with every process's stacks
     assert proc.returncode == 0, proc.stderr[-3000:]
     # (the two ranks share stdout, so their lines may interleave)
     split = dict(((int(r), int(e)), list(map(int, s.split())))

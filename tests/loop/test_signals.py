@@ -5,11 +5,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import PROJECT
+from helpers import PROJECT, wait_until_stuck
 
 
 def start(*args, marker=None):
@@ -20,30 +19,6 @@ def start(*args, marker=None):
     # the whole group, not the main process alone.
     return subprocess.Popen([sys.executable, str(PROJECT / "hanging.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-
-
-def wait_until_stuck(marker, proc):
-    """Until the loop waits for a batch that never comes: the data worker is stuck (it touches
-    ``marker`` as it starts to hang) and the main thread has used up the batches the worker made
-    before (it sleeps, its CPU time unchanged). The worker runs ahead of the loop: on a loaded machine
-    a signal sent at the marker alone could reach a loop that still has a step to take, and that
-    stops it at that step's boundary, not at the second signal."""
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, "the worker never got stuck"
-        time.sleep(0.1)
-    stat = Path(f"/proc/{proc.pid}/task/{proc.pid}/stat")  # the main thread
-    if not stat.exists():
-        return
-    before = None
-    while True:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        now = (fields[0], int(fields[11]) + int(fields[12]))  # state; utime + stime of the main thread
-        if now[0] == "S" and now == before:
-            return
-        assert time.monotonic() < deadline and proc.poll() is None, "the loop never waited for the stuck worker"
-        before = now
-        time.sleep(0.3)
 
 
 def end(proc):

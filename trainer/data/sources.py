@@ -36,6 +36,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 
 from trainer.parallel import distributed
 from trainer.data.batches import fingerprint
+from trainer.data.workers import adopt, worker_init
 from trainer.device import seed_worker
 
 
@@ -97,6 +98,20 @@ class DataError(ValueError):
     message says what was found and what to pass instead."""
 
 
+def timed(batches: Iterable[Any], timeout: float) -> Iterator[Any]:
+    """``batches`` of a loader whose workers run under ``timeout``: a worker that took longer is a
+    ``DataError`` that says what to do."""
+    try:
+        yield from batches
+    except RuntimeError as exc:
+        if "timed out" not in str(exc):
+            raise
+        raise DataError(
+            f"a DataLoader worker took longer than data_timeout ({timeout:g} s) to deliver a batch: "
+            "it hangs or is too slow; raise data_timeout or fix the dataset's __getitem__"
+        ) from exc
+
+
 class EpochSource:
     """Training batches for one epoch at a time, starting after ``skip`` micro-batches."""
 
@@ -127,7 +142,7 @@ class LoaderSource(EpochSource):
             batch_sampler=BatchSampler(self.sampler, batch_size, drop_last=False),
             num_workers=num_workers,
             pin_memory=pin_memory,
-            worker_init_fn=seed_worker if num_workers else None,
+            worker_init_fn=worker_init(seed_worker, num_workers),
             generator=self.generator,
             # Fresh workers each epoch, so their seeds depend on (seed, epoch) alone and repeat on resume.
             persistent_workers=False,
@@ -142,18 +157,7 @@ class LoaderSource(EpochSource):
         # Worker seeds are drawn from this generator when the iterator starts: seeding it
         # from (seed, epoch) makes them repeat on resume.
         self.generator.manual_seed(self.seed + epoch)
-        return self._timed(self.loader) if self.timeout else self.loader
-
-    def _timed(self, loader: DataLoader) -> Iterator[Any]:
-        try:
-            yield from loader
-        except RuntimeError as exc:
-            if "timed out" not in str(exc):
-                raise
-            raise DataError(
-                f"a DataLoader worker took longer than data_timeout ({self.timeout:g} s) to deliver a batch: "
-                "it hangs or is too slow; raise data_timeout or fix the dataset's __getitem__"
-            ) from exc
+        return timed(self.loader, self.timeout) if self.timeout else self.loader
 
 
 class TensorSource(EpochSource):
@@ -187,8 +191,11 @@ class TensorSource(EpochSource):
 
 
 class IterableSource(EpochSource):
-    def __init__(self, data: Iterable[Any]):
+    """``timeout``: the one its DataLoader's workers run under (0: none)."""
+
+    def __init__(self, data: Iterable[Any], timeout: float = 0):
         self.data = data
+        self.timeout = timeout
         self.exact_resume = isinstance(data, Sequence)
         self._warned = False
 
@@ -197,12 +204,16 @@ class IterableSource(EpochSource):
 
     def epoch(self, epoch: int, skip: int) -> Iterable[Any]:
         _set_epoch(self.data, epoch)
+        batches = self._skipped(epoch, skip)
+        return timed(batches, self.timeout) if self.timeout else batches
+
+    def _skipped(self, epoch: int, skip: int) -> Iterable[Any]:
         if skip == 0:
             return self.data
         if isinstance(self.data, Sequence):
             return itertools.islice(self.data, skip, None)
         if not self._warned:
-            warnings.warn(skip_warning(self.data, epoch, skip), stacklevel=2)
+            warnings.warn(skip_warning(self.data, epoch, skip), stacklevel=3)
             self._warned = True
         return itertools.islice(iter(self.data), skip, None)
 
@@ -241,8 +252,9 @@ class StatefulSource(EpochSource):
 
     exact_resume = True
 
-    def __init__(self, loader: Iterable[Any]):
+    def __init__(self, loader: Iterable[Any], timeout: float = 0):
         self.loader = loader
+        self.timeout = timeout  # the one its workers run under (0: none)
         self.pending: dict[str, Any] | None = None  # a checkpoint's state, given to the loader at the next epoch()
         self.ran_out = False  # this epoch's iterator has ended (a checkpoint after that resumes past the end)
         self.reads_ahead = False  # under EndTogether: the state is the one before the batch read ahead
@@ -287,7 +299,8 @@ class StatefulSource(EpochSource):
                 self.ran_out = True
                 return iter(())  # saved after the epoch's last batch; the next epoch() starts a new one
         self.ran_out = False
-        batches = self._batches(iter(self.loader))
+        loaded = iter(self.loader)
+        batches = self._batches(timed(loaded, self.timeout) if self.timeout else loaded)
         if pending is not None and not pending and skip:
             if not self._warned:
                 warnings.warn(f"{self._why}; {skip_warning(self.loader, epoch, skip)}", stacklevel=2)
@@ -397,8 +410,8 @@ class CheckedSplit(IterableSource):
     its first batch on every rank (one gather) and the first batch of each DataLoader worker of a
     rank are compared by digest; two equal ones mean a rank or a worker reads another's share."""
 
-    def __init__(self, data: Iterable[Any], workers: int):
-        super().__init__(data)
+    def __init__(self, data: Iterable[Any], workers: int, timeout: float = 0):
+        super().__init__(data, timeout)
         self.workers = max(workers, 1)
         self.checked = False
 
@@ -510,15 +523,15 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
                             pin_memory=device.type == "cuda", rank=rank, world_size=world_size, pad=pad,
                             timeout=timeout)
     if isinstance(data, IterableDataset):
-        if shards_itself(data, stream_split):
-            source: EpochSource = CheckedSplit(DataLoader(data, batch_size=batch_size, num_workers=num_workers),
-                                               num_workers)
-        else:
-            # One process without workers reads the stream as it is (and keeps its length, if it has one).
-            split = data if world_size == 1 and num_workers == 0 else SplitStream(data, rank, world_size)
-            source = IterableSource(DataLoader(split, batch_size=batch_size, num_workers=num_workers))
+        timeout = timeout if num_workers else 0
+        own_split = shards_itself(data, stream_split)
+        # One process without workers reads the stream as it is (and keeps its length, if it has one).
+        whole = own_split or (world_size == 1 and num_workers == 0)
+        loader = DataLoader(data if whole else SplitStream(data, rank, world_size), batch_size=batch_size,
+                            num_workers=num_workers, timeout=timeout, worker_init_fn=worker_init(None, num_workers))
+        source: EpochSource = CheckedSplit(loader, num_workers, timeout) if own_split else IterableSource(loader, timeout)
     elif is_stateful_loader(data):
-        source = StatefulSource(data)
+        source = StatefulSource(data, adopt(data, timeout))
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
         repeated = padded_samples(data)
         if repeated and not pad:
@@ -526,7 +539,7 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
                 f"the evaluation DataLoader's DistributedSampler repeats {repeated} sample(s) so that every rank gets "
                 "as many: validation counts them twice. Pass the Dataset itself (the Trainer splits evaluation data "
                 "over ranks without repeating any), or a sampler with drop_last=True", stacklevel=3)
-        source = IterableSource(data)
+        source = IterableSource(data, adopt(data, timeout))
     else:
         raise TypeError(
             f"training/validation data must be a torch Dataset, a DataLoader or an iterable of batches; "

@@ -1,9 +1,12 @@
-"""SIGTERM and SIGINT during ``fit``: they only set a flag; the loop stops at the next optimizer-step
-boundary, after a checkpoint, and every rank under torchrun stops at the same step."""
+"""SIGTERM, SIGINT and SIGHUP during ``fit``: they only set a flag; the loop stops at the next
+optimizer-step boundary, after a checkpoint, and every rank under torchrun stops at the same step.
+A scheduler signals every process of the job: DataLoader workers leave these signals to the main
+process (``trainer.data.workers``)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -11,9 +14,9 @@ from collections.abc import Iterator
 
 import torch
 
+from trainer.data.workers import STOP_SIGNALS
 from trainer.parallel import distributed
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -51,13 +54,16 @@ class StopSignals:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Handle SIGTERM and SIGINT inside; the previous handlers come back on exit. Only the main
+        """Handle the stop signals inside; the previous handlers come back on exit. Only the main
         thread may install handlers: elsewhere the signals keep their own meaning."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        owner = os.getpid()
 
         def handler(signum, frame):
+            if os.getpid() != owner:
+                return  # a process forked meanwhile (a DataLoader worker) inherited the handler: not its to act on
             # Only this process's own second signal stops at once. A scheduler that signals every
             # rank of a job reaches some after they have agreed to stop for another rank's signal:
             # that is their first, and they finish the stop with the others.

@@ -1,0 +1,205 @@
+"""Runs with DataLoader workers, signalled and killed the way schedulers and machines do it: SLURM,
+systemd and ``timeout`` signal the whole process group, a closed terminal sends SIGHUP, the OOM
+killer kills the main process alone and leaves its workers, a worker stuck for good never returns.
+Each run is a real ``trainer run`` in a session of its own, so that a signal to its group reaches
+its workers and nothing else."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import descendants, process_env, wait_until_stuck
+from trainer import run_dir as run_files
+
+pytestmark = pytest.mark.slow
+
+
+def config(tmp_path: Path, kind: str = "dataset", name: str = "w", **data) -> Path:
+    data = {"kind": kind, "delay": 0.01, **data}
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(f"""\
+name: {name}
+out_dir: {tmp_path / "runs"}
+batch_size: 4
+num_workers: 2
+max_steps: 100000
+progress: "off"
+log_every_n_steps: 1
+eval_every_n_epochs: null
+checkpoint: {{every_n_steps: 1000}}
+model: {{_target_: torch.nn.Linear, in_features: 8, out_features: 3}}
+data: {{_target_: workers.data, {", ".join(f"{k}: {json.dumps(v)}" for k, v in data.items())}}}
+loss: torch.nn.functional.cross_entropy
+optimizer: {{_target_: torch.optim.SGD, lr: 0.1}}
+""")
+    return cfg
+
+
+def start(cfg: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", "run", str(cfg), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=process_env(), start_new_session=True)
+
+
+def run(cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", "run", str(cfg), *args], capture_output=True, text=True,
+                          env=process_env(), timeout=300)
+
+
+def steps(run_dir: Path) -> list[int]:
+    path = run_dir / run_files.METRICS_JSONL
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            end(proc)
+            pytest.fail(f"{what} never happened: {proc.communicate()}")
+        time.sleep(0.1)
+
+
+def end(proc: subprocess.Popen) -> None:
+    """Whatever is left of a run's session (its workers, stopped or orphaned, included)."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / run_files.STATUS).read_text())
+
+
+def state(pid: int) -> str | None:
+    """R, S, T (stopped), Z (a zombie: dead, not yet reaped), ...; None: no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in (None, "Z")
+
+
+@pytest.mark.parametrize("kind, signum, resumed", [
+    ("dataset", signal.SIGTERM, True),  # workers started after a resume
+    ("loader", signal.SIGTERM, False),  # the user's DataLoader, persistent workers started before the run
+    ("stateful", signal.SIGINT, True),  # the user's StatefulDataLoader
+    ("dataset", signal.SIGHUP, False),  # the terminal closed
+], ids=["dataset-resumed-TERM", "persistent-loader-TERM", "stateful-resumed-INT", "dataset-HUP"])
+def test_a_signal_to_the_process_group_stops_at_a_step_with_a_checkpoint(tmp_path, kind, signum, resumed):
+    cfg = config(tmp_path, kind)
+    run_dir = tmp_path / "runs" / "w"
+    if resumed:
+        assert run(cfg, "max_steps=3").returncode == 0
+    proc = start(cfg, *(["--resume", "auto"] if resumed else []))
+    try:
+        wait_for(lambda: len(steps(run_dir)) >= (3 if resumed else 0) + 3, proc, "three steps")
+        assert descendants(proc.pid), "the run has no worker processes to signal"
+        os.killpg(proc.pid, signum)  # every process of the job, as a scheduler does
+        out, err = proc.communicate(timeout=120)
+    finally:
+        end(proc)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "killed by signal" not in err and "internal error" not in err, err[-3000:]
+    assert f"{name} received; stopping after the current optimizer step" in err
+    stopped = status(run_dir)
+    assert stopped["status"] == "interrupted" and f"stopped by {name}" in stopped["reason"]
+    newest = run_files.list_checkpoints(run_files.checkpoint_dir(run_dir))[-1]
+    assert newest.name == run_files.checkpoint_name(stopped["step"])  # the step it stopped at, saved
+    assert steps(run_dir)[-1] == stopped["step"]
+    resumed_run = run(cfg, "--resume", "auto", f"max_steps={stopped['step'] + 2}")
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    assert steps(run_dir)[-1] == stopped["step"] + 2
+
+
+def test_kill_9_of_the_main_process_leaves_nothing_locked_while_its_workers_linger(tmp_path):
+    # The OOM killer kills the main process alone; its workers read on for a while (here 30 s) before
+    # they notice. A requeued run must go on at once, and `trainer runs` must tell the dead run from a live one.
+    cfg = config(tmp_path, outlive_parent=30.0, delay=0.02)
+    run_dir = tmp_path / "runs" / "w"
+    proc = start(cfg, "checkpoint.every_n_steps=2")
+    try:
+        wait_for(lambda: len(run_files.list_checkpoints(run_files.checkpoint_dir(run_dir))) >= 2, proc,
+                 "two checkpoints")
+        shown = subprocess.run([sys.executable, "-m", "trainer", "runs", str(tmp_path / "runs")],
+                               capture_output=True, text=True, env=process_env(), timeout=120)
+        assert shown.stdout.splitlines()[1].split()[:2] == ["w", "running"], shown.stdout + shown.stderr
+        workers = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        orphans = [pid for pid in workers if alive(pid)]
+        assert orphans, "no worker outlived the main process"
+        shown = subprocess.run([sys.executable, "-m", "trainer", "runs", str(tmp_path / "runs")],
+                               capture_output=True, text=True, env=process_env(), timeout=120)
+        assert shown.stdout.splitlines()[1].split()[:2] == ["w", "died"], shown.stdout + shown.stderr
+        saved = int(run_files.list_checkpoints(run_files.checkpoint_dir(run_dir))[-1].name[5:13])
+        requeued = run(cfg, "--resume", "auto", f"max_steps={saved + 2}")
+        assert any(alive(pid) for pid in orphans)  # they were there all along
+    finally:
+        end(proc)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "in use by a live run" not in requeued.stderr
+    assert steps(run_dir)[-1] == saved + 2 and status(run_dir)["status"] == "finished"
+
+
+def wait_stopped(marker: Path, proc: subprocess.Popen) -> list[int]:
+    """The workers that stopped themselves, once the loop waits for a batch they never deliver."""
+    wait_until_stuck(marker, proc)
+    stopped = [pid for pid in descendants(proc.pid) if state(pid) == "T"]
+    assert stopped
+    return stopped
+
+
+@pytest.mark.parametrize("kind", ["dataset", "stateful"])
+def test_data_timeout_ends_a_run_whose_worker_is_stopped_for_good_and_frees_it(tmp_path, kind):
+    cfg = config(tmp_path, kind, stuck_at=20, marker=str(tmp_path / "stuck"))
+    run_dir = tmp_path / "runs" / "w"
+    proc = start(cfg, "data_timeout=2")
+    try:
+        stuck = wait_stopped(tmp_path / "stuck", proc)
+        out, err = proc.communicate(timeout=120)  # ended by the timeout, not by the test
+    finally:
+        end(proc)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(
+        "error: a DataLoader worker took longer than data_timeout (2 s) to deliver a batch"), err[-3000:]
+    assert status(run_dir)["status"] == "failed"
+    assert run_files.lock_holder(run_dir) is None
+    assert not any(alive(pid) for pid in stuck)  # ended, not left stopped
+
+
+def test_two_signals_to_the_group_end_a_run_whose_worker_is_stopped_for_good(tmp_path):
+    cfg = config(tmp_path, stuck_at=20, marker=str(tmp_path / "stuck"))
+    run_dir = tmp_path / "runs" / "w"
+    proc = start(cfg)
+    try:
+        stuck = wait_stopped(tmp_path / "stuck", proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(1)  # the first waits for a step boundary that never comes
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        end(proc)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped at once by a second SIGTERM" in err
+    assert status(run_dir)["status"] == "interrupted"
+    assert run_files.lock_holder(run_dir) is None
+    assert not any(alive(pid) for pid in stuck)  # ended, not left stopped
