@@ -17,6 +17,9 @@ from pydantic_core import PydanticCustomError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
+# More DataLoader workers than any machine has cores for: a typo, never a plan (each forks the process).
+MAX_WORKERS = 256
+
 # Every integer setting fits an int64, what torch's counters and generators hold. The seed needs the
 # bound too: torch.manual_seed takes up to 2**64-1, but the data order is seeded with seed + epoch.
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -289,7 +292,8 @@ class TrainerConfig(StrictModel):
     batch_size: int = Field(
         32, ge=1, description="Samples per micro-batch when the Trainer builds the DataLoader."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description=f"DataLoader worker processes per rank (at most "
+                             f"{MAX_WORKERS}; each is a process with a copy of the dataset).")
     data_timeout: float | None = Field(
         None,
         gt=0,

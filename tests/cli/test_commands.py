@@ -406,6 +406,8 @@ BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
     ("seed: 0", "seed: 18446744073709551616", "seed:", "seed: 18446744073709551616 is out of range: an integer setting "
                                                         "is at most 2**63-1 = 9223372036854775807"),
     ("seed: 0", "seed: " + "1" * 5000, "seed:", "seed: an integer of 5,000 characters"),
+    ("seed: 0", "seed: 0\nnum_workers: 9223372036854775807", "num_workers",
+     "num_workers: Input should be less than or equal to 256 (found 9223372036854775807)"),
     ("max_steps: 4", "max_steps: true", "max_steps", "max_steps: expected an integer, found true\n"),
     ("batch_size: 16", "batch_size: yes", "batch_size", "batch_size: expected an integer, found true\n"),
     ("seed: 0", "seed: 0\nclip_grad_norm: off", "clip_grad_norm", "clip_grad_norm: expected a number, found false\n"),
