@@ -180,7 +180,8 @@ def test_a_failed_background_write_is_raised_by_the_next_save_or_by_fit(tmp_path
     assert trainer.global_step == found_at
     assert str(raised.value).startswith(
         f"checkpoint.async: the background write of step 4 failed: could not write checkpoint {folder}/step-00000004.pt: "
-        "[Errno 28] No space left on device. Earlier checkpoints are intact")
+        f"No space left on device in {folder} (")
+    assert f"the last complete checkpoint is {folder}/step-00000002.pt (step 2), intact" in str(raised.value)
     assert sorted(p.name for p in folder.iterdir()) == ["filler", "step-00000002.pt"]  # no temp file
     assert load_checkpoint(folder / "step-00000002.pt")["trainer_state"]["global_step"] == 2
 
@@ -197,7 +198,7 @@ def test_a_failed_background_write_is_reported_beside_the_exception_that_ends_th
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit()
     assert (f"trainer: checkpoint.async: the background write of step 4 failed: could not write checkpoint "
-            f"{folder}/step-00000004.pt: [Errno 28] No space left on device") in capsys.readouterr().err
+            f"{folder}/step-00000004.pt: No space left on device in {folder}") in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["filler", "step-00000002.pt"]
 
 

@@ -1,5 +1,6 @@
 """Checkpoints under real faults: SIGKILL at chosen points, signals, broken files, NaN."""
 
+import errno
 import hashlib
 import io
 import json
@@ -228,16 +229,18 @@ def test_original_signal_handlers_are_restored():
 # ------------------------------------------------------------------ files
 
 
-def test_exception_inside_torch_save_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded")])
+def test_exception_inside_torch_save_leaves_the_directory_as_it_was(tmp_path, monkeypatch, code, words):
     save_checkpoint({"a": torch.ones(2)}, tmp_path / "step-00000001.pt")
     before = sorted(p.name for p in tmp_path.iterdir())
 
     def broken(obj, f, *args, **kwargs):
         f.write(b"partial")
-        raise OSError(28, "No space left on device")
+        raise OSError(code, words)
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(CheckpointError, match="No space left on device.*Earlier checkpoints are intact"):
+    with pytest.raises(CheckpointError, match=rf"{words} in .*the last complete checkpoint is "
+                                              r".*step-00000001.pt \(step 1\), intact"):
         save_checkpoint({"a": torch.ones(2)}, tmp_path / "step-00000002.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 

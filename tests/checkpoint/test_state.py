@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from helpers import classification, mlp, quiet
 from trainer import Callback, EarlyStopping, Trainer
-from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 
 
 class Counter(Callback):
@@ -134,6 +134,43 @@ def test_another_optimizer_class_is_refused_not_a_key_error_and_starts_fresh_whe
     assert t.global_step == 3 and not t.optimizer.state  # fresh AdamW state
     t.fit()
     assert t.global_step == 6 and all(torch.isfinite(p).all() for p in t.module.parameters())
+
+
+def reversed_sgd(ps):
+    return torch.optim.SGD(list(ps)[::-1], lr=0.1, momentum=0.9)
+
+
+def test_a_checkpoint_names_its_optimizers_parameters_and_a_resume_with_others_is_refused(tmp_path):
+    resumable(tmp_path / "a", max_steps=3).fit()
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    saved = load_checkpoint(checkpoint)["trainer_state"]["optimizer_params"]
+    assert saved == [[[["0.weight", [16, 8]], ["0.bias", [16]], ["2.weight", [3, 16]], ["2.bias", [3]]]]]
+    t = resumable(tmp_path / "b", optimizer=reversed_sgd)
+    with pytest.raises(CheckpointError) as caught:
+        t.load_checkpoint(checkpoint)
+    assert str(caught.value) == (
+        f"checkpoint {checkpoint}: the optimizer of the checkpoint trains 0.*, 2.* (4 tensors), this run's trains "
+        "2.*, 0.* (4 tensors) (the same tensors in another order or grouping (1 group(s) saved, 1 now)); the "
+        "optimizers' parameters must match to resume their state: resume with the model and optimizers the run "
+        f"was started with, or start a new run from its weights (init_from: {checkpoint})")
+    assert t.global_step == 0 and not t.optimizer.state
+
+
+def test_a_checkpoint_from_before_parameter_names_still_loads_and_its_state_shapes_are_checked(tmp_path):
+    resumable(tmp_path / "a", max_steps=3).fit()
+    state = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])
+    state["trainer_state"].pop("optimizer_params", None)  # as written before names were saved
+    old = save_checkpoint(state, tmp_path / "old.pt")
+    t = resumable(tmp_path / "b")
+    t.load_checkpoint(old)
+    assert t.global_step == 3 and torch.equal(t.optimizer.state[t.optimizer.param_groups[0]["params"][0]]
+                                              ["momentum_buffer"], state["optimizer"]["state"][0]["momentum_buffer"])
+    t = resumable(tmp_path / "c", optimizer=reversed_sgd)
+    with pytest.raises(CheckpointError, match=r"the state of the optimizer does not fit this run's parameters: its "
+                                              r"momentum_buffer of tensor 0 has shape \(16, 8\), this run's "
+                                              r"parameter 2.bias \(3,\)"):
+        t.load_checkpoint(old)
+    assert not t.optimizer.state
 
 
 def test_accepted_changes_apply_for_real(tmp_path):

@@ -30,6 +30,10 @@ def config(tmp_path, extra=""):
     return path
 
 
+def files(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
 def records(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines]
@@ -60,3 +64,25 @@ def test_gan_killed_mid_run_resumes_to_the_uninterrupted_runs_weights_and_metric
             for name, value in state.items():
                 assert torch.equal(mine["state"][index][name], value), (index, name)
     assert (b_dir / "samples.png").stat().st_size > 1000
+
+
+def test_a_resume_with_the_optimizers_parameters_swapped_is_refused_in_one_line(tmp_path, run_cli):
+    # Each network would go on with the other's Adam state: in a real process, since a fused kernel
+    # given state of another shape may crash it rather than raise.
+    cfg = config(tmp_path)
+    first = in_process("run", cfg, *SMALL, "max_steps=15")
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "runs" / "gan"
+    before = files(run_dir)
+    swapped = run_cli("run", cfg, *SMALL, "optimizers.generator.params=discriminator.*",
+                      "optimizers.discriminator.params=generator.*", "--resume", "auto")
+    assert swapped.returncode == 2, swapped.stderr
+    [line] = swapped.stderr.strip().splitlines()
+    checkpoint = run_dir / "checkpoints" / "step-00000015.pt"
+    assert line.startswith(
+        f"error: checkpoint {checkpoint}: optimizer 'generator' of the checkpoint trains generator.* (6 tensors), "
+        "this run's trains discriminator.* (6 tensors) (only the checkpoint's trains generator.0.weight, ")
+    assert line.endswith(
+        "the optimizers' parameters must match to resume their state: set optimizers.generator.params back to "
+        f"'generator.*', as the run was started, or start a new run from its weights (init_from: {checkpoint})")
+    assert files(run_dir) == before

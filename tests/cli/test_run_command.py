@@ -348,3 +348,35 @@ def test_the_config_is_checked_before_the_run_name(project, finished_run):
     line = one_error_line(in_process("run", project.config, cwd=project.root))
     assert "already holds a run" in line
     assert snapshot(project.runs) == before
+
+
+@pytest.mark.parametrize("model", [[], ["model.hidden=4096", "model.depth=1"]], ids=["small-records", "large-tensor"])
+@pytest.mark.parametrize("background", [False, True])
+def test_a_disk_that_fills_during_a_run_says_so_and_keeps_the_last_checkpoint(project, mount_tmpfs, background,
+                                                                              model):
+    # With room for a log line and none for a checkpoint, the write fails in a small record (the project's
+    # model), where torch.save passes the OSError on, or in a tensor's record larger than the room left
+    # (a 16 x 4096 weight), which torch.save reports as "[enforce fail at inline_container.cc:672] .
+    # unexpected pos ...".
+    disk = mount_tmpfs("1m")
+    marker = project.root / "filled"
+    # No final save: with one, a slow background write would add a (timing-dependent) warning line.
+    cfg = project.write(project.text + f"out_dir: {disk}\ncheckpoint: {{every_n_steps: 2, save_final: false, "
+                        f"async: {str(background).lower()}}}\n"
+                        f"callbacks:\n  - {{_target_: disks.FillDisk, step: 3, marker: '{marker}', leave: 8192}}\n")
+    line = one_error_line(in_process("run", cfg, "max_steps=5", *model, cwd=project.root))
+    folder = disk / "t" / "checkpoints"
+    last = folder / "step-00000002.pt"
+    assert marker.exists() and sorted(p.name for p in folder.iterdir()) == [last.name]  # no temp file left
+    prefix = "error: checkpoint.async: the background write of step 4 failed: " if background else "error: "
+    assert line.startswith(f"{prefix}could not write checkpoint {folder / 'step-00000004.pt'}: No space left on "
+                           f"device in {folder} (")
+    assert (f"a checkpoint of this run needs about {last.stat().st_size / 2**10:.1f} KiB, the size of {last.name}). "
+            f"The partial file is removed and the last complete checkpoint is {last} (step 2), intact: free space "
+            "on that disk, then continue with --resume auto") in line
+    assert "enforce fail" not in line
+
+    (disk / "filler").unlink()
+    resumed = in_process("run", cfg, "max_steps=5", *model, "--resume", "auto", cwd=project.root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resume: continuing from {last} (step 2)" in resumed.stdout

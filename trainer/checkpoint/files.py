@@ -30,6 +30,7 @@ number of ranks, or in a single process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import pathlib
@@ -49,7 +50,7 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_fs
 import torch.distributed.checkpoint.metadata as dcp_meta
 
-from trainer.run_dir import checkpoint_dir, fsync_dir, list_checkpoints
+from trainer.run_dir import CHECKPOINT_NAME, checkpoint_dir, fsync_dir, list_checkpoints
 
 try:
     import numpy as np
@@ -131,16 +132,82 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, (OSError, RuntimeError)):
-            raise _write_failed(path, exc) from exc
+            raise _write_failed(path, exc, state) from exc
         raise
     return path
 
 
-def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_failed(path: Path, exc: BaseException, state: Any = None) -> CheckpointError:
+    """The error of a failed write. torch.save reports a failed write of its own as "[enforce fail
+    at inline_container.cc:...] unexpected pos ..."; the OSError behind it says what happened."""
+    cause = _os_error(exc)
+    if cause is not None and cause.errno in _NO_SPACE:
+        return CheckpointError(_no_space(path, cause, state))
     return CheckpointError(
-        f"could not write checkpoint {path}: {exc}. Earlier checkpoints are intact; free disk space "
+        f"could not write checkpoint {path}: {cause or exc}. Earlier checkpoints are intact; free disk space "
         "or fix the folder's permissions, then resume with --resume auto"
     )
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """``exc`` if it is an OSError, else the OSError it was raised from or while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _no_space(path: Path, cause: OSError, state: Any) -> str:
+    """A full disk (or quota), said with the folder, what a checkpoint needs, and the newest
+    checkpoint that is complete: the one a resume continues from."""
+    folder = path.parent
+    done = list_checkpoints(folder)
+    needs = []
+    with contextlib.suppress(OSError):
+        needs.append(f"{_shown_bytes(shutil.disk_usage(folder).free)} free")
+    if done:
+        needs.append(f"a checkpoint of this run needs about {_shown_bytes(_size_on_disk(done[-1]))}, the size of "
+                     f"{done[-1].name}")
+    elif state is not None:
+        needs.append(f"a checkpoint of this run needs about {_shown_bytes(_tensor_bytes(state))}, its tensors alone")
+    last = (f"the last complete checkpoint is {done[-1]} (step {int(CHECKPOINT_NAME.match(done[-1].name).group(1))}), "
+            "intact" if done else f"{folder} holds no complete checkpoint yet")
+    return (f"could not write checkpoint {path}: {cause.strerror} in {folder}"
+            f"{' (' + '; '.join(needs) + ')' if needs else ''}. The partial file is removed and {last}: free space "
+            "on that disk, then continue with --resume auto")
+
+
+def _size_on_disk(path: Path) -> int:
+    """A checkpoint's bytes: a file's, or every file's of a sharded directory."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """The bytes of the tensors in ``tree`` (each storage once): what a checkpoint of it needs at least."""
+    storages: dict[Any, int] = {}
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            storage = node.untyped_storage()
+            storages[(storage.data_ptr(), node.device)] = storage.nbytes()
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return sum(storages.values())
+
+
+def _shown_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:

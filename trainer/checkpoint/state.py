@@ -33,6 +33,12 @@ from trainer.checkpoint.files import CheckpointError
 from trainer.data.batches import BatchLayout, rank_count
 
 _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written before state keys
+_UNNAMED = "(not in the model)"  # an optimizer's parameter that the model does not hold
+# The state that torch.optim's optimizers keep element by element, of their parameter's shape. A
+# checkpoint written before parameter names were saved is checked by these: a fused or foreach
+# kernel given one of another shape reads and writes past its end.
+ELEMENTWISE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg",
+                         "acc_delta", "grad_avg", "exp_inf", "ax", "prev", "step_size"})
 
 # Config entries whose change breaks exact resume: the data order, what a step computes, what the
 # saved state means. A change to any other entry (limits, logging, checkpoints, callbacks, how the
@@ -216,7 +222,8 @@ class Checkpointer:
         # Several optimizers train a whole model on every rank (manual_step refuses fsdp): plain state dicts.
         optimizer_states = [first, *(opt.state_dict() for opt in self.optimizers[1:])]
         trainer_state: dict[str, Any] = {"world_size": self.strategy.layout.world_size,
-                                         "optimizer_class": _as_saved([type(opt).__name__ for opt in self.optimizers])}
+                                         "optimizer_class": _as_saved([type(opt).__name__ for opt in self.optimizers]),
+                                         "optimizer_params": self.parameters()}  # a list even of one
         for part in self.train_state:
             trainer_state.update(part.state_dict())
         return {
@@ -233,6 +240,13 @@ class Checkpointer:
             "unfrozen": self.unfrozen.state_dict() if self.unfrozen is not None else None,
             "config": self.config,
         }
+
+    def parameters(self) -> list[list[list[list[Any]]]]:
+        """Each optimizer's parameters, group by group, as ``[name, shape]``: what its state belongs
+        to. Saved beside the state, since ``torch.optim`` keys it by position alone."""
+        names = self._param_names()
+        return [[[[names.get(id(p), _UNNAMED), list(p.shape)] for p in group["params"]]
+                 for group in opt.param_groups] for opt in self.optimizers]
 
     def save(self, path: Path, is_main: bool, step: int, background: bool = False,
              on_written: Callable[[], None] | None = None) -> None:
@@ -355,6 +369,13 @@ class Checkpointer:
                 self.unfrozen.load_state_dict(state["unfrozen"])
             except ValueError as exc:
                 raise CheckpointError(f"checkpoint {where}: {exc}; resume with the model the run was started with") from None
+        which = _optimizer_names(self.config, len(self.optimizers))
+        saved_params = ts.get("optimizer_params")
+        if saved_params is not None and not (new_class and accept_changes):
+            if not state.get("sharded"):  # a model of other shapes is named as such, before its optimizers
+                files.check_model_state(self.module, state["model"], where)
+            for i, (mine, theirs) in enumerate(zip(self.parameters(), saved_params)):
+                _check_parameters(theirs, mine, which[i], where, _params_fix(saved_config, self.config, i))
         if state.get("sharded"):
             self._load_sharded(state, where)
         elif self.strategy.sharded:
@@ -368,6 +389,8 @@ class Checkpointer:
                 )
             if not (new_class and accept_changes):
                 for i, (opt, saved_state) in enumerate(zip(self.optimizers, saved_states)):
+                    _check_state_shapes([p for g in opt.param_groups for p in g["params"]], saved_state,
+                                        self._param_names(), which[i], where)
                     try:
                         opt.load_state_dict(saved_state)
                     except (ValueError, KeyError, RuntimeError) as exc:
@@ -456,6 +479,8 @@ class Checkpointer:
         names = {id(p): name for name, p in self.module.named_parameters()}
         order = [names[id(p)] for group in first.param_groups for p in group["params"]]
         saved = state["optimizer"]
+        _check_state_shapes([p for group in first.param_groups for p in group["params"]], saved, names,
+                            "the optimizer", where)
         try:
             keyed = {"state": {order[i]: value for i, value in saved["state"].items()},
                      "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
@@ -465,6 +490,9 @@ class Checkpointer:
                 f"checkpoint {where}: the optimizer state does not fit this optimizer ({exc}); "
                 "resume with the config the run was started with"
             ) from None
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.module.named_parameters()}
 
     def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:
         """The model's weights (file or sharded directory, or a loaded checkpoint); with ``states``
@@ -546,6 +574,78 @@ def _legacy_keys(saved: dict[str, Any], callbacks: list[tuple[str, Any]]) -> dic
         elif value:
             keyed[match.group(0)] = value  # unclaimed: reported as such
     return keyed
+
+
+def _optimizer_names(config: dict[str, Any], count: int) -> list[str]:
+    """The optimizers as messages name them: by their ``optimizers:`` entry, else by position."""
+    entries = config.get("optimizers")
+    if isinstance(entries, dict) and len(entries) == count:
+        return [f"optimizer {name!r}" for name in entries]
+    return [f"optimizer {i}" for i in range(count)] if count > 1 else ["the optimizer"]
+
+
+def _params_fix(saved: dict[str, Any], current: dict[str, Any], index: int) -> str:
+    """How to resume an optimizer whose parameters changed: the ``optimizers:`` entry's ``params``
+    as the checkpoint's config had them, when this config changed them."""
+    entries = [c.get("optimizers") for c in (saved, current)]
+    if all(isinstance(e, dict) and len(e) > index for e in entries):
+        (name, old), new = list(entries[0].items())[index], list(entries[1].values())[index]
+        if isinstance(old, dict) and isinstance(new, dict) and old.get("params") != new.get("params"):
+            return f"set optimizers.{name}.params back to {old.get('params')!r}, as the run was started"
+    return "resume with the model and optimizers the run was started with"
+
+
+def _trained(groups: list[list[list[Any]]]) -> str:
+    """An optimizer's parameters in a few words: their top-level modules and how many."""
+    names = [name for group in groups for name, _ in group]
+    tops = list(dict.fromkeys(name.split(".")[0] + (".*" if "." in name else "") for name in names))
+    return f"{', '.join(tops[:4])}{', ...' if len(tops) > 4 else ''} ({len(names)} tensors)"
+
+
+def _check_parameters(saved: list[list[list[Any]]], current: list[list[list[Any]]], which: str, where: str,
+                      fix: str) -> None:
+    """The parameters an optimizer's saved state belongs to are this run's, group by group, name and
+    shape; otherwise each network would go on with another's state (or a kernel with the wrong shapes)."""
+    saved = [[[name, list(shape)] for name, shape in group] for group in saved]
+    if saved == current:
+        return
+    old = {name: tuple(shape) for group in saved for name, shape in group}
+    new = {name: tuple(shape) for group in current for name, shape in group}
+
+    def shown(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    gone, added = [n for n in old if n not in new], [n for n in new if n not in old]
+    reshaped = [f"{n} {old[n]} -> {new[n]}" for n in old if n in new and old[n] != new[n]]
+    differs = ([f"only the checkpoint's trains {shown(gone)}"] if gone else []) + \
+              ([f"only this run's trains {shown(added)}"] if added else []) + \
+              ([f"other shapes: {shown(reshaped)}"] if reshaped else [])
+    if not differs:
+        differs = [f"the same tensors in another order or grouping ({len(saved)} group(s) saved, {len(current)} now)"]
+    raise CheckpointError(
+        f"checkpoint {where}: {which} of the checkpoint trains {_trained(saved)}, this run's trains "
+        f"{_trained(current)} ({'; '.join(differs)}); the optimizers' parameters must match to resume their "
+        f"state: {fix}, or start a new run from its weights (init_from: {where})"
+    )
+
+
+def _check_state_shapes(params: list[torch.Tensor], saved: dict[str, Any], names: dict[int, str], which: str,
+                        where: str) -> None:
+    """Each saved state tensor kept element by element (``ELEMENTWISE``) has its parameter's shape:
+    checked before ``load_state_dict``, which copies it in whatever its shape, even for a checkpoint
+    that names no parameters."""
+    for index, values in saved.get("state", {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(values, dict):
+            continue  # load_state_dict reports it
+        param = params[index]
+        for key, value in values.items():
+            if key in ELEMENTWISE and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise CheckpointError(
+                    f"checkpoint {where}: the state of {which} does not fit this run's parameters: its {key} "
+                    f"of tensor {index} has shape {tuple(value.shape)}, this run's parameter "
+                    f"{names.get(id(param), index)} {tuple(param.shape)}; the optimizers' parameters must match "
+                    "to resume their state: resume with the model and optimizers the run was started with"
+                )
 
 
 def _optimizer_class(config: dict[str, Any]) -> str | None:
