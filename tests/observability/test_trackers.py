@@ -236,3 +236,62 @@ def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path)
         assert params == {"metrics.f1_x._target_": "m.F1"}
     finally:
         logger.close()
+
+
+FILL = """\
+class FillAt:
+    \"\"\"Fills the file system of ``folder`` once the run reaches ``step``, and again when it ends,
+    once the loggers have sent or failed to send every record (a failed write gives back its space).\"\"\"
+
+    def __init__(self, step: int, folder: str):
+        self.step, self.folder = step, folder
+
+    def on_train_batch_end(self, trainer, outputs, batch):
+        if trainer.global_step == self.step:
+            self.fill()
+
+    def on_fit_end(self, trainer):
+        for logger in trainer.loggers:
+            if hasattr(logger, "flush"):
+                logger.flush()
+        self.fill()
+
+    def fill(self):
+        with open(f"{self.folder}/filler", "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(bytes(4096))
+            except OSError as exc:
+                assert exc.errno == 28  # ENOSPC
+"""
+
+
+def test_a_store_whose_disk_fills_warns_and_the_run_finishes(project, mount_tmpfs):
+    """The MLflow store's disk fills at step 3 of 8: the sends stop with a warning, training goes on
+    to its last checkpoint, and MLflow's end of the run (set_terminated) fails too, after training:
+    a second warning, not an internal error; status.json says finished, exit 0."""
+    disk = mount_tmpfs("2m")
+    uri = f"sqlite:///{disk / 'mlflow.db'}"
+    project.write(FILL, "fills.py")
+    project.write(project_config(max_steps=8, checkpoint={"every_n_steps": 4},
+                                 loggers=[{"mlflow": {"tracking_uri": uri, "experiment": "full"}}],
+                                 callbacks=[{"_target_": "fills.FillAt", "step": 3, "folder": str(disk)}]))
+    proc = in_process("run", project.config, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert proc.stderr.count("the mlflow logger failed to send metrics (OperationalError: database or disk is "
+                             "full); it sends nothing more") == 1, proc.stderr
+    assert proc.stderr.count("could not end its run") == 1, proc.stderr
+    run_dir = project.runs / "t"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("finished", 8)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004.pt", "step-00000008.pt"]
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line] == [2, 4, 6, 8]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert run.info.status == "RUNNING"  # its end could not be written: the warning says so
+    assert f"could not end its run {run.info.run_id} (OperationalError: database or disk is full)" in proc.stderr

@@ -67,6 +67,15 @@ class TrackerError(RuntimeError):
     the setup, which ``trainer run`` reports in one line (exit 2)."""
 
 
+def _brief(error: BaseException) -> str:
+    """An error in one line: the first line of its innermost cause (the database's own words, not
+    the SQL and parameters that SQLAlchemy and MLflow wrap around them over several lines)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 class _Sender:
     """A thread that sends batches of records; ``put`` only appends to a queue.
 
@@ -102,7 +111,7 @@ class _Sender:
         if self._error is not None and not self._told:
             self._told = True
             error = self._error
-            warnings.warn(f"the {self._name} logger failed to send metrics ({type(error).__name__}: {error}); it sends "
+            warnings.warn(f"the {self._name} logger failed to send metrics ({_brief(error)}); it sends "
                           "nothing more in this run, whose own metrics.jsonl and metrics.csv keep every record",
                           stacklevel=4)
 
@@ -151,7 +160,7 @@ class _Tracker:
             try:
                 self._open()
             except Exception as exc:
-                raise TrackerError(f"the {self.name} logger could not open its run ({type(exc).__name__}: {exc}); "
+                raise TrackerError(f"the {self.name} logger could not open its run ({_brief(exc)}); "
                                    f"{self._setup_hint()}") from exc
             self._sender = _Sender(self._send, self.name)
             if resuming:
@@ -181,14 +190,21 @@ class _Tracker:
             self._sender.flush()
 
     def close(self) -> None:
-        """Send what is left and end the run (a resumed run reopens it)."""
+        """Send what is left and end the run (a resumed run reopens it). A tracker that cannot end
+        its run warns: the training is over and the run directory holds every record and checkpoint,
+        so the run does not fail for it."""
         if self._sender is None:
             return
         sender, self._sender = self._sender, None
         try:
             sender.close()
         finally:
-            self._finish()
+            try:
+                self._finish()
+            except Exception as exc:
+                warnings.warn(f"the {self.name} logger could not end its run {self.run_id} ({_brief(exc)}); the "
+                              "tracker may still show it as running, and the run's own metrics.jsonl and metrics.csv "
+                              "keep every record", stacklevel=2)
 
     # -- what each tracker provides
 
@@ -256,8 +272,8 @@ class MLflowLogger(_Tracker):
             try:
                 run = client.get_run(self.run_id)
             except Exception as exc:  # the checkpoint's run: an unknown id is an error, not a new run
-                raise RuntimeError(f"the checkpoint's mlflow run {self.run_id} is not in {self.tracking_uri} ({exc}); "
-                                   "set tracking_uri to the store the run was logged to") from exc
+                raise RuntimeError(f"the checkpoint's mlflow run {self.run_id} is not in {self.tracking_uri} "
+                                   f"({_brief(exc)}); set tracking_uri to the store the run was logged to") from exc
             for key in run.data.metrics:
                 history = client.get_metric_history(self.run_id, key)
                 self._held[key] = max(m.step for m in history)
