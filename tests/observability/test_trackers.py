@@ -3,8 +3,10 @@ with MLflow's client and from W&B's own run files."""
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -209,22 +211,29 @@ def test_kill_9_and_resume_auto_leave_one_tracker_run_equal_to_the_metric_file(t
     assert without_timing(sorted(points)) == expected
 
 
+def store_error(proc) -> str:
+    """The one line of a store that cannot be written: exit 2, nothing else on stderr."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 @pytest.mark.slow
 def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path):
-    """A tracking_uri whose folder is a file: one line naming the logger and what to check, exit 2,
-    nothing trained; a config key outside MLflow's alphabet becomes a parameter all the same."""
+    """A tracking_uri whose folder is a file: one line naming the store and the fix, exit 2, nothing
+    trained; a config key outside MLflow's alphabet becomes a parameter all the same, and the check
+    that the store can be written leaves nothing in it."""
     from helpers import PROJECT_CONFIG
 
     (tmp_path / "afile").write_text("not a folder")
     config = tmp_path / "cfg.yaml"
+    store = tmp_path / "afile" / "x.db"
     config.write_text(PROJECT_CONFIG + f"out_dir: {tmp_path / 'runs'}\n"
-                      f"loggers: [{{mlflow: {{tracking_uri: 'sqlite:///{tmp_path / 'afile' / 'x.db'}'}}}}]\n")
-    proc = in_process("run", config)
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: the mlflow logger could not open its run (") and line.endswith(
-        f"check its tracking_uri, sqlite:///{tmp_path / 'afile' / 'x.db'} (loggers: [{{mlflow: {{tracking_uri: ...}}}}], "
-        "or MLFLOW_TRACKING_URI)"), proc.stderr
+                      f"loggers: [{{mlflow: {{tracking_uri: 'sqlite:///{store}'}}}}]\n")
+    assert store_error(in_process("run", config)) == (
+        f"error: the mlflow logger cannot write its store {store} (NotADirectoryError: [Errno 20] Not a directory: "
+        f"'{store}'); set tracking_uri (now sqlite:///{store}) to a SQLite file on a disk you can write (loggers: "
+        "[{mlflow: {tracking_uri: ...}}], or MLFLOW_TRACKING_URI)")
     assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
 
     logger = MLflowLogger(tmp_path / "ok")
@@ -234,8 +243,25 @@ def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path)
 
         params = MlflowClient(logger.tracking_uri).get_run(logger.run_id).data.params
         assert params == {"metrics.f1_x._target_": "m.F1"}
+        with closing(sqlite3.connect(tmp_path / "ok" / "mlflow.db")) as db:
+            assert not db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'trainer%'").fetchall()
     finally:
         logger.close()
+
+
+def test_a_store_on_a_read_only_disk_is_one_line_with_exit_2_at_once(project, mount_tmpfs):
+    """A store on a read-only file system: MLflow retries opening it for about 100 s, then reports it
+    over two lines; the logger's own write when the run starts fails at once, in one line naming
+    the store, the URI and the fix, exit 2, before the first step."""
+    read_only = mount_tmpfs("64k", read_only=True)
+    store = read_only / "mlflow.db"
+    project.write(project_config(loggers=[{"mlflow": {"tracking_uri": f"sqlite:///{store}"}}]))
+    assert store_error(in_process("run", project.config, cwd=project.root)) == (
+        f"error: the mlflow logger cannot write its store {store} (OSError: [Errno 30] Read-only file system: "
+        f"'{store}'); set tracking_uri (now sqlite:///{store}) to a SQLite file on a disk you can write (loggers: "
+        "[{mlflow: {tracking_uri: ...}}], or MLFLOW_TRACKING_URI)")
+    assert not (project.runs / "t" / "checkpoints").exists()
+    assert not (project.runs / "t" / "metrics.jsonl").read_text()
 
 
 FILL = """\

@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import re
+import sqlite3
 import struct
 import threading
 import time
@@ -159,6 +160,8 @@ class _Tracker:
             resuming = self.run_id is not None
             try:
                 self._open()
+            except TrackerError:
+                raise
             except Exception as exc:
                 raise TrackerError(f"the {self.name} logger could not open its run ({_brief(exc)}); "
                                    f"{self._setup_hint()}") from exc
@@ -265,14 +268,14 @@ class MLflowLogger(_Tracker):
     def _open(self) -> None:
         from mlflow import MlflowClient
 
-        if self.tracking_uri.startswith("sqlite:///"):
-            self.run_dir.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not its folder
+        if self.tracking_uri.startswith("sqlite:"):
+            self._check_sqlite()
         self._client = client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.run_id is not None:
             try:
                 run = client.get_run(self.run_id)
             except Exception as exc:  # the checkpoint's run: an unknown id is an error, not a new run
-                raise RuntimeError(f"the checkpoint's mlflow run {self.run_id} is not in {self.tracking_uri} "
+                raise TrackerError(f"the checkpoint's mlflow run {self.run_id} is not in {self.tracking_uri} "
                                    f"({_brief(exc)}); set tracking_uri to the store the run was logged to") from exc
             for key in run.data.metrics:
                 history = client.get_metric_history(self.run_id, key)
@@ -288,6 +291,34 @@ class MLflowLogger(_Tracker):
         else:
             experiment_id = experiment.experiment_id
         self.run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
+
+    def _check_sqlite(self) -> None:
+        """Write to the SQLite store once, uncommitted, before MLflow opens it. MLflow retries a store
+        it cannot open for about 100 s before it gives up, and one that opens read-only (its disk,
+        its folder) fails only at the first write."""
+        from sqlalchemy.engine import make_url
+
+        database = make_url(self.tracking_uri).database
+        if not database or database == ":memory:":
+            return
+        path = Path(database)
+        try:
+            if not path.parent.exists():  # SQLite makes the file, not its folder
+                path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o666))
+            connection = sqlite3.connect(path, timeout=10)
+            try:
+                # A table made and rolled back: SQLite writes its journal beside the file, and the
+                # database stays as it was.
+                connection.execute("BEGIN IMMEDIATE")
+                connection.execute("CREATE TABLE trainer_write_check (x)")
+            finally:
+                connection.rollback()
+                connection.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise TrackerError(f"the mlflow logger cannot write its store {path} ({_brief(exc)}); set tracking_uri "
+                               f"(now {self.tracking_uri}) to a SQLite file on a disk you can write "
+                               "(loggers: [{mlflow: {tracking_uri: ...}}], or MLFLOW_TRACKING_URI)") from None
 
     def _log_config(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param
