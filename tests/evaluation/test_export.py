@@ -240,7 +240,7 @@ def test_a_failed_write_leaves_the_earlier_export_whole(tmp_path):
     # A folder where the temp file goes makes the writer fail as a full disk would, part-way.
     (tmp_path / f".m.safetensors.tmp-{os.getpid()}").mkdir()
     with pytest.raises(ExportError, match=r"could not write .*m.safetensors .*any earlier m.safetensors is intact"):
-        export_model(run, tmp_path / "m.safetensors", dtype="bf16")
+        export_model(run, tmp_path / "m.safetensors", dtype="bf16", overwrite=True)
     assert (tmp_path / "m.safetensors").read_bytes() == before
 
 
@@ -340,3 +340,30 @@ def test_a_trusted_module_builds_and_an_untrusted_one_is_not_even_imported(tmp_p
     model = build_model(done.config, trust="own_models_for_trust")
     model.load_state_dict(load_file(done.weights), strict=True)
     assert type(model).__name__ == "Net" and marker.exists()
+
+
+def test_an_export_replaces_no_file_unless_told_to(tmp_path):
+    run = mlp_run(tmp_path)
+    for existing in ("m.yaml", "m.safetensors"):
+        (tmp_path / existing).write_text("mine")
+        with pytest.raises(ExportError) as caught:
+            export_model(run, tmp_path / "m.safetensors")
+        assert str(caught.value) == f"{tmp_path / existing} exists; pass --overwrite to replace it, or pick another --out"
+        assert (tmp_path / existing).read_text() == "mine"
+        assert sorted(p.name for p in tmp_path.glob("m.*")) == [existing]
+        (tmp_path / existing).unlink()
+    (tmp_path / "m.yaml").write_text("mine")
+    done = export_model(run, tmp_path / "m.safetensors", overwrite=True)
+    build_model(done.config).load_state_dict(load_file(done.weights), strict=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_the_exported_files_get_the_modes_the_umask_gives(tmp_path, umask):
+    run = mlp_run(tmp_path)
+    old = os.umask(umask)
+    try:
+        done = export_model(run, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    for path in (done.weights, done.config):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask), path

@@ -12,9 +12,10 @@ or the average an ``EMAWeights`` callback kept, casts them to the dtype asked fo
 - ``NAME.yaml``: the ``model:`` section of the run's resolved config, the component that builds
   the module the weights load into (``build_model``).
 
-Both are written atomically (a temp file beside, fsync'ed, renamed). A sharded checkpoint's model
-tensors are read whole into this process by ``torch.distributed.checkpoint``, no process group
-needed.
+Both are written atomically (a temp file beside, fsync'ed, renamed), with the modes the user's
+other new files get (``0o666 & ~umask``), and neither replaces a file that exists unless asked to
+(``overwrite``). A sharded checkpoint's model tensors are read whole into this process by
+``torch.distributed.checkpoint``, no process group needed.
 
 A checkpoint may come from elsewhere, and its config names code. As with pickles, which checkpoint
 files never hold, such a file runs nothing without the user's say: ``build_model`` imports only
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -72,9 +75,12 @@ class Exported:
     bytes: int
 
 
-def export_model(source: str | Path, out: str | Path, dtype: str | None = None, weights: str = "auto") -> Exported:
+def export_model(source: str | Path, out: str | Path, dtype: str | None = None, weights: str = "auto",
+                 overwrite: bool = False) -> Exported:
     """Write the weights of ``source`` (a run directory or a checkpoint) to ``out`` (``NAME.safetensors``)
-    and the model's config to ``NAME.yaml`` beside it.
+    and the model's config to ``NAME.yaml`` beside it. Either file existing already is an error
+    unless ``overwrite`` (then a ``NAME.yaml`` that this checkpoint has no model for is removed, so
+    that it cannot pass for the new weights' config).
 
     ``dtype``: ``"bf16"``, ``"fp16"`` or ``"fp32"`` for the floating-point tensors (integer buffers
     keep theirs); ``None`` keeps the dtypes as saved. ``weights``: ``"auto"`` takes the EMA when the
@@ -86,7 +92,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
     safetensors, safetensors_torch = _safetensors()
     out = Path(out)
     cast = _dtype(dtype)
-    _check_out(out)
+    _check_out(out, overwrite)
     state = _read(Path(source))
     checkpoint = Path(state["path"])
     ema_key = _choose_ema(state, weights, checkpoint)
@@ -104,8 +110,19 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
         metadata["model"] = json.dumps(model)
         config = out.with_suffix(".yaml")
         run_files.write_text_atomic(config, _config_text(model, checkpoint, step))
+    else:
+        out.with_suffix(".yaml").unlink(missing_ok=True)  # an earlier export's, which overwrite allows
+
+    def write(tmp: Path) -> None:
+        # safetensors writes a file of its own and renames it over tmp, mode 0600 whatever the
+        # umask: the file first made at tmp has the mode the user's new files get, and keeps it.
+        tmp.touch()
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        safetensors_torch.save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
+
     try:
-        run_files.write_atomic(out, lambda tmp: safetensors_torch.save_file(tensors, str(tmp), metadata=metadata))
+        run_files.write_atomic(out, write)
     except (OSError, safetensors.SafetensorError) as exc:  # the Rust writer reports I/O as its own error
         raise ExportError(f"could not write {out} ({exc}); any earlier {out.name} is intact: free some space "
                           "or pick another --out") from None
@@ -195,7 +212,7 @@ def _short(dtype: torch.dtype) -> str:
     return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.suffix != SUFFIX:
         raise ExportError(f"--out {out}: name the weights file NAME{SUFFIX} (the model's config goes beside it as "
                           "NAME.yaml)")
@@ -207,6 +224,9 @@ def _check_out(out: Path) -> None:
     if run_files.is_run_dir(out.parent) and config.name in run_files.OWN:
         raise ExportError(f"--out {out}: its config would replace the run's own {config}; pick another name, "
                           f"such as {out.parent / ('model' + SUFFIX)}")
+    for path in (out, config):
+        if path.exists() and not overwrite:
+            raise ExportError(f"{path} exists; pass --overwrite to replace it, or pick another --out")
 
 
 def _read(source: Path) -> dict[str, Any]:
