@@ -83,6 +83,18 @@ def test_mistakes_exit_2_with_one_line(ema_run, tmp_path, case, message):
     assert not out.exists()
 
 
+def test_an_existing_config_is_kept_unless_overwrite_is_passed(ema_run, tmp_path):
+    (tmp_path / "m.yaml").write_text("model: {_target_: mine.Net}\n")
+    code, output = invoke("export", ema_run, "--out", tmp_path / "m.safetensors")
+    assert code == 2, output
+    assert output.strip() == f"error: {tmp_path / 'm.yaml'} exists; pass --overwrite to replace it, or pick another --out"
+    assert (tmp_path / "m.yaml").read_text() == "model: {_target_: mine.Net}\n"
+    assert not (tmp_path / "m.safetensors").exists()
+    code, output = invoke("export", ema_run, "--out", tmp_path / "m.safetensors", "--overwrite")
+    assert code == 0, output
+    build_model(tmp_path / "m.yaml").load_state_dict(load_file(tmp_path / "m.safetensors"), strict=True)
+
+
 def test_a_real_process_exits_2_on_a_mistake(tmp_path, run_cli):
     proc = run_cli("export", tmp_path / "missing", "--out", tmp_path / "m.safetensors")
     assert proc.returncode == 2

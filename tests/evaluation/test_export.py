@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 from helpers import batches, quiet
 from trainer import EMAWeights, Trainer
 from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from trainer.checkpoint.files import save_checkpoint
 from trainer.examples.char_lm import CharTransformer
 from trainer.examples.models import MLP
 from trainer.evaluation.export import ExportError, build_model, export_model
+from trainer.yaml_source import ConfigError
 
 MLP_SECTION = {"_target_": "trainer.examples.models.MLP", "in_features": 8, "hidden": 16, "out_features": 3}
 LM_SECTION = {"_target_": "trainer.examples.char_lm.CharTransformer", "block_size": 8, "d_model": 16,
@@ -238,7 +240,7 @@ def test_a_failed_write_leaves_the_earlier_export_whole(tmp_path):
     # A folder where the temp file goes makes the writer fail as a full disk would, part-way.
     (tmp_path / f".m.safetensors.tmp-{os.getpid()}").mkdir()
     with pytest.raises(ExportError, match=r"could not write .*m.safetensors .*any earlier m.safetensors is intact"):
-        export_model(run, tmp_path / "m.safetensors", dtype="bf16")
+        export_model(run, tmp_path / "m.safetensors", dtype="bf16", overwrite=True)
     assert (tmp_path / "m.safetensors").read_bytes() == before
 
 
@@ -285,3 +287,83 @@ def test_an_export_never_replaces_the_runs_own_config(tmp_path):
     with pytest.raises(ExportError, match="its config would replace the run's own"):
         export_model(run, run / "config.safetensors")
     assert (run / "config.yaml").read_bytes() == kept and not (run / "config.safetensors").exists()
+
+
+def with_model(run, section, path):
+    """The run's newest checkpoint with ``section`` as its config's model, written (and signed) as
+    trainer writes checkpoints: what a checkpoint from elsewhere can hold."""
+    state = load_checkpoint(run / "checkpoints" / "step-00000004.pt")
+    state.pop("path", None)
+    state["config"] = {**state["config"], "model": section}
+    save_checkpoint(state, path)
+    return path
+
+
+@pytest.mark.parametrize("where", ["model", "argument", "through torch.nn"])
+def test_a_checkpoint_whose_config_names_other_code_is_exported_and_built_without_running_it(tmp_path, where):
+    """os.system named by a checkpoint's config, as the model, as an argument of an allowed model
+    (built before the model), or reached through an attribute of a torch.nn module: export copies
+    it, build_model refuses it in one line naming the target, the file and what to pass, and the
+    command never runs."""
+    marker = tmp_path / "ran"
+    call = {"_target_": "os.system", "command": f"touch {marker}"}
+    section = {"model": call,
+               "argument": {**MLP_SECTION, "hidden": call},
+               "through torch.nn": {**call, "_target_": "torch.nn.modules.module.torch.os.system"}}[where]
+    run = mlp_run(tmp_path)
+    export_model(with_model(run, section, tmp_path / "signed.pt"), tmp_path / "m.safetensors")
+    config = tmp_path / "m.yaml"
+    with pytest.raises(ConfigError) as caught:
+        build_model(config)
+    message = str(caught.value)
+    target = call["_target_"] if where != "through torch.nn" else section["_target_"]
+    assert message.splitlines() == [message]
+    assert f"'{target}' is not a torch.nn or trainer module class" in message
+    assert message.endswith(f"if you trust {config}, call build_model('{config}', trust='{target.rsplit('.', 1)[0]}')")
+    assert not marker.exists()
+
+
+def test_a_trusted_module_builds_and_an_untrusted_one_is_not_even_imported(tmp_path, monkeypatch):
+    """The user's own model module: refused without trust, before it is imported (importing runs its
+    code); built with trust naming it."""
+    marker = tmp_path / "imported"
+    (tmp_path / "own_models_for_trust.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nfrom trainer.examples.models import MLP\n\n\n"
+        "class Net(MLP):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = mlp_run(tmp_path)
+    section = {**MLP_SECTION, "_target_": "own_models_for_trust.Net"}
+    done = export_model(with_model(run, section, tmp_path / "own.pt"), tmp_path / "m.safetensors")
+    with pytest.raises(ConfigError, match=r"trust='own_models_for_trust'\)$"):
+        build_model(done.config)
+    assert not marker.exists()
+    model = build_model(done.config, trust="own_models_for_trust")
+    model.load_state_dict(load_file(done.weights), strict=True)
+    assert type(model).__name__ == "Net" and marker.exists()
+
+
+def test_an_export_replaces_no_file_unless_told_to(tmp_path):
+    run = mlp_run(tmp_path)
+    for existing in ("m.yaml", "m.safetensors"):
+        (tmp_path / existing).write_text("mine")
+        with pytest.raises(ExportError) as caught:
+            export_model(run, tmp_path / "m.safetensors")
+        assert str(caught.value) == f"{tmp_path / existing} exists; pass --overwrite to replace it, or pick another --out"
+        assert (tmp_path / existing).read_text() == "mine"
+        assert sorted(p.name for p in tmp_path.glob("m.*")) == [existing]
+        (tmp_path / existing).unlink()
+    (tmp_path / "m.yaml").write_text("mine")
+    done = export_model(run, tmp_path / "m.safetensors", overwrite=True)
+    build_model(done.config).load_state_dict(load_file(done.weights), strict=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_the_exported_files_get_the_modes_the_umask_gives(tmp_path, umask):
+    run = mlp_run(tmp_path)
+    old = os.umask(umask)
+    try:
+        done = export_model(run, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    for path in (done.weights, done.config):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask), path

@@ -3,8 +3,10 @@ with MLflow's client and from W&B's own run files."""
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -209,22 +211,29 @@ def test_kill_9_and_resume_auto_leave_one_tracker_run_equal_to_the_metric_file(t
     assert without_timing(sorted(points)) == expected
 
 
+def store_error(proc) -> str:
+    """The one line of a store that cannot be written: exit 2, nothing else on stderr."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 @pytest.mark.slow
 def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path):
-    """A tracking_uri whose folder is a file: one line naming the logger and what to check, exit 2,
-    nothing trained; a config key outside MLflow's alphabet becomes a parameter all the same."""
+    """A tracking_uri whose folder is a file: one line naming the store and the fix, exit 2, nothing
+    trained; a config key outside MLflow's alphabet becomes a parameter all the same, and the check
+    that the store can be written leaves nothing in it."""
     from helpers import PROJECT_CONFIG
 
     (tmp_path / "afile").write_text("not a folder")
     config = tmp_path / "cfg.yaml"
+    store = tmp_path / "afile" / "x.db"
     config.write_text(PROJECT_CONFIG + f"out_dir: {tmp_path / 'runs'}\n"
-                      f"loggers: [{{mlflow: {{tracking_uri: 'sqlite:///{tmp_path / 'afile' / 'x.db'}'}}}}]\n")
-    proc = in_process("run", config)
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: the mlflow logger could not open its run (") and line.endswith(
-        f"check its tracking_uri, sqlite:///{tmp_path / 'afile' / 'x.db'} (loggers: [{{mlflow: {{tracking_uri: ...}}}}], "
-        "or MLFLOW_TRACKING_URI)"), proc.stderr
+                      f"loggers: [{{mlflow: {{tracking_uri: 'sqlite:///{store}'}}}}]\n")
+    assert store_error(in_process("run", config)) == (
+        f"error: the mlflow logger cannot write its store {store} (NotADirectoryError: [Errno 20] Not a directory: "
+        f"'{store}'); set tracking_uri (now sqlite:///{store}) to a SQLite file on a disk you can write (loggers: "
+        "[{mlflow: {tracking_uri: ...}}], or MLFLOW_TRACKING_URI)")
     assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
 
     logger = MLflowLogger(tmp_path / "ok")
@@ -234,5 +243,81 @@ def test_a_tracker_store_that_cannot_be_opened_is_one_line_with_exit_2(tmp_path)
 
         params = MlflowClient(logger.tracking_uri).get_run(logger.run_id).data.params
         assert params == {"metrics.f1_x._target_": "m.F1"}
+        with closing(sqlite3.connect(tmp_path / "ok" / "mlflow.db")) as db:
+            assert not db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'trainer%'").fetchall()
     finally:
         logger.close()
+
+
+def test_a_store_on_a_read_only_disk_is_one_line_with_exit_2_at_once(project, mount_tmpfs):
+    """A store on a read-only file system: MLflow retries opening it for about 100 s, then reports it
+    over two lines; the logger's own write when the run starts fails at once, in one line naming
+    the store, the URI and the fix, exit 2, before the first step."""
+    read_only = mount_tmpfs("64k", read_only=True)
+    store = read_only / "mlflow.db"
+    project.write(project_config(loggers=[{"mlflow": {"tracking_uri": f"sqlite:///{store}"}}]))
+    assert store_error(in_process("run", project.config, cwd=project.root)) == (
+        f"error: the mlflow logger cannot write its store {store} (OSError: [Errno 30] Read-only file system: "
+        f"'{store}'); set tracking_uri (now sqlite:///{store}) to a SQLite file on a disk you can write (loggers: "
+        "[{mlflow: {tracking_uri: ...}}], or MLFLOW_TRACKING_URI)")
+    assert not (project.runs / "t" / "checkpoints").exists()
+    assert not (project.runs / "t" / "metrics.jsonl").read_text()
+
+
+FILL = """\
+class FillAt:
+    \"\"\"Fills the file system of ``folder`` once the run reaches ``step``, and again when it ends,
+    once the loggers have sent or failed to send every record (a failed write gives back its space).\"\"\"
+
+    def __init__(self, step: int, folder: str):
+        self.step, self.folder = step, folder
+
+    def on_train_batch_end(self, trainer, outputs, batch):
+        if trainer.global_step == self.step:
+            self.fill()
+
+    def on_fit_end(self, trainer):
+        for logger in trainer.loggers:
+            if hasattr(logger, "flush"):
+                logger.flush()
+        self.fill()
+
+    def fill(self):
+        with open(f"{self.folder}/filler", "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(bytes(4096))
+            except OSError as exc:
+                assert exc.errno == 28  # ENOSPC
+"""
+
+
+def test_a_store_whose_disk_fills_warns_and_the_run_finishes(project, mount_tmpfs):
+    """The MLflow store's disk fills at step 3 of 8: the sends stop with a warning, training goes on
+    to its last checkpoint, and MLflow's end of the run (set_terminated) fails too, after training:
+    a second warning, not an internal error; status.json says finished, exit 0."""
+    disk = mount_tmpfs("2m")
+    uri = f"sqlite:///{disk / 'mlflow.db'}"
+    project.write(FILL, "fills.py")
+    project.write(project_config(max_steps=8, checkpoint={"every_n_steps": 4},
+                                 loggers=[{"mlflow": {"tracking_uri": uri, "experiment": "full"}}],
+                                 callbacks=[{"_target_": "fills.FillAt", "step": 3, "folder": str(disk)}]))
+    proc = in_process("run", project.config, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert proc.stderr.count("the mlflow logger failed to send metrics (OperationalError: database or disk is "
+                             "full); it sends nothing more") == 1, proc.stderr
+    assert proc.stderr.count("could not end its run") == 1, proc.stderr
+    run_dir = project.runs / "t"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("finished", 8)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004.pt", "step-00000008.pt"]
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line] == [2, 4, 6, 8]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert run.info.status == "RUNNING"  # its end could not be written: the warning says so
+    assert f"could not end its run {run.info.run_id} (OperationalError: database or disk is full)" in proc.stderr

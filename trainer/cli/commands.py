@@ -630,6 +630,7 @@ def export(
         "auto", "--weights",
         help="auto: the EMA when the run kept one (EMAWeights), else the trained weights; ema; trained; "
              "or the state_key of one EMA callback."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace NAME.safetensors and NAME.yaml if they exist."),
     debug: bool = DEBUG,
 ) -> None:
     """Write a checkpoint's weights (the EMA of them under EMAWeights) as one .safetensors file for
@@ -641,7 +642,7 @@ def export(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                done = export_model(source, out, dtype=dtype, weights=weights)
+                done = export_model(source, out, dtype=dtype, weights=weights, overwrite=overwrite)
             except (ExportError, CheckpointError, SafetensorsMissing) as exc:
                 raise UserError(str(exc)) from None
             except OSError as exc:  # a full disk, a read-only folder: the earlier files stay whole

@@ -12,15 +12,25 @@ or the average an ``EMAWeights`` callback kept, casts them to the dtype asked fo
 - ``NAME.yaml``: the ``model:`` section of the run's resolved config, the component that builds
   the module the weights load into (``build_model``).
 
-Both are written atomically (a temp file beside, fsync'ed, renamed). A sharded checkpoint's model
-tensors are read whole into this process by ``torch.distributed.checkpoint``, no process group
-needed.
+Both are written atomically (a temp file beside, fsync'ed, renamed), with the modes the user's
+other new files get (``0o666 & ~umask``), and neither replaces a file that exists unless asked to
+(``overwrite``). A sharded checkpoint's model tensors are read whole into this process by
+``torch.distributed.checkpoint``, no process group needed.
+
+A checkpoint may come from elsewhere, and its config names code. As with pickles, which checkpoint
+files never hold, such a file runs nothing without the user's say: ``build_model`` imports only
+``torch.nn`` and ``trainer`` modules (``nn.Module`` classes) from it, and anything else only from
+the modules the user names in ``trust``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
+import stat
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +43,14 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from trainer import run_dir as run_files
 from trainer.checkpoint import files
-from trainer.components import Component, instantiate
-from trainer.yaml_source import ConfigError, Source
+from trainer.components import Component, import_target, instantiate
+from trainer.yaml_source import ConfigError, Path_, Source
 
 SUFFIX = ".safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INSTALL = "pip install 'trainer[safetensors]'"
+# What a model file that the user did not write may name: nn.Module classes of these packages.
+SAFE_PACKAGES = ("torch.nn", "trainer")
 
 
 class ExportError(Exception):
@@ -63,9 +75,12 @@ class Exported:
     bytes: int
 
 
-def export_model(source: str | Path, out: str | Path, dtype: str | None = None, weights: str = "auto") -> Exported:
+def export_model(source: str | Path, out: str | Path, dtype: str | None = None, weights: str = "auto",
+                 overwrite: bool = False) -> Exported:
     """Write the weights of ``source`` (a run directory or a checkpoint) to ``out`` (``NAME.safetensors``)
-    and the model's config to ``NAME.yaml`` beside it.
+    and the model's config to ``NAME.yaml`` beside it. Either file existing already is an error
+    unless ``overwrite`` (then a ``NAME.yaml`` that this checkpoint has no model for is removed, so
+    that it cannot pass for the new weights' config).
 
     ``dtype``: ``"bf16"``, ``"fp16"`` or ``"fp32"`` for the floating-point tensors (integer buffers
     keep theirs); ``None`` keeps the dtypes as saved. ``weights``: ``"auto"`` takes the EMA when the
@@ -77,7 +92,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
     safetensors, safetensors_torch = _safetensors()
     out = Path(out)
     cast = _dtype(dtype)
-    _check_out(out)
+    _check_out(out, overwrite)
     state = _read(Path(source))
     checkpoint = Path(state["path"])
     ema_key = _choose_ema(state, weights, checkpoint)
@@ -95,8 +110,19 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
         metadata["model"] = json.dumps(model)
         config = out.with_suffix(".yaml")
         run_files.write_text_atomic(config, _config_text(model, checkpoint, step))
+    else:
+        out.with_suffix(".yaml").unlink(missing_ok=True)  # an earlier export's, which overwrite allows
+
+    def write(tmp: Path) -> None:
+        # safetensors writes a file of its own and renames it over tmp, mode 0600 whatever the
+        # umask: the file first made at tmp has the mode the user's new files get, and keeps it.
+        tmp.touch()
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        safetensors_torch.save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
+
     try:
-        run_files.write_atomic(out, lambda tmp: safetensors_torch.save_file(tensors, str(tmp), metadata=metadata))
+        run_files.write_atomic(out, write)
     except (OSError, safetensors.SafetensorError) as exc:  # the Rust writer reports I/O as its own error
         raise ExportError(f"could not write {out} ({exc}); any earlier {out.name} is intact: free some space "
                           "or pick another --out") from None
@@ -104,15 +130,23 @@ def export_model(source: str | Path, out: str | Path, dtype: str | None = None, 
                     sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
-def build_model(config: str | Path) -> torch.nn.Module:
+def build_model(config: str | Path, trust: str | Iterable[str] = ()) -> torch.nn.Module:
     """The module an export's ``NAME.yaml`` describes, freshly initialised: load the exported
     weights into it with ``load_state_dict(safetensors.torch.load_file(...), strict=True)``. A
-    problem with the file is a ``ConfigError`` that points at its line."""
+    problem with the file is a ``ConfigError`` that points at its line.
+
+    The file's ``_target_``s (the model's and those of its arguments) may name ``nn.Module``
+    classes of ``torch.nn`` and of ``trainer`` (the examples); anything else only from a module in
+    ``trust`` (``"my_project.models"`` trusts it and its submodules). The file holds what a
+    checkpoint's config said, and a checkpoint from elsewhere must not run code of its choosing."""
     source = Source.load(Path(config))
     section = source.data.get("model") if isinstance(source.data, dict) else None
     if not isinstance(section, dict) or "_target_" not in section:
         raise ConfigError(f"{config}: no 'model:' section with a _target_; pass the .yaml that trainer export "
                           "wrote beside the .safetensors file")
+    trusted = (trust,) if isinstance(trust, str) else tuple(trust)
+    for path, target in _targets(section, ("model",)):
+        _check_target(target, trusted, source, path)
     model = instantiate(Component.model_validate(section), source, ("model",))
     if not isinstance(model, torch.nn.Module):
         raise source.at(("model",), f"'{section['_target_']}' returned a {type(model).__name__}, not a torch.nn.Module")
@@ -120,6 +154,40 @@ def build_model(config: str | Path) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------- the pieces
+
+
+def _targets(value: Any, path: Path_) -> Iterator[tuple[Path_, str]]:
+    """Every ``_target_`` string under ``value``, at any depth, with where it stands."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "_target_" and isinstance(item, str):
+                yield path + (key,), item
+            else:
+                yield from _targets(item, path + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _targets(item, path + (i,))
+
+
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def _check_target(target: str, trusted: tuple[str, ...], source: Source, path: Path_) -> None:
+    """Refuse ``target`` unless it is an nn.Module class of a safe package or anything of a trusted
+    module. The name is checked before anything is imported (importing a module runs its code),
+    and what it resolves to after (an attribute path can lead from a safe module to anything)."""
+    found: Any = None
+    if _within(target, trusted + SAFE_PACKAGES):
+        found = import_target(target, source, path)
+    module = getattr(found, "__module__", None) or ""
+    if _within(module, trusted) or (inspect.isclass(found) and issubclass(found, torch.nn.Module)
+                                    and _within(module, SAFE_PACKAGES)):
+        return
+    suggested = target.rsplit(".", 1)[0]
+    raise source.at(path, f"'{target}' is not a torch.nn or trainer module class, and build_model imports nothing "
+                          f"else from a file unless told to trust it (a checkpoint's config may name any code): if "
+                          f"you trust {source.file}, call build_model('{source.file}', trust='{suggested}')")
 
 
 def _safetensors() -> tuple[Any, Any]:
@@ -144,7 +212,7 @@ def _short(dtype: torch.dtype) -> str:
     return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.suffix != SUFFIX:
         raise ExportError(f"--out {out}: name the weights file NAME{SUFFIX} (the model's config goes beside it as "
                           "NAME.yaml)")
@@ -156,6 +224,9 @@ def _check_out(out: Path) -> None:
     if run_files.is_run_dir(out.parent) and config.name in run_files.OWN:
         raise ExportError(f"--out {out}: its config would replace the run's own {config}; pick another name, "
                           f"such as {out.parent / ('model' + SUFFIX)}")
+    for path in (out, config):
+        if path.exists() and not overwrite:
+            raise ExportError(f"{path} exists; pass --overwrite to replace it, or pick another --out")
 
 
 def _read(source: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import re
+import sqlite3
 import struct
 import threading
 import time
@@ -67,6 +68,15 @@ class TrackerError(RuntimeError):
     the setup, which ``trainer run`` reports in one line (exit 2)."""
 
 
+def _brief(error: BaseException) -> str:
+    """An error in one line: the first line of its innermost cause (the database's own words, not
+    the SQL and parameters that SQLAlchemy and MLflow wrap around them over several lines)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 class _Sender:
     """A thread that sends batches of records; ``put`` only appends to a queue.
 
@@ -102,7 +112,7 @@ class _Sender:
         if self._error is not None and not self._told:
             self._told = True
             error = self._error
-            warnings.warn(f"the {self._name} logger failed to send metrics ({type(error).__name__}: {error}); it sends "
+            warnings.warn(f"the {self._name} logger failed to send metrics ({_brief(error)}); it sends "
                           "nothing more in this run, whose own metrics.jsonl and metrics.csv keep every record",
                           stacklevel=4)
 
@@ -150,8 +160,10 @@ class _Tracker:
             resuming = self.run_id is not None
             try:
                 self._open()
+            except TrackerError:
+                raise
             except Exception as exc:
-                raise TrackerError(f"the {self.name} logger could not open its run ({type(exc).__name__}: {exc}); "
+                raise TrackerError(f"the {self.name} logger could not open its run ({_brief(exc)}); "
                                    f"{self._setup_hint()}") from exc
             self._sender = _Sender(self._send, self.name)
             if resuming:
@@ -181,14 +193,21 @@ class _Tracker:
             self._sender.flush()
 
     def close(self) -> None:
-        """Send what is left and end the run (a resumed run reopens it)."""
+        """Send what is left and end the run (a resumed run reopens it). A tracker that cannot end
+        its run warns: the training is over and the run directory holds every record and checkpoint,
+        so the run does not fail for it."""
         if self._sender is None:
             return
         sender, self._sender = self._sender, None
         try:
             sender.close()
         finally:
-            self._finish()
+            try:
+                self._finish()
+            except Exception as exc:
+                warnings.warn(f"the {self.name} logger could not end its run {self.run_id} ({_brief(exc)}); the "
+                              "tracker may still show it as running, and the run's own metrics.jsonl and metrics.csv "
+                              "keep every record", stacklevel=2)
 
     # -- what each tracker provides
 
@@ -249,15 +268,15 @@ class MLflowLogger(_Tracker):
     def _open(self) -> None:
         from mlflow import MlflowClient
 
-        if self.tracking_uri.startswith("sqlite:///"):
-            self.run_dir.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not its folder
+        if self.tracking_uri.startswith("sqlite:"):
+            self._check_sqlite()
         self._client = client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.run_id is not None:
             try:
                 run = client.get_run(self.run_id)
             except Exception as exc:  # the checkpoint's run: an unknown id is an error, not a new run
-                raise RuntimeError(f"the checkpoint's mlflow run {self.run_id} is not in {self.tracking_uri} ({exc}); "
-                                   "set tracking_uri to the store the run was logged to") from exc
+                raise TrackerError(f"the checkpoint's mlflow run {self.run_id} is not in {self.tracking_uri} "
+                                   f"({_brief(exc)}); set tracking_uri to the store the run was logged to") from exc
             for key in run.data.metrics:
                 history = client.get_metric_history(self.run_id, key)
                 self._held[key] = max(m.step for m in history)
@@ -272,6 +291,34 @@ class MLflowLogger(_Tracker):
         else:
             experiment_id = experiment.experiment_id
         self.run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
+
+    def _check_sqlite(self) -> None:
+        """Write to the SQLite store once, uncommitted, before MLflow opens it. MLflow retries a store
+        it cannot open for about 100 s before it gives up, and one that opens read-only (its disk,
+        its folder) fails only at the first write."""
+        from sqlalchemy.engine import make_url
+
+        database = make_url(self.tracking_uri).database
+        if not database or database == ":memory:":
+            return
+        path = Path(database)
+        try:
+            if not path.parent.exists():  # SQLite makes the file, not its folder
+                path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o666))
+            connection = sqlite3.connect(path, timeout=10)
+            try:
+                # A table made and rolled back: SQLite writes its journal beside the file, and the
+                # database stays as it was.
+                connection.execute("BEGIN IMMEDIATE")
+                connection.execute("CREATE TABLE trainer_write_check (x)")
+            finally:
+                connection.rollback()
+                connection.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise TrackerError(f"the mlflow logger cannot write its store {path} ({_brief(exc)}); set tracking_uri "
+                               f"(now {self.tracking_uri}) to a SQLite file on a disk you can write "
+                               "(loggers: [{mlflow: {tracking_uri: ...}}], or MLFLOW_TRACKING_URI)") from None
 
     def _log_config(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param
