@@ -161,17 +161,18 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def run_cli():
-    """``run_cli(*args, cwd=None, env=None)``: ``python -m trainer ARGS`` as a user runs it, a real
-    process; returns the CompletedProcess (exit code, stdout, stderr). For what only a real process
+    """``run_cli(*args, cwd=None, env=None, session=False)``: ``python -m trainer ARGS`` as a user runs
+    it, a real process (with ``session``, leading a process group of its own, for a signal sent to
+    the group); returns the CompletedProcess (exit code, stdout, stderr). For what only a real process
     shows: its exit status, signals, a kill, a second process, Python's own warning lines. Anything
     else runs in this process, through ``helpers.in_process`` (the same code path, no interpreter
     start). Session-scoped, so that a module's shared run can be made with it too."""
 
-    def run(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    def run(*args, cwd=None, env=None, timeout=300, session=False) -> subprocess.CompletedProcess:
         environ = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         environ.update(env or {})
         return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, env=environ,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, start_new_session=session)
 
     return run
 

@@ -3,6 +3,7 @@
 The runs train in bf16-true (weights, gradients and optimizer state in bf16); the fp32 path is
 held bit for bit by tests/checkpoint/test_files.py."""
 
+import csv
 import json
 import signal
 
@@ -15,6 +16,13 @@ def records(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     # Everything but the clock: the same records, steps and values.
     return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines]
+
+
+def table(run_dir):
+    """metrics.csv as records: the columns each row has a value in, but the clock's."""
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: float(v) for k, v in row.items() if v != "" and not is_timing(k)} for row in rows]
 
 
 def write(tmp_path, kill=""):
@@ -59,6 +67,44 @@ def test_metric_files_after_a_stop_and_a_resume_equal_the_uninterrupted_run(
     third = in_process("run", cfg, "--resume", "auto")
     assert third.returncode == 0 and "nothing to continue" in third.stdout
     assert records(tmp_path / "runs" / "r") == uninterrupted
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_accumulating(tmp_path_factory):
+    """The same run in micro-batches of 8, two to a step."""
+    tmp = tmp_path_factory.mktemp("whole_accum")
+    proc = in_process("run", write(tmp), "batch_size=8", "grad_accum_steps=2")
+    assert proc.returncode == 0, proc.stderr
+    return records(tmp / "runs" / "r")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,step,signum,accum", [
+    # At the last step (18), between log points: the interval of steps 17 and 18 goes into the checkpoint.
+    ("after_step", 18, signal.SIGTERM, 1),
+    ("after_step", 18, signal.SIGINT, 1),
+    ("after_step", 18, signal.SIGTERM, 2),
+    # Killed after the periodic checkpoint of the last step, before the record of its interval.
+    ("epoch_end", 3, signal.SIGKILL, 1),
+    ("epoch_end", 3, signal.SIGKILL, 2),
+])
+def test_a_stop_at_the_last_step_keeps_its_record(uninterrupted, uninterrupted_accumulating, run_cli, tmp_path,
+                                                   where, step, signum, accum):
+    marker = tmp_path / "fired"
+    kill = (f"callbacks:\n  - {{_target_: killers.KillAt, where: {where}, step: {step}, marker: '{marker}', "
+            f"signum: {int(signum)}, group: true}}\n")
+    cfg = write(tmp_path, kill)
+    changes = ["checkpoint.every_n_steps=9"] + (["batch_size=8", f"grad_accum_steps={accum}"] if accum > 1 else [])
+    # A real process in a group of its own, signalled as a scheduler signals a job: the whole group.
+    first = run_cli("run", cfg, *changes, env={"PYTHONPATH": process_env()["PYTHONPATH"]}, session=True)
+    assert first.returncode == (128 + signum if signum != signal.SIGKILL else -signal.SIGKILL), first.stderr
+    assert marker.exists()
+    second = in_process("run", cfg, *changes, "--resume", "auto")
+    assert second.returncode == 0, second.stderr
+    expected = uninterrupted if accum == 1 else uninterrupted_accumulating
+    assert records(tmp_path / "runs" / "r") == expected
+    assert "train/loss" in expected[-1] and expected[-1]["step"] == 18
+    assert table(tmp_path / "runs" / "r") == expected
 
 
 @pytest.mark.slow

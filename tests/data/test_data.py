@@ -2,6 +2,7 @@
 
 import dataclasses
 import random
+from fractions import Fraction
 import warnings
 from collections import OrderedDict, defaultdict, namedtuple
 
@@ -12,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from trainer.data.batches import batch_size_of, to_device
 
-from trainer.data.sources import epoch_permutation, IterableSource, LoaderSource, make_source, ResumableSampler, TensorSource
+from trainer.data.sources import (epoch_permutation, IterableSource, last_step, LoaderSource, make_source,
+                                  ResumableSampler, TensorSource)
 
 CPU = torch.device("cpu")
 META = torch.device("meta")  # a device every machine has: a moved tensor says where it went
@@ -494,3 +496,52 @@ def test_the_first_samples_of_an_epoch_are_consumed_whatever_the_number_of_ranks
                 rest += share.indices().tolist()
             padding = len(rest) - (n - done)
             assert 0 <= padding < new_world and sorted(rest) == sorted(order[done:] + order[:padding]), new_world
+
+
+@pytest.mark.parametrize("n", [96, 100])
+def test_a_resume_on_another_layout_warns_exactly_when_an_epochs_last_step_differs(n):
+    """Two epochs at a global batch of 16, resumed after step 3 in micro-batches of 8, two to a step.
+    96 samples: every step is full and the weights end where the uninterrupted run's do. 100: the
+    epoch's last step holds one micro-batch of 4, whose mean loss is halved for accumulation where
+    the uninterrupted run takes it whole; the resume says so, and the weights part."""
+    import torch.nn.functional as F
+
+    from helpers import mlp, quiet
+    from trainer import Trainer
+
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+    def trainer(batch_size, accum, **config):
+        model = mlp()
+        return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), data, loss_fn=F.cross_entropy,
+                       config=quiet(batch_size=batch_size, grad_accum_steps=accum, seed=5, **config))
+
+    whole = trainer(16, 1, max_epochs=2)
+    whole.fit()
+    first = trainer(16, 1, max_steps=3)
+    first.fit()
+    resumed = trainer(8, 2, max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.fit(resume_from=first.state_dict())
+    said = [str(w.message) for w in caught if "last, short step" in str(w.message)]
+    parted = not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+                     for a, b in zip(whole.module.parameters(), resumed.module.parameters()))
+    assert resumed.global_step == whole.global_step == (12 if n == 96 else 14)
+    assert (len(said), parted) == ((0, False) if n == 96 else (1, True))
+    if said:
+        assert said[0].startswith("resumed with a global batch of 16 = batch_size 8 x grad_accum_steps 2 x 1 rank a "
+                                  "run trained with 16 = batch_size 16 x grad_accum_steps 1 x 1 rank: its 100 samples")
+
+
+def test_an_epochs_last_step_as_each_layout_takes_it():
+    steps, weights = last_step(500, 8, 1, 2)  # two ranks of 8: 2 samples each, their means averaged
+    assert steps == 32 and weights == {i: Fraction(1, 4) for i in range(496, 500)}
+    assert last_step(500, 16, 1, 1) == (steps, weights)  # one micro-batch of 4: its mean
+    assert last_step(500, 8, 2, 1) == (32, {i: Fraction(1, 8) for i in range(496, 500)})  # that mean halved
+    assert last_step(512, 8, 2, 1) == last_step(512, 8, 1, 2)  # full steps: 1/16 each
+    # 501 on two ranks: the last rank's share is padded with the permutation's first sample.
+    assert last_step(501, 8, 1, 2) == (32, {496: Fraction(1, 6), 498: Fraction(1, 6), 500: Fraction(1, 6),
+                                            497: Fraction(1, 6), 499: Fraction(1, 6), 0: Fraction(1, 6)})
+    assert last_step(501, 16, 1, 1) == (32, {i: Fraction(1, 5) for i in range(496, 501)})

@@ -272,6 +272,7 @@ def test_a_run_moves_from_two_ranks_to_one_and_back_keeping_its_global_batch(tmp
     assert "continuing from" in third.stdout and "step-00000009.pt" in third.stdout
     assert "trainer: resumed on" not in third.stdout  # the config's values keep the global batch: nothing to set
     assert "grad_accum_steps: 2 -> 1; world_size: 1 -> 2" in third.stdout, third.stdout[-3000:]
+    assert "last, short step" not in second.stderr + third.stderr  # 128 samples: 8 full steps an epoch
 
     # Each step's samples, from the segment that went on to be resumed: the epoch's permutation in
     # slices of the global batch, each sample of an epoch once, whatever the ranks.
@@ -301,6 +302,21 @@ def test_a_run_moves_from_two_ranks_to_one_and_back_keeping_its_global_batch(tmp
     assert b["trainer_state"]["global_step"] == 16 and b["trainer_state"]["grad_accum_steps"] == 1
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_on_one_rank_warns_that_an_epochs_short_last_step_differs(tmp_path):
+    """100 samples at a global batch of 16: the epoch's last step is 2 samples a rank on two ranks
+    (their mean) and one micro-batch of 4 in one process accumulating two (its mean halved)."""
+    cfg = write(tmp_path, "short", batch=8, max_epochs=None, max_steps=3, data={"n_train": 100},
+                checkpoint={"every_n_steps": 2, "keep_last": None})
+    first = torchrun("run", cfg, "max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = single("run", cfg, "--resume", "auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert ("resumed with a global batch of 16 = batch_size 8 x grad_accum_steps 2 x 1 rank a run trained with 16 = "
+            "batch_size 8 x grad_accum_steps 1 x 2 ranks: its 100 samples per epoch do not divide by it"
+            ) in second.stderr, second.stderr[-3000:]
+    assert second.stderr.count("last, short step") == 1
 
 
 # ----------------------------------------------------------------------------- strategy: fsdp

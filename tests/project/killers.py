@@ -51,12 +51,15 @@ class KillAt(Callback):
       checkpoint of step ``step``, once the loop has finished step ``step + 1`` (and before it goes
       on: the loop waits there until the signal is sent, so the step it stops at is always the same).
 
-    With ``flush_loggers`` the loggers that queue records (trackers) send them all first.
+    With ``flush_loggers`` the loggers that queue records (trackers) send them all first. With
+    ``group`` the signal goes to the whole process group, as a scheduler sends it (``os.killpg``);
+    the process must lead a group of its own (``start_new_session``), or the test's would get it too.
     """
 
     def __init__(self, where: str, step: int, marker: str, signum: int = int(signal.SIGKILL), twice: bool = False,
-                 flush_loggers: bool = False):
+                 flush_loggers: bool = False, group: bool = False):
         self.where, self.step, self.marker, self.signum, self.twice = where, step, Path(marker), signum, twice
+        self.group = group
         self.flush_loggers = flush_loggers  # the trackers hold every record logged so far when the signal comes
         self.trainer = None
         self.trained_on, self.fired = threading.Event(), threading.Event()
@@ -71,7 +74,7 @@ class KillAt(Callback):
             for logger in self.trainer.loggers:
                 if hasattr(logger, "flush"):
                     logger.flush()
-        os.kill(os.getpid(), self.signum)
+        self._send()
         if self.twice:
             if threading.current_thread() is not threading.main_thread():
                 # From another thread: the main thread's handler must see the first before the second
@@ -79,6 +82,14 @@ class KillAt(Callback):
                 deadline = time.time() + 60
                 while self.trainer._signals.received is None and time.time() < deadline:
                     time.sleep(0.01)
+            self._send()
+
+    def _send(self):
+        if self.group:
+            if os.getpgrp() != os.getpid():
+                raise RuntimeError("KillAt(group=True) needs a process that leads its own group (start_new_session)")
+            os.killpg(os.getpgrp(), self.signum)
+        else:
             os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, outputs, batch):

@@ -8,11 +8,12 @@ split without padding, so no sample counts twice.
 from __future__ import annotations
 
 import warnings
+from dataclasses import astuple
 from typing import Any
 
 from trainer.config import TrainerConfig
-from trainer.data.batches import BatchLayout
-from trainer.data.sources import DataError, EpochSource, length_of, make_source
+from trainer.data.batches import BatchLayout, rank_count
+from trainer.data.sources import DataError, EpochSource, last_step, length_of, make_source
 from trainer.parallel import distributed
 
 
@@ -80,12 +81,32 @@ class RunData:
     def resumed(self, batch_in_epoch: int, configured: BatchLayout, saved: BatchLayout | None,
                 now: BatchLayout) -> int:
         """After a checkpoint was loaded: the sources follow a batch size the resume changed, and a
-        position saved under another batch layout becomes this run's micro-batches (``position``)."""
+        position saved under another batch layout becomes this run's micro-batches (``position``); a
+        layout that takes an epoch's last step otherwise than the checkpoint's is warned about."""
         if self.config.batch_size != configured.batch_size:
             self.rebuild()  # built with the configured batch_size
+        if saved is not None and saved != now and saved.global_batch == now.global_batch:
+            self._warn_if_last_step_differs(saved, now)
         if saved is not None and (saved.batch_size, saved.world_size) != (now.batch_size, now.world_size):
             return self.position(batch_in_epoch * saved.batch_size * saved.world_size)
         return batch_in_epoch
+
+    def _warn_if_last_step_differs(self, saved: BatchLayout, now: BatchLayout) -> None:
+        """An exact resume on another layout holds for every step but an epoch's last, short one,
+        which the two layouts may take differently (docs/distributed.md): said when they do."""
+        source = self.train_source() if self.train is not None else None
+        if source is None or source.sampler is None or self.rank != 0:
+            return
+        n = source.sampler.n
+        if last_step(n, *astuple(saved)) == last_step(n, *astuple(now)):
+            return
+        warnings.warn(
+            f"resumed with a global batch of {now} a run trained with {saved}: its {n} samples per epoch do not "
+            "divide by it, and the two layouts take an epoch's last, short step differently (each micro-batch's "
+            "mean loss divided by grad_accum_steps however few the window holds, or samples repeated on ranks that "
+            "do not divide the epoch), so losses and weights part from the uninterrupted run's at that step; every "
+            "step before it matches within float32 rounding. Exact with samples per epoch a multiple of the global "
+            "batch (docs/distributed.md, \"Resuming on a different number of ranks\")", stacklevel=4)
 
     def position(self, consumed: int) -> int:
         """The micro-batches of this run that consume the epoch's first ``consumed`` samples (all

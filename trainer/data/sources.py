@@ -28,6 +28,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -91,6 +92,26 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
+
+
+def last_step(n: int, batch_size: int, grad_accum_steps: int, world_size: int) -> tuple[int, dict[int, Fraction]]:
+    """An epoch of ``n`` samples dealt out as ``ResumableSampler`` deals them (padded) and stepped in
+    windows of ``grad_accum_steps`` micro-batches: its number of steps, and each sample of its last
+    step with its weight in a mean loss (each micro-batch's mean divided by ``grad_accum_steps``,
+    averaged over the ranks). Two layouts of one global batch whose last steps differ here train
+    that step differently: a short window of several micro-batches, or padding on one of them."""
+    share = math.ceil(n / world_size)  # per rank, padded
+    window = batch_size * grad_accum_steps
+    steps = math.ceil(share / window)
+    start = (steps - 1) * window
+    weights: dict[int, Fraction] = {}
+    for t in range(start, share):
+        size = min(batch_size, share - start - (t - start) // batch_size * batch_size)  # its micro-batch's
+        weight = Fraction(1, size * grad_accum_steps * world_size)
+        for rank in range(world_size):
+            sample = (rank + t * world_size) % n  # the padding repeats the order from its start
+            weights[sample] = weights.get(sample, 0) + weight
+    return steps, weights
 
 
 class DataError(ValueError):

@@ -155,13 +155,16 @@ class NonFiniteGuard:
             self.read(pending.tolist())  # note: CPU-GPU sync point, once per checkpoint
 
     def state_dict(self) -> dict[str, int]:
-        state = {"consecutive_skips": self.consecutive, "skipped_steps": self.skipped}
+        # The steps taken belong to the log interval in progress, which the checkpoint holds too: a
+        # resumed run that logs it before taking a step of its own (a stop at the last step) logs its loss.
+        state = {"consecutive_skips": self.consecutive, "skipped_steps": self.skipped, "taken_steps": self._taken}
         if self.runs:
             state["consecutive_skips_by_optimizer"] = dict(self.runs)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consecutive, self.skipped = state["consecutive_skips"], state["skipped_steps"]
+        self._taken = state.get("taken_steps", 0)
         self.runs = dict(state.get("consecutive_skips_by_optimizer") or {})
 
     def _act(self, step: int, subject: str, what: str, count: int, longest: int) -> None:
