@@ -298,7 +298,8 @@ class TrainerConfig(StrictModel):
         None,
         gt=0,
         description="Seconds a DataLoader worker may take to deliver a batch before the run stops with an "
-        "error (null: wait as long as it takes). Applies with num_workers > 0.",
+        "error (null: wait as long as it takes). Applies with num_workers > 0, and to the workers of your own "
+        "DataLoader unless it sets a timeout of its own.",
     )
     stream_split: Literal["trainer", "dataset"] = Field(
         "trainer",

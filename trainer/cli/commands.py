@@ -728,5 +728,10 @@ def main() -> None:
         # What the run leaves behind (the Trainer, an FSDP module and the collectives' work objects
         # it keeps) is freed now, while the interpreter is whole: freed during interpreter shutdown,
         # a tensor gloo's work still holds needs the GIL there, and the process aborts ("terminate
-        # called without an active exception", seen on one rank of a finished fsdp run).
+        # called without an active exception", seen on one rank of a finished fsdp run). The DataLoader
+        # workers first: collected, their iterators would wait seconds for each (trainer.data.workers;
+        # loaded with any run's data, and never by the commands that need no torch).
+        workers = sys.modules.get("trainer.data.workers")
+        if workers is not None:
+            workers.end_loaders()
         gc.collect()

@@ -6,23 +6,26 @@ before it could checkpoint. So every worker of a training run leaves the stop si
 process, which stops at a step boundary, checkpoints and then ends its workers. This holds for the
 loaders the Trainer builds and for the user's own (``adopt``), however and whenever their workers start.
 
-A worker that never returns (stuck in I/O, or stopped) must not keep the main process alive: at
-exit, multiprocessing terminates its daemonic children and then waits for each, forever for one
-that is stopped or ignores SIGTERM. Just before that, the workers still alive get SIGKILL.
+A worker that never returns (stuck in I/O, or stopped) must not keep the main process alive, nor
+the run's lock: when the run is over, the workers still running get SIGKILL (``end_loaders``).
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.signal_handling import _remove_worker_pids
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 # SIGHUP: the terminal the run was started from closed (an ssh session that ended).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -72,15 +75,59 @@ def adopt(data: Any, timeout: float) -> float:
     return float(data.timeout)
 
 
+def end_loaders() -> None:
+    """End every DataLoader iterator of this process that still has workers, now, while the process
+    is whole: when a run is over (the ``trainer`` command ends) and at exit.
+
+    Left to the garbage collector, an iterator in a reference cycle (a Trainer holds its loaders, and
+    a persistent DataLoader its iterator) is shut down after multiprocessing has closed its queues:
+    its workers never read their end marker, and torch waits 5 s for each, then 5 s more after a
+    SIGTERM that they ignore; a worker stuck for good reads nothing at all. So each iterator's
+    workers are told to end, given ``EXIT_GRACE_S`` together, and those still running get SIGKILL
+    (taken out of torch's watch first, so their end is no error); then the iterator shuts down as
+    torch does it, without waiting."""
+    if os.getpid() != _OWNER:
+        return
+    kinds = _iterator_kinds()
+    # type(), not isinstance(): some objects of a process warn when their class is asked for.
+    iterators = [o for o in gc.get_objects() if type(o) in kinds and not o._shutdown]
+    for it in iterators:
+        it._workers_done_event.set()
+        for q in it._index_queues:
+            q.put(None)  # a worker's end marker
+    deadline = time.monotonic() + EXIT_GRACE_S
+    for w in (w for it in iterators for w in it._workers):
+        w.join(max(0.0, deadline - time.monotonic()))
+    for it in iterators:
+        stuck = [w for w in it._workers if w.is_alive()]
+        if stuck and it._worker_pids_set:
+            _remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in stuck:
+            w.kill()
+            w.join()
+        it._shutdown_workers()
+
+
+def _iterator_kinds() -> tuple[type, ...]:
+    """torch's iterator with workers, and torchdata's StatefulDataLoader copy of it when loaded."""
+    stateful = sys.modules.get("torchdata.stateful_dataloader.stateful_dataloader")
+    found = getattr(stateful, "_StatefulMultiProcessingDataLoaderIter", None)
+    return (_MultiProcessingDataLoaderIter,) if found is None else (_MultiProcessingDataLoaderIter, found)
+
+
 _OWNER = os.getpid()
 
 
-def _end_stuck_workers() -> None:
+def _end_at_exit() -> None:
+    """``end_loaders``, then the daemonic children left (multiprocessing would SIGTERM them next and
+    wait for each, forever for one that is stopped or ignores it)."""
     if os.getpid() != _OWNER:
         return
+    end_loaders()
     alive = [p for p in multiprocessing.active_children() if p.daemon]
     for p in alive:
-        p.terminate()  # what multiprocessing does next anyway; a worker of ours ignores it
+        p.terminate()
     deadline = time.monotonic() + EXIT_GRACE_S
     for p in alive:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -91,4 +138,4 @@ def _end_stuck_workers() -> None:
 
 
 # Registered after multiprocessing's own exit function (imported with torch): runs before it.
-atexit.register(_end_stuck_workers)
+atexit.register(_end_at_exit)
