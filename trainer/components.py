@@ -13,7 +13,7 @@ import difflib
 import importlib
 import inspect
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -94,21 +94,25 @@ def _type_name(hint: Any) -> str:
 
 
 def check_arguments(target: Any, kwargs: dict[str, Any], source: Source, path: Path_, skip: int,
-                    label: str) -> dict[str, Any]:
+                    label: str, filled: Collection[str] = ()) -> dict[str, Any]:
     """Check keyword arguments against ``target``'s signature and type hints, before calling it.
 
     ``skip`` leading parameters are filled by the framework (the parameters for an optimizer,
-    the optimizer for a scheduler). Returns the arguments, converted where the hint says so
+    the optimizer for a scheduler), and so are those named in ``filled`` (a Trainer's model, data,
+    ...: the config's other sections). Returns the arguments, converted where the hint says so
     (``"3e-4"`` to ``3e-4`` for a float).
     """
     sig = _signature(target)
     if sig is None:
         return kwargs
     params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    named = [p for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = [p for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in filled]
     takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     accepted = {p.name for p in named}
     for key in kwargs:
+        if key in filled:
+            raise source.at(path + (key,), f"{label} gets '{key}' from the config's other sections, not as an "
+                            f"argument here; remove it (it takes: {', '.join(p.name for p in named) or 'none'})")
         if key not in accepted and not takes_any:
             close = difflib.get_close_matches(key, sorted(accepted), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""

@@ -1,4 +1,5 @@
-"""YAML config files that remember where each value stands, and ``key=value`` overrides.
+"""YAML config files that remember where each value stands, merged one over another, and
+``key=value`` overrides.
 
 Every error about a config value can then say ``config.yaml:12:7``. Torch-free.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -236,6 +237,20 @@ class Source:
     def at(self, path: Path_, message: str) -> ConfigError:
         return ConfigError(f"{self.where(path)}: {dotted(path)}: {message}" if path else f"{self.file}: {message}")
 
+    def merge(self, later: "Source") -> None:
+        """Merge ``later``, a config file given after this one, over it: mappings key by key at any
+        depth; any other value (a list, null) replaces the earlier one whole, and its errors then
+        point at ``later``'s lines."""
+        replaced: set[Path_] = set()
+        _merge(self.data, later.data, (), replaced)
+
+        def is_replaced(path: Path_) -> bool:
+            return any(path[:i] in replaced for i in range(1, len(path) + 1))
+
+        self.positions = {path: where for path, where in self.positions.items() if not is_replaced(path)}
+        self.positions.update((path, where) for path, where in later.positions.items() if is_replaced(path))
+        self.file = f"{self.file} + {later.file}"
+
     def apply_override(self, text: str) -> None:
         """Apply ``a.b.c=value``. The parent of the last key must exist (or be creatable as a section);
         whether the key itself is valid is checked with the rest of the config."""
@@ -265,6 +280,25 @@ class Source:
         self.positions[tuple(parts)] = Where(self.file, override=text)
         for i in range(1, len(parts)):
             self.positions.setdefault(tuple(parts[:i]), Where(self.file, override=text))
+
+
+def load(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> Source:
+    """The config of ``files``, each merged over those before it, then ``overrides`` applied in turn."""
+    source = Source.load(files[0])
+    for path in files[1:]:
+        source.merge(Source.load(path))
+    for text in overrides:
+        source.apply_override(text)
+    return source
+
+
+def _merge(data: dict[str, Any], later: dict[str, Any], path: Path_, replaced: set[Path_]) -> None:
+    for key, value in later.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge(data[key], value, path + (key,), replaced)
+        else:
+            data[key] = value
+            replaced.add(path + (key,))
 
 
 def dotted(path: Path_) -> str:

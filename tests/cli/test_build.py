@@ -1,10 +1,13 @@
 """From config to objects: importing targets, checking arguments before calling, splitting data,
 and the optimizer factory's kernel choice."""
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
 
+from helpers import in_process
 from trainer.cli.build import data_splits, kernel_defaults, optimizer_factory, split_data
 from trainer.components import Component, check_arguments, import_target, instantiate
 from trainer.yaml_source import ConfigError, Source, Where
@@ -154,3 +157,53 @@ def test_several_optimizers_from_yaml_each_over_its_patterns(tmp_path):
                     + "loss: torch.nn.functional.mse_loss\n")
     with pytest.raises(ConfigError, match=r"2 optimizers were given, and the automatic training step steps one"):
         build(*load_run(path, []), None)
+
+
+def test_the_base_trainer_named_by_target_trains_as_when_left_out(project):
+    # The form docs/config.md shows, {_target_: ...}, naming the base Trainer itself: the same run,
+    # the same config.yaml, as with no trainer: at all.
+    left_out = in_process("run", project.config, "name=plain", cwd=project.root)
+    assert left_out.returncode == 0, left_out.stderr
+    project.write("trainer: {_target_: trainer.Trainer}\n" + project.text)
+    named = in_process("run", project.config, "name=named", cwd=project.root)
+    assert named.returncode == 0, named.stderr
+    plain, explicit = project.runs / "plain", project.runs / "named"
+    assert (explicit / "config.yaml").read_text() == (plain / "config.yaml").read_text().replace("name: plain",
+                                                                                              "name: named")
+    assert losses(explicit) == losses(plain) and losses(plain)
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k in ("step", "epoch") or k.endswith("loss")} for r in records]
+
+
+def test_a_trainer_subclass_with_the_base_signature_takes_only_its_own_arguments(project):
+    # The arguments build passes every Trainer (model, data, optimizer, ...) come from the config's
+    # other sections: the subclass's own keyword arguments are the only ones trainer: may set.
+    project.write("""\
+        from trainer import Trainer
+
+        class Scaled(Trainer):
+            def __init__(self, model, optimizer=None, train_data=None, val_data=None, *, scale: float = 1.0,
+                         **kwargs):
+                super().__init__(model, optimizer, train_data, val_data, **kwargs)
+                self.scale = scale
+
+            def training_step(self, batch):
+                out = super().training_step(batch)
+                self.log("train/scale", self.scale)
+                return out
+        """, "my_trainer.py")
+    project.write("trainer: {_target_: my_trainer.Scaled, scale: 2.5}\n" + project.text)
+    proc = in_process("run", project.config, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert '"train/scale": 2.5' in (project.runs / "t" / "metrics.jsonl").read_text()
+
+    line = "trainer: {_target_: my_trainer.Scaled, model: my_models.Net}"
+    project.write(line + "\n" + project.text)
+    proc = in_process("check", project.config, cwd=project.root)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: {project.config}:1:{line.index('my_models') + 1}: trainer.model: "
+                                   "my_trainer.Scaled gets 'model' from the config's other sections, not as an "
+                                   "argument here; remove it (it takes: scale)")

@@ -51,6 +51,25 @@ def test_overrides_are_yaml_scalars_and_remember_the_command_line(source):
     assert parse_scalar("[1, 2]") == [1, 2] and parse_scalar("") == "" and parse_scalar("a: b: c") == "a: b: c"
 
 
+def test_a_later_file_merges_over_and_its_values_keep_their_own_lines(source, tmp_path):
+    later = tmp_path / "extra.yaml"
+    later.write_text("optimizer: {lr: 1e-3, betas: [0.8, 0.9]}\ncallbacks:\n  - {_target_: trainer.EMAWeights}\n"
+                     "max_steps: null\n")
+    source.merge(Source.load(later))
+    assert source.data == {"max_steps": None, "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3,
+                                                            "betas": [0.8, 0.9]},
+                           "callbacks": [{"_target_": "trainer.EMAWeights"}]}
+    assert str(source.where(("optimizer", "_target_"))).endswith("cfg.yaml:3:13")  # kept from the first file
+    assert str(source.where(("optimizer",))).endswith("cfg.yaml:3:3")  # the section the first file began
+    assert str(source.where(("optimizer", "lr"))).endswith("extra.yaml:1:17")
+    assert str(source.where(("optimizer", "betas", 1))).endswith("extra.yaml:1:36")
+    assert str(source.where(("max_steps",))).endswith("extra.yaml:4:12")
+    # a list replaced whole: its items are the later file's, none of the earlier's positions remain
+    assert str(source.where(("callbacks", 0, "patience"))).endswith("extra.yaml:3:5")
+    source.apply_override("optimizer.lr=0.5")
+    assert source.data["optimizer"]["lr"] == 0.5 and source.file.endswith("cfg.yaml + " + str(later))
+
+
 @pytest.mark.parametrize("text,expected", [
     ("max_steps", "an override is KEY=VALUE"),
     ("optimizer..lr=1", "is not a dotted key"),

@@ -34,6 +34,9 @@ from trainer.trainer import Trainer
 from trainer.yaml_source import ConfigError, Source
 
 SPLITS = ("train", "val", "test")
+# What build passes every Trainer, from the config's other sections: not arguments of trainer: itself.
+TRAINER_ARGUMENTS = ("model", "optimizer", "train_data", "val_data", "loss_fn", "scheduler", "callbacks", "config",
+                     "run_dir", "loggers", "run_config", "metrics")
 
 
 def split_data(data: Any, source: Source) -> tuple[Any, Any]:
@@ -154,7 +157,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
     if isinstance(run.trainer, Component):
         trainer_path, trainer_at = run.trainer.target, ("trainer", "_target_")
         trainer_kwargs = check_arguments(import_target(trainer_path, source, trainer_at), run.trainer.kwargs,
-                                         source, ("trainer",), 0, trainer_path)
+                                         source, ("trainer",), 0, trainer_path, filled=TRAINER_ARGUMENTS)
     else:
         trainer_path, trainer_at, trainer_kwargs = run.trainer, ("trainer",), {}
     trainer_cls = import_target(trainer_path, source, trainer_at)

@@ -25,6 +25,7 @@ import typer
 import yaml
 
 from trainer import run_dir as run_files
+from trainer import yaml_source
 from trainer.cli.report import NoSuchMetric, UnreadableRun, format_table, plot_runs, runs_table, write_status
 from trainer.yaml_source import ConfigError, Source
 
@@ -37,8 +38,10 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Argument(..., help="The YAML config file.", show_default=False)
-OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides such as max_steps=200 optimizer.lr=3e-4.",
-                           show_default=False)
+MORE = typer.Argument(
+    None, metavar="[CONFIG]... [KEY=VALUE]...", show_default=False,
+    help="More config files, each merged over those before it (trainer run base.yaml mlflow.yaml), then overrides "
+         "such as max_steps=200 optimizer.lr=3e-4: an argument with '=' is an override, any other a file.")
 DEBUG = typer.Option(False, "--debug", help="Show the full traceback of an error.")
 
 
@@ -76,15 +79,13 @@ def _reporting(debug: bool) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _load(config: Path, overrides: Optional[list[str]]):
+def _load(config: Path, more: Optional[list[str]]):
     from trainer.cli.run_config import validate
 
     # A project folder's own modules (my_models.py next to the config) resolve as _target_s.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    source = Source.load(config)
-    for text in overrides or []:
-        source.apply_override(text)
+    source = yaml_source.load(*_files_and_overrides(config, more or []))
     # A deprecated setting still works; the user hears about it once, as one line, not as a
     # DeprecationWarning that Python's filters hide outside __main__.
     with warnings.catch_warnings(record=True) as caught:
@@ -95,6 +96,36 @@ def _load(config: Path, overrides: Optional[list[str]]):
     return source, validated
 
 
+def _files_and_overrides(config: Path, more: list[str]) -> tuple[list[Path], list[str]]:
+    """The config files and the overrides of a command line: after the first file, an argument with '='
+    is an override and any other a file; the files come first, as they are applied."""
+    files, overrides = [config], []
+    for text in more:
+        if "=" in text:
+            if _names(text, Path.is_file):
+                raise ConfigError(f"command line '{text}': an argument with '=' after the first config file is an "
+                                  "override KEY=VALUE, yet this one is a file; to read it as a config, rename it "
+                                  "without '='")
+            overrides.append(text)
+        elif not _names(text, Path.exists):
+            raise ConfigError(f"{text}: config file not found (an argument without '=' is a config file; an "
+                              "override is KEY=VALUE, e.g. max_steps=200)")
+        elif overrides:
+            raise ConfigError(f"command line '{text}': a config file after the override '{overrides[-1]}'; give the "
+                              "config files first, then the KEY=VALUE overrides, which apply last")
+        else:
+            files.append(Path(text))
+    return files, overrides
+
+
+def _names(text: str, test) -> bool:
+    """Whether ``test`` holds for the path ``text``; text that no path can be (too long, a NUL) names none."""
+    try:
+        return test(Path(text))
+    except (OSError, ValueError):
+        return False
+
+
 def _resolved_yaml(run) -> str:
     return yaml.safe_dump(run.model_dump(mode="json", by_alias=True), sort_keys=False)
 
@@ -102,7 +133,7 @@ def _resolved_yaml(run) -> str:
 @app.command()
 def run(
     config: Path = CONFIG,
-    overrides: Optional[list[str]] = OVERRIDES,
+    more: Optional[list[str]] = MORE,
     resume: Optional[str] = typer.Option(
         None, "--resume", help="'auto': continue from the newest good checkpoint of the run; or a checkpoint path."
     ),
@@ -115,7 +146,7 @@ def run(
 ) -> None:
     """Train: build everything the config names and fit."""
     with _reporting(debug):
-        source, cfg = _load(config, overrides)
+        source, cfg = _load(config, more)
         if overwrite and resume is not None:
             raise UserError("--overwrite starts the run anew and --resume continues it: pass one of the two")
         run_dir = Path(cfg.out_dir) / cfg.name
@@ -445,10 +476,10 @@ def _report(trainer, run_dir: Path) -> None:
 
 
 @app.command()
-def check(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, debug: bool = DEBUG) -> None:
+def check(config: Path = CONFIG, more: Optional[list[str]] = MORE, debug: bool = DEBUG) -> None:
     """Validate a config, print it resolved, build its components; train nothing."""
     with _reporting(debug):
-        source, cfg = _load(config, overrides)
+        source, cfg = _load(config, more)
         from trainer.cli.build import build
 
         typer.echo(_resolved_yaml(cfg), nl=False)
@@ -485,7 +516,7 @@ CHECKPOINT = typer.Option(
 @app.command("eval")
 def evaluate(
     config: Path = CONFIG,
-    overrides: Optional[list[str]] = OVERRIDES,
+    more: Optional[list[str]] = MORE,
     checkpoint: Path = CHECKPOINT,
     data: str = typer.Option("val", "--data", help="The split of the config's data to evaluate on: val, test or train; "
                                                     "its name prefixes the metrics (test/acc)."),
@@ -495,7 +526,7 @@ def evaluate(
     run validated (an EMA of them under EMAWeights), and print the metrics as JSON; "weights" says
     which: "ema" or "trained". Nothing of the run changes."""
     with _reporting(debug):
-        source, cfg = _load(config, overrides)
+        source, cfg = _load(config, more)
         _check_exists(checkpoint)  # before anything is built
         from trainer.cli.build import build
 
@@ -513,7 +544,7 @@ def evaluate(
 @app.command()
 def predict(
     config: Path = CONFIG,
-    overrides: Optional[list[str]] = OVERRIDES,
+    more: Optional[list[str]] = MORE,
     checkpoint: Path = CHECKPOINT,
     out: Path = typer.Option(
         ..., "--out", show_default=False,
@@ -527,7 +558,7 @@ def predict(
     """Write a checkpoint's predictions (predict_step's outputs, the model's by default) for every
     sample of a split of the config's data, in data order, with the weights the run validated."""
     with _reporting(debug):
-        source, cfg = _load(config, overrides)
+        source, cfg = _load(config, more)
         _check_exists(checkpoint)  # before anything is built
         from trainer.cli.build import build
         from trainer.evaluation.prediction import PredictionError, check_out

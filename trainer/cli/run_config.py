@@ -114,6 +114,13 @@ class RunConfig(TrainerConfig):
             raise ValueError(f"expected a dotted path such as {_EXAMPLES[info.field_name]}, got {value!r}")
         return value
 
+    @field_validator("trainer")
+    @classmethod
+    def _bare_trainer(cls, value: Component | str) -> Component | str:
+        # {_target_: pkg.MyTrainer} with no arguments is the same run as pkg.MyTrainer: one config.yaml
+        # for both, and a resume sees no change between them.
+        return value.target if isinstance(value, Component) and not value.kwargs else value
+
 
 _EXAMPLES = {"trainer": "my_pkg.MyTrainer", "loss": "torch.nn.functional.cross_entropy"}
 _COMPONENT = "{_target_: dotted.path, ...arguments}"
