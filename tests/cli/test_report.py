@@ -1,6 +1,7 @@
 """``trainer runs`` reads run directories written by hand: the monitored metric and its mode come
 from one callback entry, and a damaged run is a row, never a traceback."""
 
+import itertools
 import json
 import random
 
@@ -180,7 +181,7 @@ def test_plot_smooths_a_noisy_series_over_its_faint_raw_values(tmp_path):
 
 
 def total_variation(values):
-    return sum(abs(b - a) for a, b in zip(values, values[1:]))
+    return sum(abs(b - a) for a, b in itertools.pairwise(values))
 
 
 def test_ema_is_debiased_as_tensorboard_smooths():
@@ -220,7 +221,8 @@ def test_plot_stacks_the_shares_of_wall_time_a_panel_per_run(tmp_path):
         assert all(isinstance(layer, PolyCollection) for layer in layers)
         assert [layer.get_label() for layer in layers] == ["time/data", "time/compute", "time/optimizer", "time/other"]
         tops = [max(vertices[:, 1]) for vertices in (layer.get_paths()[0].vertices for layer in layers)]
-        assert tops == sorted(tops) and tops[-1] == pytest.approx(1) and tops[-1] <= 1 + 1e-9  # a stack, up to the whole
+        # A stack, each layer on the one below, up to the whole step and no higher.
+        assert tops == sorted(tops) and tops[-1] == pytest.approx(1) and tops[-1] <= 1 + 1e-9
         assert ax.get_ylim() == (0, 1)
     [busy] = long_run.lines  # a line over the stack: it overlaps the shares
     assert busy.get_label() == "time/gpu_busy" and 0.2 < min(busy.get_ydata()) < max(busy.get_ydata()) < 0.5
