@@ -713,8 +713,9 @@ def plot(
     metric: Optional[list[str]] = typer.Option(
         None, "--metric", help="A logged metric to plot in a panel of its own (repeatable), e.g. val/teacher_acc."),
 ) -> None:
-    """Plot train/val loss, the monitored metric, LR, gradient norm and any --metric against step, one
-    shared step axis, runs overlaid; panels without data are left out (needs matplotlib)."""
+    """Plot train/val loss, the monitored metric, LR, gradient norm, the shares of wall time and any
+    --metric against step, one shared step axis, runs overlaid; noisy series with their EMA over them;
+    panels without data are left out (needs matplotlib)."""
     with _reporting(False):
         missing = [str(d) for d in run_dirs if not (d / run_files.METRICS_JSONL).exists()]
         if missing:

@@ -6,6 +6,7 @@ import difflib
 import json
 import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt.format(*header).rstrip()] + [fmt.format(*line).rstrip() for line in lines] + notes)
 
 
-# The shares of a step's wall time (trainer.observability.timing), with their line styles on the plot's panel.
-_TIME_SHARES = {"time/data": "-", "time/compute": "--", "time/optimizer": ":", "time/other": "-.",
-                "time/gpu_busy": (0, (5, 1, 1, 1, 1, 1))}
+# The shares of a step's wall time that add up to it (trainer.observability.timing), stacked on the
+# plot's panel; time/gpu_busy overlaps them, so it is a line over the stack.
+_TIME_SHARES = ("time/data", "time/compute", "time/optimizer", "time/other")
+_GPU_BUSY = "time/gpu_busy"
+# Within a run, colour tells the series apart: train/loss and val/loss, or one panel's series; run i
+# draws with colours C(2i) and C(2i+1) in every panel, and a line style of its own.
+_SERIES_PER_RUN = 2
+_RUN_STYLES = ("-", "--", ":", "-.")
 
 
 class NoSuchMetric(Exception):
@@ -157,12 +163,36 @@ def plot_runs(run_dirs: list[Path], out: Path, metrics: list[str] = ()) -> Path:
     return out
 
 
+def smoothing_weight(points: int) -> float:
+    """The EMA weight for a series of ``points`` values: it averages over about a thirtieth of them
+    (``2 / (1 - weight)`` points), so that a series of 60 points or fewer is drawn as it is, one of
+    160 gets 0.62 and one logged every step for 1,300 steps 0.95."""
+    return min(0.99, round(max(0.0, 1 - 60 / points), 2))
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so that the first values are
+    not pulled towards the 0 it starts from."""
+    smoothed, last = [], 0.0
+    for i, value in enumerate(values, 1):
+        last = weight * last + (1 - weight) * value
+        smoothed.append(last / (1 - weight**i))
+    return smoothed
+
+
+def _smoothed(key: str) -> bool:
+    """Per-step values are noisy; a validation value (already an average over the validation set)
+    and the learning rate (a schedule) are drawn as they are."""
+    return key.split("/")[0] not in ("val", "test", "lr")
+
+
 def figure(run_dirs: list[Path], metrics: list[str] = ()) -> Any:
     """Train/val loss, the monitored metric, LR, total gradient norm, where the step's time goes
-    (``time/data``, ``time/compute``, ``time/optimizer``, ``time/other`` and, on CUDA,
-    ``time/gpu_busy``: shares of wall time) and each of ``metrics`` against
-    step, one panel each on one shared step axis, runs overlaid. A panel no run has data for is
-    left out; a requested metric that no run logged is an error."""
+    (``time/data``, ``time/compute``, ``time/optimizer``, ``time/other`` stacked, a panel per run,
+    and, on CUDA, ``time/gpu_busy`` over them: shares of wall time) and each of ``metrics`` against
+    step, one panel each on one shared step axis, runs overlaid. Noisy series are drawn faint with
+    their EMA over them. A panel no run has data for is left out; a requested metric that no run
+    logged is an error."""
     try:
         import matplotlib
 
@@ -184,38 +214,104 @@ def figure(run_dirs: list[Path], metrics: list[str] = ()) -> Any:
             close = difflib.get_close_matches(name, logged, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise NoSuchMetric(f"--metric {name}: no run logged it; {hint}logged: {', '.join(logged)}")
-    # (title, keys of each run, log scale); the monitored metric is each run's own.
+    several = len(runs) > 1
+    # (title, keys of each run, log scale); the monitored metric is each run's own; None: the time shares.
     panels = [("loss", lambda m: ["train/loss", "val/loss"], True),
               ("monitored metric", lambda m: [m] if m else [], False),
               ("learning rate", lambda m: ["lr"], False),
               ("total gradient norm", lambda m: ["grad_norm/total"], True),
-              ("share of wall time", lambda m: list(_TIME_SHARES), False)]
+              ("share of wall time", None, False)]
     panels += [(name, lambda m, name=name: [name], False) for name in dict.fromkeys(metrics)]
-    drawn = []  # (title, log scale, [(label, style, colour, xs, ys)])
+    drawn = []  # (title, draw(ax)) of each panel with data
     for title, keys, log in panels:
-        lines = []
+        if keys is None:
+            # A stack for each run: stacks cannot be overlaid.
+            for run_dir, records, _ in runs:
+                if _timed(records):
+                    drawn.append((f"{title}: {run_dir.name}" if several else title,
+                                  partial(_draw_time_shares, records=records)))
+            continue
+        lines = []  # (run index, the key's index among the run's, run name, key, xs, ys)
         for index, (run_dir, records, metric) in enumerate(runs):
-            for key in keys(metric):
-                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
-                          and math.isfinite(r[key])]
-                if points:
-                    xs, ys = zip(*points)
-                    # One colour per run; val dashed; the time shares one style each.
-                    style = _TIME_SHARES.get(key, "--" if key == "val/loss" else "-")
-                    lines.append((f"{run_dir.name} {key}", style, f"C{index % 10}", xs, ys))
+            for position, key in enumerate(keys(metric)):
+                xs, ys = _series(records, key)
+                if xs:
+                    lines.append((index, position, run_dir.name if several else "", key, xs, ys))
         if lines:
-            drawn.append((title, log, lines))
+            drawn.append((title, partial(_draw_lines, lines=lines, log=log)))
     if not drawn:
         raise NoSuchMetric(f"nothing to plot: {', '.join(str(d) for d in run_dirs)} logged no values yet")
     # One column sharing the step axis: a step lines up across every panel.
     fig, axes = plt.subplots(len(drawn), 1, figsize=(9, 0.6 + 2.4 * len(drawn)), sharex=True,
                              squeeze=False, constrained_layout=True)
-    for ax, (title, log, lines) in zip(axes[:, 0], drawn):
-        for label, style, color, xs, ys in lines:
-            ax.plot(xs, ys, linestyle=style, color=color, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+    for ax, (title, draw) in zip(axes[:, 0], drawn):
         ax.set_title(title)
-        ax.legend(fontsize=8)
-        if log:
-            ax.set_yscale("log")
+        draw(ax)
+        ax.grid(alpha=0.3)
+    if not several:
+        fig.suptitle(run_dirs[0].name)
     axes[-1, 0].set_xlabel("step")
     return fig
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if _number(r.get(key))]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _draw_lines(ax: Any, lines: list[tuple[int, int, str, str, list[int], list[float]]], log: bool) -> None:
+    """A colour for each series of each run (a run's own colours in every panel) and a line style
+    for each run; a noisy series faint with its EMA over it; validation points as markers."""
+    for index, position, run, key, xs, ys in lines:
+        colour = f"C{(_SERIES_PER_RUN * index + position) % 10}"
+        style, label = _RUN_STYLES[index % len(_RUN_STYLES)], f"{run} {key}".strip()
+        weight = smoothing_weight(len(xs)) if _smoothed(key) else 0.0
+        if weight:
+            ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.6, label=f"_{label} raw")
+            ys, label = ema(ys, weight), f"{label} (EMA {weight:g})"
+        marker = "o" if key.startswith("val/") or len(xs) < 30 else None
+        ax.plot(xs, ys, linestyle=style, color=colour, marker=marker, markersize=3.5, linewidth=1.5, label=label)
+    if log:
+        ax.set_yscale("log")
+    _legend(ax)
+
+
+def _timed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the log intervals that were timed."""
+    return [r for r in records if any(_number(r.get(key)) for key in _TIME_SHARES)]
+
+
+def _draw_time_shares(ax: Any, records: list[dict[str, Any]]) -> None:
+    """The shares stacked, each point the mean over a fortieth of the run's log intervals: the shares
+    of one interval are noise, and their means still add up to the wall time."""
+    from matplotlib.ticker import PercentFormatter
+
+    timed = _timed(records)
+    size = math.ceil(len(timed) / 40)
+    buckets = [timed[i:i + size] for i in range(0, len(timed), size)]
+    xs = [_mean([r["step"] for r in bucket]) for bucket in buckets]
+    shares = [[_mean([r.get(key) if _number(r.get(key)) else 0.0 for r in bucket]) for bucket in buckets]
+              for key in _TIME_SHARES]
+    ax.stackplot(xs, shares, labels=_TIME_SHARES, colors=["C0", "C1", "C2", "C7"], alpha=0.85)
+    busy = [(x, _mean([r[_GPU_BUSY] for r in bucket if _number(r.get(_GPU_BUSY))])) for x, bucket in zip(xs, buckets)]
+    busy = [(x, y) for x, y in busy if y is not None]
+    if busy:
+        ax.plot(*zip(*busy), color="k", linestyle="--", label=_GPU_BUSY)
+    if size > 1:
+        ax.set_title(f"{ax.get_title()} (means of {size} log intervals)")
+    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    _legend(ax, reverse=True)  # top to bottom, as the stack reads
+
+
+def _legend(ax: Any, reverse: bool = False) -> None:
+    """Beside the panel, never over a curve."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, reverse=reverse)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
