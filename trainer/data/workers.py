@@ -37,7 +37,11 @@ EXIT_GRACE_S = 2.0
 
 class LeaveSignalsToMain:
     """A ``worker_init_fn`` that makes the worker ignore the stop signals, then runs the loader's own
-    (picklable, so it also serves workers started by ``spawn``)."""
+    (picklable, so it also serves workers started by ``spawn``).
+
+    One SIGTERM still ends a worker: the one its DataLoader sends, once it has set the iterator's
+    "done" event, to a worker that did not end when told (torch's own shutdown). Ignored, that worker
+    would idle until the main process exits."""
 
     def __init__(self, init: Callable[[int], Any] | None):
         self.init = init
@@ -45,8 +49,18 @@ class LeaveSignalsToMain:
     def __call__(self, worker_id: int) -> None:
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+        done = _shutdown_event()
+        if done is not None:
+            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if done.is_set() else None)
         if self.init is not None:
             self.init(worker_id)
+
+
+def _shutdown_event() -> Any:
+    """The event torch's worker loop (which calls ``worker_init_fn``) is told to end by, or None
+    where the loop is not torch's."""
+    caller = sys._getframe(2)
+    return caller.f_locals.get("done_event") if caller.f_code.co_name == "_worker_loop" else None
 
 
 def worker_init(init: Callable[[int], Any] | None, num_workers: int) -> Callable[[int], Any] | None:

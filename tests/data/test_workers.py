@@ -1,0 +1,75 @@
+"""DataLoader workers under the stop signals a scheduler sends the whole process group, and their end."""
+
+import os
+import signal
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainer.data.workers import LeaveSignalsToMain, adopt, end_loaders
+
+
+def data(n=64):
+    return TensorDataset(torch.arange(n, dtype=torch.float32))
+
+
+def wait_dead(worker, seconds=30):
+    worker.join(seconds)
+    return not worker.is_alive()
+
+
+def seed_workers(worker_id):
+    torch.manual_seed(worker_id)
+
+
+def test_a_worker_ignores_stop_signals_from_outside_and_ends_when_its_loader_ends_it():
+    loader = DataLoader(data(), batch_size=4, num_workers=2, worker_init_fn=LeaveSignalsToMain(None))
+    it = iter(loader)
+    next(it)
+    first = it._workers[0]
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        os.kill(first.pid, signum)  # as a scheduler's signal to the group reaches it
+    assert not wait_dead(first, 1)
+    assert len(list(it)) == 64 // 4 - 1  # the epoch goes on, every batch delivered
+    # torch's own shutdown: the iterator's "done" event, then SIGTERM to a worker that did not end.
+    it = iter(loader)
+    next(it)
+    it._workers_done_event.set()
+    os.kill(it._workers[0].pid, signal.SIGTERM)
+    assert wait_dead(it._workers[0])
+    it._shutdown_workers()
+
+
+def test_a_users_loader_is_adopted_once_with_data_timeout_unless_it_has_its_own():
+    loader = DataLoader(data(), batch_size=4, num_workers=1, worker_init_fn=seed_workers)
+    assert adopt(loader, 5.0) == 5.0
+    assert isinstance(loader.worker_init_fn, LeaveSignalsToMain) and loader.worker_init_fn.init is seed_workers
+    assert adopt(loader, 5.0) == 5.0 and loader.worker_init_fn.init is seed_workers  # not wrapped twice
+    own = DataLoader(data(), batch_size=4, num_workers=1, timeout=30)
+    assert adopt(own, 5.0) == 30
+    plain = DataLoader(data(), batch_size=4)
+    assert adopt(plain, 5.0) == 0 and plain.worker_init_fn is None and plain.timeout == 0
+
+
+def test_a_persistent_loaders_workers_started_before_adoption_are_restarted_to_ignore_the_signals():
+    loader = DataLoader(data(), batch_size=4, num_workers=1, persistent_workers=True)
+    next(iter(loader))
+    before = loader._iterator._workers[0]
+    adopt(loader, 0)
+    assert wait_dead(before)
+    next(iter(loader))
+    after = loader._iterator._workers[0]
+    os.kill(after.pid, signal.SIGTERM)
+    assert not wait_dead(after, 1)
+    end_loaders()
+    assert wait_dead(after)
+
+
+def test_end_loaders_ends_a_stopped_worker_and_the_healthy_ones():
+    loader = DataLoader(data(), batch_size=4, num_workers=2, worker_init_fn=LeaveSignalsToMain(None))
+    it = iter(loader)
+    next(it)
+    stuck, healthy = it._workers
+    os.kill(stuck.pid, signal.SIGSTOP)  # a read stuck for good
+    end_loaders()
+    assert wait_dead(stuck, 0) and wait_dead(healthy, 0) and it._shutdown
