@@ -134,7 +134,7 @@ class Telemetry:
         now = time.perf_counter()
         self.metrics.put("time/first_step_s", now - self._first_step_clock)
         self._first_step_clock = None
-        self.interval.clock = now  # throughput without the compile
+        self.interval.clock, self.interval.samples = now, 0  # throughput without the compile
         self.times.restart(step)
         for fn in self.on_first_step:
             fn()
@@ -147,7 +147,7 @@ class Telemetry:
             return None
         record: dict[str, float] = {"step": step, "epoch": epoch}
         now = time.perf_counter()  # one reading: samples/s, tokens/s and the time shares share their interval
-        times = self.times.close(interval.clock, now, step, interval.micro_batches, interval.last_batch)
+        times = self.times.close(interval.clock, now, step, interval.samples, interval.last_batch)
         samples_per_sec = interval.put(self.metrics, now)
         for put in self.before_copy:
             put(self.metrics)
