@@ -40,6 +40,8 @@ from trainer.checkpoint.files import CheckpointError
 _ZIP = b"PK\x03\x04"  # torch.save's format is a zip archive
 _MODEL = "model."  # a sharded checkpoint keeps the model's tensors under this prefix (and the optimizer's beside)
 KINDS = ("checkpoint", "sharded checkpoint", "state dict", "safetensors")
+_TAKES = ("name a checkpoint (runs/NAME/checkpoints/step-....pt, or a sharded checkpoint's directory), a "
+          "torch.save(model.state_dict(), path) file or a .safetensors file")
 
 
 # safetensors' dtype names, as torch prints them (the floating-point ones are what a check needs)
@@ -76,6 +78,9 @@ class WeightsFile:
         self._sharded: dict[str, Any] = {}
         if not self.path.exists():
             raise WeightsError(f"{self.path} does not exist")
+        kind = files.special_kind(self.path)
+        if kind is not None:
+            raise WeightsError(f"{self.path} is {kind}, not a weights file; {_TAKES}")
         if self.path.is_dir() and (self.path / run_files.CHECKPOINTS).is_dir():
             found = files.list_checkpoints(run_files.checkpoint_dir(self.path))
             newest = f": the newest is {found[-1]}" if found else ", and it holds none yet"
@@ -107,6 +112,10 @@ class WeightsFile:
 
     def _open_torch(self) -> None:
         path = self.path
+        what = _not_torch(path)
+        if what is not None:
+            raise WeightsError(f"{path} is not a checkpoint or a weights file (no file trainer, torch.save or "
+                               f"safetensors writes): it holds {what}; {_TAKES}")
         with open(path, "rb") as f:
             zipped = f.read(4) == _ZIP  # torch.save's older format cannot be memory-mapped
         try:
@@ -184,6 +193,23 @@ class WeightsFile:
         except Exception as exc:  # DCP wraps the ranks' failures in its own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WeightsError(f"{self.path}: reading its shards failed ({first})") from None
+
+
+def _not_torch(path: Path) -> str | None:
+    """What the file holds when its first bytes rule out ``torch.save`` (a zip archive, or a pickle
+    in the older format): nothing, zeros, text or other bytes; None when it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:4] == _ZIP or head[:1] == b"\x80":  # every pickle protocol torch.save uses starts with PROTO
+        return None
+    if not head:
+        return "nothing (0 bytes)"
+    if not any(head):
+        return f"zeros (its first {len(head)} bytes are all 0)"
+    text = head.decode("utf-8", "replace")[:-1]  # the last character may be cut in two
+    if text and all((c.isprintable() and c != "\ufffd") or c in "\t\r\n" for c in text):
+        return f"text ({text.splitlines()[0][:40]!r}...)"
+    return f"other bytes (it starts {head[:8].hex(' ')})"
 
 
 def _is_safetensors(path: Path) -> bool:
