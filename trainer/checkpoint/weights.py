@@ -239,6 +239,12 @@ def load(module: nn.Module, path: str | Path, *, strict: bool = True, rename: di
     is an error either way. Nothing is copied before every check has passed. Under torchrun every
     rank calls this together when the file is a sharded checkpoint.
     """
+    return _load(module, path, strict=strict, rename=rename, rename_regex=rename_regex, reset_missing=reset_missing)[0]
+
+
+def _load(module: nn.Module, path: str | Path, *, strict: bool, rename: dict[str, str] | None,
+          rename_regex: dict[str, str] | None, reset_missing: bool) -> tuple[str, dict[str, str]]:
+    """``load``'s line, and the tensors it copied: the model's name -> the file's."""
     source = WeightsFile(path)
     renamed, unused = _renaming(list(source.shapes), rename or {}, rename_regex or {})
     found = {renamed[name]: shape for name, shape in source.shapes.items()}
@@ -274,7 +280,7 @@ def load(module: nn.Module, path: str | Path, *, strict: bool = True, rename: di
     if missing and reset_missing:
         reset(module, missing, "are not in the file and the model was built on the meta device")
     _copy(module, state, source, names)
-    return f"loaded {len(names)} tensors from {path} ({source.kind})"
+    return f"loaded {len(names)} tensors from {path} ({source.kind})", names
 
 
 def _renaming(names: list[str], rename: dict[str, str],
@@ -418,6 +424,7 @@ class InitFrom:
     def __init__(self, spec: Any, module: nn.Module, reset_missing: bool):
         self.spec, self.module, self.reset_missing = spec, module, reset_missing
         self.pending = spec is not None
+        self.loaded: dict[str, str] = {}  # once applied: the model's name -> the file's, of each tensor copied
 
     def cancel(self) -> None:
         self.pending = False
@@ -428,8 +435,8 @@ class InitFrom:
             return None
         spec = self.spec
         try:
-            loaded = load(self.module, spec.path, strict=spec.strict, rename=spec.rename,
-                          rename_regex=spec.rename_regex, reset_missing=self.reset_missing)
+            loaded, self.loaded = _load(self.module, spec.path, strict=spec.strict, rename=spec.rename,
+                                        rename_regex=spec.rename_regex, reset_missing=self.reset_missing)
         except WeightsError as exc:
             raise WeightsError(f"init_from: {exc}") from None
         self.pending = False

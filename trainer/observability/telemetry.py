@@ -115,6 +115,10 @@ class Telemetry:
         """The loss of the step in progress (summed over its micro-batches), and its item count for summed losses."""
         return self.interval.step_loss, self.interval.step_count
 
+    def last_batch(self, global_step: int) -> tuple[Any, int]:
+        """The latest micro-batch and the optimizer step it belongs to (``global_step`` steps are done)."""
+        return self.interval.last_batch, global_step + (1 if self.interval.step_micro else 0)
+
     def stepped(self, skipped: bool | torch.Tensor) -> None:
         """The window's optimizer step is done (launched, on CUDA); ``skipped`` leaves its loss out."""
         self.interval.end_step(skipped)
