@@ -1,9 +1,15 @@
 """From config to objects: importing targets, checking arguments before calling, splitting data,
 and the optimizer factory's kernel choice."""
 
+import json
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
+
+from helpers import ROOT, in_process
 
 from trainer.cli.build import data_splits, kernel_defaults, optimizer_factory, split_data
 from trainer.components import Component, check_arguments, import_target, instantiate
@@ -154,3 +160,25 @@ def test_several_optimizers_from_yaml_each_over_its_patterns(tmp_path):
                     + "loss: torch.nn.functional.mse_loss\n")
     with pytest.raises(ConfigError, match=r"2 optimizers were given, and the automatic training step steps one"):
         build(*load_run(path, []), None)
+
+
+def test_the_custom_loss_of_docs_config_md_trains_as_written(project):
+    """The example under "What `loss:` is called with": its module beside the config, its config line."""
+    text = (ROOT / "docs" / "config.md").read_text()
+    section = text[text.index("**What `loss:` is called with.**"):]
+    module = re.search(r"```python\n(# (\w+)\.py.*?)```", section, re.S)
+    line = re.search(r"```yaml\n(loss: .*?)\n```", section, re.S).group(1)
+    (project.root / f"{module.group(2)}.py").write_text(module.group(1))
+    project.write(project.text.replace("loss: torch.nn.functional.cross_entropy\n", line + "\n"))
+    proc = in_process("run", project.config, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    plain = in_process("run", project.config, "name=plain", "loss=torch.nn.functional.cross_entropy", cwd=project.root)
+    assert plain.returncode == 0, plain.stderr
+    losses = [[json.loads(r)["train/loss"] for r in (project.runs / name / "metrics.jsonl").read_text().splitlines()
+               if "train/loss" in r] for name in ("t", "plain")]
+    assert len(losses[0]) == 2 and losses[0] != losses[1]  # the smoothed loss trained, not the plain one
+    namespace: dict = {}
+    exec(module.group(1), namespace)
+    outputs, targets = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2])
+    assert torch.allclose(namespace[line.split()[1].split(".")[1]](outputs, targets),
+                          F.cross_entropy(outputs, targets, label_smoothing=0.1))
