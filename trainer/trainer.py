@@ -47,7 +47,7 @@ from trainer.loop.step import OptimizerStep, split_loss
 from trainer.observability.metrics import Logger
 from trainer.observability.records import Records
 from trainer.observability.telemetry import Telemetry
-from trainer.loop.nonfinite import NonFiniteGuard
+from trainer.loop.nonfinite import Diagnosis, NonFiniteGuard
 from trainer.observability.profiling import RunProfiler, snapshot_note
 
 
@@ -129,6 +129,8 @@ class Trainer:
         times = timing.for_run(cfg.throughput, self.module, self.device, cfg.precision)  # time/*, tokens/s, mfu
         self._telemetry = Telemetry.for_run(self.device, times, self._guard, self.optimizers,
                                             compilation.Recompiles() if compiled is not None else None)
+        self._guard.explain = Diagnosis(self.module, lambda: self._telemetry.last_batch(self.global_step),
+                                        self._init_from)  # what a non-finite step's message names
         self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler, others=self.optimizers[1:])
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizers, self.schedulers, self.precision.scaler, self.callbacks,

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -666,3 +667,10 @@ def test_nan_on_the_device_path_with_a_fused_optimizer():
         t.fit()
     assert t.global_step == 8 and t.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_device_or_a_fifo_is_named_for_what_it_is_and_never_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.pt")  # opened, it would wait for a writer
+    for path, kind in (("/dev/zero", "a character device"), (tmp_path / "pipe.pt", "a FIFO (named pipe)")):
+        with pytest.raises(CheckpointError, match="^" + re.escape(f"{path} is {kind}, not a checkpoint: name a checkpoint")):
+            load_checkpoint(path)

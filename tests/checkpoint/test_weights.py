@@ -170,8 +170,13 @@ def test_files_that_are_not_weights_are_refused_naming_them(tmp_path, monkeypatc
         "list.pt": ([1, 2], "holds a list, not a state dict"),
         "module.pt": (nn.Linear(2, 2), "holds pickled Python objects, which could run code"),
         "text.safetensors": (b"hello", "is not a readable safetensors file"),
-        "text.bin": (b"hello there", "is neither a torch.save file nor a safetensors file"),
+        "text.bin": (b"hello there\n", r"is not a checkpoint or a weights file .*: it holds text \('hello there'"),
         "empty.pt": ({}, "holds nothing, not a state dict"),
+        "zero-bytes.pt": (b"", r"is not a checkpoint or a weights file .*: it holds nothing \(0 bytes\)"),
+        "zeros.pt": (bytes(4096), r"is not a checkpoint or a weights file .*: it holds zeros"),
+        "noise.pt": (b"\xa2\x8a\x8d\x74" * 8, r"is not a checkpoint or a weights file .*: it holds other bytes "
+                                              r"\(it starts a2 8a 8d 74 a2 8a 8d 74\)"),
+        "damaged.pt": (b"\x80\x02junk", "is neither a torch.save file nor a safetensors file"),
     }
     for name, (content, expected) in cases.items():
         path = tmp_path / name
@@ -182,6 +187,8 @@ def test_files_that_are_not_weights_are_refused_naming_them(tmp_path, monkeypatc
         with pytest.raises(WeightsError, match=expected) as raised:
             read_weights(path)
         assert str(path) in str(raised.value)
+    with pytest.raises(WeightsError, match="^/dev/zero is a character device, not a weights file; name a checkpoint"):
+        read_weights("/dev/zero")
     safetensors.torch.save_file({"a": torch.ones(2)}, tmp_path / "w.safetensors")
     monkeypatch.setitem(__import__("sys").modules, "safetensors", None)  # not installed
     with pytest.raises(WeightsError, match=r"needs the safetensors package: pip install 'trainer\[safetensors\]'"):

@@ -2,10 +2,14 @@
 and the optimizer factory's kernel choice."""
 
 import json
+import re
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
+
+from helpers import ROOT, in_process
 
 from helpers import in_process
 from trainer.cli.build import data_splits, kernel_defaults, optimizer_factory, split_data
@@ -207,3 +211,25 @@ def test_a_trainer_subclass_with_the_base_signature_takes_only_its_own_arguments
     assert proc.stderr.strip() == (f"error: {project.config}:1:{line.index('my_models') + 1}: trainer.model: "
                                    "my_trainer.Scaled gets 'model' from the config's other sections, not as an "
                                    "argument here; remove it (it takes: scale)")
+
+
+def test_the_custom_loss_of_docs_config_md_trains_as_written(project):
+    """The example under "What `loss:` is called with": its module beside the config, its config line."""
+    text = (ROOT / "docs" / "config.md").read_text()
+    section = text[text.index("**What `loss:` is called with.**"):]
+    module = re.search(r"```python\n(# (\w+)\.py.*?)```", section, re.S)
+    line = re.search(r"```yaml\n(loss: .*?)\n```", section, re.S).group(1)
+    (project.root / f"{module.group(2)}.py").write_text(module.group(1))
+    project.write(project.text.replace("loss: torch.nn.functional.cross_entropy\n", line + "\n"))
+    proc = in_process("run", project.config, cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    plain = in_process("run", project.config, "name=plain", "loss=torch.nn.functional.cross_entropy", cwd=project.root)
+    assert plain.returncode == 0, plain.stderr
+    losses = [[json.loads(r)["train/loss"] for r in (project.runs / name / "metrics.jsonl").read_text().splitlines()
+               if "train/loss" in r] for name in ("t", "plain")]
+    assert len(losses[0]) == 2 and losses[0] != losses[1]  # the smoothed loss trained, not the plain one
+    namespace: dict = {}
+    exec(module.group(1), namespace)
+    outputs, targets = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2])
+    assert torch.allclose(namespace[line.split()[1].split(".")[1]](outputs, targets),
+                          F.cross_entropy(outputs, targets, label_smoothing=0.1))

@@ -2,6 +2,8 @@
 config.yaml; a missing file is a config error at its line (exit 2); ``--resume auto`` continues from the
 checkpoint and does not read init_from's file again."""
 
+import os
+
 import safetensors.torch
 import torch
 import yaml
@@ -48,6 +50,18 @@ def test_a_missing_file_is_a_config_error_at_init_from(project):
         assert "Traceback" not in proc.stderr
     # Refused before anything in the run directory changed.
     assert not (project.runs / "t" / "config.yaml").exists() and not (project.runs / "t" / "checkpoints").exists()
+
+
+def test_a_fifo_is_refused_before_it_is_opened(project, run_cli):
+    """Opening a FIFO waits for a writer: ``trainer check`` would hang. One line at init_from, exit 2."""
+    os.mkfifo(project.root / "weights.pt")
+    project.write(project.text + "init_from: weights.pt\n")
+    proc = run_cli("check", project.config, cwd=project.root, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    line_number = project.text.count("\n") + 1
+    assert proc.stderr.startswith(f"error: {project.config}:{line_number}:")
+    assert "init_from: weights.pt is a FIFO (named pipe), not a weights file; name a checkpoint" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_resume_auto_continues_from_the_checkpoint_without_reading_init_from(project):

@@ -96,3 +96,15 @@ def test_predict_never_writes_over_the_checkpoint_it_reads(finished):
     code, out = invoke("predict", config, "--checkpoint", copied, "--out", copied)
     assert code == 2 and "is the checkpoint --checkpoint reads the weights from; writing there would replace it" in out
     assert copied.read_bytes() == before
+
+
+def test_predict_writes_beside_the_run_it_reads_from(finished):
+    """--checkpoint runs/t --out runs/t/metrics.pt replaces nothing of the run: the weights come from
+    its checkpoints folder, and metrics.pt is none of its own files (check_out names those)."""
+    root, config, run = finished
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code, out = invoke("predict", config, "--checkpoint", run, "--out", run / "metrics.pt")
+    assert code == 0, out
+    assert torch.allclose(torch.load(run / "metrics.pt"), expected_logits(run, "test"), atol=1e-6)
+    (run / "metrics.pt").unlink()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -134,3 +134,45 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_like_a_nan_loss(check):
     reference.fit()
     for a, b in zip(t.module.parameters(), reference.module.parameters()):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- what the message names
+
+
+def first_nan_error(model, x, check="host", init_from=None, log_every=1):
+    """The FloatingPointError of a run of ``model`` on ``x`` (a NaN somewhere), batches of 8 in order."""
+    data = [(xs, torch.zeros(len(xs), dtype=torch.long)) for xs in x.split(8)]  # a list of batches: in order
+    t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), data, loss_fn=F.cross_entropy,
+                config=quiet(max_steps=6, nonfinite_check=check, init_from=init_from,
+                             log_every_n_steps=log_every, eval_every_n_epochs=None, sanity_check=False))
+    with pytest.raises(FloatingPointError) as raised:
+        t.fit()
+    return str(raised.value)
+
+
+def test_non_finite_inputs_are_named_with_the_tensor_of_the_batch():
+    x = torch.randn(64, 8)
+    x[19, 2] = float("inf")  # the third batch
+    message = first_nan_error(mlp(seed=4), x)
+    assert message.startswith("step 3: train/loss is nan; stopped before the optimizer step; the weights are those "
+                              "of step 2. Its inputs are not finite: batch[0] of step 3's batch holds 1 non-finite "
+                              "value of 64 (inf); clean the data")
+    assert "Lower the learning rate" not in message
+    # On the device the flags are read at the log point: the batch kept then is its step's only.
+    assert "batch[0] of step 3's batch holds 1 non-finite value" in first_nan_error(mlp(seed=4), x, "device", log_every=3)
+    assert "Lower the learning rate" in first_nan_error(mlp(seed=4), x, "device", log_every=4)  # step 4's batch is clean
+
+
+def test_non_finite_initial_weights_are_named_from_init_from_or_the_model(tmp_path):
+    model = mlp(seed=4)
+    state = model.state_dict()
+    state["2.bias"][1] = float("nan")
+    torch.save(state, tmp_path / "start.pt")
+    message = first_nan_error(mlp(seed=4), torch.randn(64, 8), init_from=str(tmp_path / "start.pt"))
+    assert message.startswith("step 1: train/loss is nan; stopped before the optimizer step; the weights are those "
+                              f"of step 0. The initial weights are not finite: init_from's tensor 2.bias (the model's "
+                              f"2.bias, from {tmp_path / 'start.pt'}) holds 1 non-finite value of 3 (nan); load finite")
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    assert "the model's 0.weight holds 1 non-finite value of 128 (nan) before the first step" in first_nan_error(
+        model, torch.randn(64, 8))

@@ -201,3 +201,16 @@ def test_gpu_spans_are_reused_and_a_step_in_progress_carries_over(monkeypatch):
     spans.end()
     assert spans.busy_seconds() == 1.0 and len(created) == 6  # the carried span: the same events, reused
     assert spans.busy_seconds() is None  # nothing in the interval
+
+
+def test_the_last_partial_interval_counts_its_own_samples():
+    """Five steps of 8, 8, 8, 8 and 3 samples, a log point every 3: the last interval (steps 4 and 5)
+    holds 11 samples, not two of its last batch's 3. Its rate times its time is what it counted."""
+    x, y = classification(35)
+    t = Trainer(mlp(), lambda p: torch.optim.SGD(p, lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                config=quiet(max_steps=5, batch_size=8, log_every_n_steps=3, eval_every_n_epochs=None,
+                             sanity_check=False))
+    history = t.fit()
+    assert [r["step"] for r in history] == [3, 5]
+    counted = [r["samples_per_sec"] * r["time/step_s"] * steps for r, steps in zip(history, [3, 2])]
+    assert counted == [pytest.approx(24), pytest.approx(11)]

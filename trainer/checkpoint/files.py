@@ -38,6 +38,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -225,6 +226,24 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return _load_file(path, sharded=False, mmap=mmap)[0]
 
 
+def special_kind(path: str | Path) -> str | None:
+    """What ``path`` is when it is neither a regular file nor a directory (a device, a FIFO, a
+    socket), told from its ``stat`` alone: opening a FIFO waits for a writer that may never come."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
 def signed(path: str | Path) -> bool:
     """Whether the file ends in the digest comment of a checkpoint written by trainer (not checked here)."""
     with open(path, "rb") as f:
@@ -237,6 +256,10 @@ def signed(path: str | Path) -> bool:
 
 def _load_file(path: Path, sharded: bool, mmap: bool = False) -> tuple[dict[str, Any], bool]:
     """The checkpoint file's state, and whether it carried a digest."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint: name a checkpoint file trainer wrote "
+                              "(runs/NAME/checkpoints/step-....pt) or a run directory")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:

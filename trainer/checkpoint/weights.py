@@ -40,6 +40,8 @@ from trainer.checkpoint.files import CheckpointError
 _ZIP = b"PK\x03\x04"  # torch.save's format is a zip archive
 _MODEL = "model."  # a sharded checkpoint keeps the model's tensors under this prefix (and the optimizer's beside)
 KINDS = ("checkpoint", "sharded checkpoint", "state dict", "safetensors")
+_TAKES = ("name a checkpoint (runs/NAME/checkpoints/step-....pt, or a sharded checkpoint's directory), a "
+          "torch.save(model.state_dict(), path) file or a .safetensors file")
 
 
 # safetensors' dtype names, as torch prints them (the floating-point ones are what a check needs)
@@ -76,6 +78,9 @@ class WeightsFile:
         self._sharded: dict[str, Any] = {}
         if not self.path.exists():
             raise WeightsError(f"{self.path} does not exist")
+        kind = files.special_kind(self.path)
+        if kind is not None:
+            raise WeightsError(f"{self.path} is {kind}, not a weights file; {_TAKES}")
         if self.path.is_dir() and (self.path / run_files.CHECKPOINTS).is_dir():
             found = files.list_checkpoints(run_files.checkpoint_dir(self.path))
             newest = f": the newest is {found[-1]}" if found else ", and it holds none yet"
@@ -107,6 +112,10 @@ class WeightsFile:
 
     def _open_torch(self) -> None:
         path = self.path
+        what = _not_torch(path)
+        if what is not None:
+            raise WeightsError(f"{path} is not a checkpoint or a weights file (no file trainer, torch.save or "
+                               f"safetensors writes): it holds {what}; {_TAKES}")
         with open(path, "rb") as f:
             zipped = f.read(4) == _ZIP  # torch.save's older format cannot be memory-mapped
         try:
@@ -186,6 +195,23 @@ class WeightsFile:
             raise WeightsError(f"{self.path}: reading its shards failed ({first})") from None
 
 
+def _not_torch(path: Path) -> str | None:
+    """What the file holds when its first bytes rule out ``torch.save`` (a zip archive, or a pickle
+    in the older format): nothing, zeros, text or other bytes; None when it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:4] == _ZIP or head[:1] == b"\x80":  # every pickle protocol torch.save uses starts with PROTO
+        return None
+    if not head:
+        return "nothing (0 bytes)"
+    if not any(head):
+        return f"zeros (its first {len(head)} bytes are all 0)"
+    text = head.decode("utf-8", "replace")[:-1]  # the last character may be cut in two
+    if text and all((c.isprintable() and c != "\ufffd") or c in "\t\r\n" for c in text):
+        return f"text ({text.splitlines()[0][:40]!r}...)"
+    return f"other bytes (it starts {head[:8].hex(' ')})"
+
+
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file starts with the length of its JSON header (8 bytes, little-endian), then ``{``."""
     with open(path, "rb") as f:
@@ -213,6 +239,12 @@ def load(module: nn.Module, path: str | Path, *, strict: bool = True, rename: di
     is an error either way. Nothing is copied before every check has passed. Under torchrun every
     rank calls this together when the file is a sharded checkpoint.
     """
+    return _load(module, path, strict=strict, rename=rename, rename_regex=rename_regex, reset_missing=reset_missing)[0]
+
+
+def _load(module: nn.Module, path: str | Path, *, strict: bool, rename: dict[str, str] | None,
+          rename_regex: dict[str, str] | None, reset_missing: bool) -> tuple[str, dict[str, str]]:
+    """``load``'s line, and the tensors it copied: the model's name -> the file's."""
     source = WeightsFile(path)
     renamed, unused = _renaming(list(source.shapes), rename or {}, rename_regex or {})
     found = {renamed[name]: shape for name, shape in source.shapes.items()}
@@ -248,7 +280,7 @@ def load(module: nn.Module, path: str | Path, *, strict: bool = True, rename: di
     if missing and reset_missing:
         reset(module, missing, "are not in the file and the model was built on the meta device")
     _copy(module, state, source, names)
-    return f"loaded {len(names)} tensors from {path} ({source.kind})"
+    return f"loaded {len(names)} tensors from {path} ({source.kind})", names
 
 
 def _renaming(names: list[str], rename: dict[str, str],
@@ -392,6 +424,7 @@ class InitFrom:
     def __init__(self, spec: Any, module: nn.Module, reset_missing: bool):
         self.spec, self.module, self.reset_missing = spec, module, reset_missing
         self.pending = spec is not None
+        self.loaded: dict[str, str] = {}  # once applied: the model's name -> the file's, of each tensor copied
 
     def cancel(self) -> None:
         self.pending = False
@@ -402,8 +435,8 @@ class InitFrom:
             return None
         spec = self.spec
         try:
-            loaded = load(self.module, spec.path, strict=spec.strict, rename=spec.rename,
-                          rename_regex=spec.rename_regex, reset_missing=self.reset_missing)
+            loaded, self.loaded = _load(self.module, spec.path, strict=spec.strict, rename=spec.rename,
+                                        rename_regex=spec.rename_regex, reset_missing=self.reset_missing)
         except WeightsError as exc:
             raise WeightsError(f"init_from: {exc}") from None
         self.pending = False

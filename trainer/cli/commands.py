@@ -567,8 +567,10 @@ def predict(
             check_out(out, "--out")
         except PredictionError as exc:
             raise UserError(str(exc)) from None
+        # The weights come from the checkpoint file, or from every file of a sharded checkpoint's
+        # directory; a run directory's own files and checkpoints are check_out's to guard.
         given = checkpoint.resolve()
-        if out.resolve() == given or given in out.resolve().parents:
+        if out.resolve() == given or (given in out.resolve().parents and not run_files.is_run_dir(checkpoint)):
             raise UserError(f"--out {out} is the checkpoint --checkpoint reads the weights from; writing there would "
                             f"replace it: pick another name, e.g. {out.with_name('preds' + out.suffix)}")
         built = build(source, cfg, run_dir=None)

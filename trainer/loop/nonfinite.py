@@ -14,15 +14,22 @@ Two ways to look, chosen once per run (``nonfinite_check: auto | host | device``
   which makes the fused kernel leave weights and optimizer state untouched for that step. The host
   reads the buffer at the next log point, with the logged metrics, and then errors or warns naming
   the first bad step. No host sync per step.
+
+Once a step has been found non-finite, and only then, ``Diagnosis`` looks at the weights and the
+step's batch, so that the message names the cause when they show it (non-finite initial weights,
+non-finite inputs) instead of advice about the learning rate.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 CAPACITY = 4096  # flags kept on the device between two reads
 
@@ -56,6 +63,7 @@ class NonFiniteGuard:
         self._flag_steps: list[tuple[int, str]] = []  # the step and optimizer of each unread flag (manual_step)
         self._step = 0  # the step the first unread flag belongs to, minus one
         self._taken = 0  # steps taken since the last log point (as far as read)
+        self.explain: Callable[[int, bool], str | None] = lambda step, initial: None  # see Diagnosis
 
     def start(self, step: int, log_every: int, per_step: int = 1) -> None:
         """Before the first step of a ``fit`` (after any resume): no unread flags. ``per_step``:
@@ -168,10 +176,12 @@ class NonFiniteGuard:
         self.runs = dict(state.get("consecutive_skips_by_optimizer") or {})
 
     def _act(self, step: int, subject: str, what: str, count: int, longest: int) -> None:
+        # The weights are still the initial ones when every step before this one was skipped.
+        cause = self.explain(step, step - 1 == self.skipped - count)
         if self.policy == "error":
             raise FloatingPointError(
-                f"step {step}: {subject}; {what}. Lower the learning rate, set clip_grad_norm, "
-                "or use on_nonfinite: skip"
+                f"step {step}: {subject}; {what}. " + (cause or "Lower the learning rate, set clip_grad_norm, "
+                                                       "or use on_nonfinite: skip")
             )
         if longest > self.max_consecutive:
             raise FloatingPointError(
@@ -179,4 +189,66 @@ class NonFiniteGuard:
                 f"(max_consecutive_skips: {self.max_consecutive}); stopping"
             )
         more = f" ({count} such steps since the last check)" if count > 1 else ""
-        warnings.warn(f"step {step}: {subject}; skipped this optimizer step{more}", stacklevel=3)
+        warnings.warn(f"step {step}: {subject}; skipped this optimizer step{more}" + (f". {cause}" if cause else ""),
+                      stacklevel=3)
+
+
+class Diagnosis:
+    """Why step ``step`` was not finite, when the weights or its batch show it: non-finite weights
+    (from ``init_from``, the model's initialisation, or an earlier optimizer step) come first, since
+    they spoil every batch; then non-finite values in the step's last micro-batch (``last_batch()``
+    gives it with the step it belongs to: the log interval keeps it anyway, and the device check
+    reads its flags later, when it may be another step's). ``init_from``: the run's ``InitFrom``,
+    which says which tensors it loaded."""
+
+    def __init__(self, module: torch.nn.Module, last_batch: Callable[[], tuple[Any, int]], init_from: Any):
+        self.module, self.last_batch, self.init_from = module, last_batch, init_from
+
+    def __call__(self, step: int, initial: bool) -> str | None:
+        """``initial``: no optimizer step has changed the weights yet."""
+        for name, tensor in itertools.chain(self.module.named_parameters(), self.module.named_buffers()):
+            bad = _non_finite(tensor)
+            if not bad:
+                continue
+            if initial and name in self.init_from.loaded:
+                return (f"The initial weights are not finite: init_from's tensor {self.init_from.loaded[name]} "
+                        f"(the model's {name}, from {self.init_from.spec.path}) holds {bad}; load finite weights")
+            if initial:
+                return (f"The initial weights are not finite: the model's {name} holds {bad} before the first "
+                        "step; fix the model's initialisation (or the code that set it)")
+            return (f"The weights were not finite before this step: the model's {name} holds {bad}, which an "
+                    "earlier optimizer step wrote; lower the learning rate or check the optimizer's settings (eps)")
+        batch, batch_step = self.last_batch()
+        if batch_step != step:
+            return None
+        for where, tensor in _tensors(batch, "batch"):
+            bad = _non_finite(tensor)
+            if bad:
+                return (f"Its inputs are not finite: {where} of step {step}'s batch holds {bad}; clean the data "
+                        "(drop or repair those samples), or skip such steps with on_nonfinite: skip")
+        return None
+
+
+def _non_finite(tensor: torch.Tensor) -> str:
+    """``"3 non-finite values of 512 (nan, inf)"``, or ``""`` when every value is finite."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # this rank's part: no collective
+    if not (local.is_floating_point() or local.is_complex()):
+        return ""
+    local = local.detach()
+    finite = torch.isfinite(local)
+    bad = local.numel() - int(finite.sum())  # note: CPU-GPU sync point, on the error path only
+    if not bad:
+        return ""
+    kinds = [k for k, found in (("nan", torch.isnan(local).any()), ("inf", torch.isinf(local).any())) if found]
+    return f"{bad} non-finite value{'s' if bad > 1 else ''} of {local.numel()} ({', '.join(kinds)})"
+
+
+def _tensors(obj: Any, where: str) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a batch with where it sits (``batch[0]``, ``batch['x']``)."""
+    if isinstance(obj, torch.Tensor):
+        return [(where, obj)]
+    if isinstance(obj, (tuple, list)):
+        return [found for i, item in enumerate(obj) for found in _tensors(item, f"{where}[{i}]")]
+    if isinstance(obj, dict):
+        return [found for key, item in obj.items() for found in _tensors(item, f"{where}[{key!r}]")]
+    return []

@@ -104,7 +104,10 @@ class LogInterval:
         # Their micro-batches (a device tensor when decided there); for summed losses their items
         # on every rank (a float64 device tensor).
         self.loss_count: int | torch.Tensor = 0
-        self.micro_batches = 0  # every micro-batch of the interval, taken or skipped: for throughput
+        self.micro_batches = 0  # every micro-batch of the interval, taken or skipped
+        # Their samples since the clock started, each batch counted at its own size (an epoch's short
+        # last batch too); not saved: a resumed run's clock starts at its resume.
+        self.samples = 0
         self.extra_sums: dict[str, Any] = {}
         self.extra_count = 0
         self.last_batch: Any = None
@@ -123,6 +126,7 @@ class LogInterval:
             value = value.float()
         self.step_loss = value if self.step_loss is None else self.step_loss + value
         self.step_micro += 1
+        self.samples += batch_size_of(batch)
         self.last_batch = batch
         if isinstance(outputs, dict):  # extra metrics: also means over the log interval
             sums = self.extra_sums
@@ -140,6 +144,7 @@ class LogInterval:
         over the interval's micro-batches like a training step's extra metrics; no ``train/loss`` of
         its own (a returned ``"loss"`` is one of the values)."""
         self.step_micro += 1
+        self.samples += batch_size_of(batch)
         self.last_batch = batch
         if outputs is None:
             return
@@ -166,6 +171,7 @@ class LogInterval:
         else:
             self.step_loss, self.step_count = self.step_loss + value, self.step_count + count.detach()
         self.step_micro += 1
+        self.samples += batch_size_of(batch)
         self.last_batch = batch
         sums = self.extra_sums
         self.extra_count += 1
@@ -194,8 +200,8 @@ class LogInterval:
 
     def put(self, metrics: MetricBuffer, now: float) -> float:
         """Put ``train/loss`` and ``train/<extra>`` into ``metrics``, start a new interval at ``now``
-        (``time.perf_counter()``), and return the closed one's samples per second (micro-batches
-        times the last one's size, exact but for an epoch's short last batch)."""
+        (``time.perf_counter()``), and return the closed one's samples per second: its own samples
+        over its own time."""
         if self.loss_sum is not None and self.summed:
             # Each rank's sum over the count of every rank: the mean over ranks at the log point
             # makes it the sum over every rank's items divided by their count. A count of 0 (no
@@ -207,9 +213,8 @@ class LogInterval:
             metrics.put("train/loss", self.loss_sum / self.loss_count)
         for name, total in self.extra_sums.items():
             metrics.put(f"train/{name}", total / self.extra_count)
-        samples = self.micro_batches * batch_size_of(self.last_batch) if self.last_batch is not None else 0
-        rate = samples / max(now - self.clock, 1e-9)
-        self.loss_sum, self.loss_count, self.micro_batches, self.clock = None, 0, 0, now
+        rate = self.samples / max(now - self.clock, 1e-9)
+        self.loss_sum, self.loss_count, self.micro_batches, self.samples, self.clock = None, 0, 0, 0, now
         self.extra_sums, self.extra_count, self.summed = {}, 0, None
         return rate
 

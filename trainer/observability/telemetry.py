@@ -115,6 +115,10 @@ class Telemetry:
         """The loss of the step in progress (summed over its micro-batches), and its item count for summed losses."""
         return self.interval.step_loss, self.interval.step_count
 
+    def last_batch(self, global_step: int) -> tuple[Any, int]:
+        """The latest micro-batch and the optimizer step it belongs to (``global_step`` steps are done)."""
+        return self.interval.last_batch, global_step + (1 if self.interval.step_micro else 0)
+
     def stepped(self, skipped: bool | torch.Tensor) -> None:
         """The window's optimizer step is done (launched, on CUDA); ``skipped`` leaves its loss out."""
         self.interval.end_step(skipped)
@@ -134,7 +138,7 @@ class Telemetry:
         now = time.perf_counter()
         self.metrics.put("time/first_step_s", now - self._first_step_clock)
         self._first_step_clock = None
-        self.interval.clock = now  # throughput without the compile
+        self.interval.clock, self.interval.samples = now, 0  # throughput without the compile
         self.times.restart(step)
         for fn in self.on_first_step:
             fn()
@@ -147,7 +151,7 @@ class Telemetry:
             return None
         record: dict[str, float] = {"step": step, "epoch": epoch}
         now = time.perf_counter()  # one reading: samples/s, tokens/s and the time shares share their interval
-        times = self.times.close(interval.clock, now, step, interval.micro_batches, interval.last_batch)
+        times = self.times.close(interval.clock, now, step, interval.samples, interval.last_batch)
         samples_per_sec = interval.put(self.metrics, now)
         for put in self.before_copy:
             put(self.metrics)

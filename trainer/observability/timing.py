@@ -165,9 +165,9 @@ class StepTimes:
         if self._gpu is not None:
             self._gpu.end()
 
-    def close(self, clock: float, now: float, step: int, micro_batches: int, last_batch: Any) -> dict[str, float]:
+    def close(self, clock: float, now: float, step: int, samples: int, last_batch: Any) -> dict[str, float]:
         """The interval's host-side values, from the log interval's ``clock`` (its start, to ``now``),
-        ``micro_batches`` and ``last_batch``, read before it starts anew; then a new interval."""
+        ``samples`` and ``last_batch``, read before it starts anew; then a new interval."""
         wall = max(now - clock, 1e-9)
         self._wall = wall
         record: dict[str, float] = {}
@@ -178,16 +178,16 @@ class StepTimes:
             record.update(shares)
             record["time/other"] = max(0.0, 1.0 - sum(shares.values()))
             record["time/step_s"] = wall / steps
-        if last_batch is not None and micro_batches:
-            tokens = tokens_in(last_batch)
-            tokens_per_sec = micro_batches * tokens / wall
-            if tokens:
+        if last_batch is not None and samples:
+            # Token ids per sample as in the last batch: batches differ in how many samples they hold
+            # (an epoch's short last one), not in their sequence length.
+            tokens_per_sec = samples * tokens_in(last_batch) / batch_size_of(last_batch) / wall
+            if tokens_per_sec:
                 record["tokens_per_sec"] = tokens_per_sec
             if self.peak_flops is not None:
                 if self.flops_per_sample is not None:
-                    samples_per_sec = micro_batches * batch_size_of(last_batch) / wall
-                    record["mfu"] = self.flops_per_sample * samples_per_sec / self.peak_flops
-                elif self.flops_per_token is not None and tokens:
+                    record["mfu"] = self.flops_per_sample * samples / wall / self.peak_flops
+                elif self.flops_per_token is not None and tokens_per_sec:
                     record["mfu"] = self.flops_per_token * tokens_per_sec / self.peak_flops
         self.restart(step)
         return record
