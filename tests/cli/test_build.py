@@ -10,8 +10,6 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from helpers import ROOT, in_process
-
-from helpers import in_process
 from trainer.cli.build import data_splits, kernel_defaults, optimizer_factory, split_data
 from trainer.components import Component, check_arguments, import_target, instantiate
 from trainer.yaml_source import ConfigError, Source, Where
