@@ -182,3 +182,43 @@ def test_a_requeue_signal_that_cannot_be_is_one_line_naming_it(tmp_path, value, 
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
     assert f"cfg.yaml:{len(cfg.read_text().splitlines())}:" in done.stderr  # the line that set it
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("node07", "node07"),
+    ("node[01-04]", "node01"),
+    ("node[01-04,07]", "node01"),
+    ("gpu-a[3,5],gpu-b7", "gpu-a3"),
+    ("rack[1-2]-n[08-09]", "rack1-n08"),
+    ("a,b", "a"),
+    ("127.0.0.1", "127.0.0.1"),
+])
+def test_the_first_host_of_a_node_list(nodelist, host):
+    assert slurm.first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("nodelist", ["", "node[01-04", "node]", "[1-2]"])
+def test_a_node_list_slurm_never_writes_is_an_error_that_says_what_to_set(nodelist):
+    with pytest.raises(ValueError, match="set MASTER_ADDR to the host of rank 0"):
+        slurm.first_host(nodelist)
+
+
+STEP = {"SLURM_JOB_ID": "123456", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "node[03-06]"}
+
+
+def test_a_task_srun_started_alone_gets_torchruns_variables_from_slurms():
+    assert slurm.as_torchrun(STEP) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node03",
+                                       "MASTER_PORT": str(15000 + 3456)}  # the same on every node of the job
+    chosen = slurm.as_torchrun({**STEP, "MASTER_ADDR": "head", "MASTER_PORT": "29400"})
+    assert (chosen["MASTER_ADDR"], chosen["MASTER_PORT"]) == ("head", "29400")
+
+
+@pytest.mark.parametrize("env", [
+    {**STEP, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},  # srun torchrun: torchrun's variables win
+    {k: v for k, v in STEP.items() if k != "SLURM_STEP_NUM_TASKS"},  # the batch script itself, outside any step
+    {**STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},  # a step of one task
+    {},
+], ids=["srun-torchrun", "batch-script", "one-task", "no-slurm"])
+def test_everywhere_else_slurms_variables_change_nothing(env):
+    assert slurm.as_torchrun(env) == {}

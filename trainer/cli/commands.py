@@ -27,6 +27,7 @@ import yaml
 
 from trainer import run_dir as run_files
 from trainer import yaml_source
+from trainer.parallel import slurm
 from trainer.cli.report import NoSuchMetric, UnreadableRun, format_table, plot_runs, runs_table, write_status
 from trainer.yaml_source import ConfigError, Source
 
@@ -151,6 +152,10 @@ def run(
         if overwrite and resume is not None:
             raise UserError("--overwrite starts the run anew and --resume continues it: pass one of the two")
         run_dir = Path(cfg.out_dir) / cfg.name
+        try:
+            os.environ.update(slurm.as_torchrun(os.environ))  # srun without torchrun: each task is one rank
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         # Under torchrun rank 0 alone touches the run directory; the others follow its files.
         claim = _claim(run_dir, cfg.name, resume, overwrite) if os.environ.get("RANK", "0") == "0" else _Claim()
         with claim:
@@ -354,8 +359,6 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
 def _requeue(run_dir: Path, trainer) -> None:
     """Requeue the SLURM job once everything is written (SLURM ends the job's processes as soon as it
     accepts). A job that could not be requeued keeps its checkpoint; status.json and one line say why."""
-    from trainer.parallel import slurm
-
     job = slurm.job_id()
     try:
         slurm.requeue()
