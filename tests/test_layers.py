@@ -14,7 +14,7 @@ PACKAGE = ROOT / "trainer"
 LAYERS = [
     {"trainer.config", "trainer.hooks", "trainer.device", "trainer.run_dir", "trainer.schedules",
      "trainer.freezing", "trainer.memory", "trainer.yaml_source", "trainer.components",
-     "trainer.parallel.distributed"},
+     "trainer.parallel.distributed", "trainer.parallel.slurm"},
     {"trainer.data"},
     {"trainer.losses", "trainer.parallel"},
     {"trainer.checkpoint", "trainer.observability"},

@@ -239,6 +239,31 @@ class ProfileConfig(StrictModel):
     )
 
 
+class SlurmConfig(StrictModel):
+    """Inside a SLURM job (``SLURM_JOB_ID`` set); outside one nothing here applies."""
+
+    # TERM, INT and HUP already stop the run (without a requeue), KILL and STOP cannot be handled, and
+    # the others mean something else to a process (ALRM, CHLD, ...).
+    requeue_signal: Literal["USR1", "USR2"] | None = Field(
+        "USR1",
+        description="The signal that sbatch --signal=USR1@90 sends before the time limit: the run stops at the next "
+        "optimizer step with a checkpoint, as on SIGTERM, then rank 0 requeues the job (scontrol requeue "
+        "$SLURM_JOB_ID) and status.json says requeued. USR1 or USR2 (SIGUSR1 is read as USR1); null: no requeue, "
+        "the signal keeps its default meaning.",
+    )
+
+    @field_validator("requeue_signal", mode="before")
+    @classmethod
+    def _signal_name(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        name = value.upper().removeprefix("SIG")
+        if name in ("TERM", "INT", "HUP"):
+            raise ValueError(f"{value} already stops the run with a checkpoint, without a requeue; the requeue "
+                             "signal is USR1 or USR2 (sbatch --signal=USR1@90)")
+        return name
+
+
 class ThroughputConfig(StrictModel):
     """``throughput:``: what MFU (model FLOPs utilisation) needs beyond the run's own measurements."""
 
@@ -401,6 +426,10 @@ class TrainerConfig(StrictModel):
     throughput: ThroughputConfig = Field(
         default_factory=ThroughputConfig,
         description="flops_per_sample and peak_flops, for the logged mfu (model FLOPs utilisation).",
+    )
+    slurm: SlurmConfig = Field(
+        default_factory=SlurmConfig,
+        description="Inside a SLURM job: requeue_signal, on which the run checkpoints and requeues the job.",
     )
     init_from: InitFromConfig | None = Field(
         None,

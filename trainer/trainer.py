@@ -22,7 +22,7 @@ from torch import nn
 from trainer import checkpoint as ckpt
 from trainer import memory
 from trainer.loop import compilation
-from trainer.parallel import distributed
+from trainer.parallel import distributed, slurm
 from trainer.loop import manual
 from trainer.checkpoint.saving import RunCheckpoints
 from trainer.loop.placement import place
@@ -118,7 +118,10 @@ class Trainer:
         self.should_stop = False
         self.stop_reason: str | None = None
         self.stopped_by_signal: int | None = None
-        self._signals = signals.StopSignals()
+        # Inside a SLURM job, the signal on which the run stops like SIGTERM and then is requeued (the CLI
+        # requeues it: trainer.parallel.slurm.requeue); None elsewhere.
+        self.requeue_signal = slurm.requeue_signal(cfg.slurm.requeue_signal)
+        self._signals = signals.StopSignals(requeue=self.requeue_signal)
         self._closed = False
 
         self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizers, self.device,

@@ -126,6 +126,36 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, one_process):
         assert "ProfilerStep#2" in {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
 
 
+def test_srun_without_torchrun_trains_its_tasks_as_the_ranks_of_one_job(tmp_path, one_process):
+    # `srun --ntasks=2 python -m trainer run cfg.yaml`: two tasks of one step, SLURM's variables only.
+    cfg = write(tmp_path, "srun", batch=8)
+    slurm_vars = {name: value for name, value in os.environ.items() if name.startswith(("SLURM_", "MASTER_"))}
+    logs = [tmp_path / f"task{task}.log" for task in (0, 1)]
+    files = [log.open("w") for log in logs]
+    with reserved_port() as port:
+        env = {**{k: v for k, v in process_env().items() if k not in slurm_vars and k not in ("RANK", "WORLD_SIZE")},
+               "SLURM_JOB_ID": "777", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+               "SLURM_STEP_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)}
+        tasks = [subprocess.Popen([sys.executable, "-m", "trainer", "run", str(cfg)], stdout=file,
+                                  stderr=subprocess.STDOUT,
+                                  env={**env, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)})
+                 for task, file in zip((0, 1), files)]
+        for file in files:
+            file.close()
+        for task, log in zip(tasks, logs):
+            task.wait(timeout=240)
+            assert task.returncode == 0, log.read_text()[-3000:]
+    srun_dir = tmp_path / "runs" / "srun"
+    a, b = final(srun_dir), final(one_process)
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-6)
+    # One job: rank 0 alone wrote a record per step, the loss averaged over the two tasks.
+    losses = [r["train/loss"] for r in records(srun_dir) if "train/loss" in r]
+    assert losses == pytest.approx([r["train/loss"] for r in records(one_process) if "train/loss" in r], rel=1e-5)
+    said = [log.read_text() for log in logs]
+    assert "finished: step 24" in said[0] and "finished: step 24" not in said[1]  # rank 0 alone reports
+
+
 def test_fewer_validation_samples_than_ranks(tmp_path):
     # One validation sample: rank 1's share is empty; it adds zeros to the exact reduction.
     def cfg(name, batch):

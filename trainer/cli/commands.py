@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 a user error (config, command line, missing file, a failure of the
 sanity pass); 1 a failed run (one line when the user's code raised, naming it) or an internal
-failure (a traceback); 130 / 143 after SIGINT / SIGTERM (a checkpoint is written first).
+failure (a traceback); 130 / 143 after SIGINT / SIGTERM (a checkpoint is written first); 128 + N after
+a SLURM job's requeue signal N (138 for SIGUSR1), requeued or not (status.json says which).
 
 This module imports typer, pydantic and yaml only; torch is imported by the commands that need it.
 """
@@ -26,6 +27,7 @@ import yaml
 
 from trainer import run_dir as run_files
 from trainer import yaml_source
+from trainer.parallel import slurm
 from trainer.cli.report import NoSuchMetric, UnreadableRun, format_table, plot_runs, runs_table, write_status
 from trainer.yaml_source import ConfigError, Source
 
@@ -150,6 +152,10 @@ def run(
         if overwrite and resume is not None:
             raise UserError("--overwrite starts the run anew and --resume continues it: pass one of the two")
         run_dir = Path(cfg.out_dir) / cfg.name
+        try:
+            os.environ.update(slurm.as_torchrun(os.environ))  # srun without torchrun: each task is one rank
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         # Under torchrun rank 0 alone touches the run directory; the others follow its files.
         claim = _claim(run_dir, cfg.name, resume, overwrite) if os.environ.get("RANK", "0") == "0" else _Claim()
         with claim:
@@ -332,19 +338,40 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     finally:
         for logger in built.trainer.loggers:  # the loggers the config built (fit closes only its files)
             logger.close()
+    signum = built.trainer.stopped_by_signal
+    requeue = signum is not None and signum == built.trainer.requeue_signal
     if main:
-        signum = built.trainer.stopped_by_signal
         try:
-            write_status(run_dir, "interrupted" if signum else "finished", step=built.trainer.global_step,
-                         reason=_ending(built.trainer))
+            write_status(run_dir, "requeued" if requeue else "interrupted" if signum else "finished",
+                         step=built.trainer.global_step, reason=_ending(built.trainer))
         except OSError as exc:
             raise UserError(_unwritable(run_dir, exc)) from None
     # Said before the ranks meet to leave the group: after a stop signal each rank exits 143 as soon
     # as it leaves, and torchrun then ends the ranks still running, rank 0 included.
     _report(built.trainer, run_dir)
+    if requeue and main:
+        _requeue(run_dir, built.trainer)
     built.trainer.close()  # leave the process group (under torchrun)
     if built.trainer.stopped_by_signal is not None:
         raise typer.Exit(128 + built.trainer.stopped_by_signal)
+
+
+def _requeue(run_dir: Path, trainer) -> None:
+    """Requeue the SLURM job once everything is written (SLURM ends the job's processes as soon as it
+    accepts). A job that could not be requeued keeps its checkpoint; status.json and one line say why."""
+    job = slurm.job_id()
+    try:
+        slurm.requeue()
+    except slurm.RequeueError as exc:
+        with contextlib.suppress(OSError):
+            write_status(run_dir, "interrupted", step=trainer.global_step, reason=_ending(trainer),
+                         requeue_error=str(exc))
+        typer.echo(f"error: SLURM job {job} was not requeued: {exc}; the checkpoint of step {trainer.global_step} "
+                   "is complete: submit the job again (its trainer run ... --resume auto continues from it), or make "
+                   "scontrol available to the job to have it requeued", err=True)
+        return
+    typer.echo(f"SLURM job {job} requeued (scontrol requeue {job}): it runs again and --resume auto continues "
+               f"from step {trainer.global_step}")
 
 
 def _init_from(source: Source, trainer, prefix: str = "") -> None:

@@ -16,7 +16,8 @@ from trainer.run_dir import CONFIG, METRICS_JSONL, STATUS, checkpoint_dir, list_
 
 
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:
-    """``running`` (with the pid) when a run starts; ``finished``, ``interrupted`` or ``failed`` when it ends."""
+    """``running`` (with the pid) when a run starts; ``finished``, ``interrupted``, ``requeued`` (a SLURM job
+    requeued after its signal) or ``failed`` when it ends."""
     data = {"status": status, "pid": os.getpid(), **extra}
     tmp = run_dir / f".{STATUS}.tmp"
     tmp.write_text(json.dumps(data), encoding="utf-8")

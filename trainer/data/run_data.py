@@ -12,7 +12,7 @@ from dataclasses import astuple
 from typing import Any
 
 from trainer.config import TrainerConfig
-from trainer.data.batches import BatchLayout, rank_count
+from trainer.data.batches import BatchLayout
 from trainer.data.sources import DataError, EpochSource, last_step, length_of, make_source
 from trainer.parallel import distributed
 

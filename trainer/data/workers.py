@@ -29,6 +29,9 @@ from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 # SIGHUP: the terminal the run was started from closed (an ssh session that ended).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What workers leave to the main process: the stop signals, and the signals a SLURM job may requeue on
+# (slurm.requeue_signal, sent to every process of the job by sbatch --signal=USR1@90).
+LEFT_TO_MAIN = (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGUSR2)
 
 # A worker the DataLoader is done with exits as soon as it reads its queue's end marker; at exit,
 # one that has not after this long is stuck.
@@ -36,8 +39,8 @@ EXIT_GRACE_S = 2.0
 
 
 class LeaveSignalsToMain:
-    """A ``worker_init_fn`` that makes the worker ignore the stop signals, then runs the loader's own
-    (picklable, so it also serves workers started by ``spawn``).
+    """A ``worker_init_fn`` that makes the worker ignore the signals left to the main process, then runs
+    the loader's own (picklable, so it also serves workers started by ``spawn``).
 
     One SIGTERM still ends a worker: the one its DataLoader sends, once it has set the iterator's
     "done" event, to a worker that did not end when told (torch's own shutdown). Ignored, that worker
@@ -47,7 +50,7 @@ class LeaveSignalsToMain:
         self.init = init
 
     def __call__(self, worker_id: int) -> None:
-        for signum in STOP_SIGNALS:
+        for signum in LEFT_TO_MAIN:
             signal.signal(signum, signal.SIG_IGN)
         done = _shutdown_event()
         if done is not None:

@@ -1,7 +1,7 @@
-"""SIGTERM, SIGINT and SIGHUP during ``fit``: they only set a flag; the loop stops at the next
-optimizer-step boundary, after a checkpoint, and every rank under torchrun stops at the same step.
-A scheduler signals every process of the job: DataLoader workers leave these signals to the main
-process (``trainer.data.workers``)."""
+"""SIGTERM, SIGINT and SIGHUP during ``fit``, and inside a SLURM job its requeue signal: they only set
+a flag; the loop stops at the next optimizer-step boundary, after a checkpoint, and every rank under
+torchrun stops at the same step. A scheduler signals every process of the job: DataLoader workers
+leave these signals to the main process (``trainer.data.workers``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class StopSignals:
-    def __init__(self) -> None:
+    def __init__(self, requeue: int | None = None) -> None:
+        self.requeue = requeue  # the SLURM job's requeue signal (trainer.parallel.slurm): a stop, then a requeue
         self.received: int | None = None  # the signal to stop for: this process's, or another rank's
         self._own: int | None = None  # the first stop signal this process received itself
         self._deferring = False
@@ -76,10 +77,12 @@ class StopSignals:
             if self.received is None:
                 self.received = signum
             if distributed.rank() == 0:
+                then = ", then requeueing the SLURM job" if signum == self.requeue else ""
                 print(f"trainer: {name(signum)} received; stopping after the current optimizer step with a "
-                      "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+                      f"checkpoint{then} (send it again to stop at once)", file=sys.stderr, flush=True)
 
-        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+        handled = (*STOP_SIGNALS, self.requeue) if self.requeue is not None else STOP_SIGNALS
+        previous = {signum: signal.signal(signum, handler) for signum in handled}
         try:
             yield
         finally:

@@ -1,2 +1,2 @@
-"""Several processes: torchrun's process group (``distributed``) and the strategies that wrap the
-model for one process, DDP or FSDP (``strategy``)."""
+"""Several processes: torchrun's process group (``distributed``), SLURM's requeue and srun's tasks
+(``slurm``), and the strategies that wrap the model for one process, DDP or FSDP (``strategy``)."""

@@ -1,7 +1,7 @@
-"""Running under ``torchrun``: the rank layout from the environment, the process group, the
-few collectives the loop needs (at log points, evaluations and checkpoints; per step only a scalar
-or two: the gradient norm of sharded parameters, the item count of summed losses), and FSDP2
-sharding (``strategy: fsdp``).
+"""Running under ``torchrun`` (or ``srun`` alone, ``trainer.parallel.slurm``): the rank layout from
+the environment, the process group, the few collectives the loop needs (at log points, evaluations
+and checkpoints; per step only a scalar or two: the gradient norm of sharded parameters, the item
+count of summed losses), and FSDP2 sharding (``strategy: fsdp``).
 
 Outside torchrun every function here is a no-op and nothing changes.
 """
@@ -23,6 +23,8 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from trainer.parallel import slurm
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -36,7 +38,10 @@ class Layout:
 
 
 def from_env() -> Layout:
-    """The layout torchrun announces in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``."""
+    """The layout torchrun announces in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. A task that srun
+    started without torchrun gets those variables (and the rendezvous's) from SLURM's first, so that
+    the process group is joined as under torchrun."""
+    os.environ.update(slurm.as_torchrun(os.environ))
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
