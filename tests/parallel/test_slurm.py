@@ -46,7 +46,7 @@ def scontrol(folder: Path, code: int = 0) -> Path:
     folder.mkdir()
     script = folder / "scontrol"
     script.write_text(f'#!/bin/sh\necho "$@" >> "{folder / "calls"}"\n'
-                      + (f'echo "scontrol: error: Requested operation is presently disabled" >&2\n' if code else "")
+                      + ('echo "scontrol: error: Requested operation is presently disabled" >&2\n' if code else "")
                       + f"exit {code}\n")
     script.chmod(0o755)
     return folder
