@@ -37,7 +37,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 
 from trainer.parallel import distributed
 from trainer.data.batches import fingerprint
-from trainer.data.workers import adopt, worker_init
+from trainer.data.workers import adopt, worker_settings
 from trainer.device import seed_worker
 
 
@@ -163,7 +163,7 @@ class LoaderSource(EpochSource):
             batch_sampler=BatchSampler(self.sampler, batch_size, drop_last=False),
             num_workers=num_workers,
             pin_memory=pin_memory,
-            worker_init_fn=worker_init(seed_worker, num_workers),
+            **worker_settings(seed_worker if num_workers else None, num_workers),
             generator=self.generator,
             # Fresh workers each epoch, so their seeds depend on (seed, epoch) alone and repeat on resume.
             persistent_workers=False,
@@ -549,7 +549,7 @@ def make_source(data: Any, *, batch_size: int, num_workers: int, seed: int, shuf
         # One process without workers reads the stream as it is (and keeps its length, if it has one).
         whole = own_split or (world_size == 1 and num_workers == 0)
         loader = DataLoader(data if whole else SplitStream(data, rank, world_size), batch_size=batch_size,
-                            num_workers=num_workers, timeout=timeout, worker_init_fn=worker_init(None, num_workers))
+                            num_workers=num_workers, timeout=timeout, **worker_settings(None, num_workers))
         source: EpochSource = CheckedSplit(loader, num_workers, timeout) if own_split else IterableSource(loader, timeout)
     elif is_stateful_loader(data):
         source = StatefulSource(data, adopt(data, timeout))

@@ -51,10 +51,11 @@ class LeaveSignalsToMain:
 
     def __call__(self, worker_id: int) -> None:
         for signum in LEFT_TO_MAIN:
-            signal.signal(signum, signal.SIG_IGN)
+            signal.signal(signum, signal.SIG_IGN)  # one that came while the worker started is dropped
         done = _shutdown_event()
         if done is not None:
             signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if done.is_set() else None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, LEFT_TO_MAIN)  # blocked since the fork (HeldContext)
         if self.init is not None:
             self.init(worker_id)
 
@@ -66,9 +67,57 @@ def _shutdown_event() -> Any:
     return caller.f_locals.get("done_event") if caller.f_code.co_name == "_worker_loop" else None
 
 
-def worker_init(init: Callable[[int], Any] | None, num_workers: int) -> Callable[[int], Any] | None:
-    """The ``worker_init_fn`` of a loader the Trainer builds."""
-    return LeaveSignalsToMain(init) if num_workers else None
+def worker_settings(init: Callable[[int], Any] | None, num_workers: int) -> dict[str, Any]:
+    """The ``worker_init_fn`` and ``multiprocessing_context`` of a loader the Trainer builds."""
+    if not num_workers:
+        return {"worker_init_fn": init}
+    return {"worker_init_fn": LeaveSignalsToMain(init), "multiprocessing_context": held(None)}
+
+
+def _start_held(start: Callable[[], None]) -> None:
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, LEFT_TO_MAIN)
+    try:
+        start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+class _HeldForkProcess(multiprocessing.context.ForkProcess):
+    def start(self) -> None:
+        _start_held(super().start)
+
+
+class _HeldSpawnProcess(multiprocessing.context.SpawnProcess):
+    def start(self) -> None:
+        _start_held(super().start)
+
+
+class _HeldForkContext(multiprocessing.context.ForkContext):
+    Process = _HeldForkProcess
+
+
+class _HeldSpawnContext(multiprocessing.context.SpawnContext):
+    Process = _HeldSpawnProcess
+
+
+def held(context: Any) -> Any:
+    """A start method whose workers start with the signals left to the main process blocked, until
+    ``LeaveSignalsToMain`` has them ignored: between the fork and the ``worker_init_fn`` torch installs
+    its own SIGTERM handler, which ends a worker on a signal from anyone but its parent (a
+    scheduler's SIGTERM to the group as an epoch starts its workers would end the run with an
+    error). A blocked signal waits; ignored, it is dropped. ``forkserver`` and custom contexts are
+    left as they are (their processes are not forked from this one)."""
+    if isinstance(context, (_HeldForkContext, _HeldSpawnContext)):
+        return context
+    method = context if isinstance(context, str) or context is None else context.get_start_method()
+    # (get_start_method() without allow_none would fix the process's method for good; the first of
+    # get_all_start_methods() is the platform's default)
+    method = method or multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method == "fork":
+        return _HeldForkContext()
+    if method == "spawn":
+        return _HeldSpawnContext()
+    return context
 
 
 def adopt(data: Any, timeout: float) -> float:
@@ -83,6 +132,7 @@ def adopt(data: Any, timeout: float) -> float:
         return 0.0
     if not isinstance(data.worker_init_fn, LeaveSignalsToMain):
         data.worker_init_fn = LeaveSignalsToMain(data.worker_init_fn)
+        data.multiprocessing_context = held(data.multiprocessing_context)
         running = getattr(data, "_iterator", None)
         if running is not None and callable(getattr(running, "_shutdown_workers", None)):
             running._shutdown_workers()
