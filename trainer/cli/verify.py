@@ -87,7 +87,7 @@ def plan_stops(steps: int, every: int, kills: int, accumulating: bool, seed: int
     the first checkpoint (step ``every``) when there is room, so that each resume restores one. With
     accumulation, one SIGKILL lands inside a window."""
     rng = random.Random(seed)
-    candidates = range(every, steps) if steps - every > kills else range(1, steps)
+    candidates = range(every + 1, steps) if steps - every - 1 > kills else range(1, steps)
     if len(candidates) < kills + 1:
         raise UserError(f"--steps {steps}: {kills} kill{'s' * (kills != 1)} and a SIGTERM need distinct steps before "
                         f"the last: give --steps {kills + 2} or more (or fewer --kills)")
