@@ -149,17 +149,48 @@ def run(
     """Train: build everything the config names and fit."""
     with _reporting(debug):
         source, cfg = _load(config, more)
-        if overwrite and resume is not None:
-            raise UserError("--overwrite starts the run anew and --resume continues it: pass one of the two")
-        run_dir = Path(cfg.out_dir) / cfg.name
-        try:
-            os.environ.update(slurm.as_torchrun(os.environ))  # srun without torchrun: each task is one rank
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        # Under torchrun rank 0 alone touches the run directory; the others follow its files.
-        claim = _claim(run_dir, cfg.name, resume, overwrite) if os.environ.get("RANK", "0") == "0" else _Claim()
-        with claim:
-            _train(source, cfg, run_dir, resume, claim, accept_changes)
+        _run(source, cfg, resume, overwrite, accept_changes)
+
+
+def _run(source: Source, cfg, resume: str | None, overwrite: bool, accept_changes: bool) -> None:
+    """``trainer run`` once its config is loaded (verify-resume's runs add a callback to it first)."""
+    if overwrite and resume is not None:
+        raise UserError("--overwrite starts the run anew and --resume continues it: pass one of the two")
+    run_dir = Path(cfg.out_dir) / cfg.name
+    try:
+        os.environ.update(slurm.as_torchrun(os.environ))  # srun without torchrun: each task is one rank
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    # Under torchrun rank 0 alone touches the run directory; the others follow its files.
+    claim = _claim(run_dir, cfg.name, resume, overwrite) if os.environ.get("RANK", "0") == "0" else _Claim()
+    with claim:
+        _train(source, cfg, run_dir, resume, claim, accept_changes)
+
+
+@app.command("verify-resume")
+def verify_resume(
+    config: Path = CONFIG,
+    more: Optional[list[str]] = MORE,
+    steps: Optional[int] = typer.Option(
+        None, "--steps", show_default=False,
+        help="Optimizer steps of each run (default: the config's max_steps, at most 50)."),
+    kills: int = typer.Option(2, "--kills", help="SIGKILLs at random steps (one inside an accumulation window when "
+                                                  "grad_accum_steps > 1); a SIGTERM comes on top."),
+    seed: int = typer.Option(0, "--seed", help="Picks the steps of the stops: the same seed, the same stops."),
+    debug: bool = DEBUG,
+) -> None:
+    """Prove exact resume on this config before a long run: train it short, uninterrupted and then killed
+    (SIGKILL, SIGTERM) and resumed with --resume auto, in a temporary directory, and compare the batches,
+    every logged value and the final state bit for bit. Exit 0 exact, 1 a finding (where the runs part,
+    what, the likely cause and the fix), 2 a config error."""
+    with _reporting(debug):
+        _, cfg = _load(config, more)
+        from trainer.cli.verify import verify
+
+        files, overrides = _files_and_overrides(config, more or [])
+        finding = verify(files, overrides, cfg, steps, kills, seed, echo=typer.echo)
+    if finding is not None:
+        raise typer.Exit(1)
 
 
 class _Claim:
@@ -786,13 +817,17 @@ def main() -> None:
     try:
         app()
     finally:
-        # What the run leaves behind (the Trainer, an FSDP module and the collectives' work objects
-        # it keeps) is freed now, while the interpreter is whole: freed during interpreter shutdown,
-        # a tensor gloo's work still holds needs the GIL there, and the process aborts ("terminate
-        # called without an active exception", seen on one rank of a finished fsdp run). The DataLoader
-        # workers first: collected, their iterators would wait seconds for each (trainer.data.workers;
-        # loaded with any run's data, and never by the commands that need no torch).
-        workers = sys.modules.get("trainer.data.workers")
-        if workers is not None:
-            workers.end_loaders()
-        gc.collect()
+        release()
+
+
+def release() -> None:
+    """Free what a command leaves behind (the Trainer, an FSDP module and the collectives' work objects
+    it keeps) while the interpreter is whole: freed during interpreter shutdown, a tensor gloo's work
+    still holds needs the GIL there, and the process aborts ("terminate called without an active
+    exception", seen on one rank of a finished fsdp run). The DataLoader workers first: collected,
+    their iterators would wait seconds for each (trainer.data.workers; loaded with any run's data, and
+    never by the commands that need no torch)."""
+    workers = sys.modules.get("trainer.data.workers")
+    if workers is not None:
+        workers.end_loaders()
+    gc.collect()
