@@ -26,6 +26,7 @@ import typer
 import yaml
 
 from trainer import run_dir as run_files
+from trainer.cli.errors import FailedRun, UserError
 from trainer import yaml_source
 from trainer.parallel import slurm
 from trainer.cli.report import NoSuchMetric, UnreadableRun, format_table, plot_runs, runs_table, write_status
@@ -45,14 +46,6 @@ MORE = typer.Argument(
     help="More config files, each merged over those before it (trainer run base.yaml mlflow.yaml), then overrides "
          "such as max_steps=200 optimizer.lr=3e-4: an argument with '=' is an override, any other a file.")
 DEBUG = typer.Option(False, "--debug", help="Show the full traceback of an error.")
-
-
-class UserError(Exception):
-    """A mistake outside the config file (a run directory that exists, a missing checkpoint)."""
-
-
-class FailedRun(Exception):
-    """The user's code raised during a run (after the sanity pass): one line naming it, exit 1."""
 
 
 _DEBUG_HINT = "; --debug shows the traceback"
@@ -165,6 +158,21 @@ def _run(source: Source, cfg, resume: str | None, overwrite: bool, accept_change
     claim = _claim(run_dir, cfg.name, resume, overwrite) if os.environ.get("RANK", "0") == "0" else _Claim()
     with claim:
         _train(source, cfg, run_dir, resume, claim, accept_changes)
+
+
+@app.command("verify-resume-run", hidden=True)
+def verify_resume_run(
+    config: Path = CONFIG,
+    more: Optional[list[str]] = MORE,
+    resume: bool = typer.Option(False, "--resume", help="Continue with --resume auto."),
+) -> None:
+    """One run of a verification: trainer run with verify-resume's probe appended to the config's callbacks."""
+    from trainer.cli.run_config import validate
+
+    with _reporting(debug=False):
+        source, _ = _load(config, more)
+        source.data["callbacks"] = [*(source.data.get("callbacks") or []), {"_target_": "trainer.cli.verify.Probe"}]
+        _run(source, validate(source), "auto" if resume else None, overwrite=False, accept_changes=False)
 
 
 @app.command("verify-resume")

@@ -5,7 +5,7 @@ The config trains short in a temporary directory, once uninterrupted and once in
 SIGKILL at seeded random steps (one of them inside an accumulation window when
 ``grad_accum_steps > 1``) and stopped with SIGTERM, each part continued with ``--resume auto``. Then
 the batch of every micro-batch, every logged value and every tensor of the final checkpoints are
-compared. Each run is a ``trainer run`` in a process of its own (``python -m trainer.cli.verify``)
+compared. Each run is a ``trainer run`` in a process of its own (``python -m trainer verify-resume-run``, a hidden command)
 with one callback more, ``Probe``, which writes the batches' digests and stops its process at its
 step: only these runs pay for it.
 """
@@ -26,8 +26,7 @@ from typing import Any, Callable
 
 import trainer as package
 from trainer import Callback
-from trainer.cli import commands
-from trainer.cli.commands import FailedRun, UserError
+from trainer.cli.errors import FailedRun, UserError
 from trainer.run_dir import CHECKPOINTS, METRICS_JSONL, STATUS
 
 PLAN = "TRAINER_VERIFY_RESUME_PLAN"  # the probe's plan, JSON, in the environment of each run
@@ -197,7 +196,7 @@ class _Runner:
         root = str(Path(package.__file__).resolve().parents[1])  # this trainer, in the runs too
         env = {**os.environ, PLAN: json.dumps(plan),
                "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        command = [sys.executable, "-m", "trainer.cli.verify", *(["--resume"] if resume else []),
+        command = [sys.executable, "-m", "trainer", "verify-resume-run", *(["--resume"] if resume else []),
                    *map(str, self.files), *self.overrides, f"name={name}"]
         log = self.work / f"{file}.log"
         with log.open("w") as out:
@@ -341,7 +340,7 @@ def _tensor_name(path: tuple, params: list[str]) -> str:
 
 def _report(finding: Finding, part: Part) -> str:
     """The finding in one paragraph: where the runs parted, what, the likely cause and the fix."""
-    where = (f"before any stop, in a run that had not been resumed" if part.start == 0 else
+    where = ("before any stop, in a run that had not been resumed" if part.start == 0 else
              f"in {part.label}, resumed from the checkpoint of step {part.start}"
              + (" (the first step it trained)" if finding.step == part.start + 1 else ""))
     head = f"NOT EXACT: the runs part at step {finding.step}, {where}: {finding.what}: {finding.values}"
@@ -365,29 +364,3 @@ def _report(finding: Finding, part: Part) -> str:
             "callback without state_dict(). Fix: keep it in a buffer (self.register_buffer(name, tensor)), register "
             "the object with trainer.register_state(name, obj), or give the callback state_dict() and "
             "load_state_dict()")
-
-
-def _child(argv: list[str]) -> int:
-    """One run of a verification: ``trainer run [--resume auto] FILES... OVERRIDES...`` with the Probe
-    appended to the config's callbacks; the exit code ``trainer run`` would give."""
-    import typer
-
-    from trainer.cli.run_config import validate
-
-    resume = "auto" if argv[:1] == ["--resume"] else None
-    argv = argv[1:] if resume else argv
-    commands._one_line_warnings()
-    try:
-        with commands._reporting(debug=False):
-            source, _ = commands._load(Path(argv[0]), argv[1:])
-            source.data["callbacks"] = [*(source.data.get("callbacks") or []), {"_target_": "trainer.cli.verify.Probe"}]
-            commands._run(source, validate(source), resume, overwrite=False, accept_changes=False)
-    except typer.Exit as exc:
-        return exc.exit_code
-    finally:
-        commands.release()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
