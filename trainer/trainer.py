@@ -99,8 +99,10 @@ class Trainer:
         self.resolved_config: dict[str, Any] = run_config if run_config is not None else cfg.model_dump(mode="json")
 
         # Every optimizer with its scheduler (None where it has none); the first is ``optimizer``.
+        overridden = type(self).configure_optimizers is not Trainer.configure_optimizers
         self.optimizers, self.schedulers = manual.resolve_optimizers(
-            optimizer, scheduler, self.configure_optimizers, self.trainable_parameters)
+            optimizer, scheduler, self.configure_optimizers, self.trainable_parameters,
+            overridden=f"{type(self).__name__}.configure_optimizers" if overridden else None)
         self.optimizer, self.scheduler = self.optimizers[0], self.schedulers[0]
         manual.check_optimizers(self.optimizers, self.module, self.strategy, steps_itself=manual_mode)
 
@@ -161,8 +163,9 @@ class Trainer:
     # ----------------------------------------------------------------- override points
 
     def configure_optimizers(self) -> Any:
-        """Return an optimizer, or ``(optimizer, scheduler)``; called once when no optimizer is passed.
-        ``self.trainable_parameters()`` gives the parameters that require gradients (docs/loop.md)."""
+        """Return an optimizer, or ``(optimizer, scheduler)``; called once when no optimizer is passed
+        (one passed wins, with a warning; so does a config's ``optimizer:``). ``self.trainable_parameters()``
+        gives the parameters that require gradients (docs/loop.md)."""
         raise TypeError(
             "no optimizer: pass Trainer(model, optimizer=...) or override configure_optimizers() "
             "in your Trainer subclass, e.g. return torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)"

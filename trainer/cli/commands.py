@@ -250,6 +250,9 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     built = build(source, cfg, None if claim.refusal else run_dir)
     if claim.refusal:
         raise claim.refusal
+    if built.trainer.is_main_process:
+        for note in built.notes:
+            typer.echo(f"note: {note}")
     if resume_from is not None:
         # Restored and checked against this config before anything in the run directory changes.
         try:
@@ -454,6 +457,8 @@ def check(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, deb
         typer.echo(_resolved_yaml(cfg), nl=False)
         built = build(source, cfg, run_dir=None)
         t = built.trainer
+        for note in built.notes:
+            typer.echo(f"# note: {note}")
         _init_from(source, t, prefix="# ")
         _sanity_pass(source, cfg, t)
         n_params = sum(p.numel() for p in t.module.parameters())
