@@ -49,6 +49,7 @@ from trainer.observability.records import Records
 from trainer.observability.telemetry import Telemetry
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.observability.profiling import RunProfiler, snapshot_note
+from trainer.run_dir import RunRecord, ending
 
 
 class Trainer:
@@ -109,6 +110,7 @@ class Trainer:
         self.callbacks = [*callbacks, *builtin_callbacks.from_config(cfg)]
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
 
+        self._run_record = RunRecord(self.run_dir, self.is_main_process)  # the lock, config.yaml, status.json
         self._records = Records(loggers, self.run_dir, self.is_main_process, lambda record: self._call("on_log", record))
         self.loggers, self.history = self._records.loggers, self._records.history  # the same lists
         self._profiler = RunProfiler(cfg.profile, self.device, self.run_dir, self.layout.rank)
@@ -321,8 +323,21 @@ class Trainer:
     def fit(self, resume_from: str | Path | dict[str, Any] | None = None, overwrite: bool = False) -> list[dict[str, float]]:
         """Train until ``max_steps`` or ``max_epochs``; returns ``history`` (every log record).
         ``resume_from``: a checkpoint to continue from exactly. A ``run_dir`` holding another run is
-        refused unless resumed or ``overwrite=True``, which deletes its files (docs/checkpoints.md).
+        refused unless resumed or ``overwrite=True``, which deletes its files (docs/checkpoints.md);
+        one another process is fitting into is refused (``RunDirBusy``). The run directory gets the
+        run's record, as from ``trainer run``: ``config.yaml`` and ``status.json`` (docs/config.md).
         A second ``fit()`` continues where the first stopped (docs/config.md)."""
+        with self._run_record.held():
+            try:
+                history = self._fit(resume_from, overwrite)
+            except BaseException as exc:
+                self._run_record.failed(exc, self.global_step)
+                raise
+            self._run_record.finished(self.global_step, ending(self.stop_reason, self.should_stop),
+                                      interrupted=self.stopped_by_signal is not None)
+        return history
+
+    def _fit(self, resume_from: str | Path | dict[str, Any] | None, overwrite: bool) -> list[dict[str, float]]:
         cfg = self.config
         self._check_open()
         if cfg.checkpoint.every_n_steps and self.run_dir is None:
@@ -346,6 +361,7 @@ class Trainer:
         for scheduler in self.schedulers:
             if hasattr(scheduler, "set_total_steps"):  # schedules that need the run's length
                 scheduler.set_total_steps(self.total_steps())
+        self._run_record.start(self.resolved_config)
         self._records.open()
         with self._signals.installed(), torch_settings(self.device, cfg.deterministic):
             try:
