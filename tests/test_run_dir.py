@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -7,8 +8,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from torch.nn import functional as F
 
-from helpers import process_env
+from helpers import classification, in_process, mlp, process_env, quiet
+from trainer import Callback, Trainer, TrainerConfig
 from trainer import run_dir as run_files
 
 
@@ -119,3 +124,85 @@ def test_clear_keeps_the_lock_and_removes_links_without_following_them(tmp_path)
         run_files.clear(run_dir)
         assert [p.name for p in run_dir.iterdir()] == [run_files.LOCK]
     assert (outside / "kept.txt").read_text() == "not the run's"
+
+
+# ------------------------------------------------------------------ the record of a run from code
+
+
+def code_run(run_dir, callbacks=(), **config):
+    model = mlp()
+    x, y = classification(64)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), loss_fn=F.cross_entropy,
+                   callbacks=callbacks, config=quiet(batch_size=16, **config), run_dir=run_dir)
+
+
+def status(run_dir) -> dict:
+    return json.loads((run_dir / run_files.STATUS).read_text())
+
+
+def test_a_run_from_code_writes_the_record_a_command_line_run_writes(tmp_path):
+    class Seen(Callback):
+        def on_fit_start(self, trainer):
+            self.status = status(trainer.run_dir)
+
+    seen = Seen()
+    run_dir = tmp_path / "runs" / "mine"
+    code_run(run_dir, [seen], max_steps=3).fit()
+    assert seen.status == {"status": "running", "pid": os.getpid()}
+    assert status(run_dir) == {"status": "finished", "pid": os.getpid(), "step": 3, "reason": "finished"}
+    saved = yaml.safe_load((run_dir / run_files.CONFIG).read_text())
+    assert TrainerConfig(**saved) == TrainerConfig(**quiet(batch_size=16, max_steps=3))
+    assert run_files.lock_holder(run_dir) is None  # released when fit returns
+
+    rows = in_process("runs", tmp_path / "runs").stdout.splitlines()
+    assert rows[1].split()[:3] == ["mine", "finished", "3"]
+
+
+def test_a_run_from_code_that_raises_says_failed_with_the_error(tmp_path):
+    class Fails(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch):
+            if trainer.global_step == 2:
+                raise RuntimeError("the user's callback broke")
+
+    with pytest.raises(RuntimeError, match="the user's callback broke"):
+        code_run(tmp_path, [Fails()], max_steps=4).fit()
+    assert status(tmp_path) == {"status": "failed", "pid": os.getpid(), "error": "RuntimeError: the user's callback broke",
+                                "step": 2}
+    assert run_files.lock_holder(tmp_path) is None
+
+
+def test_a_run_from_code_stopped_by_a_callback_records_its_reason(tmp_path):
+    class Stops(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch):
+            trainer.stop("enough")
+
+    code_run(tmp_path, [Stops()], max_steps=4).fit()
+    assert status(tmp_path) == {"status": "finished", "pid": os.getpid(), "step": 1, "reason": "enough"}
+
+
+def test_a_run_dir_holding_a_config_yaml_no_run_wrote_is_refused_and_left_as_it_is(tmp_path):
+    (tmp_path / run_files.CONFIG).write_text("the user's own config\n")
+    with pytest.raises(FileExistsError, match=r"holds a config.yaml that no run wrote \(no status.json beside it\); "
+                                              r".*move the file or pass another run_dir"):
+        code_run(tmp_path, max_steps=2).fit()
+    assert (tmp_path / run_files.CONFIG).read_text() == "the user's own config\n"
+    assert not (tmp_path / run_files.STATUS).exists()
+
+
+def test_a_second_process_fitting_into_a_live_run_dir_is_refused(tmp_path):
+    code = textwrap.dedent(f"""
+        import time
+        from trainer import run_dir as r
+        lock = r.RunLock({str(tmp_path)!r})
+        print("held", flush=True)
+        time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=process_env())
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(run_files.RunDirBusy, match=rf"is in use by a live run \(process {holder.pid}, "):
+            code_run(tmp_path, max_steps=2).fit()
+        assert not (tmp_path / run_files.STATUS).exists() and not (tmp_path / run_files.METRICS_JSONL).exists()
+    finally:
+        holder.kill()
+        holder.wait()

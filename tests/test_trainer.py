@@ -518,6 +518,30 @@ def test_configure_optimizers_supplies_the_optimizer_with_trainable_parameters_o
     assert len(params) == 2 and all(p.requires_grad for p in params)
 
 
+def test_an_optimizer_given_wins_over_configure_optimizers_and_a_warning_says_so():
+    class Mine(Trainer):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.trainable_parameters(), lr=3e-3)
+            return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    x, y = classification(32)
+    model = mlp()
+    with pytest.warns(UserWarning, match=r"^Mine.configure_optimizers\(\) is not called: the optimizer given as "
+                                         r"Trainer\(optimizer=...\) is used; leave optimizer out to train with "
+                                         r"Mine.configure_optimizers\(\)$") as caught:
+        t = Mine(model, torch.optim.SGD(model.parameters(), lr=1e-5), (x, y), loss_fn=F.cross_entropy,
+                 config=quiet(max_steps=2, batch_size=16))
+    assert caught[0].filename == __file__  # the line that built the Trainer
+    assert [r["lr"] for r in t.fit()] == [1e-5, 1e-5]
+
+    # A scheduler given beside the optimizer configure_optimizers() builds: the one given is used.
+    with pytest.warns(UserWarning, match=r"^the scheduler Mine.configure_optimizers\(\) returned is not used: the one "
+                                         r"given as Trainer\(scheduler=...\) is"):
+        t = Mine(mlp(), None, (x, y), loss_fn=F.cross_entropy, config=quiet(max_steps=2, batch_size=16),
+                 scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1))
+    assert [r["lr"] for r in t.fit()] == pytest.approx([3e-4, 3e-5])
+
+
 def test_non_scalar_loss_without_backward_override_is_a_clear_error():
     class Vec(Trainer):
         def training_step(self, batch):

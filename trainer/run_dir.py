@@ -21,14 +21,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 CONFIG = "config.yaml"
 STATUS = "status.json"
@@ -108,6 +111,87 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)  # the rename is durable only once the folder's entry is on disk
+
+
+def replace_text(path: Path, text: str) -> None:
+    """``text`` written beside ``path`` and renamed over it: a full disk leaves the earlier file whole.
+    (No fsync: the run's record files are rewritten at each start and end, not kept like checkpoints.)"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """``running`` (with the pid) when a run starts; ``finished``, ``interrupted``, ``requeued`` (a SLURM job
+    requeued after its signal) or ``failed`` when it ends."""
+    replace_text(Path(run_dir) / STATUS, json.dumps({"status": status, "pid": os.getpid(), **extra}))
+
+
+def ending(stop_reason: str | None, should_stop: bool) -> str:
+    """Why a run ended, for ``status.json`` and the command's summary line."""
+    if stop_reason:
+        return stop_reason
+    return "stopped (should_stop set, no reason given)" if should_stop else "finished"
+
+
+class RunRecord:
+    """What a fit leaves in its run directory, from the command line or from code alike: the lock
+    while it runs, ``config.yaml`` and ``status.json``. Rank 0 alone; nothing without a run directory."""
+
+    def __init__(self, run_dir: Path | None, main: bool):
+        self.run_dir = run_dir if main else None
+        self._started = False  # status.json says running: the end of this fit is this record's to write
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The run directory's lock for the length of a fit, so that a second process fitting into it
+        is refused; unless this process holds it already (``trainer run`` takes it before building)."""
+        if self.run_dir is None:
+            yield
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock: RunLock | None = RunLock(self.run_dir)
+        except RunDirBusy as exc:
+            if exc.pid != os.getpid():
+                raise
+            lock = None
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def start(self, config: dict[str, Any]) -> None:
+        """``status.json`` says running, with the pid; ``config.yaml`` holds ``config``, what trains
+        from here on. A ``config.yaml`` that no run wrote (none has a status beside it) is the user's
+        and is left as it is: refused."""
+        if self.run_dir is None:
+            return
+        if (self.run_dir / CONFIG).exists() and not (self.run_dir / STATUS).exists():
+            raise FileExistsError(f"run_dir {self.run_dir} holds a {CONFIG} that no run wrote (no {STATUS} beside it); "
+                                  f"a run writes its own {CONFIG} there: move the file or pass another run_dir")
+        write_status(self.run_dir, "running")
+        self._started = True
+        replace_text(self.run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+    def finished(self, step: int, reason: str, status: str = "finished") -> None:
+        """``status``: finished, interrupted (a stop signal) or requeued (a SLURM job's requeue signal)."""
+        if self._started:
+            self._started = False
+            write_status(self.run_dir, status, step=step, reason=reason)
+
+    def failed(self, exc: BaseException, step: int) -> None:
+        """``interrupted`` after Ctrl-C or a second stop signal, else ``failed``, with the error."""
+        if self._started:
+            self._started = False
+            with contextlib.suppress(OSError):  # a full disk may refuse this last word too
+                write_status(self.run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                             error=f"{type(exc).__name__}: {exc}"[:500], step=step)
 
 
 def fsync_dir(directory: Path) -> None:

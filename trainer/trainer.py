@@ -49,6 +49,7 @@ from trainer.observability.records import Records
 from trainer.observability.telemetry import Telemetry
 from trainer.loop.nonfinite import Diagnosis, NonFiniteGuard
 from trainer.observability.profiling import RunProfiler, snapshot_note
+from trainer.run_dir import RunRecord, ending
 
 
 class Trainer:
@@ -99,14 +100,17 @@ class Trainer:
         self.resolved_config: dict[str, Any] = run_config if run_config is not None else cfg.model_dump(mode="json")
 
         # Every optimizer with its scheduler (None where it has none); the first is ``optimizer``.
+        overridden = type(self).configure_optimizers is not Trainer.configure_optimizers
         self.optimizers, self.schedulers = manual.resolve_optimizers(
-            optimizer, scheduler, self.configure_optimizers, self.trainable_parameters)
+            optimizer, scheduler, self.configure_optimizers, self.trainable_parameters,
+            overridden=f"{type(self).__name__}.configure_optimizers" if overridden else None)
         self.optimizer, self.scheduler = self.optimizers[0], self.schedulers[0]
         manual.check_optimizers(self.optimizers, self.module, self.strategy, steps_itself=manual_mode)
 
         self.callbacks = [*callbacks, *builtin_callbacks.from_config(cfg)]
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
 
+        self._run_record = RunRecord(self.run_dir, self.is_main_process)  # the lock, config.yaml, status.json
         self._records = Records(loggers, self.run_dir, self.is_main_process, lambda record: self._call("on_log", record))
         self.loggers, self.history = self._records.loggers, self._records.history  # the same lists
         self._profiler = RunProfiler(cfg.profile, self.device, self.run_dir, self.layout.rank)
@@ -166,8 +170,9 @@ class Trainer:
     # ----------------------------------------------------------------- override points
 
     def configure_optimizers(self) -> Any:
-        """Return an optimizer, or ``(optimizer, scheduler)``; called once when no optimizer is passed.
-        ``self.trainable_parameters()`` gives the parameters that require gradients (docs/loop.md)."""
+        """Return an optimizer, or ``(optimizer, scheduler)``; called once when no optimizer is passed
+        (one passed wins, with a warning; so does a config's ``optimizer:``). ``self.trainable_parameters()``
+        gives the parameters that require gradients (docs/loop.md)."""
         raise TypeError(
             "no optimizer: pass Trainer(model, optimizer=...) or override configure_optimizers() "
             "in your Trainer subclass, e.g. return torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)"
@@ -323,8 +328,23 @@ class Trainer:
     def fit(self, resume_from: str | Path | dict[str, Any] | None = None, overwrite: bool = False) -> list[dict[str, float]]:
         """Train until ``max_steps`` or ``max_epochs``; returns ``history`` (every log record).
         ``resume_from``: a checkpoint to continue from exactly. A ``run_dir`` holding another run is
-        refused unless resumed or ``overwrite=True``, which deletes its files (docs/checkpoints.md).
+        refused unless resumed or ``overwrite=True``, which deletes its files (docs/checkpoints.md);
+        one another process is fitting into is refused (``RunDirBusy``). The run directory gets the
+        run's record, as from ``trainer run``: ``config.yaml`` and ``status.json`` (docs/config.md).
         A second ``fit()`` continues where the first stopped (docs/config.md)."""
+        with self._run_record.held():
+            try:
+                history = self._fit(resume_from, overwrite)
+            except BaseException as exc:
+                self._run_record.failed(exc, self.global_step)
+                raise
+            signum = self.stopped_by_signal
+            self._run_record.finished(self.global_step, ending(self.stop_reason, self.should_stop),
+                                      "finished" if signum is None else
+                                      "requeued" if signum == self.requeue_signal else "interrupted")
+        return history
+
+    def _fit(self, resume_from: str | Path | dict[str, Any] | None, overwrite: bool) -> list[dict[str, float]]:
         cfg = self.config
         self._check_open()
         if cfg.checkpoint.every_n_steps and self.run_dir is None:
@@ -348,6 +368,7 @@ class Trainer:
         for scheduler in self.schedulers:
             if hasattr(scheduler, "set_total_steps"):  # schedules that need the run's length
                 scheduler.set_total_steps(self.total_steps())
+        self._run_record.start(self.resolved_config)
         self._records.open()
         with self._signals.installed(), torch_settings(self.device, cfg.deterministic):
             try:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from helpers import ROOT, in_process
+from trainer import run_dir as run_files
 from trainer.cli.build import data_splits, kernel_defaults, optimizer_factory, split_data
 from trainer.components import Component, check_arguments, import_target, instantiate
 from trainer.yaml_source import ConfigError, Source, Where
@@ -231,3 +232,62 @@ def test_the_custom_loss_of_docs_config_md_trains_as_written(project):
     outputs, targets = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2])
     assert torch.allclose(namespace[line.split()[1].split(".")[1]](outputs, targets),
                           F.cross_entropy(outputs, targets, label_smoothing=0.1))
+
+
+# ------------------------------------------------------------------ a config's optimizer beside configure_optimizers
+
+MINE = """\
+import torch
+from trainer import Trainer
+
+
+class MyTrainer(Trainer):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.trainable_parameters(), lr=3e-3)
+"""
+
+
+def trained_lrs(run_dir) -> set[float]:
+    lines = (run_dir / run_files.METRICS_JSONL).read_text().splitlines()
+    return {record["lr"] for record in map(json.loads, lines) if "lr" in record}
+
+
+def test_the_configs_optimizer_wins_over_configure_optimizers_and_says_so(project):
+    """The project's config names an optimizer (lr 0.1), as every example config does; the subclass
+    builds its own (lr 3e-3). The config's is used, one line says so and how to change it, and
+    optimizer=null trains with the subclass's."""
+    project.write(MINE, "mine.py")
+    proc = in_process("run", "cfg.yaml", "trainer=mine.MyTrainer", "optimizer.lr=1e-5", cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note:")]
+    assert notes == ["note: cfg.yaml:18:3: optimizer: of the config is used; mine.MyTrainer.configure_optimizers() "
+                     "is not called (to train with it, set optimizer=null)"]
+    assert trained_lrs(project.runs / "t") == {1e-5}
+
+    proc = in_process("run", "cfg.yaml", "trainer=mine.MyTrainer", "optimizer=null", "--overwrite",
+                      cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert "note:" not in proc.stdout
+    assert trained_lrs(project.runs / "t") == {3e-3}
+
+
+def test_a_configs_scheduler_beside_configure_optimizers(project):
+    project.write(MINE, "mine.py")
+    project.write(project.text + "scheduler: {_target_: torch.optim.lr_scheduler.StepLR, step_size: 2, "
+                              "gamma: 0.5}\n", "scheduled.yaml")
+    proc = in_process("run", "scheduled.yaml", "trainer=mine.MyTrainer", cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert ("note: scheduled.yaml:18:3: optimizer: and scheduler: of the config are used; "
+            "mine.MyTrainer.configure_optimizers() is not called (to train with it, set optimizer=null "
+            "scheduler=null)") in proc.stdout.splitlines()
+    assert trained_lrs(project.runs / "t") == {0.05, 0.025}  # StepLR halves 0.1 every 2 steps
+
+    # The subclass's optimizer with the config's scheduler: refused, naming the two ways out.
+    proc = in_process("run", "scheduled.yaml", "trainer=mine.MyTrainer", "optimizer=null", "name=t2",
+                      cwd=project.root)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: scheduled.yaml:20:12: scheduler: with optimizer: null, mine.MyTrainer.configure_optimizers() builds "
+        "the optimizer and a scheduler of the config has none to drive: return (optimizer, scheduler) from "
+        "configure_optimizers(), or set scheduler=null"]
+    assert not [p for p in (project.runs / "t2").rglob("*") if p.name != run_files.LOCK]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from trainer.config import CompileConfig, compile_settings
 from trainer.device import model_init, resolve_device, seed_everything
 from trainer.freezing import matching_names
 from trainer.loop.compilation import check_backend
+from trainer.loop.manual import GivenOverConfigured
 from trainer.loop.sanity import functional_of
 from trainer.memory import matching_modules
 from trainer.observability.metric_objects import is_metric
@@ -144,6 +146,7 @@ class Built:
     train_data: Any
     val_data: Any
     splits: dict[str, Any] = field(default_factory=dict)  # train, val, test: those the data callable returned
+    notes: list[str] = field(default_factory=list)  # said once when the run starts
 
 
 def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
@@ -205,6 +208,7 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
             )
 
     optimizer = scheduler = None
+    overrides_optimizers = trainer_cls.configure_optimizers is not Trainer.configure_optimizers
     if run.optimizers is not None:
         if run.optimizer is not None or run.scheduler is not None:
             where = ("optimizer",) if run.optimizer is not None else ("scheduler",)
@@ -216,13 +220,18 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         optimizer = optimizer_factory(run.optimizer, source, compiled=settings is not None and settings.optimizer)
         if run.scheduler is not None:
             scheduler = bind(run.scheduler, source, ("scheduler",), skip=1)
+    elif run.scheduler is not None and overrides_optimizers:
+        raise source.at(("scheduler",), f"with optimizer: null, {trainer_path}.configure_optimizers() builds the "
+                        "optimizer and a scheduler of the config has none to drive: return (optimizer, scheduler) "
+                        "from configure_optimizers(), or set scheduler=null")
     elif run.scheduler is not None:
         raise source.at(("scheduler",), "a scheduler needs an optimizer section")
-    elif trainer_cls.configure_optimizers is Trainer.configure_optimizers:
+    elif not overrides_optimizers:
         raise ConfigError(
             f"{source.file}: no optimizer: add an 'optimizer:' section such as "
             "{_target_: torch.optim.AdamW, lr: 1.0e-3}, or define configure_optimizers() in your Trainer subclass"
         )
+    notes = [optimizers_note(run, source, trainer_path)] if overrides_optimizers and optimizer is not None else []
     callbacks = [instantiate(c, source, ("callbacks", i)) for i, c in enumerate(run.callbacks)]
     metrics = {}
     for name, spec in run.metrics.items():
@@ -247,16 +256,29 @@ def build(source: Source, run: RunConfig, run_dir: Path | None) -> Built:
         else:
             loggers.append(instantiate(spec, source, ("loggers", i), run_dir))
     try:
-        trainer = trainer_cls(
-            model, optimizer, train_data, val_data, loss_fn=loss_fn, scheduler=scheduler, callbacks=callbacks,
-            config=trainer_config(run), run_dir=run_dir, loggers=loggers,
-            run_config=run.model_dump(mode="json", by_alias=True), **trainer_kwargs,
-            **({"metrics": metrics} if metrics else {}),  # a subclass without the argument builds as before
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GivenOverConfigured)  # the note says it, with the config's line
+            trainer = trainer_cls(
+                model, optimizer, train_data, val_data, loss_fn=loss_fn, scheduler=scheduler, callbacks=callbacks,
+                config=trainer_config(run), run_dir=run_dir, loggers=loggers,
+                run_config=run.model_dump(mode="json", by_alias=True), **trainer_kwargs,
+                **({"metrics": metrics} if metrics else {}),  # a subclass without the argument builds as before
+            )
     except ConfigError:
         raise  # from the optimizer or scheduler factory, already at its own line
     except weights.WeightsError as exc:  # a model built on the meta device that cannot be given values
         raise source.at(("model",), str(exc)) from None
     except (TypeError, ValueError) as exc:
         raise source.at(("trainer",), f"building {trainer_path} failed: {exc}") from exc
-    return Built(trainer, train_data, val_data, splits)
+    return Built(trainer, train_data, val_data, splits, notes)
+
+
+def optimizers_note(run: RunConfig, source: Source, trainer_path: str) -> str:
+    """The line that says a config's optimizer wins over the subclass's ``configure_optimizers()``:
+    as under LightningCLI, and so that ``optimizer.lr=...`` on the command line does what it says;
+    ``optimizer=null`` gives the choice back to the subclass."""
+    given = [key for key in ("optimizers", "optimizer", "scheduler") if getattr(run, key) is not None]
+    sections = " and ".join(f"{key}:" for key in given)
+    return (f"{source.where((given[0],))}: {sections} of the config {'are' if len(given) > 1 else 'is'} used; "
+            f"{trainer_path}.configure_optimizers() is not called (to train with it, set "
+            f"{' '.join(f'{key}=null' for key in given)})")

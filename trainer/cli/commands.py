@@ -29,7 +29,7 @@ from trainer import run_dir as run_files
 from trainer.cli.errors import FailedRun, UserError
 from trainer import yaml_source
 from trainer.parallel import slurm
-from trainer.cli.report import NoSuchMetric, UnreadableRun, format_table, plot_runs, runs_table, write_status
+from trainer.cli.report import NoSuchMetric, UnreadableRun, format_table, plot_runs, runs_table
 from trainer.yaml_source import ConfigError, Source
 
 app = typer.Typer(
@@ -326,6 +326,9 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     built = build(source, cfg, None if claim.refusal else run_dir)
     if claim.refusal:
         raise claim.refusal
+    if built.trainer.is_main_process:
+        for note in built.notes:
+            typer.echo(f"note: {note}")
     if resume_from is not None:
         # Restored and checked against this config before anything in the run directory changes.
         try:
@@ -340,7 +343,6 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     main = built.trainer.is_main_process
     if main:
         try:
-            _write_config(run_dir, cfg)  # what trains from here on, accepted changes included
             if resume_from is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
                 saved = resume_from["trainer_state"]
@@ -350,16 +352,13 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
                 # step 0 in its own directory, and what it had logged is logged again.
                 for name in (run_files.METRICS_JSONL, run_files.METRICS_CSV):
                     (run_dir / name).unlink(missing_ok=True)
-            write_status(run_dir, "running")
         except OSError as exc:
             raise UserError(_unwritable(run_dir, exc)) from None
     try:
+        # fit writes the run's record (status.json, and config.yaml: this whole config, which the
+        # Trainer was given as run_config), under the lock this process holds already.
         built.trainer.fit()
     except BaseException as exc:
-        if main:
-            with contextlib.suppress(OSError):  # a full disk may refuse this last word too
-                write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                             error=f"{type(exc).__name__}: {exc}"[:500], step=built.trainer.global_step)
         if isinstance(exc, Interrupted):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(128 + exc.signum) from None
@@ -379,12 +378,6 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
             logger.close()
     signum = built.trainer.stopped_by_signal
     requeue = signum is not None and signum == built.trainer.requeue_signal
-    if main:
-        try:
-            write_status(run_dir, "requeued" if requeue else "interrupted" if signum else "finished",
-                         step=built.trainer.global_step, reason=_ending(built.trainer))
-        except OSError as exc:
-            raise UserError(_unwritable(run_dir, exc)) from None
     # Said before the ranks meet to leave the group: after a stop signal each rank exits 143 as soon
     # as it leaves, and torchrun then ends the ranks still running, rank 0 included.
     _report(built.trainer, run_dir)
@@ -403,8 +396,8 @@ def _requeue(run_dir: Path, trainer) -> None:
         slurm.requeue()
     except slurm.RequeueError as exc:
         with contextlib.suppress(OSError):
-            write_status(run_dir, "interrupted", step=trainer.global_step, reason=_ending(trainer),
-                         requeue_error=str(exc))
+            run_files.write_status(run_dir, "interrupted", step=trainer.global_step, reason=_ending(trainer),
+                                   requeue_error=str(exc))
         typer.echo(f"error: SLURM job {job} was not requeued: {exc}; the checkpoint of step {trainer.global_step} "
                    "is complete: submit the job again (its trainer run ... --resume auto continues from it), or make "
                    "scontrol available to the job to have it requeued", err=True)
@@ -478,17 +471,6 @@ def _raise_if_users(source: Source, cfg, trainer, exc: Exception) -> None:
                     f"raised in {where}") from exc
 
 
-def _write_config(run_dir: Path, cfg) -> None:
-    """``config.yaml``, written beside and renamed over: a full disk leaves the earlier one whole."""
-    tmp = run_dir / f".{run_files.CONFIG}.tmp"
-    try:
-        tmp.write_text(_resolved_yaml(cfg), encoding="utf-8")
-        os.replace(tmp, run_dir / run_files.CONFIG)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _finished_at(run_dir: Path, cfg) -> int | None:
     """The step at which the run in ``run_dir`` finished, when ``--resume auto`` has nothing to add:
     its status says finished, its newest checkpoint is the final one, and the config's max_steps and
@@ -519,10 +501,8 @@ def _finished_at(run_dir: Path, cfg) -> int | None:
 
 
 def _ending(trainer) -> str:
-    """Why the run ended, for the summary line and ``status.json``."""
-    if trainer.stop_reason:
-        return trainer.stop_reason
-    return "stopped (should_stop set, no reason given)" if trainer.should_stop else "finished"
+    """Why the run ended, as ``status.json`` says it."""
+    return run_files.ending(trainer.stop_reason, trainer.should_stop)
 
 
 def _report(trainer, run_dir: Path) -> None:
@@ -551,6 +531,8 @@ def check(config: Path = CONFIG, more: Optional[list[str]] = MORE, debug: bool =
         typer.echo(_resolved_yaml(cfg), nl=False)
         built = build(source, cfg, run_dir=None)
         t = built.trainer
+        for note in built.notes:
+            typer.echo(f"# note: {note}")
         _init_from(source, t, prefix="# ")
         _sanity_pass(source, cfg, t)
         n_params = sum(p.numel() for p in t.module.parameters())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,15 +12,6 @@ from typing import Any
 import yaml
 
 from trainer.run_dir import CONFIG, METRICS_JSONL, STATUS, checkpoint_dir, list_checkpoints, lock_holder
-
-
-def write_status(run_dir: Path, status: str, **extra: Any) -> None:
-    """``running`` (with the pid) when a run starts; ``finished``, ``interrupted``, ``requeued`` (a SLURM job
-    requeued after its signal) or ``failed`` when it ends."""
-    data = {"status": status, "pid": os.getpid(), **extra}
-    tmp = run_dir / f".{STATUS}.tmp"
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, run_dir / STATUS)
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ communicate. FSDP is refused: its gradients are reduced inside backward, by the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,13 +38,24 @@ from trainer.device import Precision
 from trainer.loop.step import OptimizerStep
 
 
+class GivenOverConfigured(UserWarning):
+    """An optimizer (or scheduler) was given to a Trainer whose subclass overrides
+    ``configure_optimizers()``: the one given is used, and what the override builds is not."""
+
 
 def resolve_optimizers(optimizer: Any, scheduler: Any, configure: Callable[[], Any],
-                       params: Callable[[], list[nn.Parameter]]) -> tuple[list[Any], list[Any]]:
+                       params: Callable[[], list[nn.Parameter]],
+                       overridden: str | None = None) -> tuple[list[Any], list[Any]]:
     """The run's optimizers and their schedulers (``None`` where one has none), as two lists of
     one length, from what ``Trainer(optimizer=, scheduler=)`` or ``configure_optimizers()`` gave:
     an optimizer or a function of the parameters; ``(optimizer, scheduler)``; a list of
-    optimizers; or ``([optimizers], [schedulers])``. A scheduler may be a function of its optimizer."""
+    optimizers; or ``([optimizers], [schedulers])``. A scheduler may be a function of its optimizer.
+    ``overridden``: the subclass's ``configure_optimizers`` by name, when it has one; what was given
+    wins over it, and a warning says so (a silent choice cost a user a run at the wrong rate)."""
+    if optimizer is not None and overridden:
+        warnings.warn(GivenOverConfigured(
+            f"{overridden}() is not called: the optimizer given as Trainer(optimizer=...) is used; leave optimizer "
+            f"out to train with {overridden}()"), stacklevel=3)
     if optimizer is not None and not isinstance(optimizer, (torch.optim.Optimizer, list, tuple)) and callable(optimizer):
         optimizer = optimizer(params())  # a factory: built on the final parameters
     where = "Trainer(optimizer=...)"
@@ -51,7 +63,12 @@ def resolve_optimizers(optimizer: Any, scheduler: Any, configure: Callable[[], A
         configured = configure()
         where = "configure_optimizers()"
         if isinstance(configured, tuple) and len(configured) == 2 and not isinstance(configured[1], torch.optim.Optimizer):
-            optimizer, scheduler = configured
+            optimizer, returned = configured
+            if scheduler is not None and returned is not None:
+                warnings.warn(GivenOverConfigured(
+                    f"the scheduler {overridden or 'configure_optimizers'}() returned is not used: the one given as "
+                    "Trainer(scheduler=...) is; leave scheduler out to use the one it returns"), stacklevel=3)
+            scheduler = scheduler if scheduler is not None else returned
         else:
             optimizer = configured
     several = isinstance(optimizer, (list, tuple))
@@ -241,4 +258,4 @@ def _average_over_ranks(params: list[torch.Tensor], world: int) -> None:
     torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
-__all__ = ["ManualSteps", "check_disjoint", "check_optimizers", "refuse_sharded", "resolve_optimizers"]
+__all__ = ["GivenOverConfigured", "ManualSteps", "check_disjoint", "check_optimizers", "refuse_sharded", "resolve_optimizers"]
