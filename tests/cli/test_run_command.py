@@ -208,6 +208,20 @@ def test_a_second_process_on_a_live_run_is_refused_and_kill_9_frees_it(project):
     assert [r["step"] for r in records(run_dir) if "train/loss" in r] == [2]
 
 
+def test_overwrite_with_a_config_that_fails_its_checks_keeps_the_earlier_run(project, finished_run):
+    # --overwrite replaces a run once the new config has passed every check: a mistake in it
+    # (here a model that cannot be built, then one whose sanity pass fails) loses nothing.
+    run_dir = copy_finished(finished_run, project.runs / "t")
+    kept = snapshot(run_dir)
+    for mistake in ("model._target_=no_such_module.Net", "loss=torch.nn.functional.mse_loss"):
+        proc = in_process("run", project.config, "--overwrite", mistake, cwd=project.root)
+        assert proc.returncode == 2, proc.stderr
+        assert snapshot(run_dir) == kept, mistake
+    proc = in_process("run", project.config, "--overwrite", "max_steps=2", cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["step"] for r in records(run_dir) if "train/loss" in r] == [2]  # the earlier run's records are gone
+
+
 # ------------------------------------------------------------------ leftovers of killed saves
 
 

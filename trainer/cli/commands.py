@@ -202,12 +202,14 @@ def verify_resume(
 
 
 class _Claim:
-    """The run directory held by this process: its lock (None on ranks other than 0) and, when it
+    """The run directory held by this process: its lock (None on ranks other than 0); when it
     already holds a run that this command may not replace, the refusal to raise once the config has
-    been checked in full."""
+    been checked in full; with ``--overwrite``, that the earlier run goes once the config and the
+    sanity pass have passed (a mistake in the new config loses nothing)."""
 
-    def __init__(self, lock: run_files.RunLock | None = None, refusal: UserError | None = None):
-        self.lock, self.refusal = lock, refusal
+    def __init__(self, lock: run_files.RunLock | None = None, refusal: UserError | None = None,
+                 overwrite: bool = False):
+        self.lock, self.refusal, self.overwrite = lock, refusal, overwrite
 
     def __enter__(self) -> "_Claim":
         return self
@@ -218,8 +220,9 @@ class _Claim:
 
 
 def _claim(run_dir: Path, name: str, resume: str | None, overwrite: bool) -> _Claim:
-    """Lock ``run_dir`` for this process, remove what killed saves left in it and, with --overwrite or
-    after a run that failed before its first checkpoint, empty it. Problems with the place itself
+    """Lock ``run_dir`` for this process, remove what killed saves left in it and, after a run that
+    failed before its first checkpoint, empty it (with --overwrite, ``_train`` empties it once the new
+    config has passed every check). Problems with the place itself
     (a file in the way, a link, someone else's folder, no space, no write access, a live run) are
     UserErrors now; a run that may not be replaced is a refusal for later."""
     out_dir = run_dir.parent
@@ -249,8 +252,7 @@ def _claim(run_dir: Path, name: str, resume: str | None, overwrite: bool) -> _Cl
             if not run_files.contents(run_dir) or resume is not None:
                 return _Claim(lock)
             if overwrite:
-                run_files.clear(run_dir)
-                return _Claim(lock)
+                return _Claim(lock, overwrite=True)
             replaced = _replaceable(run_dir)
             if replaced:
                 typer.echo(f"{run_dir}: replacing {replaced}")
@@ -343,6 +345,8 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     main = built.trainer.is_main_process
     if main:
         try:
+            if claim.overwrite:
+                run_files.clear(run_dir)  # --overwrite: the new config has passed every check
             if resume_from is not None:
                 # Records logged after the checkpoint are logged again, identically, by the resumed run.
                 saved = resume_from["trainer_state"]
