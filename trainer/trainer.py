@@ -332,7 +332,11 @@ class Trainer:
         one another process is fitting into is refused (``RunDirBusy``). The run directory gets the
         run's record, as from ``trainer run``: ``config.yaml`` and ``status.json`` (docs/config.md).
         A second ``fit()`` continues where the first stopped (docs/config.md)."""
-        with self._run_record.held():
+        if self.stopped_by_signal is not None:
+            self._signals.reset()  # a later fit continues after a stop signal
+        # The stop signals are handled from the lock to the last word of the record: one during the
+        # resume's load or the sanity pass stops the run at its first step boundary.
+        with self._run_record.held(), self._signals.installed():
             try:
                 history = self._fit(resume_from, overwrite)
             except BaseException as exc:
@@ -351,7 +355,6 @@ class Trainer:
             raise ValueError("checkpoint.every_n_steps needs a run_dir: Trainer(..., run_dir='runs/my-run')")
         # A later fit continues, also after an early stop or a signal (raise the limits first).
         self.should_stop, self.stop_reason, self.stopped_by_signal = False, None, None
-        self._signals.reset()
         self._data.check_not_empty()
         if resume_from is None and not self._started:
             self._saves.claim(overwrite)
@@ -370,7 +373,7 @@ class Trainer:
                 scheduler.set_total_steps(self.total_steps())
         self._run_record.start(self.resolved_config)
         self._records.open()
-        with self._signals.installed(), torch_settings(self.device, cfg.deterministic):
+        with torch_settings(self.device, cfg.deterministic):
             try:
                 self._records.start(self.resolved_config)
                 # With compile: true the first step includes compilation; it is timed on its own.
@@ -415,6 +418,12 @@ class Trainer:
         self.apply_init_from()
         sanity.run(self)
         self._sanity_checked = True
+
+    def stop_signals(self) -> Any:
+        """The run's handlers of the stop signals (SIGTERM, SIGINT, SIGHUP), for what runs around
+        ``fit`` (``trainer run``'s sanity pass): a signal there stops the next ``fit`` at its first step
+        boundary. ``fit`` installs them itself."""
+        return self._signals.installed()
 
     def close(self) -> None:
         """Under torchrun, on every rank after the last ``fit``/``evaluate``: drop the DDP wrapper, then

@@ -203,3 +203,32 @@ def test_two_signals_to_the_group_end_a_run_whose_worker_is_stopped_for_good(tmp
     assert status(run_dir)["status"] == "interrupted"
     assert run_files.lock_holder(run_dir) is None
     assert not any(alive(pid) for pid in stuck)  # ended, not left stopped
+
+
+def test_a_signal_during_the_sanity_pass_stops_the_run_at_its_first_step_with_a_checkpoint(tmp_path):
+    # The sanity pass reads a batch before fit installs anything of its own: a scheduler's SIGINT then
+    # was an ordinary KeyboardInterrupt, which Python can lose inside a fork hook (the run trained on).
+    cfg = config(tmp_path, signal_group=int(signal.SIGINT), marker=str(tmp_path / "sent"))
+    run_dir = tmp_path / "runs" / "w"
+    proc = start(cfg)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        end(proc)
+    assert (tmp_path / "sent").exists()
+    assert proc.returncode == 130, err[-3000:]
+    assert "SIGINT received; stopping after the current optimizer step" in err
+    stopped = status(run_dir)
+    assert stopped["status"] == "interrupted" and stopped["step"] == 1
+    assert [p.name for p in run_files.list_checkpoints(run_files.checkpoint_dir(run_dir))] == ["step-00000001.pt"]
+
+
+def test_a_signal_after_the_final_checkpoint_leaves_a_finished_run_finished(tmp_path):
+    cfg = config(tmp_path)
+    text = cfg.read_text() + (f"callbacks:\n  - {{_target_: killers.KillAt, where: fit_end, step: 0, "
+                              f"marker: '{tmp_path / 'sent'}', signum: {int(signal.SIGTERM)}}}\n")
+    cfg.write_text(text)
+    done = run(cfg, "max_steps=4")
+    assert (tmp_path / "sent").exists()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert status(tmp_path / "runs" / "w")["status"] == "finished"

@@ -11,7 +11,9 @@ do (the whole process group, or the main process alone).
 Each item takes ``delay`` seconds to read, so that a run lasts long enough to be signalled. A worker
 whose ``stuck_at``-th read it is touches ``marker`` and stops itself with SIGSTOP: a read stuck for
 good. With ``outlive_parent`` a worker whose main process died reads on for that many seconds (one
-slow to notice: stuck in I/O, or a long read) before it ends.
+slow to notice: stuck in I/O, or a long read) before it ends. With ``signal_group`` the first read
+of the run (the sanity pass's) sends that signal to the whole process group, once (``marker``
+remembers it): a scheduler's signal that lands before training starts.
 """
 
 import os
@@ -24,8 +26,10 @@ from torch.utils.data import DataLoader
 
 
 class Slow(torch.utils.data.Dataset):
-    def __init__(self, n: int, delay: float, stuck_at: int | None, marker: str | None, outlive_parent: float):
+    def __init__(self, n: int, delay: float, stuck_at: int | None, marker: str | None, outlive_parent: float,
+                 signal_group: int | None = None):
         self.n, self.delay, self.stuck_at, self.marker = n, delay, stuck_at, marker
+        self.signal_group = signal_group
         self.outlive_parent, self.parent = outlive_parent, os.getpid()
         self.reads = 0  # in the worker process that reads the item
 
@@ -34,6 +38,9 @@ class Slow(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         self.reads += 1
+        if self.signal_group is not None and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            os.killpg(0, self.signal_group)
         if self.stuck_at is not None and self.reads >= self.stuck_at:
             Path(self.marker).touch()
             os.kill(os.getpid(), signal.SIGSTOP)
@@ -45,8 +52,9 @@ class Slow(torch.utils.data.Dataset):
 
 
 def data(kind: str = "dataset", n: int = 256, delay: float = 0.0, num_workers: int = 2,
-         stuck_at: int | None = None, marker: str | None = None, outlive_parent: float = 0.0):
-    dataset = Slow(n, delay, stuck_at, marker, outlive_parent)
+         stuck_at: int | None = None, marker: str | None = None, outlive_parent: float = 0.0,
+         signal_group: int | None = None):
+    dataset = Slow(n, delay, stuck_at, marker, outlive_parent, signal_group)
     if kind == "dataset":
         return {"train": dataset}
     if kind == "loader":

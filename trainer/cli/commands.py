@@ -309,10 +309,7 @@ def _unwritable(run_dir: Path, exc: OSError) -> str:
 def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim, accept_changes: bool) -> None:
     from trainer.cli.build import build
     from trainer.checkpoint import CheckpointError, find_resume_checkpoint
-    from trainer.data.sources import DataError
-    from trainer.observability.metrics import truncate_metrics
     from trainer.loop.signals import Interrupted
-    from trainer.observability.trackers import TrackerError
 
     try:
         finished = _finished_at(run_dir, cfg) if resume == "auto" else None
@@ -328,6 +325,25 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
     built = build(source, cfg, None if claim.refusal else run_dir)
     if claim.refusal:
         raise claim.refusal
+    # A stop signal from here on is the run's, as inside fit (whose handlers take over there): one that
+    # comes during the resume's load or the sanity pass stops the run at its first step boundary, with
+    # a checkpoint; one after fit's final checkpoint leaves the finished run finished.
+    try:
+        with built.trainer.stop_signals():
+            _fit_built(source, cfg, run_dir, resume, resume_from, claim, built, accept_changes)
+    except Interrupted as exc:  # a second signal outside fit
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(128 + exc.signum) from None
+
+
+def _fit_built(source: Source, cfg, run_dir: Path, resume: str | None, resume_from, claim: _Claim, built,
+               accept_changes: bool) -> None:
+    from trainer.checkpoint import CheckpointError
+    from trainer.data.sources import DataError
+    from trainer.observability.metrics import truncate_metrics
+    from trainer.loop.signals import Interrupted
+    from trainer.observability.trackers import TrackerError
+
     if built.trainer.is_main_process:
         for note in built.notes:
             typer.echo(f"note: {note}")
