@@ -108,7 +108,8 @@ def test_a_hard_link_in_place_of_the_lock_file_is_not_written_through(tmp_path):
 def test_a_lock_file_that_is_no_file_is_named_for_what_it_is(tmp_path, kind):
     lock = tmp_path / run_files.LOCK
     lock.mkdir() if kind == "a folder" else os.mkfifo(lock)
-    with pytest.raises(run_files.LockFileError, match=rf"\.lock is {kind}; "):
+    remove = "rm -r" if kind == "a folder" else "rm"
+    with pytest.raises(run_files.LockFileError, match=rf"\.lock is {kind}; .* remove it \({remove} {lock}\)"):
         run_files.RunLock(tmp_path)
 
 

@@ -367,8 +367,9 @@ def _check_lock_file(path: Path, found: os.stat_result) -> None:
         kind = f"a hard link shared with {found.st_nlink - 1} other name(s)"
     else:
         return
+    remove = f"rm -r {path}" if stat.S_ISDIR(found.st_mode) else f"rm {path}"
     raise LockFileError(f"{path} is {kind}; a run's lock file is a plain file the run creates itself and it is "
-                        f"never written through anything else: remove it (rm {path}) and run again")
+                        f"never written through anything else: remove it ({remove}) and run again")
 
 
 def _holder(fd: int) -> int | None:
