@@ -163,6 +163,21 @@ def process_env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
+def workers_config(folder: Path, name: str = "w", data: dict | None = None, **settings) -> Path:
+    """``folder/<name>.yaml``: a run whose training data DataLoader workers read (tests/project/workers.py's
+    ``data``, given ``data``'s arguments), for runs signalled and killed as schedulers do; ``settings``
+    go over its top-level defaults."""
+    config = {"name": name, "out_dir": str(folder / "runs"), "batch_size": 4, "num_workers": 2, "progress": "off",
+              "eval_every_n_epochs": None,
+              "model": {"_target_": "torch.nn.Linear", "in_features": 8, "out_features": 3},
+              "data": {"_target_": "workers.data", **(data or {})},
+              "loss": "torch.nn.functional.cross_entropy",
+              "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1}, **settings}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+    return path
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (torchrun's ranks, their DataLoader workers), read from /proc."""
     found, queue = [], [pid]

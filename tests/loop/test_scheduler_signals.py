@@ -14,31 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import descendants, process_env, wait_until_stuck
+from helpers import descendants, process_env, wait_until_stuck, workers_config
 from trainer import run_dir as run_files
 
 pytestmark = pytest.mark.slow
 
 
-def config(tmp_path: Path, kind: str = "dataset", name: str = "w", **data) -> Path:
-    data = {"kind": kind, "delay": 0.01, **data}
-    cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(f"""\
-name: {name}
-out_dir: {tmp_path / "runs"}
-batch_size: 4
-num_workers: 2
-max_steps: 100000
-progress: "off"
-log_every_n_steps: 1
-eval_every_n_epochs: null
-checkpoint: {{every_n_steps: 1000}}
-model: {{_target_: torch.nn.Linear, in_features: 8, out_features: 3}}
-data: {{_target_: workers.data, {", ".join(f"{k}: {json.dumps(v)}" for k, v in data.items())}}}
-loss: torch.nn.functional.cross_entropy
-optimizer: {{_target_: torch.optim.SGD, lr: 0.1}}
-""")
-    return cfg
+def config(tmp_path: Path, kind: str = "dataset", **data) -> Path:
+    return workers_config(tmp_path, data={"kind": kind, "delay": 0.01, **data}, max_steps=100000,
+                          log_every_n_steps=1, checkpoint={"every_n_steps": 1000})
 
 
 def start(cfg: Path, *args: str) -> subprocess.Popen:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import in_process, process_env
+from helpers import in_process, process_env, workers_config
 from trainer import run_dir as run_files
 from trainer.checkpoint import load_checkpoint
 from trainer.observability.timing import is_timing
@@ -24,21 +24,7 @@ JOB = "4242"
 def config(tmp_path: Path, **changes) -> Path:
     """Two DataLoader workers that read slowly enough for a signal to come in the middle; a log point
     every 2 steps, so that a stop between them saves the interval in progress."""
-    settings = {"max_steps": 24, "log_every_n_steps": 2, **changes}
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"""\
-name: job
-out_dir: {tmp_path / "runs"}
-batch_size: 4
-num_workers: 2
-progress: "off"
-eval_every_n_epochs: null
-model: {{_target_: torch.nn.Linear, in_features: 8, out_features: 3}}
-data: {{_target_: workers.data, delay: 0.02}}
-loss: torch.nn.functional.cross_entropy
-optimizer: {{_target_: torch.optim.SGD, lr: 0.1}}
-""" + "".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items()))
-    return cfg
+    return workers_config(tmp_path, "job", data={"delay": 0.02}, max_steps=24, log_every_n_steps=2, **changes)
 
 
 def scontrol(folder: Path, code: int = 0) -> Path:
@@ -181,7 +167,7 @@ def test_a_requeue_signal_that_cannot_be_is_one_line_naming_it(tmp_path, value, 
     done = in_process("check", cfg)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
-    assert f"cfg.yaml:{len(cfg.read_text().splitlines())}:" in done.stderr  # the line that set it
+    assert f"job.yaml:{len(cfg.read_text().splitlines())}:" in done.stderr  # the line that set it
 
 
 @pytest.mark.parametrize("nodelist, host", [
