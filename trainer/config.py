@@ -467,6 +467,15 @@ class TrainerConfig(StrictModel):
                       stacklevel=3)  # the caller of TrainerConfig(...), past pydantic's __init__
         return {**data, "progress": meant}
 
+    @classmethod
+    def of(cls, config: TrainerConfig | dict[str, Any] | None) -> TrainerConfig:
+        """``Trainer(config=...)``: a ``TrainerConfig``, a dict of its fields, or ``None`` for the defaults."""
+        if config is None or isinstance(config, dict):
+            return cls(**(config or {}))
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a TrainerConfig or a dict of its fields, got {type(config).__name__}")
+        return config
+
     @field_validator("activation_checkpointing", mode="before")
     @classmethod
     def _one_pattern(cls, value: Any) -> Any:

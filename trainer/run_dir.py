@@ -179,11 +179,12 @@ class RunRecord:
         self._started = True
         replace_text(self.run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
-    def finished(self, step: int, reason: str, status: str = "finished") -> None:
-        """``status``: finished, interrupted (a stop signal) or requeued (a SLURM job's requeue signal)."""
+    def ended(self, step: int, stop_reason: str | None, should_stop: bool, status: str) -> None:
+        """A fit that returned, with why (``ending``). ``status``: finished, interrupted (a stop signal)
+        or requeued (a SLURM job's requeue signal)."""
         if self._started:
             self._started = False
-            write_status(self.run_dir, status, step=step, reason=reason)
+            write_status(self.run_dir, status, step=step, reason=ending(stop_reason, should_stop))
 
     def failed(self, exc: BaseException, step: int) -> None:
         """``interrupted`` after Ctrl-C or a second stop signal, else ``failed``, with the error."""

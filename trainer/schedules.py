@@ -14,6 +14,13 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
+def set_total_steps(schedulers: list, total_steps: int | None) -> None:
+    """Give the run's length to each scheduler that asks for it (``set_total_steps``), when ``fit`` starts."""
+    for scheduler in schedulers:
+        if hasattr(scheduler, "set_total_steps"):
+            scheduler.set_total_steps(total_steps)
+
+
 class WarmupDecay(LambdaLR):
     """LR factor: ``step / warmup_steps`` during warmup, then from 1 down to ``min_lr_ratio`` at
     ``total_steps`` along a cosine or a line; constant after ``total_steps``."""

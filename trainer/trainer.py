@@ -6,8 +6,9 @@ hooks listed in ``trainer.hooks``. A subclass overrides a step (``training_step`
 ``validation_step``, ``backward``, ``configure_optimizers``, or ``manual_step`` to back and step
 several optimizers itself), not the loop.
 
-The Trainer wires its parts: the strategy (one process, DDP or FSDP), the log interval, the
-non-finite guard, the checkpointer, evaluation and stop signals each live in a module of their own.
+The Trainer wires its parts: the strategy (one process, DDP or FSDP), the telemetry, the optimizer
+step, the non-finite guard, the checkpoints, evaluation, the run's length and stop signals each live
+in a module of their own and decide for themselves when to act.
 """
 
 from __future__ import annotations
@@ -19,67 +20,44 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer import checkpoint as ckpt
-from trainer import memory
-from trainer.loop import compilation
-from trainer.parallel import distributed, slurm
-from trainer.loop import manual
-from trainer.checkpoint.saving import RunCheckpoints
-from trainer.loop.placement import place
-from trainer.loop.run_length import RunLength
-from trainer.observability import metric_objects
 from trainer import callbacks as builtin_callbacks
-from trainer.loop import sanity
-from trainer.loop import signals
-from trainer.observability import timing
+from trainer import checkpoint as ckpt
+from trainer import schedules
 from trainer.checkpoint import weights
+from trainer.checkpoint.saving import RunCheckpoints
 from trainer.config import TrainerConfig, compile_settings
 from trainer.data.batches import describe, mover
 from trainer.data.run_data import RunData
 from trainer.data.sources import LoaderStates, empty_epoch, is_stateful_loader, length_of
+from trainer.device import seed_everything, torch_settings
 from trainer.evaluation.evaluator import Evaluator
-from trainer.device import (
-    out_of_memory_message, seed_everything, torch_settings,
-)
 from trainer.freezing import UnfrozenGroups, detach
 from trainer.hooks import HOOKS, collect_hooks
+from trainer.loop import compilation, manual, sanity, signals
+from trainer.loop.nonfinite import Diagnosis, NonFiniteGuard
+from trainer.loop.placement import place
+from trainer.loop.run_length import RunLength
 from trainer.loop.step import OptimizerStep, split_loss
+from trainer.observability import metric_objects, timing
 from trainer.observability.metrics import Logger
+from trainer.observability.profiling import RunProfiler
 from trainer.observability.records import Records
 from trainer.observability.telemetry import Telemetry
-from trainer.loop.nonfinite import Diagnosis, NonFiniteGuard
-from trainer.observability.profiling import RunProfiler, snapshot_note
-from trainer.run_dir import RunRecord, ending
+from trainer.parallel import distributed, slurm
+from trainer.run_dir import RunRecord
 
 
 class Trainer:
     """Trains ``model`` on ``train_data`` with ``optimizer``: the public API, and the wiring of the
-    components that decide for themselves. What each argument takes: docs/callbacks.md ("Override
-    points", and docs/loop.md for several optimizers); what callbacks and subclasses may read is in
-    the same page, the rest is internal. To end the run, call ``stop(reason)``."""
+    components that decide for themselves. The arguments, the override points and what callbacks and
+    subclasses may read: docs/callbacks.md (several optimizers: docs/loop.md); the rest is internal."""
 
-    def __init__(
-        self,
-        model: nn.Module | Callable[[], nn.Module],
-        optimizer: torch.optim.Optimizer | Any = None,
-        train_data: Any = None,
-        val_data: Any = None,
-        *,
-        loss_fn: Any = None,
-        scheduler: Any = None,
-        callbacks: Sequence[Any] = (),
-        config: TrainerConfig | dict[str, Any] | None = None,
-        run_dir: str | Path | None = None,
-        loggers: Sequence[Logger] = (),
-        run_config: dict[str, Any] | None = None,
-        metrics: dict[str, Any] | None = None,
-    ):
-        if isinstance(config, dict):
-            config = TrainerConfig(**config)
-        self.config = config if config is not None else TrainerConfig()
-        if not isinstance(self.config, TrainerConfig):
-            raise TypeError(f"config must be a TrainerConfig or a dict of its fields, got {type(config).__name__}")
-        cfg = self.config
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], optimizer: torch.optim.Optimizer | Any = None,
+                 train_data: Any = None, val_data: Any = None, *, loss_fn: Any = None, scheduler: Any = None,
+                 callbacks: Sequence[Any] = (), config: TrainerConfig | dict[str, Any] | None = None,
+                 run_dir: str | Path | None = None, loggers: Sequence[Logger] = (),
+                 run_config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None):
+        cfg = self.config = TrainerConfig.of(config)
         self.layout = distributed.from_env()  # rank 0 of 1 outside torchrun
         manual_mode = type(self).manual_step is not Trainer.manual_step
         placed = place(model, optimizer, cfg, self.layout, self.configure_sharding, steps_itself=manual_mode)
@@ -87,16 +65,14 @@ class Trainer:
         self.module = placed.module  # the plain (under fsdp, sharded) module
         self._joined_group = placed.joined_group  # close() leaves it then
         self._move = mover(self.device, self.precision.param_dtype)  # a batch onto the device
-        self._init_from = weights.InitFrom(cfg.init_from, self.module, reset_missing=placed.built_on_meta)
         compiled = compile_settings(cfg.compile)
         self.model = compilation.compile_model(placed.stepped, compiled)  # what training steps call
         self.loss_fn = loss_fn
-        self.metrics = metric_objects.check(metrics if metrics is not None else {}, "metrics")
-        metric_objects.to_device(self.metrics.values(), self.device)
+        self.metrics = metric_objects.for_run(metrics, self.device)
         self._data = RunData(train_data, val_data, cfg, self.device, self.layout.rank, self.layout.world_size)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_main_process = self.layout.rank == 0  # writes files, shows progress
-        # saved in checkpoints
+        # saved in checkpoints and config.yaml
         self.resolved_config: dict[str, Any] = run_config if run_config is not None else cfg.model_dump(mode="json")
 
         # Every optimizer with its scheduler (None where it has none); the first is ``optimizer``.
@@ -106,39 +82,35 @@ class Trainer:
             overridden=f"{type(self).__name__}.configure_optimizers" if overridden else None)
         self.optimizer, self.scheduler = self.optimizers[0], self.schedulers[0]
         manual.check_optimizers(self.optimizers, self.module, self.strategy, steps_itself=manual_mode)
-
         self.callbacks = [*callbacks, *builtin_callbacks.from_config(cfg)]
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
+
+        # Progress, saved in checkpoints: optimizer steps done, the epoch, its micro-batches consumed, and
+        # the step of the last validation (not repeated on resume).
+        self.global_step = self.epoch = self.batch_in_epoch = 0
+        self.validated_step: int | None = None
+        self.should_stop, self.stop_reason, self.stopped_by_signal = False, None, None  # see stop()
+        # Seeded or resumed (a later fit() continues, it does not seed again); sanity pass done; closed.
+        self._started = self._sanity_checked = self._closed = False
 
         self._run_record = RunRecord(self.run_dir, self.is_main_process)  # the lock, config.yaml, status.json
         self._records = Records(loggers, self.run_dir, self.is_main_process, lambda record: self._call("on_log", record))
         self.loggers, self.history = self._records.loggers, self._records.history  # the same lists
         self._profiler = RunProfiler(cfg.profile, self.device, self.run_dir, self.layout.rank)
-
-        # Progress, saved in checkpoints.
-        self.global_step = 0  # optimizer steps done
-        self.epoch = 0
-        self.batch_in_epoch = 0  # micro-batches of the current epoch consumed
-        self.should_stop = False
-        self.stop_reason: str | None = None
-        self.stopped_by_signal: int | None = None
-        # Inside a SLURM job, the signal on which the run stops like SIGTERM and then is requeued (the CLI
-        # requeues it: trainer.parallel.slurm.requeue); None elsewhere.
-        self.requeue_signal = slurm.requeue_signal(cfg.slurm.requeue_signal)
-        self._signals = signals.StopSignals(requeue=self.requeue_signal)
-        self._closed = False
-
-        self._guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizers, self.device,
-                                     fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
-        self._step = OptimizerStep.for_run(self, self._hooks, self.strategy, self._guard, self.precision.scaler,
+        # Inside a SLURM job its requeue signal stops the run like SIGTERM; the CLI then requeues it.
+        self._signals = signals.StopSignals(requeue=slurm.requeue_signal(cfg.slurm.requeue_signal))
+        self._guard = guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_skips, self.optimizers, self.device,
+                                            fp16=cfg.precision == "fp16", check=cfg.nonfinite_check)
+        self._step = OptimizerStep.for_run(self, self._hooks, self.strategy, guard, self.precision.scaler,
                                            self.optimizers, self.schedulers, self.device, cfg.clip_grad_norm,
                                            compiled, automatic=not manual_mode)
         times = timing.for_run(cfg.throughput, self.module, self.device, cfg.precision)  # time/*, tokens/s, mfu
-        self._telemetry = Telemetry.for_run(self.device, times, self._guard, self.optimizers,
+        self._telemetry = Telemetry.for_run(self.device, times, guard, self.optimizers,
                                             compilation.Recompiles() if compiled is not None else None)
-        self._guard.explain = Diagnosis(self.module, lambda: self._telemetry.last_batch(self.global_step),
-                                        self._init_from)  # what a non-finite step's message names
         self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler, others=self.optimizers[1:])
+        self._init_from = init_from = weights.InitFrom(cfg.init_from, self.module, reset_missing=placed.built_on_meta)
+        guard.explain = Diagnosis(self.module, lambda: self._telemetry.last_batch(self.global_step),
+                                  init_from)  # what a non-finite step's message names
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizers, self.schedulers, self.precision.scaler, self.callbacks,
             # batch_size and grad_accum_steps as trained: a resume on other ranks may have set them (the
@@ -146,57 +118,42 @@ class Trainer:
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "validated_step"),
                          ckpt.Attributes(self._records, "logged_records"),
                          ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
-                         self._guard, self._telemetry.interval,
+                         guard, self._telemetry.interval,
                          LoaderStates(lambda: self._data.train_source() if is_stateful_loader(self._data.train) else None)],
-            config=self.resolved_config, unfrozen=self._unfrozen, loggers=self.loggers,
+            config=self.resolved_config, unfrozen=self._unfrozen, loggers=self.loggers, init_from=init_from,
         )
-        self._evaluator = Evaluator(self, self._data, self.strategy, self.precision, cfg.deterministic, self.callbacks,
-                                    self._hooks, self.metrics)
         self._saves = RunCheckpoints(self._checkpointer, self.run_dir, cfg.checkpoint, self._signals.deferred,
                                      self.is_main_process, self.strategy.sharded)
+        self._evaluator = Evaluator(self, self._data, self.strategy, self.precision, cfg.deterministic, self.callbacks,
+                                    self._hooks, self.metrics)
         self._length = RunLength(cfg, self._data)
-        self.validated_step: int | None = None  # the step of the last validation (saved: not repeated on resume)
-        self._started = False  # a later fit() continues; it does not seed again
-        self._sanity_checked = False  # fit() runs the sanity pass once per Trainer
         self._manual = (manual.ManualSteps(self, self._step, self.optimizers, self._hooks, self.precision,
                                            self.layout.world_size, lambda: cfg.grad_accum_steps)
                         if manual_mode else None)  # the subclass's own step
         # What the sanity pass and culprit() need beyond the public attributes (trainer.loop.sanity).
-        self.sanity_parts = sanity.Parts(
-            self._data, self._evaluator, self._manual, sanity.overridden(type(self), Trainer),
-            {Trainer._loss.__code__: "loss", Trainer._unpack.__code__: "data", Trainer.backward.__code__: "backward"},
-            (builtin_callbacks.EarlyStopping, builtin_callbacks.BestCheckpoints))
+        self.sanity_parts = sanity.Parts.of(type(self), Trainer, self._data, self._evaluator, self._manual,
+                                            builtin_callbacks.MONITORING)
 
     # ----------------------------------------------------------------- override points
 
     def configure_optimizers(self) -> Any:
-        """Return an optimizer, or ``(optimizer, scheduler)``; called once when no optimizer is passed
-        (one passed wins, with a warning; so does a config's ``optimizer:``). ``self.trainable_parameters()``
-        gives the parameters that require gradients (docs/loop.md)."""
-        raise TypeError(
-            "no optimizer: pass Trainer(model, optimizer=...) or override configure_optimizers() "
-            "in your Trainer subclass, e.g. return torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)"
-        )
+        """Return an optimizer, or ``(optimizer, scheduler)``; called once when none is given (docs/loop.md)."""
+        raise TypeError("no optimizer: pass Trainer(model, optimizer=...) or override configure_optimizers() in your "
+                        "Trainer subclass, e.g. return torch.optim.AdamW(self.trainable_parameters(), lr=1e-3)")
 
     def configure_sharding(self, module: nn.Module) -> None:
-        """Apply ``torch.distributed.fsdp.fully_shard`` to ``module`` (``strategy: fsdp`` under torchrun).
-        The default makes every block of every ``nn.ModuleList`` a unit, then the root, gathering in
-        the run's precision (``distributed.shard_model``). Override to choose other units; the root
-        must be sharded last."""
+        """Apply ``fully_shard`` to ``module`` under ``strategy: fsdp``, the root last (docs/distributed.md)."""
         distributed.shard_model(module, self.config.precision)
 
     def training_step(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """Return the mean loss, a dict with ``"loss"`` and extra metrics (``train/<name>``), or one
-        with ``"loss_sum"`` and ``"count"`` instead of ``"loss"`` for the mean over every item of the
-        step, across micro-batches and ranks (docs/memory.md, "Losses over tokens")."""
+        with ``"loss_sum"`` and ``"count"`` for the mean over every item of the step (docs/memory.md)."""
         x, y = self._unpack(batch, "training_step")
         return self._loss(self.model(x), y)
 
     def validation_step(self, batch: Any) -> dict[str, Any]:
-        """Return per-batch means (averaged over samples as ``val/<name>``), ``"loss_sum"`` and
-        ``"count"`` for ``val/loss``, or metric objects, created once and computed over the whole set
-        (docs/observability.md). The default reports ``loss``, ``acc`` for class logits and each of
-        ``metrics`` (docs/callbacks.md, "Override points")."""
+        """Return per-batch means (``val/<name>``), ``"loss_sum"`` and ``"count"``, or metric objects
+        computed over the whole set. The default: ``loss``, ``acc`` for class logits and ``metrics``."""
         x, y = self._unpack(batch, "validation_step")
         out = self.model(x)
         loss = self._loss(out, y)
@@ -208,8 +165,7 @@ class Trainer:
         return {**metrics, **self.metrics}
 
     def predict_step(self, batch: Any) -> Any:
-        """What ``predict`` collects for a batch: a tensor, or a dict or tuple of tensors, one row per
-        sample. The default: the model on the batch, or on its first item (docs/config.md)."""
+        """What ``predict`` collects for a batch, one row per sample: the model on the batch or its first item."""
         if isinstance(batch, torch.Tensor):
             return self.model(batch)
         if isinstance(batch, (tuple, list)) and batch:
@@ -218,68 +174,70 @@ class Trainer:
                         f"with them, got {describe(batch)}; override predict_step(self, batch) in a Trainer subclass")
 
     def manual_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
-        """Override to take over the whole training step (GANs, alternating updates): called once per
-        micro-batch instead of ``training_step``, ``backward`` and the optimizer step, it calls
-        ``manual_backward`` and ``optimizer_step`` and returns ``None`` or values to log as
-        ``train/<name>``. ``global_step`` then counts accumulation windows (docs/loop.md)."""
+        """Override to take over the whole step (GANs, alternating updates): called per micro-batch
+        instead of ``training_step``, ``backward`` and the optimizer step, it calls ``manual_backward``
+        and ``optimizer_step``; returns ``None`` or values to log (docs/loop.md)."""
         raise NotImplementedError  # never called: the automatic step runs unless a subclass overrides this
 
     def manual_backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """In ``manual_step``: backward of ``loss`` as the automatic step does it; with ``optimizer``,
-        the gradients go only into the parameters it holds (docs/loop.md)."""
-        self._manual_steps("manual_backward").backward(loss, optimizer)
+        """In ``manual_step``: backward as the automatic step does it, into ``optimizer``'s parameters only when given."""
+        manual.steps(self._manual, "manual_backward", self).backward(loss, optimizer)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """In ``manual_step``: on the accumulation window's last micro-batch, step ``optimizer`` as the
-        automatic step does and return True; before it, return False (docs/loop.md)."""
-        return self._manual_steps("optimizer_step").step(optimizer)
-
-    def _manual_steps(self, helper: str) -> manual.ManualSteps:
-        if self._manual is None:
-            raise RuntimeError(
-                f"{helper}() belongs in manual_step(batch): this {type(self).__name__} does not override manual_step, "
-                "so the automatic step backs and steps; override manual_step instead of training_step to call it"
-            )
-        return self._manual
+        """In ``manual_step``: step ``optimizer`` on the window's last micro-batch (True), else note it (False)."""
+        return manual.steps(self._manual, "optimizer_step", self).step(optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Fill ``.grad`` from ``loss``, already divided by ``grad_accum_steps`` (a ``loss_sum`` is not)
         and scaled under fp16. Override to call ``loss.backward(v)`` for a non-scalar loss."""
         if loss.ndim != 0:
-            raise ValueError(
-                f"training_step returned a non-scalar loss of shape {tuple(loss.shape)}; reduce it "
-                "(e.g. loss.mean()) or override backward(loss) to call loss.backward(gradient)"
-            )
+            raise ValueError(f"training_step returned a non-scalar loss of shape {tuple(loss.shape)}; reduce it "
+                             "(e.g. loss.mean()) or override backward(loss) to call loss.backward(gradient)")
         loss.backward()
 
-    # ----------------------------------------------------------------- helpers for steps
+    def _unpack(self, batch: Any, where: str) -> tuple[Any, Any]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"the default {where} expects each batch to be (inputs, targets), got {describe(batch)}; "
+                            f"override {where}(self, batch) in a Trainer subclass to handle this batch")
+        return batch[0], batch[1]
+
+    def _loss(self, output: Any, target: Any) -> torch.Tensor:
+        if self.loss_fn is None:
+            raise TypeError("no loss_fn: pass Trainer(..., loss_fn=torch.nn.functional.cross_entropy) "
+                            "or override training_step(batch) to compute the loss")
+        return self.loss_fn(output, target)
+
+    # ----------------------------------------------------------------- helpers for steps and callbacks
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def unfreeze(self, what: nn.Module | str | Sequence[str], **hyperparameters: Any) -> list[str]:
-        """Unfreeze a submodule, or the parameters matching glob patterns (``"encoder.*"``), and add
-        those the optimizer does not hold as one new parameter group with ``hyperparameters``
-        (``lr=1e-4``); returns the names added. Not under torchrun (docs/callbacks.md, "Freezing")."""
+        """Unfreeze a submodule or the parameters matching glob patterns, adding those the optimizer
+        lacks as one new group with ``hyperparameters``; returns their names (docs/callbacks.md)."""
         added = self._unfrozen.unfreeze(what, self.layout.world_size, **hyperparameters)
         if self._manual is None:  # clipping and the non-finite check see them too
             self._step.set_params(self.optimizer, self.trainable_parameters())
         return added
 
     def register_state(self, name: str, obj: Any) -> None:
-        """Keep ``obj`` (anything with ``state_dict()`` and ``load_state_dict()``) in checkpoints under
-        ``name``; a resume and ``trainer eval`` give its state back (docs/callbacks.md)."""
+        """Keep ``obj`` (with ``state_dict()`` and ``load_state_dict()``) in checkpoints under ``name``."""
         self._checkpointer.register(name, obj)
 
     def apply_init_from(self) -> str | None:
-        """Load ``config.init_from`` into the model now (every rank together); returns one line saying
-        what was loaded, or ``None`` when there is nothing (left) to load, as after a checkpoint's
-        weights. Raises ``WeightsError`` (docs/memory.md, "Starting from weights")."""
+        """Load ``config.init_from`` into the model now; one line saying what, or ``None`` (docs/memory.md)."""
+        self._check_open()
         return self._init_from.apply()
 
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a value; tensors stay on the device and become numbers at the next log point."""
         self._telemetry.log(name, value)
+
+    def stop(self, reason: str) -> None:
+        """End the run at the next optimizer-step boundary; the first ``reason`` given is ``stop_reason``."""
+        self.should_stop = True
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
     @property
     def train_data(self) -> Any:
@@ -307,48 +265,40 @@ class Trainer:
         """Optimizer steps skipped for a non-finite loss (device mode: as of the last log point)."""
         return self._guard.skipped
 
-    def _unpack(self, batch: Any, where: str) -> tuple[Any, Any]:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(
-                f"the default {where} expects each batch to be (inputs, targets), got {describe(batch)}; "
-                f"override {where}(self, batch) in a Trainer subclass to handle this batch"
-            )
-        return batch[0], batch[1]
+    @property
+    def last_step_epoch(self) -> int:
+        """The epoch (from 0) of the latest optimizer step, which its records carry."""
+        return self.epoch - 1 if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch
 
-    def _loss(self, output: Any, target: Any) -> torch.Tensor:
-        if self.loss_fn is None:
-            raise TypeError(
-                "no loss_fn: pass Trainer(..., loss_fn=torch.nn.functional.cross_entropy) "
-                "or override training_step(batch) to compute the loss"
-            )
-        return self.loss_fn(output, target)
+    def total_epochs(self) -> int | None:
+        """Epochs this run may take: ``max_epochs``, 1 when neither limit is set, None under ``max_steps`` alone."""
+        return self._length.total_epochs()
+
+    def total_steps(self) -> int | None:
+        """Optimizer steps this run takes, when the data length says so (for progress and schedules)."""
+        return self._length.total_steps()
 
     # ----------------------------------------------------------------- the loop
 
     def fit(self, resume_from: str | Path | dict[str, Any] | None = None, overwrite: bool = False) -> list[dict[str, float]]:
-        """Train until ``max_steps`` or ``max_epochs``; returns ``history`` (every log record).
-        ``resume_from``: a checkpoint to continue from exactly. A ``run_dir`` holding another run is
-        refused unless resumed or ``overwrite=True``, which deletes its files (docs/checkpoints.md);
-        one another process is fitting into is refused (``RunDirBusy``). The run directory gets the
-        run's record, as from ``trainer run``: ``config.yaml`` and ``status.json`` (docs/config.md).
-        A second ``fit()`` continues where the first stopped (docs/config.md)."""
+        """Train until ``max_steps`` or ``max_epochs``; returns ``history``. ``resume_from``: a checkpoint
+        to continue from exactly; ``overwrite``: replace another run in ``run_dir`` (docs/checkpoints.md).
+        A second ``fit()`` continues where the first stopped."""
         if self.stopped_by_signal is not None:
             self._signals.reset()  # a later fit continues after a stop signal
         # The stop signals are handled from the lock to the last word of the record: one during the
         # resume's load or the sanity pass stops the run at its first step boundary.
         with self._run_record.held(), self._signals.installed():
             try:
-                history = self._fit(resume_from, overwrite)
+                self._fit(resume_from, overwrite)
             except BaseException as exc:
                 self._run_record.failed(exc, self.global_step)
                 raise
-            signum = self.stopped_by_signal
-            self._run_record.finished(self.global_step, ending(self.stop_reason, self.should_stop),
-                                      "finished" if signum is None else
-                                      "requeued" if signum == self.requeue_signal else "interrupted")
-        return history
+            self._run_record.ended(self.global_step, self.stop_reason, self.should_stop,
+                                   self._signals.outcome(self.stopped_by_signal))
+        return self.history
 
-    def _fit(self, resume_from: str | Path | dict[str, Any] | None, overwrite: bool) -> list[dict[str, float]]:
+    def _fit(self, resume_from: str | Path | dict[str, Any] | None, overwrite: bool) -> None:
         cfg = self.config
         self._check_open()
         if cfg.checkpoint.every_n_steps and self.run_dir is None:
@@ -368,9 +318,7 @@ class Trainer:
             seed_everything(cfg.seed)
             self._started = True
         self._guard.start(self.global_step, log_every=cfg.log_every_n_steps, per_step=len(self.optimizers))
-        for scheduler in self.schedulers:
-            if hasattr(scheduler, "set_total_steps"):  # schedules that need the run's length
-                scheduler.set_total_steps(self.total_steps())
+        schedules.set_total_steps(self.schedulers, self.total_steps())  # schedules that need the run's length
         self._run_record.start(self.resolved_config)
         self._records.open()
         with torch_settings(self.device, cfg.deterministic):
@@ -385,11 +333,8 @@ class Trainer:
                     while not self._done():
                         self._train_epoch()
                         self._unfrozen.warn_unheld()  # a plain unfreeze() in a hook during the epoch
-                except torch.OutOfMemoryError as exc:
-                    raise torch.OutOfMemoryError(out_of_memory_message(
-                        exc, self.device, self.global_step + 1, cfg.batch_size, cfg.grad_accum_steps,
-                        cfg.precision, memory.suggestion(self.module, cfg.activation_checkpointing))
-                        + snapshot_note(self._profiler.out_of_memory())) from exc
+                except torch.OutOfMemoryError as exc:  # restated with the run's figures and what to try
+                    raise self._profiler.out_of_memory_error(exc, self.global_step + 1, cfg, self.module) from exc
                 stopped = self.stopped_by_signal is not None
                 if not (stopped and self.run_dir is not None):
                     # Stopped by a signal, the interval in progress is in the checkpoint for the resumed run
@@ -408,21 +353,15 @@ class Trainer:
                 self._profiler.end()
                 self._records.close()
         self._call("on_fit_end")
-        return self.history
 
     def sanity_check(self) -> None:
-        """One training micro-batch forward and backward and one validation batch, leaving the run
-        exactly as it was; raises ``SanityCheckError`` naming the part that failed. ``fit()`` runs it
-        first unless ``sanity_check: false`` (docs/config.md, "The sanity pass")."""
-        self._check_open()
+        """One training and one validation batch, the run left as it was, or ``SanityCheckError`` (docs/config.md)."""
         self.apply_init_from()
         sanity.run(self)
         self._sanity_checked = True
 
     def stop_signals(self) -> Any:
-        """The run's handlers of the stop signals (SIGTERM, SIGINT, SIGHUP), for what runs around
-        ``fit`` (``trainer run``'s sanity pass): a signal there stops the next ``fit`` at its first step
-        boundary. ``fit`` installs them itself."""
+        """The stop-signal handlers, around what precedes ``fit``: a signal there stops it at its first step."""
         return self._signals.installed()
 
     def close(self) -> None:
@@ -432,9 +371,8 @@ class Trainer:
         if self.strategy.unwrap():
             self.model = self.module
             compilation.forget(self.config.compile)  # compiled code holds the wrapper too
-        if self._joined_group:
+        if self._joined_group and not self._closed:
             distributed.shutdown()
-            self._joined_group = False
         self._closed = True
 
     def _check_open(self) -> None:
@@ -535,33 +473,11 @@ class Trainer:
         self.should_stop = True
         self.stop_reason = f"stopped by {signals.name(signum)}" + (f", checkpoint {path}" if path else "")
 
-    def stop(self, reason: str) -> None:
-        """End the run at the next optimizer-step boundary, as ``max_steps`` would; ``reason`` becomes
-        ``stop_reason`` (when several ask, the first is kept). docs/callbacks.md."""
-        self.should_stop = True
-        if self.stop_reason is None:
-            self.stop_reason = reason
-
-    @property
-    def last_step_epoch(self) -> int:
-        """The epoch (from 0) of the latest optimizer step, which its records carry (docs/callbacks.md)."""
-        return self.epoch - 1 if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch
 
     def _done(self) -> bool:
         return self.should_stop or self._length.done(self.global_step, self.epoch)
 
-    def total_epochs(self) -> int | None:
-        """Epochs this run may take: ``max_epochs``, 1 when neither limit is set, None under ``max_steps`` alone."""
-        return self._length.total_epochs()
-
-    def total_steps(self) -> int | None:
-        """Optimizer steps this run takes, when the data length says so (for progress and schedules)."""
-        return self._length.total_steps()
-
-    # ----------------------------------------------------------------- metrics
-
-    def _flush_logs(self) -> None:
-        """The log point: the interval's record goes to the history, ``on_log`` and the loggers."""
+    def _flush_logs(self) -> None:  # the log point: the interval's record to the history, on_log and loggers
         record = self._telemetry.record(self.global_step, self.last_step_epoch)
         if record is not None:
             self._records.emit(record)
@@ -570,22 +486,19 @@ class Trainer:
         for fn in self._hooks[hook]:
             fn(self, *args)
 
-    # ----------------------------------------------------------------- checkpoints
+    # ----------------------------------------------------------------- checkpoints (docs/checkpoints.md)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly, as plain data (docs/checkpoints.md). Under torchrun
-        every rank calls it together; under ``strategy: fsdp`` it holds this rank's shards."""
+        """Everything needed to continue exactly (every rank together; under fsdp, this rank's shards)."""
         return self._checkpointer.state_dict()
 
     def load_checkpoint(self, source: str | Path | dict[str, Any], accept_changes: bool = False) -> list[str]:
-        """Restore everything ``state_dict`` saved (a file, a sharded directory or a loaded checkpoint);
-        ``fit()`` then continues from it. A changed seed, global batch, precision, model, data or
-        optimizer is refused unless ``accept_changes``; returns the differences, one line each
-        (docs/checkpoints.md; another number of ranks: docs/distributed.md)."""
+        """Restore everything ``state_dict`` saved (a file, a sharded directory or a loaded checkpoint)
+        for ``fit()`` to continue. A changed seed, global batch, precision, model, data or optimizer is
+        refused unless ``accept_changes``; returns the differences, one line each."""
         cfg = self.config
         configured = ckpt.BatchLayout(cfg.batch_size, cfg.grad_accum_steps, self.layout.world_size)
         resumed = self._checkpointer.load(source, accept_changes, configured, cfg.on_world_size_change)
-        self._init_from.cancel()  # the checkpoint's weights win over init_from
         self._started = True  # the random state is the checkpoint's: fit() must not seed again
         if resumed.notice and self.is_main_process:
             print(f"trainer: {resumed.notice}", flush=True)
@@ -593,47 +506,36 @@ class Trainer:
         return resumed.describe()
 
     def load_weights(self, source: str | Path | dict[str, Any], states: bool = False) -> None:
-        """The model's weights from a checkpoint (file, sharded directory or loaded); with ``states``,
-        the callbacks' and registered state too, for evaluation, never the optimizer or progress."""
+        """The model's weights from a checkpoint, with ``states`` the callbacks' and registered states too."""
         self._checkpointer.load_weights(source, states)
-        self._init_from.cancel()
 
     def load_model_state(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
-        """A model state dict (a checkpoint's ``"model"``) into the model, naming every missing,
-        unexpected or reshaped key first; ``where`` names its origin in the message."""
+        """A model state dict into the model, naming every missing, unexpected or reshaped key first."""
         self._checkpointer.load_model(saved, where)
-        self._init_from.cancel()
 
     def save_checkpoint(self, path: str | Path | None = None, rotate: bool = True,
                         on_written: Callable[[Path], None] | None = None) -> Path | None:
         """Write ``<run_dir>/checkpoints/step-<step>.pt`` (or ``path``) atomically and rotate old ones;
-        every rank calls it together, rank 0 gets the path and the others ``None``. With
-        ``checkpoint.async`` a save inside ``fit`` returns before the write ends (docs/checkpoints.md)."""
+        every rank calls it together, rank 0 gets the path. With ``checkpoint.async`` a save inside
+        ``fit`` returns before the write ends."""
         self._guard.flush()  # its unread device flags go into the checkpoint read
         return self._saves.save(self.global_step, path, rotate, on_written)
 
-    # ----------------------------------------------------------------- evaluation
+    # ----------------------------------------------------------------- evaluation (docs/config.md)
 
     def evaluate(self, data: Any = None, prefix: str = "val") -> dict[str, float]:
-        """Run ``validation_step`` over ``data`` in eval mode; returns ``{"<prefix>/<name>": value}``.
-        Without ``data``, the run's own validation on ``val_data``, with its hooks; with ``data``, no
-        hook fires and nothing about the run changes (docs/callbacks.md, "Override points")."""
-        self._check_open()
+        """``validation_step`` over ``data`` in eval mode: ``{"<prefix>/<name>": value}``. Without
+        ``data``, the run's validation on ``val_data`` with its hooks; with it, nothing about the run changes."""
         self.apply_init_from()
         return self._evaluator.evaluate(data, prefix)
 
     def test(self, data: Any) -> dict[str, float]:
-        """``evaluate(data, prefix="test")``, which changes nothing about the run; with a ``run_dir``,
-        rank 0 also writes ``<run_dir>/test.json`` (docs/config.md, "Predict and test")."""
-        self._check_open()
+        """``evaluate(data, prefix="test")``; with a ``run_dir``, rank 0 also writes ``test.json``."""
         self.apply_init_from()
         return self._evaluator.test(data, self.run_dir, self.global_step, self.is_main_process)
 
     def predict(self, data: Any, out: str | Path | None = None) -> Any:
-        """``predict_step``'s outputs for every sample of ``data``, in order, concatenated along dim 0;
-        under torchrun every rank calls it, rank 0 gets them and the others ``None``. ``out``: write a
-        ``.pt`` or ``.safetensors`` file instead and return a ``prediction.Written`` (docs/config.md)."""
-        self._check_open()
+        """``predict_step``'s outputs for every sample in order (on rank 0); ``out``: a .pt/.safetensors file."""
         self.apply_init_from()
         return self._evaluator.predict(data, out, self.is_main_process, self.sharded)
 

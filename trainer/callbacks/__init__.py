@@ -12,6 +12,9 @@ from trainer.callbacks.progress import ProgressBar, ProgressLines
 from trainer.callbacks.stopping import EarlyStopping
 from trainer.config import TrainerConfig
 
+# The callbacks whose ``monitor`` validation must report (the sanity pass checks it does).
+MONITORING = (EarlyStopping, BestCheckpoints)
+
 
 def from_config(cfg: TrainerConfig) -> list[Any]:
     """The callbacks the config asks for: gradient norms (``grad_logging``) and the progress display."""

@@ -184,7 +184,8 @@ class Checkpointer:
 
     def __init__(self, strategy: Any, module: nn.Module, optimizers: list[torch.optim.Optimizer],
                  schedulers: list[Any], scaler: Any, callbacks: list[Any], train_state: list[Any],
-                 config: dict[str, Any], unfrozen: Any = None, loggers: list[Any] | None = None):
+                 config: dict[str, Any], unfrozen: Any = None, loggers: list[Any] | None = None,
+                 init_from: Any = None):
         if len(schedulers) != len(optimizers):
             raise ValueError(f"{len(optimizers)} optimizer(s) and {len(schedulers)} scheduler(s): give one scheduler "
                              "per optimizer, None where it has none")
@@ -198,6 +199,7 @@ class Checkpointer:
         self.config = config
         self.unfrozen = unfrozen  # parameter groups added after the optimizer was built (UnfrozenGroups)
         self.states: dict[str, Any] = {}  # objects registered by name (Trainer.register_state)
+        self.init_from = init_from  # config.init_from (weights.InitFrom): a checkpoint's weights win over it
         self._writer = BackgroundWriter(strategy.device)
 
     def register(self, name: str, obj: Any) -> None:
@@ -423,6 +425,7 @@ class Checkpointer:
         self.load_states(state, where)
         self._load_loggers(state.get("loggers") or {}, where)  # not with load_weights: evaluation continues no run
         files.set_rng_state(state["rng"])
+        self._weights_loaded()
         return resumed
 
     def load_states(self, state: dict[str, Any], where: str) -> None:
@@ -505,14 +508,20 @@ class Checkpointer:
                 self._shard_full(state, where, optimizer=False)
             else:
                 self.load_model(state["model"], where)
-            return
-        tensors = {"model": get_model_state_dict(self.module)}
-        files.load_sharded(tensors, state["sharded"])
-        set_model_state_dict(self.module, tensors["model"])
+        else:
+            tensors = {"model": get_model_state_dict(self.module)}
+            files.load_sharded(tensors, state["sharded"])
+            set_model_state_dict(self.module, tensors["model"])
+        self._weights_loaded()
 
     def load_model(self, saved: dict[str, torch.Tensor], where: str = "given") -> None:
         files.check_model_state(self.module, saved, where)
         self.module.load_state_dict(saved)
+        self._weights_loaded()
+
+    def _weights_loaded(self) -> None:
+        if self.init_from is not None:
+            self.init_from.cancel()  # the checkpoint's weights win: init_from is not applied after them
 
 
 def _give_back(parts: dict[str, Any], saved: dict[str, Any], missing: Callable[[str], str],

@@ -397,7 +397,7 @@ def _fit_built(source: Source, cfg, run_dir: Path, resume: str | None, resume_fr
         for logger in built.trainer.loggers:  # the loggers the config built (fit closes only its files)
             logger.close()
     signum = built.trainer.stopped_by_signal
-    requeue = signum is not None and signum == built.trainer.requeue_signal
+    requeue = signum is not None and signum == slurm.requeue_signal(built.trainer.config.slurm.requeue_signal)
     # Said before the ranks meet to leave the group: after a stop signal each rank exits 143 as soon
     # as it leaves, and torchrun then ends the ranks still running, rank 0 included.
     _report(built.trainer, run_dir)

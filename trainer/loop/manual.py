@@ -136,6 +136,17 @@ def refuse_sharded(strategy: Any) -> None:
         )
 
 
+def steps(manual: ManualSteps | None, helper: str, owner: Any) -> ManualSteps:
+    """The Trainer's ``ManualSteps`` for ``manual_backward`` and ``optimizer_step`` (``helper``), or an
+    error saying where they belong when ``owner``'s class steps automatically."""
+    if manual is None:
+        raise RuntimeError(
+            f"{helper}() belongs in manual_step(batch): this {type(owner).__name__} does not override manual_step, "
+            "so the automatic step backs and steps; override manual_step instead of training_step to call it"
+        )
+    return manual
+
+
 class ManualSteps:
     """The state of ``manual_step``'s accumulation window and what its two helpers do. ``owner``:
     the Trainer whose ``manual_step`` runs and whom the hooks receive; ``step``: the run's

@@ -85,6 +85,14 @@ class Parts:
     monitoring: tuple[type, ...]
 
 
+    @classmethod
+    def of(cls, trainer_class: type, base: type, data: Any, evaluator: Any, manual: Any,
+           monitoring: tuple[type, ...]) -> Parts:
+        """The parts of a Trainer of class ``trainer_class``; ``base``: the ``Trainer`` class itself."""
+        defaults = {base._loss.__code__: "loss", base._unpack.__code__: "data", base.backward.__code__: "backward"}
+        return cls(data, evaluator, manual, overridden(trainer_class, base), defaults, monitoring)
+
+
 def overridden(cls: type, base: type) -> frozenset[str]:
     """The ``STEPS`` that the Trainer class ``cls`` overrides of ``base``'s."""
     return frozenset(step for step in STEPS if getattr(cls, step) is not getattr(base, step))

@@ -89,6 +89,13 @@ class StopSignals:
             for signum, old in previous.items():
                 signal.signal(signum, old)
 
+    def outcome(self, stopped_by: int | None) -> str:
+        """What a run stopped by ``stopped_by`` (or by nothing) ended as: ``finished``, ``interrupted``, or
+        ``requeued`` after the requeue signal."""
+        if stopped_by is None:
+            return "finished"
+        return "requeued" if stopped_by == self.requeue else "interrupted"
+
     def agreed(self, collective_ok: bool, device: torch.device) -> int | None:
         """The signal to stop for. Alone: as soon as it arrives. Under torchrun all ranks must stop at
         the same step, so they agree where a collective is affordable (log points, checkpoint steps)."""

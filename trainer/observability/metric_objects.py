@@ -48,6 +48,13 @@ def check(metrics: dict[str, Any], where: str) -> dict[str, Any]:
     return dict(metrics)
 
 
+def for_run(metrics: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
+    """``Trainer(metrics=...)``, checked (``check``) and on the run's device."""
+    checked = check(metrics if metrics is not None else {}, "metrics")
+    to_device(checked.values(), device)
+    return checked
+
+
 def to_device(metrics: Iterable[Any], device: torch.device) -> None:
     """torchmetrics' objects are modules: their state follows ``.to`` (a no-op when it is there)."""
     for metric in metrics:

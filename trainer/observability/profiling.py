@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerAction, ProfilerActivity
 
+from trainer import memory
 from trainer.config import ProfileConfig
+from trainer.device import out_of_memory_message
 
 PROFILE_DIR = "profile"
 
@@ -112,6 +116,13 @@ class RunProfiler:
         path = self.directory / f"memory-oom-rank{self.rank}.pickle"
         torch.cuda.memory._dump_snapshot(str(path))
         return path
+
+    def out_of_memory_error(self, exc: BaseException, step: int, config: Any, module: nn.Module) -> torch.OutOfMemoryError:
+        """``exc`` restated with the run's batch, accumulation and precision (a ``TrainerConfig``), the
+        device's memory, what to try, and the memory snapshot written now (when recorded)."""
+        message = out_of_memory_message(exc, self.device, step, config.batch_size, config.grad_accum_steps,
+                                        config.precision, memory.suggestion(module, config.activation_checkpointing))
+        return torch.OutOfMemoryError(message + snapshot_note(self.out_of_memory()))
 
     def end(self) -> None:
         """At the end of fit (also on an exception): stop the profiler and the memory recording."""
