@@ -99,3 +99,30 @@ def test_the_check_finds_an_upward_import():
     # The layers catch what they claim to: the Trainer is above its loop's parts.
     assert layer_of("trainer.loop.step") < layer_of("trainer.trainer") < layer_of("trainer.cli.commands")
     assert layer_of("trainer.parallel.distributed") < layer_of("trainer.data.sources") < layer_of("trainer.parallel.strategy")
+
+
+def private_members(path: Path, class_name: str) -> set[str]:
+    """The ``_names`` a class assigns on ``self`` or defines as methods."""
+    cls = next(node for node in ast.parse(path.read_text()).body
+               if isinstance(node, ast.ClassDef) and node.name == class_name)
+    names = {node.name for node in cls.body if isinstance(node, ast.FunctionDef)}
+    names |= {node.attr for node in ast.walk(cls) if isinstance(node, ast.Attribute)
+              and isinstance(node.value, ast.Name) and node.value.id == "self" and isinstance(node.ctx, ast.Store)}
+    return {name for name in names if name.startswith("_") and not name.startswith("__")}
+
+
+def reads_of(names: set[str], source: str) -> list[tuple[int, str]]:
+    """Where ``source`` reads one of ``names`` off anything but its own ``self``."""
+    return sorted((node.lineno, node.attr) for node in ast.walk(ast.parse(source))
+                  if isinstance(node, ast.Attribute) and node.attr in names
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")))
+
+
+def test_no_module_reads_a_private_member_of_the_trainer():
+    # The Trainer calls its components; none of them, nor the CLI, reaches back into it.
+    private = private_members(PACKAGE / "trainer.py", "Trainer")
+    assert {"_telemetry", "_step", "_checkpointer", "_train_epoch"} <= private  # the reading found them
+    found = [f"{path.relative_to(ROOT)}:{line} reads .{name}" for module, path in sorted(modules().items())
+             if module != "trainer.trainer" for line, name in reads_of(private, path.read_text())]
+    assert found == []
+    assert reads_of(private, "def f(trainer):\n    return trainer._telemetry\n") == [(2, "_telemetry")]

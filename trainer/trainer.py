@@ -132,7 +132,7 @@ class Trainer:
                         if manual_mode else None)  # the subclass's own step
         # What the sanity pass and culprit() need beyond the public attributes (trainer.loop.sanity).
         self.sanity_parts = sanity.Parts.of(type(self), Trainer, self._data, self._evaluator, self._manual,
-                                            builtin_callbacks.MONITORING)
+                                            builtin_callbacks.MONITORING, Trainer._loss, Trainer._unpack)
 
     # ----------------------------------------------------------------- override points
 

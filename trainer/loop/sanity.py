@@ -30,8 +30,7 @@ import inspect
 import os
 import re
 import sysconfig
-from collections.abc import Iterator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any, NoReturn
@@ -87,9 +86,10 @@ class Parts:
 
     @classmethod
     def of(cls, trainer_class: type, base: type, data: Any, evaluator: Any, manual: Any,
-           monitoring: tuple[type, ...]) -> Parts:
-        """The parts of a Trainer of class ``trainer_class``; ``base``: the ``Trainer`` class itself."""
-        defaults = {base._loss.__code__: "loss", base._unpack.__code__: "data", base.backward.__code__: "backward"}
+           monitoring: tuple[type, ...], loss: Callable[..., Any], unpack: Callable[..., Any]) -> Parts:
+        """The parts of a Trainer of class ``trainer_class``; ``base``: the ``Trainer`` class itself, whose
+        default steps call ``loss`` (``loss_fn``) and ``unpack`` (a batch's inputs and targets)."""
+        defaults = {loss.__code__: "loss", unpack.__code__: "data", base.backward.__code__: "backward"}
         return cls(data, evaluator, manual, overridden(trainer_class, base), defaults, monitoring)
 
 
