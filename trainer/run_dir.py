@@ -142,8 +142,9 @@ class RunRecord:
     """What a fit leaves in its run directory, from the command line or from code alike: the lock
     while it runs, ``config.yaml`` and ``status.json``. Rank 0 alone; nothing without a run directory."""
 
-    def __init__(self, run_dir: Path | None, main: bool):
+    def __init__(self, run_dir: Path | None, main: bool, config: dict[str, Any]):
         self.run_dir = run_dir if main else None
+        self.config = config  # what trains, as config.yaml holds it
         self._started = False  # status.json says running: the end of this fit is this record's to write
 
     @contextlib.contextmanager
@@ -166,8 +167,8 @@ class RunRecord:
             if lock is not None:
                 lock.release()
 
-    def start(self, config: dict[str, Any]) -> None:
-        """``status.json`` says running, with the pid; ``config.yaml`` holds ``config``, what trains
+    def start(self) -> None:
+        """``status.json`` says running, with the pid; ``config.yaml`` holds the config, what trains
         from here on. A ``config.yaml`` that no run wrote (none has a status beside it) is the user's
         and is left as it is: refused."""
         if self.run_dir is None:
@@ -177,7 +178,7 @@ class RunRecord:
                                   f"a run writes its own {CONFIG} there: move the file or pass another run_dir")
         write_status(self.run_dir, "running")
         self._started = True
-        replace_text(self.run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        replace_text(self.run_dir / CONFIG, yaml.safe_dump(self.config, sort_keys=False))
 
     def ended(self, step: int, stop_reason: str | None, should_stop: bool, status: str) -> None:
         """A fit that returned, with why (``ending``). ``status``: finished, interrupted (a stop signal)

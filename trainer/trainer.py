@@ -26,7 +26,7 @@ from trainer import schedules
 from trainer.checkpoint import weights
 from trainer.checkpoint.saving import RunCheckpoints
 from trainer.config import TrainerConfig, compile_settings
-from trainer.data.batches import describe, mover
+from trainer.data.batches import describe
 from trainer.data.run_data import RunData
 from trainer.data.sources import LoaderStates, empty_epoch, is_stateful_loader, length_of
 from trainer.device import seed_everything, torch_settings
@@ -64,16 +64,15 @@ class Trainer:
         self.device, self.precision, self.strategy = placed.device, placed.precision, placed.strategy
         self.module = placed.module  # the plain (under fsdp, sharded) module
         self._joined_group = placed.joined_group  # close() leaves it then
-        self._move = mover(self.device, self.precision.param_dtype)  # a batch onto the device
         compiled = compile_settings(cfg.compile)
         self.model = compilation.compile_model(placed.stepped, compiled)  # what training steps call
         self.loss_fn = loss_fn
         self.metrics = metric_objects.for_run(metrics, self.device)
-        self._data = RunData(train_data, val_data, cfg, self.device, self.layout.rank, self.layout.world_size)
+        self._data = RunData(train_data, val_data, cfg, self.device, self.precision.param_dtype, self.layout)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_main_process = self.layout.rank == 0  # writes files, shows progress
-        # saved in checkpoints and config.yaml
-        self.resolved_config: dict[str, Any] = run_config if run_config is not None else cfg.model_dump(mode="json")
+        # The run's config as saved in checkpoints and config.yaml, and given to trackers.
+        run_config = run_config if run_config is not None else cfg.model_dump(mode="json")
 
         # Every optimizer with its scheduler (None where it has none); the first is ``optimizer``.
         overridden = type(self).configure_optimizers is not Trainer.configure_optimizers
@@ -93,8 +92,9 @@ class Trainer:
         # Seeded or resumed (a later fit() continues, it does not seed again); sanity pass done; closed.
         self._started = self._sanity_checked = self._closed = False
 
-        self._run_record = RunRecord(self.run_dir, self.is_main_process)  # the lock, config.yaml, status.json
-        self._records = Records(loggers, self.run_dir, self.is_main_process, lambda record: self._call("on_log", record))
+        self._run_record = RunRecord(self.run_dir, self.is_main_process, run_config)  # lock, config.yaml, status.json
+        self._records = Records(loggers, self.run_dir, self.is_main_process, run_config,
+                                lambda record: self._call("on_log", record))
         self.loggers, self.history = self._records.loggers, self._records.history  # the same lists
         self._profiler = RunProfiler(cfg.profile, self.device, self.run_dir, self.layout.rank)
         # Inside a SLURM job its requeue signal stops the run like SIGTERM; the CLI then requeues it.
@@ -120,7 +120,7 @@ class Trainer:
                          ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
                          guard, self._telemetry.interval,
                          LoaderStates(lambda: self._data.train_source() if is_stateful_loader(self._data.train) else None)],
-            config=self.resolved_config, unfrozen=self._unfrozen, loggers=self.loggers, init_from=init_from,
+            config=run_config, unfrozen=self._unfrozen, loggers=self.loggers, init_from=init_from,
         )
         self._saves = RunCheckpoints(self._checkpointer, self.run_dir, cfg.checkpoint, self._signals.deferred,
                                      self.is_main_process, self.strategy.sharded)
@@ -319,11 +319,11 @@ class Trainer:
             self._started = True
         self._guard.start(self.global_step, log_every=cfg.log_every_n_steps, per_step=len(self.optimizers))
         schedules.set_total_steps(self.schedulers, self.total_steps())  # schedules that need the run's length
-        self._run_record.start(self.resolved_config)
+        self._run_record.start()
         self._records.open()
         with torch_settings(self.device, cfg.deterministic):
             try:
-                self._records.start(self.resolved_config)
+                self._records.start()
                 # With compile: true the first step includes compilation; it is timed on its own.
                 self._telemetry.start(self.global_step, time_first_step=bool(cfg.compile))
                 self._call("on_fit_start")
@@ -383,7 +383,7 @@ class Trainer:
         cfg, source, telemetry, h = self.config, self._data.train_source(), self._telemetry, self._hooks
         accum = cfg.grad_accum_steps
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
-        move = self._move
+        move = self._data.move
         epoch_len = length_of(source)
         self._call("on_train_epoch_start")
         fresh = self.batch_in_epoch == 0

@@ -300,8 +300,8 @@ def test_init_from_in_the_config(tmp_path):
         TrainerConfig(init_from={"path": "w.pt", "strict_mode": False})
     # Recorded in the configuration checkpoints keep.
     t = make(init_from={"path": "w.pt", "rename": {"a.": "b."}})
-    assert t.resolved_config["init_from"] == {"path": "w.pt", "strict": True, "rename": {"a.": "b."},
-                                              "rename_regex": {}}
+    assert t.state_dict()["config"]["init_from"] == {"path": "w.pt", "strict": True, "rename": {"a.": "b."},
+                                                     "rename_regex": {}}
 
 
 @pytest.mark.parametrize("suffix", ["pt", "safetensors"])

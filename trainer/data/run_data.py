@@ -12,15 +12,16 @@ from dataclasses import astuple
 from typing import Any
 
 from trainer.config import TrainerConfig
-from trainer.data.batches import BatchLayout
+from trainer.data.batches import BatchLayout, mover
 from trainer.data.sources import DataError, EpochSource, last_step, length_of, make_source
 from trainer.parallel import distributed
 
 
 class RunData:
-    def __init__(self, train: Any, val: Any, config: TrainerConfig, device: Any, rank: int, world_size: int):
-        self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
+    def __init__(self, train: Any, val: Any, config: TrainerConfig, device: Any, dtype: Any, layout: Any):
+        self.config, self.device, self.rank, self.world_size = config, device, layout.rank, layout.world_size
         self.train, self.val = train, val
+        self.move = mover(device, dtype)  # a batch onto the device (floating tensors in the parameters' dtype)
 
     @property
     def train(self) -> Any:

@@ -17,12 +17,12 @@ from trainer.observability.metrics import CsvLogger, JsonlLogger, Logger
 
 
 class Records:
-    def __init__(self, loggers: Sequence[Logger], run_dir: Path | None, main: bool,
+    def __init__(self, loggers: Sequence[Logger], run_dir: Path | None, main: bool, config: dict[str, Any],
                  on_log: Callable[[dict[str, float]], None]):
         self.loggers: list[Logger] = list(loggers) if main else []
         self.history: list[dict[str, float]] = []
         self.logged_records = 0  # records sent to the loggers in the whole run, resumes included (checkpointed)
-        self.run_dir, self.main, self.on_log = run_dir, main, on_log
+        self.run_dir, self.main, self.config, self.on_log = run_dir, main, config, on_log
         self._opened: list[Logger] = []
 
     def open(self) -> None:
@@ -33,11 +33,11 @@ class Records:
                             CsvLogger(self.run_dir / run_files.METRICS_CSV)]
             self.loggers[:0] = self._opened
 
-    def start(self, config: dict[str, Any]) -> None:
-        """Then each logger's ``start(config)``."""
+    def start(self) -> None:
+        """Then each logger's ``start(config)``, with the run's config."""
         for logger in self.loggers:
             if callable(getattr(logger, "start", None)):  # a tracker opens its run (the checkpoint's, on resume)
-                logger.start(config)
+                logger.start(self.config)
 
     def close(self) -> None:
         """At the end of ``fit``: the metric files it opened."""
