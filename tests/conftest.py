@@ -1,5 +1,6 @@
 import ast
 import functools
+import gc
 import inspect
 import os
 import re
@@ -95,6 +96,14 @@ def pytest_collection_modifyitems(config, items):
     # The long tests first (torchrun, then other slow ones, then other processes), each kind in the
     # modules' order: in parallel, the workers share the long tests early and the short ones fill the end.
     items.sort(key=lambda item: tuple(item.get_closest_marker(m) is None for m in ("process", "distributed", "slow")))
+
+
+def pytest_collection_finish(session):
+    # What collection imported (torch, MLflow, W&B, torchmetrics, the test modules: half a million
+    # objects) lives until the end; frozen, the collector stops scanning it. Each command run in
+    # process ends as the CLI does, with gc.collect() and gc.get_objects() (trainer.cli.commands.release):
+    # 0.3 s over the whole heap, 0.02 s over what the tests made since.
+    gc.freeze()
 
 
 # The check: a test that starts a process (or sends a signal) from its own code, from a fixture or

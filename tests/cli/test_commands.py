@@ -252,6 +252,18 @@ def test_help_is_fast_because_torch_is_not_imported():
     assert proc.stdout.strip().endswith("NO-TORCH")
 
 
+def test_dtensor_and_dcp_are_left_to_what_shards():
+    # Half a second of imports (torch.distributed.tensor) that a process handling no sharded model or
+    # checkpoint is spared: `trainer export` of a file imports nothing else that loads them (a run
+    # does, through torch.optim, which imports torch._dynamo).
+    heavy = ("torch.distributed.tensor", "torch.distributed.checkpoint", "torch.distributed.fsdp")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys\nimport trainer.cli.build, trainer.evaluation.export, trainer.trainer\n"
+         f"print([m for m in {heavy!r} if m in sys.modules])"],
+        capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_python_dash_m_is_the_same_program(run_cli):
     proc = run_cli("--help")
     assert proc.returncode == 0 and "Exit codes" in proc.stdout

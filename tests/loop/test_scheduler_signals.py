@@ -2,7 +2,8 @@
 systemd and ``timeout`` signal the whole process group, a closed terminal sends SIGHUP, the OOM
 killer kills the main process alone and leaves its workers, a worker stuck for good never returns.
 Each run is a real ``trainer run`` in a session of its own, so that a signal to its group reaches
-its workers and nothing else."""
+its workers and nothing else. The runs before and after it (the run it resumes, the run that
+resumes it) are not signalled, and run in the test's process."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import descendants, process_env, wait_until_stuck, workers_config
+from helpers import descendants, in_process, process_env, wait_until_stuck, workers_config
 from trainer import run_dir as run_files
 
 pytestmark = pytest.mark.slow
@@ -31,6 +32,7 @@ def start(cfg: Path, *args: str) -> subprocess.Popen:
 
 
 def run(cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    """A real ``trainer run`` that the test waits for (one that signals itself)."""
     return subprocess.run([sys.executable, "-m", "trainer", "run", str(cfg), *args], capture_output=True, text=True,
                           env=process_env(), timeout=300)
 
@@ -85,7 +87,7 @@ def test_a_signal_to_the_process_group_stops_at_a_step_with_a_checkpoint(tmp_pat
     cfg = config(tmp_path, kind)
     run_dir = tmp_path / "runs" / "w"
     if resumed:
-        assert run(cfg, "max_steps=3").returncode == 0
+        assert in_process("run", cfg, "max_steps=3").returncode == 0
     proc = start(cfg, *(["--resume", "auto"] if resumed else []))
     try:
         wait_for(lambda: len(steps(run_dir)) >= (3 if resumed else 0) + 3, proc, "three steps")
@@ -103,7 +105,7 @@ def test_a_signal_to_the_process_group_stops_at_a_step_with_a_checkpoint(tmp_pat
     newest = run_files.list_checkpoints(run_files.checkpoint_dir(run_dir))[-1]
     assert newest.name == run_files.checkpoint_name(stopped["step"])  # the step it stopped at, saved
     assert steps(run_dir)[-1] == stopped["step"]
-    resumed_run = run(cfg, "--resume", "auto", f"max_steps={stopped['step'] + 2}")
+    resumed_run = in_process("run", cfg, "--resume", "auto", f"max_steps={stopped['step'] + 2}")
     assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
     assert steps(run_dir)[-1] == stopped["step"] + 2
 
@@ -129,7 +131,7 @@ def test_kill_9_of_the_main_process_leaves_nothing_locked_while_its_workers_ling
                                capture_output=True, text=True, env=process_env(), timeout=120)
         assert shown.stdout.splitlines()[1].split()[:2] == ["w", "died"], shown.stdout + shown.stderr
         saved = int(run_files.list_checkpoints(run_files.checkpoint_dir(run_dir))[-1].name[5:13])
-        requeued = run(cfg, "--resume", "auto", f"max_steps={saved + 2}")
+        requeued = in_process("run", cfg, "--resume", "auto", f"max_steps={saved + 2}")
         assert any(alive(pid) for pid in orphans)  # they were there all along
     finally:
         end(proc)

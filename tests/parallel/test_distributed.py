@@ -341,7 +341,7 @@ def test_a_resume_on_one_rank_warns_that_an_epochs_short_last_step_differs(tmp_p
                 checkpoint={"every_n_steps": 2, "keep_last": None})
     first = torchrun("run", cfg, "max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = single("run", cfg, "--resume", "auto")
+    second = in_process("run", cfg, "--resume", "auto")  # one process: no group
     assert second.returncode == 0, second.stderr[-3000:]
     assert ("resumed with a global batch of 16 = batch_size 8 x grad_accum_steps 2 x 1 rank a run trained with 16 = "
             "batch_size 8 x grad_accum_steps 1 x 2 ranks: its 100 samples per epoch do not divide by it"
@@ -753,9 +753,7 @@ def test_manual_step_on_two_ranks_matches_one_process_with_twice_the_batch(tmp_p
                           script, str(tmp_path), "ddp", "8"], capture_output=True, text=True, timeout=240, env=process_env())
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("fsdp refused: manual_step under strategy: fsdp") == 2, two.stdout
-    one = subprocess.run([sys.executable, script, str(tmp_path), "single", "16"], capture_output=True, text=True,
-                         timeout=240, env=process_env())
-    assert one.returncode == 0, one.stderr[-3000:]
+    project_module("manual_script").main(tmp_path, "single", 16)  # the script as one process runs it: no group
     ddp, single_run = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("ddp", "single"))
     assert (ddp["world_size"], single_run["world_size"], ddp["step"], single_run["step"]) == (2, 1, 6, 6)
     for key, value in single_run["model"].items():

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from trainer.checkpoint.files import CheckpointError
 
@@ -44,6 +43,9 @@ class BackgroundWriter:
     @property
     def stager(self) -> Any:
         if self._stager is None:
+            # DCP, imported by the first background save: a run without one does not load it
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
             cuda = self.device.type == "cuda"
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                         use_async_staging=False, use_non_blocking_copy=cuda))

@@ -47,11 +47,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import torch.distributed.checkpoint.filesystem as dcp_fs
-import torch.distributed.checkpoint.metadata as dcp_meta
 
 from trainer.run_dir import CHECKPOINT_NAME, checkpoint_dir, fsync_dir, list_checkpoints
+
+# torch.distributed.checkpoint (DCP) is imported inside the functions of sharded checkpoints: a process
+# that handles none does not load it, nor DTensor with it (half a second; `trainer export` of a file).
 
 try:
     import numpy as np
@@ -441,6 +441,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     DCP's own metadata classes, torch dtypes and paths allowed, before DCP itself opens it."""
 
     def find_class(self, module: str, name: str) -> Any:
+        import torch.distributed.checkpoint.filesystem as dcp_fs
+        import torch.distributed.checkpoint.metadata as dcp_meta
+
         found = None
         if module in (dcp_meta.__name__, dcp_fs.__name__):
             found = getattr(dcp_meta if module == dcp_meta.__name__ else dcp_fs, name, None)
@@ -464,6 +467,8 @@ def sharded_metadata(directory: str | Path) -> Any:
 
 
 def _check_dcp_metadata(path: Path) -> Any:
+    import torch.distributed.checkpoint.metadata as dcp_meta
+
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -486,6 +491,8 @@ def save_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pat
     ``tensors`` (model and optimizer state, sharded) go through DCP; ``state`` (the rest) is rank 0's
     ``trainer.pt``. The directory is assembled under a temporary name and renamed when complete, so
     a kill at any instant leaves earlier checkpoints and no half-written one under a final name."""
+    import torch.distributed.checkpoint as dcp
+
     path = Path(path)
     tmp = _begin_sharded(tensors, path, is_main)
     with _writing_sharded(path, tmp, is_main):
@@ -500,6 +507,8 @@ def start_sharded(state: dict[str, Any], tensors: dict[str, Any], path: str | Pa
     copies this rank's shards into CPU memory with ``stager`` and starts writing them; the function
     returned (for the writer thread) waits for that, then hashes, gathers the digests and renames as
     ``save_sharded`` does, with collectives on ``group`` only. ``state`` must be a copy already."""
+    import torch.distributed.checkpoint as dcp
+
     path = Path(path)
     tmp = _begin_sharded(tensors, path, is_main)
     with _writing_sharded(path, tmp, is_main):
@@ -585,6 +594,8 @@ def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def load_sharded(tensors: dict[str, Any], path: str | Path) -> None:
     """Fill ``tensors`` (state dicts of this run's model and optimizer, sharded or not) in place
     from a sharded checkpoint; DCP reshards to this run's layout."""
+    import torch.distributed.checkpoint as dcp
+
     try:
         dcp.load(tensors, checkpoint_id=path)
     except Exception as exc:  # DCP wraps rank failures in its own exception types

@@ -20,10 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
-    set_state_dict,
-)
 
 from trainer.hooks import Callback
 from trainer.parallel import distributed
@@ -31,6 +27,9 @@ from trainer.checkpoint import files
 from trainer.checkpoint.background import BackgroundWriter
 from trainer.checkpoint.files import CheckpointError
 from trainer.data.batches import BatchLayout, rank_count
+
+# torch.distributed.checkpoint.state_dict is imported inside the functions of sharded checkpoints: a
+# process that handles none does not load it, nor FSDP and DTensor with it.
 
 _LEGACY_KEY = re.compile(r"^(\d+):(.+)$")  # "<position>:<class name>", written before state keys
 _UNNAMED = "(not in the model)"  # an optimizer's parameter that the model does not hold
@@ -454,6 +453,8 @@ class Checkpointer:
 
     def _load_sharded(self, state: dict[str, Any], where: str) -> None:
         """Model and optimizer state from a DCP directory, into this run's layout (sharded or not)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
         optimizer = self.optimizers[0]  # fsdp: one optimizer (manual_step refuses it)
         model_state, optimizer_state = get_state_dict(self.module, optimizer)
         tensors = {"model": model_state, "optimizer": optimizer_state["state"]}
@@ -473,6 +474,10 @@ class Checkpointer:
         shards: every rank read the file and keeps its own part of each tensor. The optimizer's state
         is keyed by position, as ``torch.optim`` saves it; positions name the same parameters in the
         same order as in the run that wrote it (as for ``Optimizer.load_state_dict``)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        )
+
         files.check_model_state(self.module, state["model"], where)
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, state["model"], options=full)
@@ -509,6 +514,8 @@ class Checkpointer:
             else:
                 self.load_model(state["model"], where)
         else:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
             tensors = {"model": get_model_state_dict(self.module)}
             files.load_sharded(tensors, state["sharded"])
             set_model_state_dict(self.module, tensors["model"])

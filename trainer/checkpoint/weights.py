@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch import nn
 
 from trainer import run_dir as run_files
 from trainer.checkpoint import files
 from trainer.checkpoint.files import CheckpointError
+from trainer.parallel.distributed import is_dtensor
+
+# torch.distributed.checkpoint and .tensor are imported inside the functions of sharded weights: a
+# process that reads whole files does not load them (half a second; `trainer export` of a file).
 
 _ZIP = b"PK\x03\x04"  # torch.save's format is a zip archive
 _MODEL = "model."  # a sharded checkpoint keeps the model's tensors under this prefix (and the optimizer's beside)
@@ -186,6 +187,8 @@ class WeightsFile:
         self._dcp_load({"model": targets}, no_dist=False)
 
     def _dcp_load(self, tensors: dict[str, Any], no_dist: bool) -> None:
+        import torch.distributed.checkpoint as dcp
+
         try:
             with warnings.catch_warnings():  # reading in one process is what no_dist asks for, not a guess to warn of
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
@@ -350,7 +353,7 @@ def _check_tied(module: nn.Module, source: WeightsFile, renamed: dict[str, str])
 
 def _copy(module: nn.Module, state: dict[str, torch.Tensor], source: WeightsFile, names: dict[str, str]) -> None:
     """Copy the file's tensors (``names``: the model's name -> the file's) into the model."""
-    if not any(isinstance(state[k], DTensor) for k in names):
+    if not any(is_dtensor(state[k]) for k in names):
         # A whole model: torch's own loading, with the module's load hooks.
         module.load_state_dict({k: source.read(name) for k, name in names.items()}, strict=False)
         return
@@ -359,10 +362,12 @@ def _copy(module: nn.Module, state: dict[str, torch.Tensor], source: WeightsFile
         return
     # The state dict's DTensors share their local storage with the parameters: each rank copies
     # its own block of each tensor into it, one tensor at a time, and never holds a whole one.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     with torch.no_grad():
         for k, name in names.items():
             target = state[k]
-            if isinstance(target, DTensor):
+            if is_dtensor(target):
                 shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
                                                                       target.placements)
                 block = tuple(slice(start, start + n) for start, n in zip(offset, shape))

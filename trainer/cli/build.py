@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from trainer.checkpoint import weights
 from trainer.cli.run_config import TRACKERS, RunConfig, TrackerLogger, trainer_config
@@ -75,7 +74,7 @@ def kernel_defaults(target: Any, params: list[Any]) -> dict[str, Any]:
     if target in (torch.optim.Adam, torch.optim.AdamW):
         return {"fused": True}
     if target is torch.optim.SGD:
-        return {"foreach": True} if any(isinstance(p, DTensor) for p in params) else {"fused": True}
+        return {"foreach": True} if any(distributed.is_dtensor(p) for p in params) else {"fused": True}
     return {}
 
 

@@ -36,10 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from trainer import run_dir as run_files
 from trainer.checkpoint import files
@@ -282,8 +279,11 @@ def _model_state(state: dict[str, Any], checkpoint: Path) -> dict[str, torch.Ten
     """The model's state_dict: from the file, or from a sharded checkpoint's DCP files, read whole."""
     if not state.get("sharded"):
         return state["model"]
+    import torch.distributed.checkpoint as dcp  # with DTensor, half a second: only a sharded checkpoint's export
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     # The metadata's index was checked by load_checkpoint before DCP unpickles it here.
-    metadata = FileSystemReader(state["sharded"]).read_metadata()
+    metadata = dcp.FileSystemReader(state["sharded"]).read_metadata()
     model: dict[str, torch.Tensor] = {}
     for key, meta in metadata.state_dict_metadata.items():
         path = (metadata.planner_data or {}).get(key, ())

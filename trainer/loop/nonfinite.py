@@ -29,7 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from trainer.parallel.distributed import is_dtensor
 
 CAPACITY = 4096  # flags kept on the device between two reads
 
@@ -231,7 +232,7 @@ class Diagnosis:
 
 def _non_finite(tensor: torch.Tensor) -> str:
     """``"3 non-finite values of 512 (nan, inf)"``, or ``""`` when every value is finite."""
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # this rank's part: no collective
+    local = tensor.to_local() if is_dtensor(tensor) else tensor  # this rank's part: no collective
     if not (local.is_floating_point() or local.is_complex()):
         return ""
     local = local.detach()

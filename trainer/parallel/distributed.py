@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import gc
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from trainer.parallel import slurm
 
@@ -167,9 +166,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
 # ----------------------------------------------------------------------------- FSDP2
 
 
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP, or its gradient), asked without
+    importing ``torch.distributed.tensor`` (half a second): no DTensor exists before it is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -179,7 +185,7 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0)
     dtype = torch.float32 if tensors[0].itemsize < 4 else None
-    if not any(isinstance(t, DTensor) for t in tensors):
+    if not any(is_dtensor(t) for t in tensors):
         return torch.stack(torch._foreach_norm(tensors, dtype=dtype))
     squares = torch.stack(torch._foreach_norm([local(t) for t in tensors], dtype=dtype)).double().square()
     return all_sum(squares).sqrt().float()
@@ -191,6 +197,8 @@ def shard_model(module: nn.Module, precision: str = "fp32") -> None:
     shared between the root's modules (tied embeddings) stay together in the root unit. With
     ``precision: bf16`` parameters are gathered in bf16 and gradients reduced in fp32; with
     ``bf16-true`` the parameters are bf16 already, and are sharded, gathered and reduced in bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # with DTensor: only runs that shard
+
     kwargs = {}
     if precision == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

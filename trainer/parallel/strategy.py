@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict
-from torch.distributed.fsdp import FSDPModule
 
 from trainer.data.sources import length_of
 from trainer.parallel import distributed
+
+# torch.distributed.fsdp and .checkpoint are imported inside the methods of FSDP that use them: a
+# process that shards nothing does not load them for this module.
 
 
 class SingleProcess:
@@ -153,6 +154,8 @@ class FSDP(SingleProcess):
         # FSDP keeps the root unit's parameters gathered after its forward, for the backward that
         # follows in training; after evaluation none follows, and the module would hold unsharded
         # parameters, not the ones the optimizer steps, until the next training forward.
+        from torch.distributed.fsdp import FSDPModule
+
         for unit in module.modules():
             if isinstance(unit, FSDPModule):
                 unit.reshard()
@@ -185,6 +188,8 @@ class FSDP(SingleProcess):
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # DTensor gradients: torch's own path
 
     def state_dicts(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         return get_state_dict(module, optimizer)
 
     def eval_batches(self, source: Any) -> Iterator[tuple[Any, bool]]:
