@@ -1,5 +1,6 @@
 """Checkpoints under real faults: SIGKILL at chosen points, signals, broken files, NaN."""
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -11,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -36,12 +38,31 @@ EXACT = project_config(
 
 
 def cli(*args, cwd=None, timeout=300, wait=True):
-    """``trainer ARGS`` as a real process: for a kill, a signal, an exit status, Python's warning lines."""
-    cmd = [sys.executable, "-m", "trainer", *map(str, args)]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=process_env())
+    """``trainer ARGS`` as a real process in a session of its own: for a kill, a signal, an exit status,
+    Python's warning lines. Waited for (``ended``) unless ``wait`` is false. Its output goes to files:
+    the DataLoader workers of a killed run would hold pipes open until they notice, 5 s later, that
+    their parent is gone."""
+    out, err = (tempfile.TemporaryFile("w+") for _ in range(2))
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, env=process_env(),
+                            stdout=out, stderr=err, text=True, start_new_session=True)
+    proc.output = out, err
+    return ended(proc, timeout) if wait else proc
+
+
+def ended(proc, timeout=300) -> subprocess.CompletedProcess:
+    """The process ``cli`` started, once it has ended, and what it printed; what it left in its
+    session (the workers of a killed run) is killed."""
+    try:
+        proc.wait(timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    printed = []
+    for file in proc.output:
+        file.seek(0)
+        printed.append(file.read())
+        file.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *printed)
 
 
 def config(tmp_path, text=EXACT):
@@ -111,8 +132,8 @@ def test_sigkill_from_outside_at_a_random_moment(reference, tmp_path):
     while not list_checkpoints(run_dir / "checkpoints") and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.send_signal(signal.SIGKILL)  # the main process alone
+    ended(proc)
     second = in_process("run", cfg, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert_same_as_reference(reference, run_dir)

@@ -1,6 +1,7 @@
 """The MLflow and W&B loggers, for real: MLflow in a SQLite database, W&B in offline mode, read back
 with MLflow's client and from W&B's own run files."""
 
+import importlib.util
 import json
 import signal
 import sqlite3
@@ -18,12 +19,12 @@ from trainer import Callback, MLflowLogger, Trainer, WandbLogger
 from trainer.observability.trackers import flatten, wandb_history
 from trainer.observability.timing import is_timing
 
-pytest.importorskip("mlflow")
-pytest.importorskip("wandb")
-
-
-
-pytestmark = pytest.mark.usefixtures("offline_trackers")
+# Asked without importing them (a second and a half at each worker's collection; the tests import them).
+pytestmark = [
+    pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("mlflow", "wandb")),
+                       reason="needs mlflow and wandb (the test extra)"),
+    pytest.mark.usefixtures("offline_trackers"),
+]
 
 
 def mlflow_history(uri: str, run_id: str) -> list[tuple[int, str, float]]:

@@ -448,8 +448,8 @@ def test_fsdp_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     # ... and a single process resumes it with the same config (DCP reshards; grad_accum_steps 2 -> 4
     # keeps the global batch) and trains on to the same weights ...
     every = "{every_n_steps: 1, keep_last: null}"
-    moved = single("run", write_lm(tmp_path, "moved", batch=3, strategy="fsdp", optimizer=SGD, checkpoint=every),
-                   "--resume", fsdp_dir / "checkpoints" / "step-00000020")
+    moved = in_process("run", write_lm(tmp_path, "moved", batch=3, strategy="fsdp", optimizer=SGD, checkpoint=every),
+                       "--resume", fsdp_dir / "checkpoints" / "step-00000020")  # one process: no group
     assert moved.returncode == 0, moved.stderr[-3000:]
     assert "grad_accum_steps 2 -> 4 keeps its global batch of 12" in moved.stdout, moved.stdout[-3000:]
     for key, value in final(tmp_path / "runs" / "moved")["model"].items():
