@@ -27,11 +27,17 @@ class GradNormLogger(Callback):
         self.histograms = histograms  # per-parameter gradient histograms to loggers that take them
         self._names: list[str] = []
         self._norms: torch.Tensor | None = None
+        self._parameters: list[tuple[str, torch.nn.Parameter]] | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        self._parameters = None  # named again: a fit may follow a change of the model
 
     def on_after_backward(self, trainer) -> None:
         if (trainer.global_step + 1) % self.every_n_steps:
             return
-        named = [(n, g) for n, p in trainer.module.named_parameters() if (g := p.grad) is not None]
+        if self._parameters is None:  # walking the modules costs as much as the norms: once per fit
+            self._parameters = list(trainer.module.named_parameters())
+        named = [(n, g) for n, p in self._parameters if (g := p.grad) is not None]
         if not named:
             return
         self._names = [n for n, _ in named]
