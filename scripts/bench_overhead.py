@@ -16,6 +16,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+# The trainer package of this checkout, not whichever one the environment installed (an editable
+# install points at one worktree; a measurement of another would time that one's code).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WORKLOADS = {
     # name: (layer sizes, batch, measured steps, warm-up steps)

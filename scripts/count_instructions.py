@@ -14,6 +14,7 @@ N runs is N steady-state steps; what remains of the N run is the fixed cost of o
 
     python scripts/count_instructions.py                  # tiny, plain and logging (about 10 minutes)
     python scripts/count_instructions.py --case empty:logging --steps 400
+    python scripts/count_instructions.py --case tiny:logging --keep /tmp/cg   # then callgrind_annotate /tmp/cg/...
 
 Needs valgrind (``apt-get install valgrind``). The progress-bar variant is left out by default:
 tqdm redraws on a timer, and valgrind's ~50x slowdown makes it redraw far more often per step.
@@ -25,6 +26,7 @@ its ratio from above.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import shutil
@@ -62,6 +64,10 @@ def child(cases: list[str], steps: int | None) -> None:
         run("trainer", bench.LOG_EVERY)()
         for kind, count in (("raw", n), ("trainer", n), ("raw", 2 * n), ("trainer", 2 * n)):
             fn = run(kind, count)
+            # Each phase starts with the cyclic collector in the same state: a collection that the
+            # previous phase's allocations left pending (millions of instructions) would otherwise
+            # land in this one and move its steady state by 1% or more.
+            gc.collect()
             torch._C._valgrind_toggle()  # start collecting
             fn()
             torch._C._valgrind_toggle_and_dump_stats()  # stop, and write this phase's counts
@@ -81,6 +87,8 @@ def main() -> None:
                         help=f"workload ({', '.join(bench.WORKLOADS)}) and variant ({', '.join(bench.VARIANTS)}); "
                              f"default: {' '.join(CASES)}")
     parser.add_argument("--steps", type=int, help="N, a multiple of 50 (default: tiny 200, small 50)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep callgrind's files of each phase in DIR (callgrind_annotate reads them)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = args.case or list(CASES)
@@ -109,6 +117,11 @@ def main() -> None:
         phases = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         for i, phase in enumerate(phases, start=1):  # callgrind numbers its dumps from 1, in order
             phase["ir"] = instructions(Path(f"{out}.{i}"))
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for i, phase in enumerate(phases, start=1):
+                name = f"{phase['workload']}-{phase['variant']}-{phase['kind']}-{phase['steps']}.callgrind"
+                shutil.copy(f"{out}.{i}", args.keep / name)
 
     import platform
 
