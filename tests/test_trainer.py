@@ -901,3 +901,48 @@ def test_setting_should_stop_directly_still_stops():
                 callbacks=[Halt()], config=quiet(max_steps=10))
     t.fit()
     assert t.global_step == 2 and t.stop_reason is None
+
+
+def test_each_kind_of_boundary_work_comes_at_exactly_its_steps_and_a_stop_at_a_quiet_step_stops_there(tmp_path):
+    """Most boundaries have nothing due and only look for a stop (trainer.loop.run_length.next_busy):
+    log points, evaluations and checkpoints still come at exactly their steps, a stop asked at a
+    boundary with nothing due stops there, and a second fit with a raised max_steps ends at it."""
+
+    class StopAt(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch):
+            if trainer.global_step == 23:
+                trainer.stop("at a quiet step")
+
+    model = mlp()
+    x, y = classification(30 * 4)
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), val_data=(x[:8], y[:8]),
+                loss_fn=F.cross_entropy, run_dir=tmp_path, callbacks=[StopAt()],
+                config=quiet(max_steps=28, batch_size=4, log_every_n_steps=5, eval_every_n_steps=7,
+                             eval_every_n_epochs=None, checkpoint={"every_n_steps": 9, "save_final": False}))
+    t.fit()
+    assert t.global_step == 23 and t.stop_reason == "at a quiet step"
+    assert [r["step"] for r in t.history if "train/loss" in r] == [5, 10, 15, 20, 23]  # 23: the stop's flush
+    assert [r["step"] for r in t.history if "val/loss" in r] == [7, 14, 21, 23]  # 23: the final validation
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000009.pt", "step-00000018.pt"]
+
+    t.callbacks.clear()
+    t.config.max_steps, t.config.log_every_n_steps = 26, 100  # no log point or evaluation due before the end
+    t.fit()
+    assert t.global_step == 26
+
+
+def test_the_next_busy_step_is_the_first_log_point_evaluation_checkpoint_or_last_step():
+    from trainer.loop.run_length import RunLength
+
+    class Data:
+        val = None
+
+    config = TrainerConfig(max_steps=100, log_every_n_steps=10, eval_every_n_steps=4,
+                           checkpoint={"every_n_steps": 15})
+    length = RunLength(config, Data())
+    assert [length.next_busy(s) for s in (0, 9, 10, 14, 29)] == [10, 10, 15, 15, 30]  # no val data: no evaluation
+    Data.val = object()
+    assert [length.next_busy(s) for s in (0, 4, 9, 98, 99)] == [4, 8, 10, 100, 100]
+    config.max_steps, config.log_every_n_steps, config.eval_every_n_steps = None, 10**9, None
+    config.checkpoint.every_n_steps = None
+    assert length.next_busy(7) == 10**9

@@ -73,7 +73,7 @@ class Precision:
         else:
             self.autocast = torch.autocast(device_type=device.type, dtype=self.dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
-        self.scale = self.scaler.scale if name == "fp16" else _same  # what backward gets: the loss, fp16-scaled
+        self.scale = self.scaler.scale if name == "fp16" else None  # fp16: what backward gets is the scaled loss
 
     def __repr__(self) -> str:
         return f"Precision({self.name!r})"
@@ -99,10 +99,6 @@ def model_init(precision: str) -> contextlib.AbstractContextManager:
     """The context a model is built in: under bf16-true its weights are made in bf16 from the
     start (no fp32 copy first, as Lightning's ``init_module``); otherwise nothing changes."""
     return DefaultDtype(torch.bfloat16) if precision == "bf16-true" else contextlib.nullcontext()
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 def seed_everything(seed: int) -> None:

@@ -324,8 +324,7 @@ class Trainer:
         with torch_settings(self.device, cfg.deterministic):
             try:
                 self._records.start()
-                # With compile: true the first step includes compilation; it is timed on its own.
-                self._telemetry.start(self.global_step, time_first_step=bool(cfg.compile))
+                self._telemetry.start(self.global_step, time_first_step=bool(cfg.compile))  # compilation: timed alone
                 self._call("on_fit_start")
                 self._profiler.begin(self.global_step + 1, self.total_steps())
                 self._saves.background = cfg.checkpoint.async_
@@ -383,29 +382,27 @@ class Trainer:
         cfg, source, telemetry, h = self.config, self._data.train_source(), self._telemetry, self._hooks
         accum = cfg.grad_accum_steps
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
-        move = self._data.move
         epoch_len = length_of(source)
+        self._busy_from = 0  # the epoch's first boundary reads the schedule
         self._call("on_train_epoch_start")
         fresh = self.batch_in_epoch == 0
         step_now = True  # an epoch starts, or resumes, at a step boundary
-        for batch in telemetry.batches(source.epoch(self.epoch, self.batch_in_epoch)):
+        for batch in telemetry.batches(source.epoch(self.epoch, self.batch_in_epoch), self._data.move):  # moved
             self.batch_in_epoch += 1
             step_now = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == epoch_len or source.last_batch
-            batch = move(batch)
-            telemetry.fetched()
             for fn in h["on_train_batch_start"]:
                 fn(self, batch)
             if self._manual is None:
                 with self.precision.autocast:
                     outputs = self.training_step(batch)
-                loss, divided, count = split_loss(outputs, accum)
+                loss, divided, count = split_loss(outputs, accum, self.precision.scale)
                 for fn in h["on_before_backward"]:
                     fn(self, loss)
                 if no_sync is None or step_now:
-                    self.backward(self.precision.scale(divided))
+                    self.backward(divided)
                 else:  # under DDP / FSDP the micro-batches before the step skip the gradient all-reduce
                     with no_sync():
-                        self.backward(self.precision.scale(divided))
+                        self.backward(divided)
                 telemetry.computed(batch, outputs, loss, count)
             else:  # the subclass's manual_step backs and steps itself: its steps count as compute
                 outputs = self._manual.micro_batch(batch, step_now, self.global_step + 1)
@@ -433,22 +430,24 @@ class Trainer:
             self._validate(epoch=self.epoch - 1)  # tagged with the epoch it evaluates
 
     def _optimizer_step(self) -> None:
-        """The accumulation window's optimizer step (under ``manual_step``, the steps it asked for),
-        then the step count (trainer.loop.step)."""
+        """The window's optimizer step (under ``manual_step``, those it asked for), then the step count."""
+        step = self.global_step + 1
         if self._manual is None:
-            skipped = self._step(self.optimizer, self.global_step + 1, *self._telemetry.step_loss())
+            loss, count = self._telemetry.step_loss()
+            skipped = self._step.run(self.optimizer, step, loss, count)
         else:
             self._manual.end_window()
             skipped = True  # manual_step's values are tracked already: the window has no loss of its own
-        self._step.end_window()
-        self._telemetry.stepped(skipped)
-        self.global_step += 1
+        self._telemetry.stepped(skipped, step)
+        self.global_step = step
 
     def _after_step(self) -> bool:
-        """Log, validate, checkpoint and decide whether to stop, at an optimizer-step boundary."""
-        cfg = self.config
+        """Log, validate, checkpoint and decide whether to stop, at an optimizer-step boundary;
+        before ``_busy_from`` (trainer.loop.run_length) only a stop is looked for."""
         step = self.global_step
-        self._telemetry.boundary(step)
+        if step < self._busy_from and not (self.should_stop or self._signals.received):
+            return False
+        cfg = self.config
         log_point = step % cfg.log_every_n_steps == 0
         if log_point:
             self._flush_logs()
@@ -462,7 +461,9 @@ class Trainer:
         elif save_point:
             self.save_checkpoint()
         done = self._done()
-        self._profiler.at_boundary(step + 1, last=done)
+        if self._profiler.traces:
+            self._profiler.at_boundary(step + 1, last=done)
+        self._busy_from = step + 1 if self._profiler.traces else self._length.next_busy(step)
         return done
 
     def _stop_on_signal(self) -> None:

@@ -47,18 +47,14 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False, dtype:
     return obj
 
 
-def mover(device: torch.device, dtype: torch.dtype | None) -> Callable[[Any], Any]:
-    """``to_device`` for the training loop, resolved once: on the CPU, batches are already where they
-    belong, so no per-step walk over them, unless bf16-true (``dtype``) has floating-point tensors
-    to convert. On CUDA copies from pinned memory do not wait for the GPU."""
+def mover(device: torch.device, dtype: torch.dtype | None) -> Callable[[Any], Any] | None:
+    """``to_device`` for the training loop, resolved once; ``None`` on the CPU, where batches are
+    already where they belong (no per-step walk over them), unless bf16-true (``dtype``) has
+    floating-point tensors to convert. On CUDA copies from pinned memory do not wait for the GPU."""
     if device.type == "cpu" and dtype is None:
-        return _same
+        return None
     non_blocking = device.type == "cuda"
     return lambda batch: to_device(batch, device, non_blocking, dtype)
-
-
-def _same(batch: Any) -> Any:
-    return batch
 
 
 def describe(batch: Any) -> str:
@@ -73,26 +69,34 @@ def describe(batch: Any) -> str:
 
 
 def batch_size_of(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor, depth first (1 when it holds none)."""
-    tensor = first_tensor(batch)
-    if tensor is None:
-        return 1
-    return tensor.shape[0] if tensor.ndim else 1
+    """Samples in a batch: the length of its first tensor, depth first (1 when it holds none). The
+    training loop asks this of every micro-batch, so the usual one, a tuple or list that starts with
+    a tensor, is answered without a search."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        tensor = batch[0]
+    else:
+        tensor = first_tensor(batch)
+        if tensor is None:
+            return 1
+    shape = tensor.shape
+    return shape[0] if shape else 1
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
+    """The first tensor of a batch, depth first (``None`` when it holds none). Containers are tested
+    first: ``isinstance(x, torch.Tensor)`` is a slow test for an ``x`` that is not a tensor."""
     if isinstance(obj, (tuple, list)):
         children: Iterable[Any] = obj
     elif isinstance(obj, dict):
         children = obj.values()
+    elif isinstance(obj, torch.Tensor):
+        return obj
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         children = (getattr(obj, f.name) for f in dataclasses.fields(obj))
     else:
         return None
     for child in children:
-        found = first_tensor(child)
+        found = child if isinstance(child, torch.Tensor) else first_tensor(child)
         if found is not None:
             return found
     return None

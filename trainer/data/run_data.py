@@ -21,7 +21,8 @@ class RunData:
     def __init__(self, train: Any, val: Any, config: TrainerConfig, device: Any, dtype: Any, layout: Any):
         self.config, self.device, self.rank, self.world_size = config, device, layout.rank, layout.world_size
         self.train, self.val = train, val
-        self.move = mover(device, dtype)  # a batch onto the device (floating tensors in the parameters' dtype)
+        # A batch onto the device (floating tensors in the parameters' dtype); None: batches are in place.
+        self.move = mover(device, dtype)
 
     @property
     def train(self) -> Any:

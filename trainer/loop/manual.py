@@ -225,7 +225,7 @@ class ManualSteps:
     def end_window(self) -> None:
         """After the window's last micro-batch: the steps asked for on the window's earlier
         micro-batches and not again on its last (one that alternates, or the last, partial window
-        of data of unknown length) are taken now."""
+        of data of unknown length) are taken now; then the fp16 scale is updated, once."""
         for optimizer in self.requested:
             if id(optimizer) not in self.stepped:
                 self._step(optimizer)
@@ -238,6 +238,7 @@ class ManualSteps:
                 "(on the micro-batches before the window's last it only notes the request)"
             )
         self.stepped.clear()
+        self.optimizer_step.end_window()
 
     def _params_of(self, optimizer: Any, where: str) -> list[torch.Tensor]:
         if id(optimizer) not in self.index:
@@ -250,8 +251,8 @@ class ManualSteps:
     def _step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.world > 1:
             _average_over_ranks(self.optimizer_step.params[id(optimizer)], self.world)
-        self.optimizer_step(optimizer, self.number,
-                            name=f"optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__})")
+        self.optimizer_step.run(optimizer, self.number, None, None,
+                                f"optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__})", False)
         self.stepped.add(id(optimizer))
 
 

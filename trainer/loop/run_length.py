@@ -1,5 +1,5 @@
 """How long a run is: ``max_steps``, ``max_epochs`` (one epoch when neither is set), and what the
-training data's length makes of them."""
+training data's length makes of them; and which optimizer steps end at a boundary with work."""
 
 from __future__ import annotations
 
@@ -26,6 +26,18 @@ class RunLength:
         by_epochs = per_epoch * epochs if per_epoch is not None and epochs is not None else None
         limits = [n for n in (cfg.max_steps, by_epochs) if n is not None]
         return min(limits) if limits else None
+
+    def next_busy(self, step: int) -> int:
+        """The first optimizer step after ``step`` whose boundary may have work: a log point, an
+        evaluation, a checkpoint, or ``max_steps``. The boundaries before it only look for a stop
+        (``Trainer._after_step``); read again at each busy boundary, a changed config counts from there."""
+        cfg = self.config
+        periods = (cfg.log_every_n_steps, cfg.checkpoint.every_n_steps,
+                   cfg.eval_every_n_steps if self.data.val is not None else None)
+        due = [(step // n + 1) * n for n in periods if n]
+        if cfg.max_steps is not None and cfg.max_steps > step:
+            due.append(cfg.max_steps)
+        return min(due, default=step + 1)
 
     def done(self, step: int, epoch: int) -> bool:
         """Whether a run that has taken ``step`` optimizer steps and is in ``epoch`` has ended."""

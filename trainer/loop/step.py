@@ -5,8 +5,9 @@ gradients); for summed losses the gradients of the mean over every item (``train
 ``on_after_backward``; the non-finite decision (``trainer.loop.nonfinite``); clipping;
 ``on_before_optimizer_step``; the optimizer step, or its skip; its scheduler (a skipped step still
 counts, so data and schedule stay aligned); ``on_before_zero_grad``; ``zero_grad``. After the
-accumulation window's last optimizer, ``end_window`` updates the fp16 scale once (torch's AMP
-recipe for one or several optimizers).
+accumulation window's last optimizer the fp16 scale is updated once (torch's AMP recipe for one or
+several optimizers): ``run`` does it after the automatic loop's one step, ``end_window`` after
+``manual_step``'s.
 
 Everything that does not change from step to step (which function steps each optimizer, which
 parameters it holds, the hooks) is resolved when the step is built, so a step has no branch on
@@ -27,29 +28,28 @@ from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.losses import SUM, summed
 
 
-def _nothing(*args: Any) -> None:
-    return None
-
-
-def split_loss(outputs: Any, accum: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def split_loss(outputs: Any, accum: int, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``training_step``'s return as ``(loss, what backward gets, item count)``: a mean loss is
     divided by ``accum`` for backward and has no count; a ``loss_sum`` goes back whole, and the step
-    divides its gradients by the step's count of items (``OptimizerStep``, ``trainer.losses``)."""
+    divides its gradients by the step's count of items (``OptimizerStep``, ``trainer.losses``).
+    ``scale``: fp16's loss scaling, applied to what backward gets."""
     is_dict = isinstance(outputs, dict)
     if is_dict and SUM in outputs:
         loss, count = summed(outputs, "training_step")
-        return loss, loss, count
+        return loss, (loss if scale is None else scale(loss)), count
     loss = outputs["loss"] if is_dict else outputs
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
             f"training_step must return a loss Tensor, a dict with a 'loss' Tensor, or a dict with "
             f"'loss_sum' and 'count' Tensors, got {describe(outputs)}"
         )
-    return loss, (loss / accum if accum > 1 else loss), None
+    divided = loss / accum if accum > 1 else loss
+    return loss, (divided if scale is None else scale(divided)), None
 
 
 class OptimizerStep:
-    """``step(optimizer, number, loss=None, count=None, name="")``: one step of ``optimizer``, the
+    """``run(optimizer, number, loss=None, count=None, name="", last=True)``: one step of ``optimizer``, the
     run's optimizer step ``number``; returns whether it was skipped (a bool, or a 0/1 device flag
     under ``nonfinite_check: device``).
 
@@ -69,7 +69,6 @@ class OptimizerStep:
         self.before_zero_grad = hooks["on_before_zero_grad"]
         self.fp16 = fp16 = scaler.is_enabled()
         self.scaler = scaler
-        self.unscale = scaler.unscale_ if fp16 else _nothing
         self.check_grads = not fp16  # under fp16 the scaler owns non-finite gradients (it skips and lowers the scale)
         self.clip_grad_norm = clip_grad_norm
         self.clipping = clip_grad_norm is not None
@@ -104,30 +103,38 @@ class OptimizerStep:
         automatic loop: every trainable parameter, again after ``unfreeze``)."""
         self.params[id(optimizer)] = params
 
-    def __call__(self, optimizer: torch.optim.Optimizer, number: int, loss: torch.Tensor | None = None,
-                 count: torch.Tensor | None = None, name: str = "") -> bool | torch.Tensor:
-        owner, params = self.owner, self.params[id(optimizer)]
-        self.unscale(optimizer)
+    def run(self, optimizer: torch.optim.Optimizer, number: int, loss: torch.Tensor | None = None,
+            count: torch.Tensor | None = None, name: str = "", last: bool = True) -> bool | torch.Tensor:
+        """``last``: the accumulation window ends with this step (``manual_step`` passes ``False``
+        and calls ``end_window`` after its window's steps)."""
+        # Once per step: the calls below pass their arguments by position (keywords cost more).
+        key = id(optimizer)
+        owner, params = self.owner, self.params[key]
+        if self.fp16:
+            self.scaler.unscale_(optimizer)
         if count is not None:
             loss = loss * self.strategy.mean_over_items(params, count)
         for fn in self.after_backward:
             fn(owner)
         value, found, norm = self.strategy.step_value(loss if loss is not None else self.zero, params,
                                                       self.check_grads, self.clipping)
-        skipped = self.guard.check(value, found, number, loss, optimizer=optimizer, name=name)  # may raise
+        skipped = self.guard.check(value, found, number, loss, optimizer, name)  # may raise
         if self.clipping:
             self.strategy.clip(params, self.clip_grad_norm, norm)
         for fn in self.before_optimizer_step:
             fn(owner, optimizer)
         if skipped is not True:
-            self.steppers[id(optimizer)]()  # with a device-side flag, a bad step skips itself here
-        scheduler = self.schedulers[id(optimizer)]
+            self.steppers[key]()  # with a device-side flag, a bad step skips itself here
+        scheduler = self.schedulers[key]
         if scheduler is not None:
             scheduler.step()
         for fn in self.before_zero_grad:
             fn(owner, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        self.guard.done(optimizer)
+        if skipped is not False:  # a device-side flag, or a skipped step: the guard clears what it set
+            self.guard.done(optimizer)
+        if last and self.fp16:
+            self.scaler.update()
         return skipped
 
     def end_window(self) -> None:

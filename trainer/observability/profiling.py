@@ -31,7 +31,8 @@ def _records_cuda_memory(device: torch.device) -> bool:
 
 class RunProfiler:
     """The trace and the memory snapshot of one ``fit``. ``begin`` and ``end`` bracket the loop;
-    ``at_boundary(next_step)`` runs between optimizer steps; ``out_of_memory`` writes the snapshot."""
+    ``at_boundary(next_step)`` runs between optimizer steps when it ``traces``; ``out_of_memory``
+    writes the snapshot."""
 
     def __init__(self, settings: ProfileConfig | None, device: torch.device, run_dir: Path | None, rank: int):
         self.settings = settings
@@ -40,7 +41,8 @@ class RunProfiler:
         self.directory = run_dir / PROFILE_DIR if run_dir is not None else None
         self._profiler: torch.profiler.profile | None = None
         self._recording_memory = False
-        if settings is None or settings.start_step is None:
+        self.traces = not (settings is None or settings.start_step is None)  # else at_boundary has nothing to do
+        if not self.traces:
             self._first = self._stop = 0  # no trace: no step is ever in range
         else:
             warmup = min(settings.warmup, settings.start_step - 1)

@@ -1,10 +1,13 @@
 """Telemetry: the one object the training loop tells where it is, and that makes the log records.
 
-The loop calls, per micro-batch, ``batches`` (around the data source), ``fetched``, ``computed``
-and, at the end of an accumulation window, ``stepped``; at each optimizer-step boundary
-``boundary``, and at a log point ``record``. Nothing in these per-step calls waits for the device:
-losses and metrics stay device tensors in the ``LogInterval`` and the ``MetricBuffer``, and the
-log point turns them all into floats in one copy.
+The loop takes its micro-batches from ``batches`` (around the data source; it moves each onto the
+device) and calls, per micro-batch, ``computed`` and, at the end of an accumulation window,
+``stepped``; at a log point ``record``.
+Nothing in these per-step calls waits for the device: losses and metrics stay device tensors in the
+``LogInterval`` and the ``MetricBuffer``, and the log point turns them all into floats in one copy.
+They run for every micro-batch, so each does its part in one call: a clock reading added to its
+phase's sum and the interval's counts; what the sums make of a record (``timing.StepTimes``) is
+worked out at the log point.
 
 A record holds ``step`` and ``epoch``; the log interval's ``train/loss``, ``train/<extra>`` and
 ``samples_per_sec``; the values given to ``log`` (``Trainer.log``); the shares of wall time
@@ -16,7 +19,7 @@ recompilations).
 
 from __future__ import annotations
 
-import time
+from time import perf_counter  # bound once: the loop reads the clock per micro-batch
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -48,6 +51,13 @@ class Telemetry:
         self.after_copy: list[Callable[[], dict[str, float]]] = []
         self.on_first_step: list[Callable[[], None]] = []
         self._first_step_clock: float | None = None
+        # The host clock over the log interval: seconds waiting for data, computing and in the
+        # optimizer step, summed per micro-batch; the marks they are measured from; and the step the
+        # interval started after (time/step_s).
+        self._data = self._compute = self._optimizer = 0.0
+        self._mark = perf_counter()  # where the phase in progress began
+        self._first_step = 0
+        self._gpu = times.gpu  # CUDA events around each step, or None
 
     @classmethod
     def for_run(cls, device: torch.device, times: StepTimes, guard: Flags, optimizers: Sequence[Any],
@@ -85,18 +95,33 @@ class Telemetry:
     def start(self, step: int, time_first_step: bool) -> None:
         """A ``fit`` starts after ``step``. With ``time_first_step`` (compilation) the first step is
         timed on its own as ``time/first_step_s``, and throughput counts from its end."""
-        now = time.perf_counter()
+        now = perf_counter()
         self._first_step_clock = now if time_first_step else None
         self.interval.clock = now
-        self.times.restart(step)
+        self._restart(step)
+
+    def _restart(self, step: int) -> None:
+        """The host clock's sums of a new interval, after ``step``."""
+        self._data = self._compute = self._optimizer = 0.0
+        self._first_step = step
 
     # ----------------------------------------------------------------- the loop's calls, per micro-batch
 
-    def batches(self, source: Iterable[Any]) -> Iterator[Any]:
-        return self.times.batches(source)
-
-    def fetched(self) -> None:
-        self.times.fetched()
+    def batches(self, source: Iterable[Any], move: Callable[[Any], Any] | None) -> Iterator[Any]:
+        """``source``'s batches, each moved onto the device by ``move`` (``None``: they are there
+        already): the time from the start of its fetch to the end of its move was data."""
+        clock, gpu = perf_counter, self._gpu
+        fetch_start = clock()
+        for batch in source:
+            if move is not None:
+                batch = move(batch)
+            now = clock()
+            self._data += now - fetch_start
+            self._mark = now
+            if gpu is not None:
+                gpu.start()  # no-op after a step's first micro-batch
+            yield batch
+            fetch_start = clock()
 
     def computed(self, batch: Any, outputs: Any, loss: torch.Tensor | None = None,
                  count: torch.Tensor | None = None) -> None:
@@ -109,7 +134,9 @@ class Telemetry:
             self.interval.track(loss, outputs, batch)
         else:
             self.interval.track_sum(loss, count, outputs, batch)
-        self.times.computed()
+        now = perf_counter()
+        self._compute += now - self._mark
+        self._mark = now
 
     def step_loss(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The loss of the step in progress (summed over its micro-batches), and its item count for summed losses."""
@@ -119,29 +146,31 @@ class Telemetry:
         """The latest micro-batch and the optimizer step it belongs to (``global_step`` steps are done)."""
         return self.interval.last_batch, global_step + (1 if self.interval.step_micro else 0)
 
-    def stepped(self, skipped: bool | torch.Tensor) -> None:
-        """The window's optimizer step is done (launched, on CUDA); ``skipped`` leaves its loss out."""
+    def stepped(self, skipped: bool | torch.Tensor, step: int) -> None:
+        """Optimizer step ``step``, the window's, is done (launched, on CUDA); ``skipped`` leaves its
+        loss out. The end of a separately timed first step."""
         self.interval.end_step(skipped)
-        self.times.stepped()
+        self._optimizer += perf_counter() - self._mark
+        if self._gpu is not None:
+            self._gpu.end()
+        if self._first_step_clock is not None:
+            self._end_first_step(step)
 
-    # ----------------------------------------------------------------- step boundaries and log points
-
-    def log(self, name: str, value: Any) -> None:
-        self.metrics.put(name, value)
-
-    def boundary(self, step: int) -> None:
-        """After optimizer step ``step``: the end of a separately timed first step."""
-        if self._first_step_clock is None:
-            return
+    def _end_first_step(self, step: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # note: CPU-GPU sync point, once, to time compilation
-        now = time.perf_counter()
+        now = perf_counter()
         self.metrics.put("time/first_step_s", now - self._first_step_clock)
         self._first_step_clock = None
         self.interval.clock, self.interval.samples = now, 0  # throughput without the compile
-        self.times.restart(step)
+        self._restart(step)
         for fn in self.on_first_step:
             fn()
+
+    # ----------------------------------------------------------------- log points
+
+    def log(self, name: str, value: Any) -> None:
+        self.metrics.put(name, value)
 
     def record(self, step: int, epoch: int) -> dict[str, float] | None:
         """The log point: every pending value becomes a float in one copy; ``None`` when nothing
@@ -150,8 +179,10 @@ class Telemetry:
         if not interval.micro_batches and not self.metrics:
             return None
         record: dict[str, float] = {"step": step, "epoch": epoch}
-        now = time.perf_counter()  # one reading: samples/s, tokens/s and the time shares share their interval
-        times = self.times.close(interval.clock, now, step, interval.samples, interval.last_batch)
+        now = perf_counter()  # one reading: samples/s, tokens/s and the time shares share their interval
+        times = self.times.close(interval.clock, now, step - self._first_step,
+                                 (self._data, self._compute, self._optimizer), interval.samples, interval.last_batch)
+        self._restart(step)
         samples_per_sec = interval.put(self.metrics, now)
         for put in self.before_copy:
             put(self.metrics)

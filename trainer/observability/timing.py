@@ -1,7 +1,8 @@
 """Where a step's time goes, measured at no sync: logged at every log point.
 
 Shares of the log interval's wall time (they sum to 1), measured on the host with
-``time.perf_counter`` (three calls per micro-batch, one more per optimizer step):
+``time.perf_counter`` (three calls per micro-batch, one more per optimizer step, which
+``Telemetry`` makes as the loop tells it where it is, and sums by phase):
 
 - ``time/data``: waiting for the next batch (the loader's ``next()``) and moving it to the device;
 - ``time/compute``: ``training_step`` (forward) and ``backward``, with their hooks;
@@ -24,8 +25,6 @@ device's peak FLOP/s, when both are known).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -119,62 +118,29 @@ class _GpuSpans:
 
 
 class StepTimes:
-    """The host clock's shares of the log interval and the GPU's busy time (see the module)."""
+    """The time values of a log interval's record: the shares of the host clock's sums by phase,
+    which ``Telemetry`` keeps per micro-batch, and the GPU's busy time from ``gpu``'s spans, which
+    it starts and ends around each step (see the module)."""
 
     def __init__(self, device: torch.device, flops_per_sample: float | None, peak_flops: float | None,
                  flops_per_token: float | None = None):
-        self.data = self.compute = self.optimizer = 0.0
-        self._fetch_start = self._mark = time.perf_counter()
-        self._first_step = 0  # the global step the interval starts after
-        self._gpu = _GpuSpans() if device.type == "cuda" else None
+        self.gpu = _GpuSpans() if device.type == "cuda" else None
         self._wall = 0.0
         self.flops_per_sample = flops_per_sample
         self.flops_per_token = flops_per_token  # used when flops_per_sample is unknown and batches hold tokens
         self.peak_flops = peak_flops
 
-    def restart(self, step: int) -> None:
-        """A new interval after ``step`` (fit's start, or after a timed first step): sums from zero."""
-        self.data = self.compute = self.optimizer = 0.0
-        self._first_step = step
-
-    def batches(self, source: Iterable[Any]) -> Iterator[Any]:
-        """``source``'s batches, each fetch's start noted for ``fetched``."""
-        clock = time.perf_counter
-        self._fetch_start = clock()
-        for batch in source:
-            yield batch
-            self._fetch_start = clock()
-
-    def fetched(self) -> None:
-        """A micro-batch is on its device: the time since its fetch began was data."""
-        now = time.perf_counter()
-        self.data += now - self._fetch_start
-        self._mark = now
-        if self._gpu is not None:
-            self._gpu.start()  # no-op after a step's first micro-batch
-
-    def computed(self) -> None:
-        """Forward and backward of a micro-batch are done (launched, on CUDA)."""
-        now = time.perf_counter()
-        self.compute += now - self._mark
-        self._mark = now
-
-    def stepped(self) -> None:
-        """The optimizer step is done (launched, on CUDA)."""
-        self.optimizer += time.perf_counter() - self._mark
-        if self._gpu is not None:
-            self._gpu.end()
-
-    def close(self, clock: float, now: float, step: int, samples: int, last_batch: Any) -> dict[str, float]:
-        """The interval's host-side values, from the log interval's ``clock`` (its start, to ``now``),
-        ``samples`` and ``last_batch``, read before it starts anew; then a new interval."""
+    def close(self, clock: float, now: float, steps: int, phases: tuple[float, float, float], samples: int,
+              last_batch: Any) -> dict[str, float]:
+        """The host-side values of an interval from its ``clock`` (its start) to ``now`` that held
+        ``steps`` optimizer steps, ``phases`` (its seconds of data, compute and optimizer),
+        ``samples`` and ``last_batch``."""
         wall = max(now - clock, 1e-9)
         self._wall = wall
         record: dict[str, float] = {}
-        steps = step - self._first_step
         if steps > 0:
-            shares = {"time/data": self.data / wall, "time/compute": self.compute / wall,
-                      "time/optimizer": self.optimizer / wall}
+            data, compute, optimizer = phases
+            shares = {"time/data": data / wall, "time/compute": compute / wall, "time/optimizer": optimizer / wall}
             record.update(shares)
             record["time/other"] = max(0.0, 1.0 - sum(shares.values()))
             record["time/step_s"] = wall / steps
@@ -189,16 +155,14 @@ class StepTimes:
                     record["mfu"] = self.flops_per_sample * samples / wall / self.peak_flops
                 elif self.flops_per_token is not None and tokens_per_sec:
                     record["mfu"] = self.flops_per_token * tokens_per_sec / self.peak_flops
-        self.restart(step)
         return record
 
     def gpu_busy(self) -> dict[str, float]:
         """``time/gpu_busy`` of the interval ``close`` ended; after the log point's flush (CUDA only)."""
-        if self._gpu is None:
+        if self.gpu is None:
             return {}
-        busy = self._gpu.busy_seconds()
+        busy = self.gpu.busy_seconds()
         return {} if busy is None else {"time/gpu_busy": min(busy / self._wall, 1.0)}
-
 
 
 def for_run(settings: ThroughputConfig, module: torch.nn.Module, device: torch.device, precision: str) -> StepTimes:
