@@ -79,7 +79,7 @@ def main() -> None:
     def bookkeeping():
         telemetry.computed((x, y), loss, loss)
         step_loss, _ = telemetry.step_loss()
-        telemetry.stepped(guard.check(step_loss, None, 8, step_loss))
+        telemetry.stepped(guard.check(step_loss, None, 8, step_loss), 8)
         trainer._after_step()
 
     per_call = min(timeit.repeat(bookkeeping, number=20000, repeat=5)) / 20000 * 1e6
