@@ -195,11 +195,11 @@ class Trainer:
                              "(e.g. loss.mean()) or override backward(loss) to call loss.backward(gradient)")
         loss.backward()
 
-    def _unpack(self, batch: Any, where: str) -> tuple[Any, Any]:
+    def _unpack(self, batch: Any, where: str) -> tuple[Any, Any] | list[Any]:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"the default {where} expects each batch to be (inputs, targets), got {describe(batch)}; "
                             f"override {where}(self, batch) in a Trainer subclass to handle this batch")
-        return batch[0], batch[1]
+        return batch  # unpacked by the caller: (inputs, targets)
 
     def _loss(self, output: Any, target: Any) -> torch.Tensor:
         if self.loss_fn is None:
@@ -380,7 +380,7 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         cfg, source, telemetry, h = self.config, self._data.train_source(), self._telemetry, self._hooks
-        accum = cfg.grad_accum_steps
+        accum, precision = cfg.grad_accum_steps, self.precision
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
         epoch_len = length_of(source)
         self._busy_from = 0  # the epoch's first boundary reads the schedule
@@ -393,9 +393,9 @@ class Trainer:
             for fn in h["on_train_batch_start"]:
                 fn(self, batch)
             if self._manual is None:
-                with self.precision.autocast:
+                with precision.autocast:
                     outputs = self.training_step(batch)
-                loss, divided, count = split_loss(outputs, accum, self.precision.scale)
+                loss, divided, count = split_loss(outputs, accum, precision.scale)
                 for fn in h["on_before_backward"]:
                     fn(self, loss)
                 if no_sync is None or step_now:

@@ -34,12 +34,14 @@ def split_loss(outputs: Any, accum: int, scale: Callable[[torch.Tensor], torch.T
     divided by ``accum`` for backward and has no count; a ``loss_sum`` goes back whole, and the step
     divides its gradients by the step's count of items (``OptimizerStep``, ``trainer.losses``).
     ``scale``: fp16's loss scaling, applied to what backward gets."""
-    is_dict = isinstance(outputs, dict)
-    if is_dict and SUM in outputs:
+    if isinstance(outputs, torch.Tensor):  # the usual return: the mean loss
+        loss = outputs
+    elif isinstance(outputs, dict) and SUM in outputs:
         loss, count = summed(outputs, "training_step")
         return loss, (loss if scale is None else scale(loss)), count
-    loss = outputs["loss"] if is_dict else outputs
-    if not isinstance(loss, torch.Tensor):
+    elif isinstance(outputs, dict) and isinstance(outputs.get("loss"), torch.Tensor):
+        loss = outputs["loss"]
+    else:
         raise TypeError(
             f"training_step must return a loss Tensor, a dict with a 'loss' Tensor, or a dict with "
             f"'loss_sum' and 'count' Tensors, got {describe(outputs)}"
