@@ -97,10 +97,7 @@ class NonFiniteGuard:
         # On CPU these are plain reads, nothing to wait for.
         number = value.item()
         if math.isfinite(number) and (grads_found is None or not grads_found.item()):
-            if name:  # a run of non-finite steps ends (see _count)
-                self.runs[name] = 0
-            else:
-                self.consecutive = 0
+            self._count(name, False)
             self._taken += 1
             return False
         if grads_found is not None:

@@ -56,7 +56,7 @@ class SingleProcess:
         if need_norm:
             norm = _grad_norm(params, self.device)
             return step_loss + norm, None, norm
-        grads = [g for p in params if (g := p.grad) is not None]  # present_grads, inline: once per step
+        grads = present_grads(params)
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
         return step_loss, self._found, None
