@@ -63,7 +63,7 @@ def test_two_ranks_with_two_workers_each_see_every_item_once_and_uneven_streams_
            str(PROJECT / "streams_script.py"), str(tmp_path)]
     proc = run_or_stacks(cmd, timeout=240)  # a hang fails here, with every process's stacks
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # (the two ranks share stdout, so their lines may interleave)
+    # (the two ranks share stdout: each line is written whole, in any order)
     split = dict(((int(r), int(e)), list(map(int, s.split())))
                  for r, e, s in re.findall(r"split rank (\d) epoch (\d): ([\d ]+)", proc.stdout))
     assert sorted(split) == [(0, 0), (0, 1), (1, 0), (1, 1)], proc.stdout

@@ -486,7 +486,7 @@ def test_fsdp_from_a_users_script(tmp_path, precision, held):
            str(PROJECT / "fsdp_script.py"), str(tmp_path / "run"), precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # (the two ranks share stdout, so their lines may interleave)
+    # (the two ranks share stdout: each line is written whole, in any order)
     reports = sorted(re.findall(r"rank (\d): sharded=(\w+) skipped=(\d+) step=(\d+) val/loss=([\d.]+) "
                                 r"checkpointed=(\S+) as (\S+) held=((?:torch\.b?float\d+,?)+)", proc.stdout))
     assert [r[0] for r in reports] == ["0", "1"], proc.stdout
@@ -730,7 +730,7 @@ def test_summed_losses_give_the_gradient_of_the_whole_batchs_token_mean():
            str(PROJECT / "tokens_script.py")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=process_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # (the two ranks share stdout, so their lines may interleave)
+    # (the two ranks share stdout: each line is written whole, in any order)
     lines = re.findall(r"rank (\d) (\w+) (\w+): grads_match=(\w+) train_loss=([\d.]+) val_loss=([\d.]+) "
                        r"mean=([\d.]+) scalar_all_reduces=(\d+)", proc.stdout)
     assert sorted((r[0], r[1], r[2]) for r in lines) == sorted(

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from trainer import Trainer
+from lines import say
 
 
 def main(mode: str = "eager") -> None:
@@ -35,8 +36,7 @@ def main(mode: str = "eager") -> None:
     dist.destroy_process_group = recording_destroy
     trainer.close()
     trainer.close()  # a second call has nothing left to do
-    print(f"rank {trainer.layout.rank}: wrapper gone at destroy {gone}, initialized {dist.is_initialized()}",
-          flush=True)
+    say(f"rank {trainer.layout.rank}: wrapper gone at destroy {gone}, initialized {dist.is_initialized()}")
 
 
 if __name__ == "__main__":

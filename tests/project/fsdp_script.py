@@ -18,6 +18,7 @@ from torch import nn
 from trainer import Callback, Trainer
 from trainer.memory import checkpointed
 from trainer.examples.char_lm import CharTransformer, lm_loss, load
+from lines import say
 
 
 class ScriptTrainer(Trainer):
@@ -54,10 +55,10 @@ def main(run_dir: str, precision: str, optimizer_name: str = "adamw") -> None:
     # What the sharded parameters and the optimizer's state (its step counters aside) are held in.
     held = {p.dtype for p in trainer.module.parameters()}
     held |= {v.dtype for s in trainer.optimizer.state.values() for k, v in s.items() if k != "step"}
-    print(f"rank {trainer.layout.rank}: sharded={trainer.sharded} skipped={trainer.skipped_steps} "
-          f"step={trainer.global_step} val/loss={trainer.history[-1]['val/loss']:.6f} "
-          f"checkpointed={','.join(checkpointed(trainer.module))} as {','.join(blocks)} "
-          f"held={','.join(sorted(str(d) for d in held))}", flush=True)
+    say(f"rank {trainer.layout.rank}: sharded={trainer.sharded} skipped={trainer.skipped_steps} "
+        f"step={trainer.global_step} val/loss={trainer.history[-1]['val/loss']:.6f} "
+        f"checkpointed={','.join(checkpointed(trainer.module))} as {','.join(blocks)} "
+        f"held={','.join(sorted(str(d) for d in held))}")
 
 
 class Rotary(nn.Module):
@@ -144,8 +145,7 @@ def init_from(run_dir: str, weights_dir: str) -> None:
         # Once built (after the first forward FSDP may keep the root's parameters gathered until a backward).
         sharded = all(isinstance(p, DTensor) for p in trainer.module.parameters())
         angles = torch.equal(trainer.module.rotary.angles, Rotary.expected(16))
-        print(f"rank {dist.get_rank()} {name}: built_on={trainer.module.built_on} sharded={sharded} angles={angles}",
-              flush=True)
+        say(f"rank {dist.get_rank()} {name}: built_on={trainer.module.built_on} sharded={sharded} angles={angles}")
 
     first = out / "a" / "checkpoints" / "step-00000002"
     for name, path, max_steps, run_dir_, resume in [

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainer import Trainer
+from lines import say
 
 
 class Pair(nn.Module):
@@ -55,7 +56,7 @@ def main(out: Path, name: str, batch: int) -> None:
         try:
             Alternating(Pair, None, (x, y), config={"strategy": "fsdp", "progress": "off"})
         except ValueError as exc:
-            print(f"rank {t.layout.rank} fsdp refused: {exc}", flush=True)
+            say(f"rank {t.layout.rank} fsdp refused: {exc}")
     t.close()
 
 

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from trainer import Trainer
+from lines import say
 
 
 class Rows(Dataset):
@@ -54,19 +55,18 @@ def main(out: str) -> None:
         got = trainer.predict(data)
         if rank == 0:
             same = torch.allclose(got["logits"], expected, atol=1e-6) and torch.equal(got["label"], expected.argmax(-1))
-            print(f"rank 0: {name} rows={len(got['logits'])} same={same}", flush=True)
+            say(f"rank 0: {name} rows={len(got['logits'])} same={same}")
         else:
-            print(f"rank 1: {name} got={got}", flush=True)
+            say(f"rank 1: {name} got={got}")
     written = trainer.predict(Rows(x, y), out=Path(out) / "preds.safetensors")
     if rank == 0:
         stored = load_file(written.path)
-        print(f"rank 0: file rows={written.samples} same={torch.allclose(stored['logits'], expected, atol=1e-6)}",
-              flush=True)
+        say(f"rank 0: file rows={written.samples} same={torch.allclose(stored['logits'], expected, atol=1e-6)}")
     records = len(trainer.history)
     metrics = trainer.test(Rows(x, y))
     if rank == 0:
         same = abs(metrics["test/loss"] - loss) < 1e-5 and abs(metrics["test/acc"] - acc) < 1e-6
-        print(f"rank 0: test same={same} history kept={len(trainer.history) == records}", flush=True)
+        say(f"rank 0: test same={same} history kept={len(trainer.history) == records}")
     trainer.close()
     assert not dist.is_initialized()
 

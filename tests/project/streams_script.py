@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from trainer import Callback, Trainer
 from trainer.checkpoint import list_checkpoints
+from lines import say
 
 
 class Numbered(IterableDataset):
@@ -133,34 +134,33 @@ def main():
     stateful(rank, out / "stopped", 5)
     checkpoint = list_checkpoints(out / "stopped" / "checkpoints")[-1]
     resumed, reads, resumed_weights = stateful(rank, out / "stopped", 12, resume_from=checkpoint)
-    print(f"stateful rank {rank}: reads at the first batches {reads[:2]} same items {resumed == whole[5 * 3:]} "
-          f"same weights {all(torch.equal(a, b) for a, b in zip(weights, resumed_weights))}", flush=True)
+    say(f"stateful rank {rank}: reads at the first batches {reads[:2]} same items {resumed == whole[5 * 3:]} "
+        f"same weights {all(torch.equal(a, b) for a, b in zip(weights, resumed_weights))}")
 
     t = fit(Numbered(48), max_epochs=2)
     for epoch, items in sorted(t.seen.items()):
-        print(f"split rank {rank} epoch {epoch}: {' '.join(map(str, items))}", flush=True)
+        say(f"split rank {rank} epoch {epoch}: {' '.join(map(str, items))}")
 
     t = fit(OwnShare({0: 10, 1: 6}, batch_size=3), max_epochs=2, grad_accum_steps=4)
     digest = hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in t.module.parameters())).hexdigest()[:12]
-    print(f"uneven rank {rank}: steps {t.global_step} batches {len(t.seen[0])} {len(t.seen[1])} weights {digest}",
-          flush=True)
+    say(f"uneven rank {rank}: steps {t.global_step} batches {len(t.seen[0])} {len(t.seen[1])} weights {digest}")
 
     try:
         fit(OwnShare({0: 4, 1: 4}, batch_size=3, same_on_every_rank=True), max_epochs=1)
-        print(f"liar rank {rank}: no error", flush=True)
+        say(f"liar rank {rank}: no error")
     except Exception as exc:
-        print(f"liar rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+        say(f"liar rank {rank}: {type(exc).__name__}: {exc}")
     try:
         fit(OwnShare({0: 4, 1: 0}, batch_size=3), max_epochs=1)
-        print(f"empty rank {rank}: no error", flush=True)
+        say(f"empty rank {rank}: no error")
     except Exception as exc:
-        print(f"empty rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+        say(f"empty rank {rank}: {type(exc).__name__}: {exc}")
     try:
         items = torch.arange(20.0 if rank == 0 else 8.0)
         fit(torch.utils.data.DataLoader(items, batch_size=4), max_epochs=1, num_workers=0)
-        print(f"unequal rank {rank}: no error", flush=True)
+        say(f"unequal rank {rank}: no error")
     except Exception as exc:
-        print(f"unequal rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+        say(f"unequal rank {rank}: {type(exc).__name__}: {exc}")
     dist.barrier()  # every rank meets before any leaves: a rank that left first could abort a peer
     dist.destroy_process_group()
 

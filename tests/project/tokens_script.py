@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from trainer import Callback, Trainer
 from trainer.losses import summed_cross_entropy
+from lines import say
 
 VOCAB, LENGTH, IGNORE = 11, 32, -100
 VALID = [1, 2, 3, 4, 5, 6, 7, 30]
@@ -91,8 +92,8 @@ def main() -> None:
             match = all(torch.allclose(seen.grads[n], grad, rtol=1e-5, atol=1e-7) for n, grad in expected.items())
             train, val = trainer.history[0]["train/loss"], trainer.history[-1]["val/loss"]
             trainer.close()
-            print(f"rank {rank} {strategy} {kind}: grads_match={match} train_loss={train:.7f} val_loss={val:.7f} "
-                  f"mean={mean.item():.7f} scalar_all_reduces={reduces}", flush=True)
+            say(f"rank {rank} {strategy} {kind}: grads_match={match} train_loss={train:.7f} val_loss={val:.7f} "
+                f"mean={mean.item():.7f} scalar_all_reduces={reduces}")
     dist.all_reduce = all_reduce
     dist.barrier()
     dist.destroy_process_group()
