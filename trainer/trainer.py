@@ -383,7 +383,7 @@ class Trainer:
         accum, precision = cfg.grad_accum_steps, self.precision
         no_sync = self.strategy.no_sync() if accum > 1 else None  # local gradients before a step
         epoch_len = length_of(source)
-        self._busy_from = 0  # the epoch's first boundary reads the schedule
+        self._length.reread()  # the epoch's first boundary reads the schedule
         self._call("on_train_epoch_start")
         fresh = self.batch_in_epoch == 0
         step_now = True  # an epoch starts, or resumes, at a step boundary
@@ -443,9 +443,9 @@ class Trainer:
 
     def _after_step(self) -> bool:
         """Log, validate, checkpoint and decide whether to stop, at an optimizer-step boundary;
-        before ``_busy_from`` (trainer.loop.run_length) only a stop is looked for."""
+        before the run length's ``busy_from`` (trainer.loop.run_length) only a stop is looked for."""
         step = self.global_step
-        if step < self._busy_from and not (self.should_stop or self._signals.received):
+        if step < self._length.busy_from and not (self.should_stop or self._signals.received):
             return False
         cfg = self.config
         log_point = step % cfg.log_every_n_steps == 0
@@ -463,7 +463,7 @@ class Trainer:
         done = self._done()
         if self._profiler.traces:
             self._profiler.at_boundary(step + 1, last=done)
-        self._busy_from = step + 1 if self._profiler.traces else self._length.next_busy(step)
+        self._length.schedule(step, every_step=self._profiler.traces)
         return done
 
     def _stop_on_signal(self) -> None:

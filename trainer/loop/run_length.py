@@ -13,6 +13,9 @@ from trainer.data.sources import length_of
 class RunLength:
     def __init__(self, config: TrainerConfig, data: RunData):
         self.config, self.data = config, data
+        # The first optimizer step whose boundary may have work; the boundaries before it only look for
+        # a stop (``Trainer._after_step``); set at each busy boundary (``schedule``).
+        self.busy_from = 0
 
     def total_epochs(self) -> int | None:
         cfg = self.config
@@ -38,6 +41,15 @@ class RunLength:
         if cfg.max_steps is not None and cfg.max_steps > step:
             due.append(cfg.max_steps)
         return min(due, default=step + 1)
+
+    def reread(self) -> None:
+        """The next boundary reads the schedule (a new epoch or fit, whose callbacks may have changed it)."""
+        self.busy_from = 0
+
+    def schedule(self, step: int, every_step: bool = False) -> None:
+        """At the boundary of ``step``: ``busy_from`` becomes the next busy step (``every_step``: the next
+        step, while the profiler traces)."""
+        self.busy_from = step + 1 if every_step else self.next_busy(step)
 
     def done(self, step: int, epoch: int) -> bool:
         """Whether a run that has taken ``step`` optimizer steps and is in ``epoch`` has ended."""
