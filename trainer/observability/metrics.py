@@ -100,11 +100,7 @@ class LogInterval:
         self.step_micro = 0
         self.step_count: torch.Tensor | None = None  # summed losses: the current step's items (float64)
         self.summed: bool | None = None  # whether the interval's losses are sums (None: nothing tracked yet)
-        # Each taken step's loss (the sum of its micro-batches'), in order: summed only at the log point
-        # (``pending_losses``), so a step adds no tensor op. A resumed interval's steps from before its
-        # checkpoint come first (``restored``, float64, this rank's values as saved).
-        self.losses: list[torch.Tensor] = []
-        self.restored: torch.Tensor | None = None
+        self.loss_sum: torch.Tensor | None = None  # over the interval's steps taken
         # Their micro-batches (a device tensor when decided there); for summed losses their items
         # on every rank (a float64 device tensor).
         self.loss_count: int | torch.Tensor = 0
@@ -199,52 +195,43 @@ class LogInterval:
             taken = skipped == 0
             loss = torch.where(taken, loss, 0.0)
             micro = micro * taken
-        self.losses.append(loss)
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.loss_count = self.loss_count + micro
 
-    def pending_losses(self) -> torch.Tensor | None:
-        """The interval's step losses and, last, their count (micro-batches taken; for summed losses,
-        items on every rank) as one float64 vector for the log point's copy; ``None`` when no step
-        was taken. ``train_loss`` makes ``train/loss`` of its values."""
-        if not self.losses and self.restored is None:
-            return None
-        parts = [] if self.restored is None else [self.restored]
-        if self.losses:
-            parts.append(torch.stack(self.losses).double())
-        parts.append(torch.as_tensor(self.loss_count, dtype=torch.float64, device=self.device).reshape(1))
-        return torch.cat(parts)
-
     def put(self, metrics: MetricBuffer, now: float) -> float:
-        """Put ``train/count`` (summed losses) and ``train/<extra>`` into ``metrics``, start a new
-        interval at ``now`` (``time.perf_counter()``), and return the closed one's samples per second:
-        its own samples over its own time. Take ``pending_losses`` first."""
-        if self.summed and (self.losses or self.restored is not None):
-            metrics.put("train/count", self.loss_count)
+        """Put ``train/loss`` and ``train/<extra>`` into ``metrics``, start a new interval at ``now``
+        (``time.perf_counter()``), and return the closed one's samples per second: its own samples
+        over its own time."""
+        if self.loss_sum is not None and self.summed:
+            # Each rank's sum over the count of every rank: the mean over ranks at the log point
+            # makes it the sum over every rank's items divided by their count. A count of 0 (no
+            # item in the interval) logs no loss (see Telemetry.record).
+            count = self.loss_count
+            metrics.put("train/loss", self.loss_sum * (distributed.world_size() / torch.where(count > 0, count, 1.0)))
+            metrics.put("train/count", count)
+        elif self.loss_sum is not None:
+            metrics.put("train/loss", self.loss_sum / self.loss_count)
         for name, total in self.extra_sums.items():
             metrics.put(f"train/{name}", total / self.extra_count)
         rate = self.samples / max(now - self.clock, 1e-9)
-        self.losses, self.restored, self.loss_count, self.micro_batches, self.samples, self.clock = [], None, 0, 0, 0, now
+        self.loss_sum, self.loss_count, self.micro_batches, self.samples, self.clock = None, 0, 0, 0, now
         self.extra_sums, self.extra_count, self.summed = {}, 0, None
         return rate
 
     def state_dict(self) -> dict[str, Any]:
-        """Every rank's values (one gather, at checkpoints only), for the ``trainer_state``: each rank's
-        step losses (``step_losses``), so that the resumed run's log point sums exactly what the
-        uninterrupted run's does, and their sums (``loss_sums``, what ``regroup`` shares out)."""
+        """Every rank's sums (one gather, at checkpoints only), for the ``trainer_state``."""
         names = sorted(self.extra_sums)
-        extras = [torch.as_tensor(self.extra_sums[n]).double().mean().cpu() for n in names]
-        pending = self.pending_losses()
-        steps = pending[:-1].cpu() if pending is not None else torch.zeros(0, dtype=torch.float64)
-        mine = torch.cat([torch.stack(extras) if extras else steps[:0], steps]).tolist()  # note: CPU-GPU sync point, per checkpoint
-        ranks = distributed.all_gather_floats([float(pending is not None), *mine], self.device)
+        extras = [torch.as_tensor(self.extra_sums[n]).double().mean() for n in names]
+        loss = self.loss_sum.double() if self.loss_sum is not None else torch.zeros((), dtype=torch.float64)
+        mine = torch.stack([t.cpu() for t in [loss, *extras]]).tolist()  # note: CPU-GPU sync point, per checkpoint
+        ranks = distributed.all_gather_floats([float(self.loss_sum is not None), *mine], self.device)
         return {
-            "loss_sums": [math.fsum(r[1 + len(names):]) if r[0] else None for r in ranks],
-            "step_losses": [r[1 + len(names):] if r[0] else None for r in ranks],
+            "loss_sums": [r[1] if r[0] else None for r in ranks],
             "loss_count": 0 if self.summed else _count(self.loss_count),  # micro-batches, of mean losses
             "summed": self.summed,
             "item_count": float(self.loss_count) if self.summed else 0.0,  # items, of summed losses
             "micro_batches": self.micro_batches,
-            "extra_sums": [dict(zip(names, r[1:1 + len(names)])) for r in ranks],
+            "extra_sums": [dict(zip(names, r[2:])) for r in ranks],
             "extra_types": {n: str(v.dtype) if isinstance(v, torch.Tensor) else "float" for n, v in self.extra_sums.items()},
             "extra_count": self.extra_count,
         }
@@ -272,7 +259,6 @@ class LogInterval:
         return {
             **state,
             "loss_sums": [loss] * ranks,
-            "step_losses": [None if loss is None else [loss]] * ranks,
             "loss_count": _count(state["loss_count"] * factor),
             "micro_batches": round(state.get("micro_batches", state["loss_count"]) * factor),
             "extra_sums": [extra] * ranks,
@@ -282,11 +268,8 @@ class LogInterval:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rank = distributed.rank()
         rank = rank if rank < len(state["loss_sums"]) else 0  # fewer ranks than saved
-        # A checkpoint written before step losses were kept holds their sum only.
-        losses = state["step_losses"][rank] if "step_losses" in state else (
-            None if state["loss_sums"][rank] is None else [state["loss_sums"][rank]])
-        self.losses = []
-        self.restored = None if losses is None else torch.tensor(losses, dtype=torch.float64, device=self.device)
+        loss = state["loss_sums"][rank]
+        self.loss_sum = torch.tensor(loss, device=self.device) if loss is not None else None
         self.summed = state.get("summed")
         self.loss_count = (torch.tensor(state["item_count"], dtype=torch.float64, device=self.device) if self.summed
                            else state["loss_count"])
@@ -307,17 +290,6 @@ def _stacked(values: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(values, out=out)
     except RuntimeError:  # a value on another device (a CPU tensor logged during a CUDA run)
         return torch.stack([v.to(out.device) for v in values], out=out)
-
-
-def train_loss(values: list[float], summed: bool | None) -> float | None:
-    """``train/loss`` from the values of ``LogInterval.pending_losses`` brought to the host (averaged
-    over the ranks): the exact sum of the step losses over their count (summed losses: the sum over
-    every rank's items over their count); ``None`` when the count is 0 (no micro-batch or item taken)."""
-    *losses, count = values
-    if count <= 0:
-        return None
-    total = math.fsum(losses)  # exactly rounded: the same however the interval was split by a resume
-    return total * distributed.world_size() / count if summed else total / count
 
 
 def _count(value: Any) -> int | float:

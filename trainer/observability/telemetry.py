@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from trainer.observability.metrics import LogInterval, MetricBuffer, train_loss
+from trainer.observability.metrics import LogInterval, MetricBuffer
 from trainer.observability.timing import StepTimes
 from trainer.parallel import distributed
 
@@ -183,23 +183,19 @@ class Telemetry:
         times = self.times.close(interval.clock, now, step - self._first_step,
                                  (self._data, self._compute, self._optimizer), interval.samples, interval.last_batch)
         self._restart(step)
-        losses, summed = interval.pending_losses(), interval.summed
         samples_per_sec = interval.put(self.metrics, now)
         for put in self.before_copy:
             put(self.metrics)
         reduce = distributed.mean_over_ranks if distributed.active() else None
-        flags = self.guard.pending()
-        extra = [t for t in (losses, flags) if t is not None]
-        values, copied = self.metrics.flush(extra=torch.cat(extra) if extra else None, reduce=reduce)
+        values, flags = self.metrics.flush(extra=self.guard.pending(), reduce=reduce)
         # (note: the flush is the CPU-GPU sync point of the log interval)
         record.update(values)
-        taken = len(losses) if losses is not None else 0
         if flags is not None:
-            self.guard.read(copied[taken:])
-        # No loss to show when every step of the interval was skipped, or (summed losses) its steps held no item.
-        loss = train_loss(copied[:taken], summed) if taken else None
-        if self.guard.took_steps() and loss is not None:
-            record["train/loss"] = loss
+            self.guard.read(flags)
+        if not self.guard.took_steps() or record.get("train/count") == 0:
+            # Every step of the interval was skipped, or (summed losses) its steps held no item:
+            # no loss to show.
+            record.pop("train/loss", None)
         record["samples_per_sec"] = samples_per_sec
         record.update(times)
         record.update(self.times.gpu_busy())  # the GPU's events, complete since the copy
