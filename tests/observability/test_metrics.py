@@ -481,3 +481,32 @@ def test_every_value_of_a_log_point_is_a_float_whatever_its_tensor_dtype():
     record, _ = buffer.flush()
     assert record == {"count": 3.0, "flag": 1.0, "half": 0.5}
     assert {type(v) for v in record.values()} == {float}
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 3, 5])
+def test_a_log_interval_resumed_at_any_step_logs_bit_for_bit_what_the_uninterrupted_one_logs(cut):
+    """A checkpoint taken after ``cut`` of the interval's steps holds its loss sum exactly, and the
+    resumed interval goes on adding in the same order and precision: 2**24 + 1 is 2**24 in float32, so
+    a sum carried on in float64, or grouped otherwise, ends elsewhere."""
+    from trainer.observability.metrics import LogInterval
+
+    losses = [2.0**24, 1.0, -2.0**24, 3.0, 1e-7, 2.5]
+    skipped = {4}  # a skipped step's loss is left out, before the cut or after it
+
+    def steps(interval, values):
+        for i, value in values:
+            interval.track(torch.tensor(value), None, torch.zeros(2))
+            interval.end_step(i in skipped)
+        return interval
+
+    def logged(interval):
+        return (interval.loss_sum / interval.loss_count).item()
+
+    whole = steps(LogInterval(torch.device("cpu")), enumerate(losses))
+    first = steps(LogInterval(torch.device("cpu")), list(enumerate(losses))[:cut])
+    resumed = LogInterval(torch.device("cpu"))
+    resumed.load_state_dict(first.state_dict())
+    steps(resumed, list(enumerate(losses))[cut:])
+    assert logged(resumed) == logged(whole)
+    assert resumed.micro_batches == whole.micro_batches == len(losses)
+    assert resumed.loss_count == whole.loss_count == len(losses) - len(skipped)
