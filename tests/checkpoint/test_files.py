@@ -695,3 +695,15 @@ def test_a_device_or_a_fifo_is_named_for_what_it_is_and_never_opened(tmp_path):
     for path, kind in (("/dev/zero", "a character device"), (tmp_path / "pipe.pt", "a FIFO (named pipe)")):
         with pytest.raises(CheckpointError, match="^" + re.escape(f"{path} is {kind}, not a checkpoint: name a checkpoint")):
             load_checkpoint(path)
+
+
+def test_resume_auto_says_what_it_found_once_under_torchrun(small_run, monkeypatch, capsys):
+    """Every rank looks for the checkpoint to resume from; rank 0 alone says which it found."""
+    said = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert find_resume_checkpoint(small_run / "exact", "auto")["trainer_state"]["global_step"] == 14
+        said[rank] = capsys.readouterr().out
+    newest = small_run / "exact" / "checkpoints" / "step-00000014.pt"
+    assert said == {"1": "", "0": f"resume: continuing from {newest} (step 14)\n"}

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.parallel import distributed
 from trainer.run_dir import CHECKPOINT_NAME, checkpoint_dir, fsync_dir, list_checkpoints
 
 # torch.distributed.checkpoint (DCP) is imported inside the functions of sharded checkpoints: a process
@@ -614,10 +615,9 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> dict[str, Any] |
         state["path"] = str(resume)
         return state
     state = newest_good_checkpoint(run_dir, "resume")
-    if state is None:
-        print(f"resume: no checkpoint in {checkpoint_dir(run_dir)}; starting from scratch", flush=True)
-        return None
-    print(f"resume: continuing from {state['path']} (step {state['trainer_state']['global_step']})", flush=True)
+    if distributed.from_env().rank == 0:  # under torchrun every rank looks; one says what it found
+        print(f"resume: no checkpoint in {checkpoint_dir(run_dir)}; starting from scratch" if state is None else
+              f"resume: continuing from {state['path']} (step {state['trainer_state']['global_step']})", flush=True)
     return state
 
 
