@@ -251,8 +251,8 @@ class ManualSteps:
     def _step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.world > 1:
             _average_over_ranks(self.optimizer_step.params[id(optimizer)], self.world)
-        self.optimizer_step.run(optimizer, self.number, None, None,
-                                f"optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__})", False)
+        self.optimizer_step.run(optimizer, self.number,
+                                name=f"optimizer {self.index[id(optimizer)]} ({type(optimizer).__name__})", last=False)
         self.stepped.add(id(optimizer))
 
 
