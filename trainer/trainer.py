@@ -84,10 +84,8 @@ class Trainer:
         self.callbacks = [*callbacks, *builtin_callbacks.from_config(cfg)]
         self._hooks = collect_hooks(self, self.callbacks, Trainer)
 
-        # Progress, saved in checkpoints: optimizer steps done, the epoch, its micro-batches consumed, and
-        # the step of the last validation (not repeated on resume).
+        # Progress, saved in checkpoints: optimizer steps done, the epoch, its micro-batches consumed.
         self.global_step = self.epoch = self.batch_in_epoch = 0
-        self.validated_step: int | None = None
         self.should_stop, self.stop_reason, self.stopped_by_signal = False, None, None  # see stop()
         # Seeded or resumed (a later fit() continues, it does not seed again); sanity pass done; closed.
         self._started = self._sanity_checked = self._closed = False
@@ -111,11 +109,14 @@ class Trainer:
         self._init_from = init_from = weights.InitFrom(cfg.init_from, self.module, reset_missing=placed.built_on_meta)
         guard.explain = Diagnosis(self.module, lambda: self._telemetry.last_batch(self.global_step),
                                   init_from)  # what a non-finite step's message names
+        self._evaluator = Evaluator(self, self._data, self.strategy, self.precision, cfg, self.callbacks, self._hooks,
+                                    self.metrics)  # evaluate, test, predict; when the run validates
         self._checkpointer = ckpt.Checkpointer(
             self.strategy, self.module, self.optimizers, self.schedulers, self.precision.scaler, self.callbacks,
             # batch_size and grad_accum_steps as trained: a resume on other ranks may have set them (the
             # checkpointer restores the values this run takes, see load_checkpoint).
-            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch", "validated_step"),
+            train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch"),
+                         ckpt.Attributes(self._evaluator, "validated_step"),
                          ckpt.Attributes(self._records, "logged_records"),
                          ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
                          guard, self._telemetry.interval,
@@ -124,8 +125,6 @@ class Trainer:
         )
         self._saves = RunCheckpoints(self._checkpointer, self.run_dir, cfg.checkpoint, self._signals.deferred,
                                      self.is_main_process, self.strategy.sharded)
-        self._evaluator = Evaluator(self, self._data, self.strategy, self.precision, cfg.deterministic, self.callbacks,
-                                    self._hooks, self.metrics)
         self._length = RunLength(cfg, self._data)
         self._manual = (manual.ManualSteps(self, self._step, self.optimizers, self._hooks, self.precision,
                                            self.layout.world_size, lambda: cfg.grad_accum_steps)
@@ -339,7 +338,7 @@ class Trainer:
                     # Stopped by a signal, the interval in progress is in the checkpoint for the resumed run
                     # to log (logged now too, a tracker would keep a point the uninterrupted run never logged).
                     self._flush_logs()
-                if self.val_data is not None and self.validated_step != self.global_step and not stopped:
+                if not stopped and self._evaluator.due(self.global_step, end=True):
                     self._validate(epoch=self.last_step_epoch)  # final metrics
                 self._saves.release()  # the final checkpoint is on disk when fit returns
                 if cfg.checkpoint.save_final and self.run_dir is not None and not stopped:
@@ -425,8 +424,7 @@ class Trainer:
         self.epoch += 1
         self.batch_in_epoch = 0
         self._call("on_train_epoch_end")
-        every = self.config.eval_every_n_epochs
-        if every and self.val_data is not None and self.epoch % every == 0 and self.validated_step != self.global_step:
+        if self._evaluator.due(self.global_step, epochs_done=self.epoch):
             self._validate(epoch=self.epoch - 1)  # tagged with the epoch it evaluates
 
     def _optimizer_step(self) -> None:
@@ -451,7 +449,7 @@ class Trainer:
         log_point = step % cfg.log_every_n_steps == 0
         if log_point:
             self._flush_logs()
-        if cfg.eval_every_n_steps and self.val_data is not None and step % cfg.eval_every_n_steps == 0:
+        if self._evaluator.due(step):
             self._validate(epoch=self.epoch)
         save_point = self._saves.due(step)
         # A stop signal: alone, acted on at once; under torchrun, at the points where the ranks agree.
@@ -541,7 +539,7 @@ class Trainer:
         return self._evaluator.predict(data, out, self.is_main_process, self.sharded)
 
     def _validate(self, epoch: int) -> None:
-        self.validated_step = self.global_step
+        self._evaluator.validating(self.global_step)
         metrics = self.evaluate()
         self._records.emit({"step": self.global_step, "epoch": epoch, **metrics})
 

@@ -91,3 +91,36 @@ def test_best_checkpoint_holds_the_trained_weights_whatever_the_callback_order(t
         for name, value in t.module.state_dict().items():
             assert torch.equal(state["model"][name], value), (order, name)
             assert torch.equal(state["callbacks"]["EMAWeights"]["ema"][name], ema.ema.state_dict()[name])
+
+
+def evaluator_of(val, **config):
+    """The Evaluator alone, over a run's data with ``val`` as its validation data."""
+    from trainer import TrainerConfig
+    from trainer.data.run_data import RunData
+    from trainer.device import Precision
+    from trainer.evaluation.evaluator import Evaluator
+    from trainer.parallel import distributed
+
+    cfg = TrainerConfig(**config)
+    data = RunData(None, val, cfg, torch.device("cpu"), torch.float32, distributed.Layout(0, 1, 0))
+    return Evaluator(None, data, None, Precision("fp32", torch.device("cpu")), cfg, [], {}, {}), cfg
+
+
+def test_the_evaluator_decides_when_the_run_validates():
+    x, y = classification(8)
+    evaluator, cfg = evaluator_of((x, y), eval_every_n_steps=3, eval_every_n_epochs=2)
+    assert [step for step in range(1, 10) if evaluator.due(step)] == [3, 6, 9]
+    assert [epochs for epochs in range(1, 6) if evaluator.due(100 + epochs, epochs_done=epochs)] == [2, 4]
+    assert evaluator.due(7, end=True)
+    evaluator.validating(6)  # at step 6 (also when an epoch ends there, and at the end of fit), once
+    assert not evaluator.due(6) and not evaluator.due(6, epochs_done=2) and not evaluator.due(6, end=True)
+    assert evaluator.due(9) and evaluator.due(8, epochs_done=4)
+    cfg.eval_every_n_steps, cfg.eval_every_n_epochs = None, None  # the config as it is when asked
+    assert not any(evaluator.due(step) or evaluator.due(step, epochs_done=step) for step in range(1, 10))
+    assert evaluator.due(9, end=True)  # the end of fit validates whatever the intervals
+
+
+def test_without_validation_data_the_run_never_validates():
+    evaluator, _ = evaluator_of(None, eval_every_n_steps=1, eval_every_n_epochs=1)
+    assert not any(evaluator.due(step) or evaluator.due(step, epochs_done=1) or evaluator.due(step, end=True)
+                   for step in range(1, 5))

@@ -131,13 +131,13 @@ def test_test_reports_test_metrics_apart_from_the_run(tmp_path):
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), (x, y), loss_fn=F.cross_entropy,
                       callbacks=[Probe()], run_dir=tmp_path / "run", config=quiet(max_steps=2, batch_size=8))
     trainer.fit()
-    before = (len(trainer.history), len(fired), trainer.validated_step,
+    before = (len(trainer.history), len(fired), trainer.state_dict()["trainer_state"]["validated_step"],
               (tmp_path / "run" / "metrics.jsonl").read_text())
     metrics = trainer.test((xt, yt))
     logits = plain(trainer.module, xt)
     assert metrics == pytest.approx({"test/loss": F.cross_entropy(logits, yt).item(),
                                      "test/acc": (logits.argmax(-1) == yt).float().mean().item()}, rel=1e-6)
-    assert (len(trainer.history), len(fired), trainer.validated_step,
+    assert (len(trainer.history), len(fired), trainer.state_dict()["trainer_state"]["validated_step"],
             (tmp_path / "run" / "metrics.jsonl").read_text()) == before
     assert json.loads((tmp_path / "run" / "test.json").read_text()) == {"step": 2, **metrics}
     again = Trainer(mlp(), lambda params: torch.optim.SGD(params, lr=0.1), (x, y), loss_fn=F.cross_entropy,

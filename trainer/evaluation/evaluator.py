@@ -26,17 +26,37 @@ from trainer.parallel import distributed
 
 class Evaluator:
     """``owner``: the Trainer, whose ``validation_step`` and ``predict_step`` run and whom hooks and
-    callbacks receive; ``metrics``: the metric objects given to it (every one a pass has met joins them)."""
+    callbacks receive; ``metrics``: the metric objects given to it (every one a pass has met joins them).
+    It also decides when the run validates (``due``), from ``config``'s ``eval_every_n_steps`` and
+    ``eval_every_n_epochs`` as they are when it is asked."""
 
-    def __init__(self, owner: Any, data: RunData, strategy: Any, precision: Precision, deterministic: bool,
+    def __init__(self, owner: Any, data: RunData, strategy: Any, precision: Precision, config: Any,
                  callbacks: Sequence[Any], hooks: Mapping[str, Sequence[Callable[..., Any]]], metrics: dict[str, Any]):
         self.owner, self.data, self.strategy, self.precision = owner, data, strategy, precision
         self.device = data.device
-        self.deterministic = deterministic
+        self.config = config
+        self.deterministic = config.deterministic
+        # The step of the run's last validation, saved in checkpoints: a resumed run does not repeat it.
+        self.validated_step: int | None = None
         self.callbacks, self.hooks = callbacks, hooks
         # Every metric object evaluation has met: those given and those validation_step returned
         # (reset before each evaluation).
         self.metric_objects: dict[str, Any] = dict(metrics)
+
+    def due(self, step: int, epochs_done: int | None = None, end: bool = False) -> bool:
+        """Whether the run validates after optimizer step ``step``: every ``eval_every_n_steps`` steps;
+        given ``epochs_done``, at the end of every ``eval_every_n_epochs``-th epoch; with ``end``, at
+        the end of ``fit``. Never without validation data, never twice at one step."""
+        if self.data.val is None or self.validated_step == step:
+            return False
+        if end:
+            return True
+        every = self.config.eval_every_n_epochs if epochs_done is not None else self.config.eval_every_n_steps
+        return bool(every) and (epochs_done if epochs_done is not None else step) % every == 0
+
+    def validating(self, step: int) -> None:
+        """The run validates after ``step`` (``due`` said so): not again at that step."""
+        self.validated_step = step
 
     def evaluate(self, data: Any = None, prefix: str = "val") -> dict[str, float]:
         """See ``Trainer.evaluate``: without ``data`` the run's own validation, with its hooks."""
