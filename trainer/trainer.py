@@ -106,7 +106,7 @@ class Trainer:
         self._telemetry = Telemetry.for_run(self.device, times, guard, self.optimizers,
                                             compilation.Recompiles() if compiled is not None else None)
         self._unfrozen = UnfrozenGroups(self.module, self.optimizer, self.scheduler, others=self.optimizers[1:])
-        self._init_from = init_from = weights.InitFrom(cfg.init_from, self.module, reset_missing=placed.built_on_meta)
+        init_from = weights.InitFrom(cfg.init_from, self.module, reset_missing=placed.built_on_meta)
         guard.explain = Diagnosis(self.module, lambda: self._telemetry.last_batch(self.global_step),
                                   init_from)  # what a non-finite step's message names
         self._evaluator = Evaluator(self, self._data, self.strategy, self.precision, cfg, self.callbacks, self._hooks,
@@ -226,7 +226,7 @@ class Trainer:
     def apply_init_from(self) -> str | None:
         """Load ``config.init_from`` into the model now; one line saying what, or ``None`` (docs/memory.md)."""
         self._check_open()
-        return self._init_from.apply()
+        return self._checkpointer.apply_init_from()
 
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a value; tensors stay on the device and become numbers at the next log point."""

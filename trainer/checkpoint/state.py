@@ -526,6 +526,11 @@ class Checkpointer:
         self.module.load_state_dict(saved)
         self._weights_loaded()
 
+    def apply_init_from(self) -> str | None:
+        """``config.init_from``'s weights into the model, unless a checkpoint's came first: one line
+        saying what was loaded, or None (``weights.InitFrom.apply``)."""
+        return self.init_from.apply() if self.init_from is not None else None
+
     def _weights_loaded(self) -> None:
         if self.init_from is not None:
             self.init_from.cancel()  # the checkpoint's weights win: init_from is not applied after them
