@@ -369,3 +369,18 @@ def test_batch_size_and_accumulation_changed_together_resume_at_the_same_sample(
     t.fit()
     assert t.global_step == 6 and t.epoch == 2
     assert [r["epoch"] for r in t.history if r["step"] > 3] == [1, 1, 1]
+
+
+def test_a_resumed_run_does_not_repeat_the_validation_of_its_checkpoints_step(tmp_path):
+    """The checkpoint at step 4 follows step 4's validation: resumed there, with nothing left to
+    train, the end of fit finds the step validated and adds no record. A second fit with a higher
+    limit goes on validating at its own steps."""
+    first = run(tmp_path / "a", [], max_steps=4)
+    assert [r["step"] for r in first.history if "val/loss" in r] == [2, 4]
+    checkpoint = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    resumed = build([], max_steps=4)
+    resumed.fit(resume_from=checkpoint)
+    assert resumed.global_step == 4 and [r for r in resumed.history if "val/loss" in r] == []
+    resumed.config.max_steps = 6
+    resumed.fit()
+    assert [r["step"] for r in resumed.history if "val/loss" in r] == [6]
