@@ -445,8 +445,7 @@ class Trainer:
         step = self.global_step
         if step < self._length.busy_from and not (self.should_stop or self._signals.received):
             return False
-        cfg = self.config
-        log_point = step % cfg.log_every_n_steps == 0
+        log_point = step % self.config.log_every_n_steps == 0
         if log_point:
             self._flush_logs()
         if self._evaluator.due(step):
