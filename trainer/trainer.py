@@ -116,7 +116,7 @@ class Trainer:
             # batch_size and grad_accum_steps as trained: a resume on other ranks may have set them (the
             # checkpointer restores the values this run takes, see load_checkpoint).
             train_state=[ckpt.Attributes(self, "global_step", "epoch", "batch_in_epoch"),
-                         ckpt.Attributes(self._evaluator, "validated_step"),
+                         self._evaluator,  # validated_step
                          ckpt.Attributes(self._records, "logged_records"),
                          ckpt.Attributes(cfg, "batch_size", "grad_accum_steps"),
                          guard, self._telemetry.interval,
@@ -538,8 +538,8 @@ class Trainer:
         return self._evaluator.predict(data, out, self.is_main_process, self.sharded)
 
     def _validate(self, epoch: int) -> None:
-        self._evaluator.validating(self.global_step)
-        metrics = self.evaluate()
+        with self._evaluator.validating(self.global_step):
+            metrics = self.evaluate()
         self._records.emit({"step": self.global_step, "epoch": epoch, **metrics})
 
 

@@ -384,3 +384,17 @@ def test_a_resumed_run_does_not_repeat_the_validation_of_its_checkpoints_step(tm
     resumed.config.max_steps = 6
     resumed.fit()
     assert [r["step"] for r in resumed.history if "val/loss" in r] == [6]
+
+
+def test_a_checkpoint_without_validated_step_counts_no_step_validated():
+    """A checkpoint written before validated_step was saved, loaded into a Trainer that has
+    validated since: the Trainer's own last validation does not stand for the checkpoint's, and the
+    steps it goes on to validate as due."""
+    state = run(None, [], max_steps=2).state_dict()
+    del state["trainer_state"]["validated_step"]
+    t = run(None, [], max_steps=4)
+    assert [r["step"] for r in t.history if "val/loss" in r] == [2, 4]
+    t.load_checkpoint(state)
+    done = len(t.history)
+    t.fit()
+    assert t.global_step == 4 and [r["step"] for r in t.history[done:] if "val/loss" in r] == [4]

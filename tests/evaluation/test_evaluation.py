@@ -112,7 +112,8 @@ def test_the_evaluator_decides_when_the_run_validates():
     assert [step for step in range(1, 10) if evaluator.due(step)] == [3, 6, 9]
     assert [epochs for epochs in range(1, 6) if evaluator.due(100 + epochs, epochs_done=epochs)] == [2, 4]
     assert evaluator.due(7, end=True)
-    evaluator.validating(6)  # at step 6 (also when an epoch ends there, and at the end of fit), once
+    with evaluator.validating(6):  # at step 6 (also when an epoch ends there, and at the end of fit), once
+        assert not evaluator.due(6)  # already while it runs: a checkpoint written then holds it
     assert not evaluator.due(6) and not evaluator.due(6, epochs_done=2) and not evaluator.due(6, end=True)
     assert evaluator.due(9) and evaluator.due(8, epochs_done=4)
     cfg.eval_every_n_steps, cfg.eval_every_n_epochs = None, None  # the config as it is when asked
@@ -124,3 +125,26 @@ def test_without_validation_data_the_run_never_validates():
     evaluator, _ = evaluator_of(None, eval_every_n_steps=1, eval_every_n_epochs=1)
     assert not any(evaluator.due(step) or evaluator.due(step, epochs_done=1) or evaluator.due(step, end=True)
                    for step in range(1, 5))
+
+
+def test_a_validation_that_raises_is_not_counted_as_done():
+    """The step counts as validated while its validation runs (a checkpoint written then must not
+    repeat it), but a validation that raises did not happen: a later fit runs it."""
+
+    class FailsOnce(Trainer):
+        failed = False
+
+        def validation_step(self, batch):
+            if self.global_step == 4 and not self.failed:  # not in the sanity pass, at step 0
+                self.failed = True
+                raise RuntimeError("validation failed once")
+            return super().validation_step(batch)
+
+    x, y = classification(32)
+    model = mlp()
+    t = FailsOnce(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), val_data=(x, y), loss_fn=F.cross_entropy,
+                  config=quiet(max_steps=4, batch_size=8, eval_every_n_epochs=None))
+    with pytest.raises(RuntimeError, match="failed once"):
+        t.fit()
+    t.fit()
+    assert [r["step"] for r in t.history if "val/loss" in r] == [4]

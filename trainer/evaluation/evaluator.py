@@ -36,7 +36,8 @@ class Evaluator:
         self.device = data.device
         self.config = config
         self.deterministic = config.deterministic
-        # The step of the run's last validation, saved in checkpoints: a resumed run does not repeat it.
+        # The step of the run's last validation, saved in checkpoints (``state_dict``): a resumed run
+        # does not repeat it.
         self.validated_step: int | None = None
         self.callbacks, self.hooks = callbacks, hooks
         # Every metric object evaluation has met: those given and those validation_step returned
@@ -54,9 +55,24 @@ class Evaluator:
         every = self.config.eval_every_n_epochs if epochs_done is not None else self.config.eval_every_n_steps
         return bool(every) and (epochs_done if epochs_done is not None else step) % every == 0
 
-    def validating(self, step: int) -> None:
-        """The run validates after ``step`` (``due`` said so): not again at that step."""
-        self.validated_step = step
+    @contextlib.contextmanager
+    def validating(self, step: int) -> Iterator[None]:
+        """Around the run's validation after ``step`` (``due`` said so). The step counts as validated
+        from the start, so that a checkpoint written during it (``BestCheckpoints``) does not run it
+        again on resume; if it raises, it counts as not done."""
+        before, self.validated_step = self.validated_step, step
+        try:
+            yield
+        except BaseException:
+            self.validated_step = before
+            raise
+
+    def state_dict(self) -> dict[str, Any]:  # a part of the checkpoint's trainer_state
+        return {"validated_step": self.validated_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint without ``validated_step`` (written before it was saved) had no step validated."""
+        self.validated_step = state.get("validated_step")
 
     def evaluate(self, data: Any = None, prefix: str = "val") -> dict[str, float]:
         """See ``Trainer.evaluate``: without ``data`` the run's own validation, with its hooks."""
