@@ -413,9 +413,11 @@ class Trainer:
                 for fn in h["on_train_batch_end"]:
                     fn(self, outputs, batch)
             if step_now and self._after_step():
-                if self.batch_in_epoch != epoch_len:
+                # Stopping on the epoch's last batch still ends the epoch, unless a signal's checkpoint
+                # holds it unfinished: then the resumed run (or a later fit) ends it, and validates.
+                if self.batch_in_epoch != epoch_len or self.stopped_by_signal is not None:
                     return
-                break  # stopping on the epoch's last batch still ends the epoch
+                break
         if fresh and self.batch_in_epoch == 0:  # looping on would never reach max_steps
             raise empty_epoch(source, self.epoch, self.train_data, self.layout.world_size)
         if not step_now and epoch_len is None:  # the last, partial window of an iterable of unknown length

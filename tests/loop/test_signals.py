@@ -7,8 +7,12 @@ import sys
 import time
 
 import pytest
+import torch
+from torch.nn import functional as F
 
-from helpers import PROJECT, wait_until_stuck
+from helpers import PROJECT, classification, mlp, quiet, wait_until_stuck
+from trainer import Callback, Trainer
+from trainer.checkpoint import list_checkpoints
 
 
 def start(*args, marker=None):
@@ -146,3 +150,36 @@ def test_a_rank_signalled_after_agreeing_to_stop_for_another_ranks_signal_finish
         with pytest.raises(Interrupted, match="second SIGTERM"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs at the next instruction; the sleep is never finished
+
+
+def test_a_signal_on_an_epochs_last_step_leaves_the_epochs_end_to_the_resumed_run(tmp_path):
+    """SIGTERM during the last step of epoch 0: the signal's checkpoint holds the epoch unfinished,
+    so the stopped run neither ends nor validates it (its records would come after the checkpoint,
+    and the resumed run makes them again). The resumed run's validations are the uninterrupted run's."""
+
+    class SignalAtStep4(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch):
+            if trainer.global_step == 4 and not trainer.should_stop:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def build(run_dir, callbacks=()):
+        x, y = classification(32)  # 4 batches an epoch
+        model = mlp()
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), val_data=(x, y),
+                       loss_fn=F.cross_entropy, callbacks=list(callbacks), run_dir=run_dir,
+                       config=quiet(max_steps=8, batch_size=8, eval_every_n_epochs=1))
+
+    def validations(trainer):
+        return [(r["step"], r["epoch"], r["val/loss"]) for r in trainer.history if "val/loss" in r]
+
+    whole = build(tmp_path / "whole")
+    whole.fit()
+    stopped = build(tmp_path / "cut", [SignalAtStep4()])
+    stopped.fit()
+    assert stopped.stopped_by_signal == signal.SIGTERM and stopped.global_step == 4
+    assert (stopped.epoch, stopped.batch_in_epoch) == (0, 4)  # what its checkpoint holds
+    assert validations(stopped) == []
+    resumed = build(tmp_path / "cut")
+    resumed.fit(resume_from=list_checkpoints(tmp_path / "cut" / "checkpoints")[-1])
+    assert [step for step, _, _ in validations(whole)] == [4, 8]
+    assert validations(resumed) == validations(whole)
