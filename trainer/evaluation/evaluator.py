@@ -35,7 +35,6 @@ class Evaluator:
         self.owner, self.data, self.strategy, self.precision = owner, data, strategy, precision
         self.device = data.device
         self.config = config
-        self.deterministic = config.deterministic
         # The step of the run's last validation, saved in checkpoints (``state_dict``): a resumed run
         # does not repeat it.
         self.validated_step: int | None = None
@@ -52,8 +51,11 @@ class Evaluator:
             return False
         if end:
             return True
-        every = self.config.eval_every_n_epochs if epochs_done is not None else self.config.eval_every_n_steps
-        return bool(every) and (epochs_done if epochs_done is not None else step) % every == 0
+        if epochs_done is not None:
+            every, count = self.config.eval_every_n_epochs, epochs_done
+        else:
+            every, count = self.config.eval_every_n_steps, step
+        return bool(every) and count % every == 0
 
     @contextlib.contextmanager
     def validating(self, step: int) -> Iterator[None]:
@@ -136,7 +138,7 @@ class Evaluator:
         stepped, owner.model = owner.model, self.strategy.eval_module(owner.model, owner.module)
         try:
             with contextlib.ExitStack() as stack:
-                stack.enter_context(torch_settings(self.device, self.deterministic))
+                stack.enter_context(torch_settings(self.device, self.config.deterministic))
                 for cb in self.callbacks:
                     if hasattr(cb, "evaluation_weights"):
                         stack.enter_context(cb.evaluation_weights(owner))
