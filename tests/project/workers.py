@@ -38,8 +38,7 @@ class Slow(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         self.reads += 1
-        if self.signal_group is not None and not Path(self.marker).exists():
-            Path(self.marker).touch()
+        if self.signal_group is not None and _first(self.marker):
             os.killpg(0, self.signal_group)
         if self.stuck_at is not None and self.reads >= self.stuck_at:
             Path(self.marker).touch()
@@ -49,6 +48,16 @@ class Slow(torch.utils.data.Dataset):
             time.sleep(self.outlive_parent)
         g = torch.Generator().manual_seed(i)
         return torch.randn(8, generator=g), i % 3
+
+
+def _first(marker: str) -> bool:
+    """Whether this process made ``marker``: of two workers reading at once, exactly one (a check for
+    the file, then a touch, let both through and the run got two signals: "stop at once")."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def data(kind: str = "dataset", n: int = 256, delay: float = 0.0, num_workers: int = 2,
