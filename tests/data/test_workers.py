@@ -2,7 +2,10 @@
 
 import os
 import signal
+import subprocess
+import sys
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -85,3 +88,40 @@ def test_a_stop_signal_while_a_worker_starts_waits_and_is_dropped():
     worker = it._workers[0]
     os.kill(worker.pid, signal.SIGTERM)
     assert len(list(it)) == 64 // 4  # every batch delivered: the worker lived on
+
+
+# torch's worker loop asks its "done" event between batches, holding the event's lock while it does:
+# a scheduler's SIGTERM that lands then must not make the worker wait for that lock, which it holds
+# itself (it would wait for ever, and so would the main process, whose shutdown sets the event).
+# The script plays that loop, with the signal sent from inside the lock; then, the event set, the
+# SIGTERM torch's shutdown sends a worker that did not end, which ends it.
+INTERRUPTED_LOOP = """
+import multiprocessing, multiprocessing.synchronize, os, signal, sys
+from trainer.data.workers import LeaveSignalsToMain
+
+if sys.argv[1] == "no-sem-getvalue":  # as on macOS
+    def get_value(self):
+        raise NotImplementedError
+    multiprocessing.synchronize.Semaphore.get_value = get_value
+
+def _worker_loop(done_event):  # named and called as torch's, whose done_event the init finds
+    LeaveSignalsToMain(None)(0)
+    with done_event._cond:  # where done_event.is_set() holds the lock
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("ignored inside the lock", flush=True)
+    done_event.set()
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("not ended by the SIGTERM after the done event", flush=True)
+
+_worker_loop(multiprocessing.get_context("fork").Event())
+"""
+
+
+@pytest.mark.parametrize("platform", ["sem-getvalue", "no-sem-getvalue"])
+def test_a_stop_signal_that_lands_while_the_worker_loop_holds_its_done_events_lock_is_ignored(platform):
+    try:
+        out = subprocess.run([sys.executable, "-c", INTERRUPTED_LOOP, platform], capture_output=True,
+                             text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker's SIGTERM handler waited for the lock the interrupted loop holds")
+    assert (out.returncode, out.stdout) == (0, "ignored inside the lock\n"), out.stderr

@@ -54,7 +54,7 @@ class LeaveSignalsToMain:
             signal.signal(signum, signal.SIG_IGN)  # one that came while the worker started is dropped
         done = _shutdown_event()
         if done is not None:
-            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if done.is_set() else None)
+            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if _is_set_now(done) else None)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, LEFT_TO_MAIN)  # blocked since the fork (HeldContext)
         if self.init is not None:
             self.init(worker_id)
@@ -65,6 +65,26 @@ def _shutdown_event() -> Any:
     where the loop is not torch's."""
     caller = sys._getframe(2)
     return caller.f_locals.get("done_event") if caller.f_code.co_name == "_worker_loop" else None
+
+
+def _is_set_now(event: Any) -> bool:
+    """``event.is_set()`` for a signal handler. ``is_set()`` waits for the event's lock, which the code
+    the handler interrupted may hold (torch's worker loop asks its "done" event between batches): the
+    worker would wait for itself for ever, and the main process with it, whose shutdown sets the
+    event. The event's semaphore is read instead, without the lock; where the platform cannot read
+    one (macOS), the lock is tried without waiting, and an event whose lock is taken counts as not set."""
+    try:
+        return event._flag.get_value() > 0
+    except NotImplementedError:
+        if not event._cond.acquire(False):
+            return False
+        try:
+            if event._flag.acquire(False):
+                event._flag.release()
+                return True
+            return False
+        finally:
+            event._cond.release()
 
 
 def worker_settings(init: Callable[[int], Any] | None, num_workers: int) -> dict[str, Any]:
