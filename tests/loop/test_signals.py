@@ -183,3 +183,39 @@ def test_a_signal_on_an_epochs_last_step_leaves_the_epochs_end_to_the_resumed_ru
     resumed.fit(resume_from=list_checkpoints(tmp_path / "cut" / "checkpoints")[-1])
     assert [step for step, _, _ in validations(whole)] == [4, 8]
     assert validations(resumed) == validations(whole)
+
+
+# A write to stderr that a signal interrupts (a pipe whose reader is slow, a terminal over ssh: the
+# write blocks, the signal makes it return EINTR) runs the handler inside the stream's buffer, which
+# Python's own write still holds: a handler that printed to stderr raised "reentrant call" there, in
+# the middle of whatever the loop was writing (the progress bar), and the run crashed instead of
+# stopping at its next step. The script plays such a write.
+INTERRUPTED_WRITE = """
+import io, os, signal, sys
+from trainer.loop.signals import StopSignals
+
+class InterruptedFile(io.RawIOBase):
+    sent = False
+    def writable(self):
+        return True
+    def fileno(self):
+        return 2
+    def write(self, data):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)  # handled here, inside the buffer's write
+        return os.write(2, bytes(data))
+
+sys.stderr = io.TextIOWrapper(io.BufferedWriter(InterruptedFile()), line_buffering=True)
+stops = StopSignals()
+with stops.installed():
+    print("a progress bar's line", file=sys.stderr, flush=True)
+    print("stopping for", signal.Signals(stops.received).name, flush=True)
+"""
+
+
+def test_a_stop_signal_that_interrupts_a_write_to_stderr_is_noted_without_breaking_the_write():
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_WRITE], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (0, "stopping for SIGTERM\n"), out.stderr
+    assert out.stderr.count("SIGTERM received; stopping after the current optimizer step") == 1
+    assert out.stderr.count("a progress bar's line\n") == 1 and "Traceback" not in out.stderr

@@ -78,8 +78,8 @@ class StopSignals:
                 self.received = signum
             if distributed.rank() == 0:
                 then = ", then requeueing the SLURM job" if signum == self.requeue else ""
-                print(f"trainer: {name(signum)} received; stopping after the current optimizer step with a "
-                      f"checkpoint{then} (send it again to stop at once)", file=sys.stderr, flush=True)
+                _say(f"trainer: {name(signum)} received; stopping after the current optimizer step with a "
+                     f"checkpoint{then} (send it again to stop at once)")
 
         handled = (*STOP_SIGNALS, self.requeue) if self.requeue is not None else STOP_SIGNALS
         previous = {signum: signal.signal(signum, handler) for signum in handled}
@@ -110,6 +110,23 @@ class StopSignals:
             return None
         self.received = agreed
         return agreed
+
+
+def _say(line: str) -> None:
+    """A line to stderr from a signal handler. The handler may run inside a write to ``sys.stderr``
+    (one that a signal interrupted: Python handles the signal before the write returns), whose
+    buffer then refuses a second write ("reentrant call"): the line goes to the stream's file
+    descriptor instead; a stream without one (captured) gets it unless it is the one being written."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # closed, or not a file
+        with contextlib.suppress(RuntimeError):  # the stream being written: the line is dropped
+            print(line, file=stream, flush=True)
+        return
+    os.write(fd, (line + "\n").encode())
 
 
 def name(signum: int) -> str:
