@@ -946,3 +946,16 @@ def test_the_next_busy_step_is_the_first_log_point_evaluation_checkpoint_or_last
     config.max_steps, config.log_every_n_steps, config.eval_every_n_steps = None, 10**9, None
     config.checkpoint.every_n_steps = None
     assert length.next_busy(7) == 10**9
+
+
+def test_a_closed_trainer_refuses_to_go_on_and_a_second_close_does_nothing():
+    model = mlp()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(32, 8), loss_fn=F.cross_entropy,
+                config=quiet(max_steps=2))
+    t.fit()
+    t.close()
+    t.close()
+    for go_on in (t.fit, t.apply_init_from):
+        with pytest.raises(RuntimeError, match="this Trainer was closed"):
+            go_on()
+    assert t.global_step == 2

@@ -63,7 +63,6 @@ class Trainer:
         placed = place(model, optimizer, cfg, self.layout, self.configure_sharding, steps_itself=manual_mode)
         self.device, self.precision, self.strategy = placed.device, placed.precision, placed.strategy
         self.module = placed.module  # the plain (under fsdp, sharded) module
-        self._joined_group = placed.joined_group  # close() leaves it then
         compiled = compile_settings(cfg.compile)
         self.model = compilation.compile_model(placed.stepped, compiled)  # what training steps call
         self.loss_fn = loss_fn
@@ -87,8 +86,8 @@ class Trainer:
         # Progress, saved in checkpoints: optimizer steps done, the epoch, its micro-batches consumed.
         self.global_step = self.epoch = self.batch_in_epoch = 0
         self.should_stop, self.stop_reason, self.stopped_by_signal = False, None, None  # see stop()
-        # Seeded or resumed (a later fit() continues, it does not seed again); sanity pass done; closed.
-        self._started = self._sanity_checked = self._closed = False
+        # Seeded or resumed (a later fit() continues, it does not seed again); sanity pass done.
+        self._started = self._sanity_checked = False
 
         self._run_record = RunRecord(self.run_dir, self.is_main_process, run_config)  # lock, config.yaml, status.json
         self._records = Records(loggers, self.run_dir, self.is_main_process, run_config,
@@ -369,12 +368,10 @@ class Trainer:
         if self.strategy.unwrap():
             self.model = self.module
             compilation.forget(self.config.compile)  # compiled code holds the wrapper too
-        if self._joined_group and not self._closed:
-            distributed.shutdown()
-        self._closed = True
+        self.strategy.close()  # leaves the process group it joined
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self.strategy.closed:
             raise RuntimeError("this Trainer was closed (close() left the process group); build a new one to go on")
 
     def _train_epoch(self) -> None:

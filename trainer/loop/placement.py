@@ -31,7 +31,6 @@ class Placement:
     strategy: Any  # one process, DDP or FSDP (trainer.parallel.strategy)
     module: nn.Module  # the plain (under fsdp, sharded) module
     stepped: nn.Module  # what training steps call, before compiling: the module, or DDP's wrapper
-    joined_group: bool  # this placement joined torchrun's process group (Trainer.close leaves it)
     built_on_meta: bool  # the weights come from init_from, shard by shard
 
 
@@ -62,8 +61,8 @@ def place(model: nn.Module | Callable[[], nn.Module], optimizer: Any, cfg: Train
     precision = Precision(cfg.precision, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    joined = distributed.init(layout, device)
     strategy = strategies.choose(cfg.strategy, layout, device, configure_sharding)
+    strategy.join()
     # bf16-true converts the module here, before the optimizer is built, so that the optimizer's
     # state is bf16 too (an optimizer built before the Trainer holds the same parameters, converted
     # in place; its state, made at its first step, follows).
@@ -79,7 +78,7 @@ def place(model: nn.Module | Callable[[], nn.Module], optimizer: Any, cfg: Train
         stepped = module
     if meta and strategy.sharded:
         weights.materialize(module, device)  # each rank's shards only
-    return Placement(device, precision, strategy, module, stepped, joined, meta)
+    return Placement(device, precision, strategy, module, stepped, meta)
 
 
 __all__ = ["Placement", "place"]

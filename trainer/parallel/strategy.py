@@ -30,6 +30,12 @@ class SingleProcess:
         self.layout, self.device = layout, device
         self._found = torch.zeros((), device=device)  # set by the fused finiteness check below
         self._one = torch.ones((), device=device)
+        self.joined_group = False  # join() joined torchrun's process group: close() leaves it
+        self.closed = False
+
+    def join(self) -> None:
+        """Join torchrun's process group (NCCL on CUDA, gloo on CPU) unless the script already did."""
+        self.joined_group = distributed.init(self.layout, self.device)
 
     def wrap(self, module: nn.Module, optimizer: Any) -> nn.Module:
         """What training steps call. ``optimizer`` (built before wrapping, or ``None``) is adjusted
@@ -100,6 +106,13 @@ class SingleProcess:
     def unwrap(self) -> bool:
         """Drop a wrapper that holds the process group; True if there was one."""
         return False
+
+    def close(self) -> None:
+        """Leave the process group ``join`` joined, once, after ``unwrap`` and after everything else
+        that holds the group is dropped (``distributed.shutdown``); then the strategy is closed."""
+        if self.joined_group and not self.closed:
+            distributed.shutdown()
+        self.closed = True
 
 
 class DDP(SingleProcess):
