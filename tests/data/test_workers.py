@@ -125,3 +125,22 @@ def test_a_stop_signal_that_lands_while_the_worker_loop_holds_its_done_events_lo
     except subprocess.TimeoutExpired:
         pytest.fail("the worker's SIGTERM handler waited for the lock the interrupted loop holds")
     assert (out.returncode, out.stdout) == (0, "ignored inside the lock\n"), out.stderr
+
+
+def test_end_loaders_ends_the_workers_of_an_iterator_that_a_signal_left_half_built(monkeypatch):
+    # A second stop signal raises where the loop is; inside torch's iterator __init__ it leaves an
+    # iterator with workers started and no worker status, on which torch's own shutdown fails.
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    def interrupted(self, loader, first_iter=False):
+        raise KeyboardInterrupt  # as Interrupted, at the end of __init__
+
+    loader = DataLoader(data(), batch_size=4, num_workers=2, worker_init_fn=LeaveSignalsToMain(None))
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "_reset", interrupted)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        iter(loader)
+    half_built = raised.traceback[-1].frame.f_locals["self"]
+    workers = list(half_built._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    end_loaders()
+    assert all(wait_dead(w, 0) for w in workers) and half_built._shutdown

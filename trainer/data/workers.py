@@ -193,6 +193,17 @@ def end_loaders() -> None:
         for w in stuck:
             w.kill()
             w.join()
+        if not hasattr(it, "_workers_status"):
+            # Built halfway (a second stop signal raised inside its __init__): torch's shutdown fails
+            # on it, and its workers are ended already.
+            if it._worker_pids_set:
+                _remove_worker_pids(id(it))
+                it._worker_pids_set = False
+            for q in it._index_queues:
+                q.cancel_join_thread()
+                q.close()
+            it._shutdown = True
+            continue
         it._shutdown_workers()
 
 
