@@ -327,8 +327,10 @@ def in_process(*args, cwd=None, env=None) -> Result:
     from typer.testing import CliRunner
 
     from trainer.cli import main
+    from trainer.data.workers import LEFT_TO_MAIN
 
     saved_cwd, saved_argv, saved_path, saved_modules = os.getcwd(), sys.argv, list(sys.path), set(sys.modules)
+    saved_handlers = {signum: signal.getsignal(signum) for signum in LEFT_TO_MAIN}  # main() holds them at its end
     saved_env = {name: os.environ.get(name) for name in env or {}}
     try:
         if cwd is not None:
@@ -352,6 +354,8 @@ def in_process(*args, cwd=None, env=None) -> Result:
                 sys.stderr.flush()
             captured = [stream.getvalue().decode() for stream in (stdout, stderr, output)]
     finally:
+        for signum, handler in saved_handlers.items():
+            signal.signal(signum, handler)
         os.chdir(saved_cwd)
         sys.argv = saved_argv
         sys.path[:] = saved_path

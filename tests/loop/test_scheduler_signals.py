@@ -218,3 +218,44 @@ def test_a_signal_after_the_final_checkpoint_leaves_a_finished_run_finished(tmp_
     assert (tmp_path / "sent").exists()
     assert done.returncode == 0, done.stderr[-3000:]
     assert status(tmp_path / "runs" / "w")["status"] == "finished"
+
+
+# The command's teardown, after its run has finished or stopped: the DataLoader workers are ended,
+# what the run left is collected, then atexit. A signal that lands there must not interrupt it: a
+# KeyboardInterrupt there printed a traceback, left workers running, and could leave them untold
+# so that multiprocessing's own exit waited for them for ever.
+TEARDOWN = """
+import os, signal, sys
+import trainer.cli.commands as commands
+import trainer.data.workers as workers
+
+end_loaders = workers.end_loaders
+signum = int(sys.argv.pop())
+
+def signalled_end_loaders():
+    if not os.environ.get("SENT"):  # once (at exit it is called again)
+        os.environ["SENT"] = "1"
+        os.kill(os.getpid(), signum)  # lands as the teardown ends the workers
+    end_loaders()
+
+workers.end_loaders = signalled_end_loaders
+sys.argv = ["trainer", "run", *sys.argv[1:]]
+commands.main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_commands_teardown_leaves_the_run_finished_and_no_worker_behind(tmp_path, signum):
+    cfg = config(tmp_path, kind="loader")  # the user's persistent DataLoader: its workers live to the end
+    proc = subprocess.Popen([sys.executable, "-c", TEARDOWN, str(cfg), "max_steps=6", str(int(signum))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=process_env(),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        end(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert status(tmp_path / "runs" / "w")["status"] == "finished"
+    with pytest.raises(ProcessLookupError):  # nothing of the run's session is left
+        os.killpg(proc.pid, 0)

@@ -16,6 +16,7 @@ import errno
 import gc
 import json
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -309,6 +310,7 @@ def _unwritable(run_dir: Path, exc: OSError) -> str:
 def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim, accept_changes: bool) -> None:
     from trainer.cli.build import build
     from trainer.checkpoint import CheckpointError, find_resume_checkpoint
+    from trainer.data.workers import STOP_SIGNALS
     from trainer.loop.signals import Interrupted
 
     try:
@@ -327,7 +329,9 @@ def _train(source: Source, cfg, run_dir: Path, resume: str | None, claim: _Claim
         raise claim.refusal
     # A stop signal from here on is the run's, as inside fit (whose handlers take over there): one that
     # comes during the resume's load or the sanity pass stops the run at its first step boundary, with
-    # a checkpoint; one after fit's final checkpoint leaves the finished run finished.
+    # a checkpoint; one after fit's final checkpoint leaves the finished run finished. When the handlers
+    # end, those that hold the signals through the teardown come back (_hold_stop_signals).
+    _hold_stop_signals(STOP_SIGNALS)
     try:
         with built.trainer.stop_signals():
             _fit_built(source, cfg, run_dir, resume, resume_from, claim, built, accept_changes)
@@ -827,7 +831,37 @@ def main() -> None:
     try:
         app()
     finally:
+        _hold_stop_signals()
         release()
+
+
+def _hold_stop_signals(signums: tuple[int, ...] | None = None) -> None:
+    """From the end of the run (or of a command without one) to the process's exit (its DataLoader
+    workers ended, what it left collected, atexit), a stop signal has nothing left to stop: the
+    run's outcome is written. Left to its default there, it killed the process or raised
+    KeyboardInterrupt in the middle of ending the workers (a traceback, workers left running, or
+    never told to end, and multiprocessing's exit then waited for them for ever). The first one is
+    noted and the teardown, which is bounded, goes on, so the exit status stays the command's; a
+    second one has its default effect at once. ``signums``: those held (default: every signal the
+    DataLoader workers leave to the main process; before a run, those its handlers give back). A
+    command that loaded no data (and no torch) has no such teardown: its signals are left as they are."""
+    workers = sys.modules.get("trainer.data.workers")
+    if workers is None or _teardown_signal:
+        return  # (a signal noted already: the next has its default effect)
+    left_to_main = workers.LEFT_TO_MAIN
+
+    def noted(signum, frame):
+        _teardown_signal.append(signum)
+        for s in left_to_main:
+            if signal.getsignal(s) is noted:
+                signal.signal(s, signal.SIG_DFL)
+
+    for signum in signums or left_to_main:
+        with contextlib.suppress(ValueError):  # not the main thread: the signals keep their meaning
+            signal.signal(signum, noted)
+
+
+_teardown_signal: list[int] = []  # the stop signal noted in the teardown, if any
 
 
 def release() -> None:
