@@ -221,33 +221,44 @@ def test_a_signal_after_the_final_checkpoint_leaves_a_finished_run_finished(tmp_
 
 
 # The command's teardown, after its run has finished or stopped: the DataLoader workers are ended,
-# what the run left is collected, then atexit. A signal that lands there must not interrupt it: a
-# KeyboardInterrupt there printed a traceback, left workers running, and could leave them untold
-# so that multiprocessing's own exit waited for them for ever.
+# what the run left is collected, then atexit, then the interpreter's finalization. A signal that
+# lands there must not interrupt it: a KeyboardInterrupt there printed a traceback, left workers
+# running, and could leave them untold so that multiprocessing's own exit waited for them for
+# ever; a SIGTERM killed a finished run. The script sends the signal as the teardown ends the
+# workers, or from an object freed by the finalization.
 TEARDOWN = """
-import os, signal, sys
+import os, signal, sys, types
 import trainer.cli.commands as commands
 import trainer.data.workers as workers
 
-end_loaders = workers.end_loaders
-signum = int(sys.argv.pop())
+where, signum = sys.argv.pop(), int(sys.argv.pop())
+if where == "teardown":
+    end_loaders = workers.end_loaders
 
-def signalled_end_loaders():
-    if not os.environ.get("SENT"):  # once (at exit it is called again)
-        os.environ["SENT"] = "1"
-        os.kill(os.getpid(), signum)  # lands as the teardown ends the workers
-    end_loaders()
+    def signalled_end_loaders():
+        if not os.environ.get("SENT"):  # once (at exit it is called again)
+            os.environ["SENT"] = "1"
+            os.kill(os.getpid(), signum)
+        end_loaders()
 
-workers.end_loaders = signalled_end_loaders
+    workers.end_loaders = signalled_end_loaders
+else:
+    class FreedLast:
+        def __del__(self):
+            os.kill(os.getpid(), signum)
+
+    sys.modules["freed_last"] = types.ModuleType("freed_last")
+    sys.modules["freed_last"].held = FreedLast()
 sys.argv = ["trainer", "run", *sys.argv[1:]]
 commands.main()
 """
 
 
+@pytest.mark.parametrize("where", ["teardown", "finalization"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_the_commands_teardown_leaves_the_run_finished_and_no_worker_behind(tmp_path, signum):
+def test_a_signal_during_the_commands_teardown_leaves_the_run_finished_and_no_worker_behind(tmp_path, signum, where):
     cfg = config(tmp_path, kind="loader")  # the user's persistent DataLoader: its workers live to the end
-    proc = subprocess.Popen([sys.executable, "-c", TEARDOWN, str(cfg), "max_steps=6", str(int(signum))],
+    proc = subprocess.Popen([sys.executable, "-c", TEARDOWN, str(cfg), "max_steps=6", str(int(signum)), where],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=process_env(),
                             start_new_session=True)
     try:

@@ -10,6 +10,7 @@ This module imports typer, pydantic and yaml only; torch is imported by the comm
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import difflib
 import errno
@@ -828,6 +829,10 @@ def _one_line_warnings() -> None:
 
 def main() -> None:
     _one_line_warnings()
+    # Registered before the commands import torch and multiprocessing, so that it runs after their
+    # exit handlers, as the last one.
+    atexit.unregister(_ignore_held_signals)
+    atexit.register(_ignore_held_signals)
     try:
         app()
     finally:
@@ -848,20 +853,30 @@ def _hold_stop_signals(signums: tuple[int, ...] | None = None) -> None:
     workers = sys.modules.get("trainer.data.workers")
     if workers is None or _teardown_signal:
         return  # (a signal noted already: the next has its default effect)
-    left_to_main = workers.LEFT_TO_MAIN
-
-    def noted(signum, frame):
-        _teardown_signal.append(signum)
-        for s in left_to_main:
-            if signal.getsignal(s) is noted:
-                signal.signal(s, signal.SIG_DFL)
-
-    for signum in signums or left_to_main:
+    for signum in signums or workers.LEFT_TO_MAIN:
         with contextlib.suppress(ValueError):  # not the main thread: the signals keep their meaning
-            signal.signal(signum, noted)
+            signal.signal(signum, _noted)
 
 
 _teardown_signal: list[int] = []  # the stop signal noted in the teardown, if any
+
+
+def _noted(signum: int, frame) -> None:
+    _teardown_signal.append(signum)
+    for held in _held():
+        signal.signal(held, signal.SIG_DFL)
+
+
+def _held() -> list[int]:
+    return [signum for signum in signal.valid_signals() if signal.getsignal(signum) is _noted]
+
+
+def _ignore_held_signals() -> None:
+    """The last exit handler: the interpreter's finalization gives every signal that has a Python
+    handler its default back, so one that lands in the last moments of the exit would still kill
+    the process. Those held (none noted yet) are ignored for that time instead."""
+    for signum in _held():
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def release() -> None:
