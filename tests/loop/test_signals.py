@@ -219,3 +219,33 @@ def test_a_stop_signal_that_interrupts_a_write_to_stderr_is_noted_without_breaki
     assert (out.returncode, out.stdout) == (0, "stopping for SIGTERM\n"), out.stderr
     assert out.stderr.count("SIGTERM received; stopping after the current optimizer step") == 1
     assert out.stderr.count("a progress bar's line\n") == 1 and "Traceback" not in out.stderr
+
+
+# A second signal that lands inside a __del__ (torch's DataLoader iterator shuts its workers down
+# there, as an epoch or a stopping run lets it go): an exception raised there never reaches the
+# loop; Python prints it as "Exception ignored" and drops it. The handler leaves it, so nothing is
+# printed, and the next signal stops the run at once.
+SECOND_IN_DEL = """
+import os, signal
+from trainer.loop.signals import Interrupted, StopSignals
+
+class ShutsDownWorkers:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # the second signal, handled inside __del__
+
+stops = StopSignals()
+with stops.installed():
+    os.kill(os.getpid(), signal.SIGTERM)  # the first: noted
+    ShutsDownWorkers()
+    print("went on", flush=True)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    except Interrupted as exc:
+        print("stopped at once by", signal.Signals(exc.signum).name, flush=True)
+"""
+
+
+def test_a_second_signal_inside_a_del_is_left_and_the_next_stops_at_once():
+    out = subprocess.run([sys.executable, "-c", SECOND_IN_DEL], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (0, "went on\nstopped at once by SIGTERM\n"), out.stderr
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr

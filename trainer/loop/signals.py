@@ -72,6 +72,11 @@ class StopSignals:
                 if self._deferring:
                     self._second = signum
                     return
+                if _in_finalizer(frame):
+                    # Raised in a __del__ (torch's DataLoader iterator ends its workers there), it would
+                    # never reach the loop: Python prints it as "Exception ignored" and drops it. Left,
+                    # the next signal stops the run at once.
+                    return
                 raise Interrupted(signum)
             self._own = signum
             if self.received is None:
@@ -110,6 +115,14 @@ class StopSignals:
             return None
         self.received = agreed
         return agreed
+
+
+def _in_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _say(line: str) -> None:
