@@ -53,20 +53,25 @@ def main() -> None:
     args = parser.parse_args()
     # Run from a file, as a user's script is: the same epoch under ``python -c`` went through eight
     # epochs of storm with a handler that hangs in every epoch run from a file.
-    script = Path(tempfile.mkdtemp()) / "epoch.py"
-    script.write_text(EPOCH.format(items=args.items, interval_ms=args.interval_ms))
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        try:
-            out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=args.limit_s)
-        except subprocess.TimeoutExpired:
-            print(f"epoch {epoch}: did not end within {args.limit_s:g} s")
-            continue
-        took = time.perf_counter() - start
-        if out.returncode != 0:
-            print(f"epoch {epoch}: exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}")
-        else:
-            print(f"epoch {epoch}: {out.stdout.strip()} of {args.items} batches in {took:.1f} s")
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "epoch.py"
+        script.write_text(EPOCH.format(items=args.items, interval_ms=args.interval_ms))
+        for epoch in range(1, args.epochs + 1):
+            run_epoch(epoch, script, args)
+
+
+def run_epoch(epoch: int, script: Path, args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=args.limit_s)
+    except subprocess.TimeoutExpired:
+        print(f"epoch {epoch}: did not end within {args.limit_s:g} s")
+        return
+    took = time.perf_counter() - start
+    if out.returncode != 0:
+        print(f"epoch {epoch}: exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}")
+    else:
+        print(f"epoch {epoch}: {out.stdout.strip()} of {args.items} batches in {took:.1f} s")
 
 
 if __name__ == "__main__":
