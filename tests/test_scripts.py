@@ -19,3 +19,13 @@ def test_count_calls_runs_the_trainer_and_the_raw_loop_and_prints_its_table():
     assert any(line.split()[:1] == ["Trainer"] for line in lines)
     assert "us per step (timeit, best of 5)" in lines[-1]
 
+
+
+def test_overhead_parts_turns_the_trainers_parts_off_and_prints_its_table():
+    """overhead_parts.py replaces the Trainer's internals to turn parts off; it stops with a message
+    when they have changed, so this run fails then."""
+    done = subprocess.run([sys.executable, str(SCRIPTS / "overhead_parts.py"), "--repeats", "1", "--steps", "20",
+                           "--variant", "no-phase-clock"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split()[0] for line in done.stdout.splitlines() if line and not line.startswith("#")]
+    assert rows == ["variant", "raw", "no-phase-clock"]
