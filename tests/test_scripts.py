@@ -20,7 +20,6 @@ def test_count_calls_runs_the_trainer_and_the_raw_loop_and_prints_its_table():
     assert "us per step (timeit, best of 5)" in lines[-1]
 
 
-
 def test_overhead_parts_turns_the_trainers_parts_off_and_prints_its_table():
     """overhead_parts.py replaces the Trainer's internals to turn parts off; it stops with a message
     when they have changed, so this run fails then."""

@@ -110,6 +110,29 @@ def test_a_signal_to_the_process_group_stops_at_a_step_with_a_checkpoint(tmp_pat
     assert steps(run_dir)[-1] == stopped["step"] + 2
 
 
+def test_a_signal_whose_notice_meets_a_stderr_with_no_reader_still_stops_with_a_checkpoint(tmp_path):
+    # `trainer run cfg 2>&1 | tee log` under a scheduler: the signal to the group can end tee first,
+    # and the handler's notice to stderr then fails with EPIPE (the run had exited 1, "failed").
+    cfg = config(tmp_path)
+    run_dir = tmp_path / "runs" / "w"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=write_end, text=True, env=process_env(), start_new_session=True)
+    os.close(write_end)
+    try:
+        wait_for(lambda: len(steps(run_dir)) >= 3, proc, "three steps")
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        end(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped = status(run_dir)
+    assert stopped["status"] == "interrupted", stopped
+    newest = run_files.list_checkpoints(run_files.checkpoint_dir(run_dir))[-1]
+    assert newest.name == run_files.checkpoint_name(stopped["step"])
+
+
 def test_kill_9_of_the_main_process_leaves_nothing_locked_while_its_workers_linger(tmp_path):
     # The OOM killer kills the main process alone; its workers read on for a while (here 30 s) before
     # they notice. A requeued run must go on at once, and `trainer runs` must tell the dead run from a live one.

@@ -129,7 +129,9 @@ def _say(line: str) -> None:
     """A line to stderr from a signal handler. The handler may run inside a write to ``sys.stderr``
     (one that a signal interrupted: Python handles the signal before the write returns), whose
     buffer then refuses a second write ("reentrant call"): the line goes to the stream's file
-    descriptor instead; a stream without one (captured) gets it unless it is the one being written."""
+    descriptor instead; a stream without one (captured) gets it unless it is the one being written.
+    A stderr whose reader has gone (a pipe into ``tee``, which the scheduler's signal to the group
+    ended first) loses the line: the run still stops with its checkpoint."""
     stream = sys.stderr
     if stream is None:
         return
@@ -139,7 +141,8 @@ def _say(line: str) -> None:
         with contextlib.suppress(RuntimeError):  # the stream being written: the line is dropped
             print(line, file=stream, flush=True)
         return
-    os.write(fd, (line + "\n").encode())
+    with contextlib.suppress(OSError):
+        os.write(fd, (line + "\n").encode())
 
 
 def name(signum: int) -> str:
