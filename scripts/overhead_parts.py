@@ -10,8 +10,8 @@ printed: the median time per step and the median and range of the ratios to the 
 
 Variants (loss and per-layer gradient norms logged every 50 steps in all of them):
   raw             the hand-written loop
-  raw+check       the hand-written loop with the Trainer's exact check of the gradients (one fused
-                  non-finite check over them, read on the host)
+  raw+check       the hand-written loop with the Trainer's exact check of the loss and the gradients
+                  (one fused non-finite check over them, read on the host)
   raw-in-trainer  the hand-written loop, in a process that built and ran a Trainer first (what the
                   process alone costs: imports, memory layout)
   trainer         the Trainer
@@ -37,29 +37,33 @@ import bench_overhead as bench  # noqa: E402  (also puts this checkout's trainer
 VARIANTS = ("raw", "raw+check", "raw-in-trainer", "trainer", "no-grad-check", "no-phase-clock")
 
 
-def hand_loop_with_check(model, optimizer, batches, loss_of) -> None:
-    """``bench_overhead.raw_loop`` (logging) with the check the Trainer makes before each step."""
-    import torch
+class CheckedSteps:
+    """The raw loop's optimizer and loss function, with the Trainer's exact check between backward
+    and the step: one fused non-finite check over the gradients, and the loss and that flag read on
+    the host."""
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    found, one = torch.zeros(()), torch.ones(())
-    named = list(model.named_parameters())
-    running = None
-    for step, (x, y) in enumerate(batches, start=1):
-        loss = loss_of(model(x), y)
-        loss.backward()
-        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params if p.grad is not None], found, one)
-        if not math.isfinite(loss.item()) or found.item():
-            raise FloatingPointError(f"step {step} is not finite")
-        if step % bench.LOG_EVERY == 0:
-            norms = torch.stack(torch._foreach_norm([p.grad for _, p in named]))
-            total = torch.linalg.vector_norm(norms)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running = loss.detach() if running is None else running + loss.detach()
-        if step % bench.LOG_EVERY == 0:
-            torch.stack([running / bench.LOG_EVERY, total, *norms]).tolist()
-            running = None
+    def __init__(self, optimizer, loss_of, params):
+        import torch
+
+        self.optimizer, self.loss_of, self.params = optimizer, loss_of, params
+        self.found, self.one = torch.zeros(()), torch.ones(())
+        self.loss = None
+
+    def loss_fn(self, output, target):
+        self.loss = self.loss_of(output, target)
+        return self.loss
+
+    def step(self) -> None:
+        import torch
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self.one)
+        if not math.isfinite(self.loss.item()) or self.found.item():
+            raise FloatingPointError("a step is not finite")
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def without_grad_check(trainer) -> None:
@@ -92,8 +96,10 @@ def child(variant: str, steps: int | None) -> float:
     warm_batches = batches[:min(warm, steps)]
     if variant.startswith("raw"):
         if variant == "raw+check":
+            checked = CheckedSteps(optimizer, loss_of, [p for p in model.parameters() if p.requires_grad])
+
             def run(data):
-                hand_loop_with_check(model, optimizer, data, loss_of)
+                bench.raw_loop(model, checked, data, checked.loss_fn, log=True, progress=False)
         else:
             def run(data):
                 bench.raw_loop(model, optimizer, data, loss_of, log=True, progress=False)
